@@ -1,0 +1,116 @@
+"""`attention(q, k, v, pattern, impl=...)`: one entry point, one short dispatch over implementations.
+
+  reference   dense masked softmax; the test oracle (O(S^2) memory)
+  xla         blockwise over the layout's active tiles, plain JAX; every backend; CPU default
+  pallas_gpu  Pallas kernel lowered through Triton (sm80+)
+  mosaic_gpu  Pallas Mosaic GPU kernel (sm90+)
+  pallas_tpu  Pallas TPU kernel
+
+An explicit `impl` that cannot run raises ValueError with the reason. `impl="auto"` takes the first
+implementation that supports the case on the current backend, logs what ran and why, and
+`resolve_impl` answers the same question without running anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+
+from sparse_attention.patterns import Pattern, as_pattern
+
+log = logging.getLogger(__name__)
+
+IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "mosaic_gpu", "pallas_tpu")
+VALID_IMPLS = ("auto",) + IMPLEMENTATIONS
+# Preference order of `auto` per JAX backend.
+AUTO_ORDER = {
+    "gpu": ("mosaic_gpu", "pallas_gpu", "xla"),
+    "tpu": ("pallas_tpu", "xla"),
+    "cpu": ("xla",),
+}
+FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _module(impl: str):
+    """The implementation's module, or None if this checkout does not have it."""
+    try:
+        return importlib.import_module(f"sparse_attention.{impl}")
+    except ModuleNotFoundError as error:
+        if error.name == f"sparse_attention.{impl}":
+            return None
+        raise
+
+
+def unsupported_reason(impl: str, q, k, v, pattern: Pattern, *, interpret: bool = False) -> str | None:
+    """Why `impl` cannot run this case here, or None if it can."""
+    module = _module(impl)
+    if module is None:
+        return f"{impl} is not implemented in this version"
+    check = getattr(module, "unsupported_reason", None)
+    return None if check is None else check(q, k, v, pattern, interpret=interpret)
+
+
+def resolve_impl(impl: str, q, k, v, pattern: Pattern | str, *, interpret: bool = False) -> tuple[str, str]:
+    """(implementation that would run, why). Raises ValueError for an explicit impl that cannot run."""
+    if impl not in VALID_IMPLS:
+        raise ValueError(f"impl must be one of {', '.join(VALID_IMPLS)}; got {impl!r}")
+    pattern = as_pattern(pattern)
+    if impl != "auto":
+        reason = unsupported_reason(impl, q, k, v, pattern, interpret=interpret)
+        if reason is not None:
+            raise ValueError(f"impl={impl!r} cannot run here: {reason}")
+        return impl, "requested"
+    backend = jax.default_backend()
+    skipped = []
+    for candidate in AUTO_ORDER.get(backend, ("xla",)):
+        reason = unsupported_reason(candidate, q, k, v, pattern, interpret=interpret)
+        if reason is None:
+            why = f"auto on {backend}" + (f" (skipped {'; '.join(skipped)})" if skipped else "")
+            return candidate, why
+        skipped.append(f"{candidate}: {reason}")
+    raise ValueError(f"no implementation supports this case on {backend}: {'; '.join(skipped)}")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(requested: str, chosen: str, why: str):
+    log.info("attention impl=%s ran %s (%s)", requested, chosen, why)
+
+
+def check_inputs(q, k, v):
+    """Shapes [batch, seq, q_heads, d] and [batch, seq, kv_heads, d] with kv_heads dividing q_heads."""
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"q, k, v must be [batch, seq, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}"
+        )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got {k.shape} and {v.shape}")
+    if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            f"q {q.shape} and k {k.shape} must share batch, seq and head_dim (self-attention over one sequence)"
+        )
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"kv_heads={k.shape[2]} must divide q_heads={q.shape[2]} (GQA/MQA)")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not any(q.dtype == d for d in FLOAT_DTYPES):
+        raise ValueError(f"dtype must be one of float32, bfloat16, float16; got {q.dtype}")
+
+
+def attention(q, k, v, pattern: Pattern | str, *, impl: str = "auto", scale: float | None = None,
+              interpret: bool = False):
+    """Causal sparse attention of q [batch, seq, q_heads, d] over k, v [batch, seq, kv_heads, d].
+
+    `pattern` is a Pattern or a spec string (a single layer's; pick a schedule's layer first).
+    `scale` defaults to 1/sqrt(head_dim). `interpret=True` runs Pallas kernels in interpret mode (CPU tests).
+    """
+    check_inputs(q, k, v)
+    pattern = as_pattern(pattern)
+    chosen, why = resolve_impl(impl, q, k, v, pattern, interpret=interpret)
+    _log_choice(impl, chosen, why)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return _module(chosen).attention(q, k, v, pattern, scale=scale, interpret=interpret)

@@ -1,0 +1,42 @@
+"""Dense masked softmax attention: the test oracle for every implementation.
+
+Every implementation module has this signature:
+    attention(q, k, v, pattern, *, scale, interpret=False) -> out
+    q: [batch, seq, q_heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; kv_heads divides q_heads.
+A query that sees no key (possible for intersections such as sinks(4) & window(2)) gets a zero output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sparse_attention.patterns import Pattern
+
+
+def attention(q, k, v, pattern: Pattern, *, scale: float, interpret: bool = False):
+    del interpret  # nothing to interpret: plain XLA
+    batch, seq_len, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    # [batch, seq, kv_heads, group, head_dim]: the q heads that share one kv head.
+    q_grouped = q.reshape(batch, seq_len, kv_heads, q_heads // kv_heads, head_dim)
+    logits = jnp.einsum(
+        "bqhgd,bkhd->bhgqk", q_grouped, k, preferred_element_type=jnp.float32, precision="highest"
+    ) * jnp.float32(scale)
+    positions = jnp.arange(seq_len, dtype=jnp.int32)
+    mask = pattern.mask(positions[:, None], positions[None, :])  # [seq_q, seq_k]
+    probs = masked_softmax(logits, mask)
+    out = jnp.einsum(
+        "bhgqk,bkhd->bqhgd", probs, v.astype(jnp.float32), precision="highest"
+    )
+    return out.reshape(batch, seq_len, q_heads, head_dim).astype(q.dtype)
+
+
+def masked_softmax(logits, mask):
+    """Softmax over the last axis where `mask`, float32; rows with no True entry give zeros."""
+    masked = jnp.where(mask, logits, -jnp.inf)
+    row_max = jnp.max(masked, axis=-1, keepdims=True)
+    row_max = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    unnormalized = jnp.where(mask, jnp.exp(masked - row_max), 0.0)
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    return unnormalized / jnp.where(total > 0, total, 1.0)

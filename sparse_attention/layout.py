@@ -144,9 +144,46 @@ class BlockLayout:
         return classes
 
 
+def _concat_ranges(pieces: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """CSR whose row r lists start..start+count-1 of each (start [rows], count [rows]) piece, in order."""
+    starts = np.stack([start for start, _ in pieces], axis=1).astype(np.int64).reshape(-1)
+    counts = np.stack([np.maximum(count, 0) for _, count in pieces], axis=1).astype(np.int64)
+    offsets = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts.sum(axis=1), out=offsets[1:])
+    flat_counts = counts.reshape(-1)
+    piece_offsets = np.cumsum(flat_counts) - flat_counts
+    indices = np.arange(offsets[-1], dtype=np.int32 if offsets[-1] < 2**31 else np.int64)
+    indices -= np.repeat((piece_offsets - starts).astype(indices.dtype), flat_counts)
+    return offsets, indices.astype(np.int32, copy=False)
+
+
+def _lists_from_ranges(first, last, full_first, full_last) -> TileLists:
+    """Rows attending tiles first..last, FULL on full_first..full_last (a sub-range), PARTIAL elsewhere."""
+    has_full = full_first <= full_last
+    full = _concat_ranges([(full_first, np.where(has_full, full_last - full_first + 1, 0))])
+    left = (first, np.where(has_full, full_first - first, last - first + 1))
+    right = (full_last + 1, np.where(has_full, last - full_last, 0))
+    return TileLists(*full, *_concat_ranges([left, right]))
+
+
+def _transpose_ranges(num_cols: int, first, last, full_first, full_last):
+    """Column-wise ranges of row-wise ones; monotone rows make each column's rows contiguous."""
+    cols = np.arange(num_cols)
+    rows_first = np.searchsorted(last, cols, side="left")
+    rows_last = np.searchsorted(first, cols, side="right") - 1
+    full_rows_first = np.searchsorted(full_last, cols, side="left")
+    full_rows_last = np.searchsorted(full_first, cols, side="right") - 1
+    return rows_first, rows_last, full_rows_first, full_rows_last
+
+
 @functools.lru_cache(maxsize=256)
 def _cached_layout(pattern: Pattern, seq_len: int, block_q: int, block_k: int) -> BlockLayout:
     grid = TileGrid(seq_len, block_q, block_k)
+    ranges = pattern.tile_ranges(grid)
+    if ranges is not None:
+        forward = _lists_from_ranges(*ranges)
+        backward = _lists_from_ranges(*_transpose_ranges(grid.num_k_tiles, *ranges))
+        return BlockLayout(pattern, grid, forward, backward)
     q_tiles, k_tiles = pattern.candidate_tiles(grid)
     classes = pattern.classify_tiles(grid, q_tiles, k_tiles)
     active = classes != 0

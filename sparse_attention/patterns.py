@@ -80,15 +80,20 @@ class TileGrid:
     def num_k_tiles(self) -> int:
         return -(-self.seq_len // self.block_k)
 
+    @property
+    def position_dtype(self):
+        """int32 while positions and their differences fit (halves the memory traffic of big layouts)."""
+        return np.int32 if self.seq_len + max(self.block_q, self.block_k) < 2**30 else np.int64
+
     def q_bounds(self, q_tiles):
         """First and last valid query row of each tile (inclusive), clipped to the sequence."""
-        q0 = q_tiles.astype(np.int64) * self.block_q
-        return q0, np.minimum(q0 + self.block_q - 1, self.seq_len - 1)
+        q0 = q_tiles.astype(self.position_dtype) * self.block_q
+        return q0, np.minimum(q0 + (self.block_q - 1), self.seq_len - 1)
 
     def k_bounds(self, k_tiles):
         """First and last key of each tile (inclusive, unclipped) and whether the tile overhangs S."""
-        k0 = k_tiles.astype(np.int64) * self.block_k
-        k1 = k0 + self.block_k - 1
+        k0 = k_tiles.astype(self.position_dtype) * self.block_k
+        k1 = k0 + (self.block_k - 1)
         return k0, np.minimum(k1, self.seq_len - 1), k1 >= self.seq_len
 
 
@@ -96,13 +101,15 @@ def _ranges_to_tiles(grid: TileGrid, first_k, last_k) -> tuple[np.ndarray, np.nd
     """All (q_tile, k_tile) with first_k[q] <= k_tile <= last_k[q], ordered by q tile then k tile."""
     first_k = np.clip(first_k, 0, grid.num_k_tiles - 1)
     last_k = np.minimum(last_k, grid.num_k_tiles - 1)
-    counts = np.maximum(last_k - first_k + 1, 0)
+    counts = np.maximum(last_k - first_k + 1, 0).astype(np.int64)
+    total = int(counts.sum())
+    index_dtype = np.int32 if total < 2**31 else np.int64
     q_tiles = np.repeat(np.arange(grid.num_q_tiles, dtype=np.int32), counts)
     row_start = np.cumsum(counts) - counts
-    k_tiles = (np.arange(counts.sum(), dtype=np.int64) - np.repeat(row_start - first_k, counts)).astype(
-        np.int32
-    )
-    return q_tiles, k_tiles
+    # k_tile = position in the flat list - (row start - first tile of the row)
+    k_tiles = np.arange(total, dtype=index_dtype)
+    k_tiles -= np.repeat((row_start - first_k).astype(index_dtype), counts)
+    return q_tiles, k_tiles.astype(np.int32, copy=False)
 
 
 def brute_force_classes(pattern: "Pattern", grid: TileGrid, q_tiles, k_tiles) -> np.ndarray:
@@ -146,6 +153,15 @@ class Pattern(abc.ABC):
     def classify_tiles(self, grid: TileGrid, q_tiles, k_tiles) -> np.ndarray:
         """Exact EMPTY / PARTIAL / FULL class of each tile. Subclasses override with closed forms."""
         return brute_force_classes(self, grid, q_tiles, k_tiles)
+
+    def tile_ranges(self, grid: TileGrid):
+        """Row-contiguous layouts: (first, last, full_first, full_last), int64 [num_q_tiles] each.
+
+        Query tile i attends exactly key tiles first[i]..last[i], of which full_first[i]..full_last[i] are
+        FULL (none when full_first > full_last); all four are nondecreasing in i. None when the pattern has
+        no such structure, and the layout falls back to candidate tiles + `classify_tiles`.
+        """
+        return None
 
     def row_interval(self):
         """For interval patterns: (lo, cap) with keys of q (plus q itself) = [0, min(cap, q)] U [lo(q), q].
@@ -227,6 +243,17 @@ class _IntervalPattern(Pattern):
         first = np.maximum(self.lo(q0), 0) // grid.block_k
         last = self._hi(q1) // grid.block_k
         return _ranges_to_tiles(grid, first, last)
+
+    def tile_ranges(self, grid):
+        # Rows' key intervals overlap or touch from one query to the next (lo(q + 1) <= hi(q) + 1), so every
+        # tile between the first and last one touched is non-empty.
+        q0, q1 = grid.q_bounds(np.arange(grid.num_q_tiles))
+        q0, q1 = q0.astype(np.int64), q1.astype(np.int64)
+        first = np.maximum(self.lo(q0), 0) // grid.block_k
+        last = self._hi(q1) // grid.block_k
+        full_first = -(-np.maximum(self.lo(q1), 0) // grid.block_k)
+        full_last = np.minimum(self._hi(q0) + 1, grid.seq_len) // grid.block_k - 1
+        return first, last, full_first, full_last
 
     def classify_tiles(self, grid, q_tiles, k_tiles):
         q0, q1 = grid.q_bounds(q_tiles)

@@ -1,0 +1,490 @@
+"""Block-sparse flash attention for CUDA GPUs (sm80+): Pallas kernels lowered through Triton.
+
+Three kernels, each a grid of (row tiles, batch x heads) programs that walk their row's active tiles:
+
+  forward  rows = query tiles; online softmax (float32 row max and sum, exp2 with log2(e) folded into
+           the scale) over FULL key tiles (no masking) and then over the key sub-tiles of PARTIAL tiles
+           (the pattern's predicate evaluated in-kernel on int32 iotas, no mask read from memory);
+           saves the base-2 logsumexp per row.
+  dq       the same rows and tiles; recomputes probabilities from the saved logsumexp.
+  dk/dv    rows = key tiles, over the transposed layout (each key tile's full and partial query tiles);
+           for GQA a program owns one kv head and loops over the q heads of its group.
+
+Partial tiles are walked in sub-tiles (`block_k_partial`, `block_q_partial_dkv`) and empty sub-tiles are
+skipped, so a mostly-empty partial tile (a repair bridge, a window edge) costs a fraction of a full tile.
+Rows are launched heaviest first so that short rows fill the tail of the launch. Tile lists are int32
+kernel inputs, read one entry per iteration. docs/pallas_gpu.md explains the defaults and the choices.
+
+Shapes: q [batch, seq, q_heads, head_dim], k/v [batch, seq, kv_heads, head_dim]. Sequences are padded to a
+tile multiple inside and sliced outside; head_dim 64 and 128 run natively, others are zero-padded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from sparse_attention.layout import TileLists, block_layout
+from sparse_attention.patterns import Pattern, as_pattern
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+MAX_HEAD_DIM = 256
+MIN_BLOCK = 16  # smallest matrix-multiply tile Triton accepts
+LOG2_E = math.log2(math.e)
+# Initial running max: finite, so that a row whose first tiles are all masked (-inf logits) gives
+# exp2(-inf - m) = 0 instead of exp2(-inf + inf) = NaN, and below any finite scaled logit.
+_ROW_MAX_INIT = float(np.finfo(np.float32).min)
+# jax 0.11.2 warns on every lowering of a Triton pallas_call; the warning fires when the caller's jit
+# lowers, after `attention` has returned, so a scoped catch_warnings cannot reach it.
+_TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
+
+
+def _power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes, warps and pipeline stages of the three kernels; docs/pallas_gpu.md gives the reasons.
+
+    Forward and dq walk query-tile rows: [block_q, block_k] full tiles, [block_q, block_k_partial]
+    sub-tiles of partial tiles. dk/dv walks key-tile rows: [block_q_dkv, block_k_dkv] full tiles,
+    [block_q_partial_dkv, block_k_dkv] sub-tiles. Blocks are powers of two >= 16; a partial sub-tile
+    divides its tile. Blocks larger than the (power-of-two rounded) sequence are clipped to it.
+    """
+
+    block_q: int = 128
+    block_k: int = 128
+    block_k_partial: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+
+    block_q_dq: int = 128
+    block_k_dq: int = 64
+    block_k_partial_dq: int = 32
+    num_warps_dq: int = 8
+    num_stages_dq: int = 2
+
+    block_k_dkv: int = 128
+    block_q_dkv: int = 64
+    block_q_partial_dkv: int = 32
+    num_warps_dkv: int = 8
+    num_stages_dkv: int = 2
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"BlockSizes.{field.name} must be a positive integer, got {value!r}")
+            if field.name.startswith("block_") and (value < MIN_BLOCK or not _power_of_two(value)):
+                raise ValueError(f"BlockSizes.{field.name} must be a power of two >= {MIN_BLOCK}, got {value}")
+        for tile, sub in (("block_k", "block_k_partial"), ("block_k_dq", "block_k_partial_dq"),
+                          ("block_q_dkv", "block_q_partial_dkv")):
+            if getattr(self, sub) > getattr(self, tile):
+                raise ValueError(f"BlockSizes.{sub}={getattr(self, sub)} must be <= {tile}={getattr(self, tile)}")
+
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> "BlockSizes":
+        """Defaults for a (padded) head_dim; see docs/pallas_gpu.md for the measurements behind them."""
+        if head_dim <= 64:
+            return cls(num_warps=4, num_warps_dq=4, num_warps_dkv=4, num_stages_dq=3, num_stages_dkv=3)
+        if head_dim <= 128:
+            return cls()
+        return cls(block_q=64, block_k=64, block_k_partial=32, num_stages=2,
+                   block_q_dq=64, block_k_dq=32, block_k_partial_dq=16, num_stages_dq=1,
+                   block_k_dkv=64, block_q_dkv=32, block_q_partial_dkv=16, num_stages_dkv=1)
+
+    def clipped(self, seq_len: int) -> "BlockSizes":
+        """Every block limited to the sequence rounded up to a power of two (at least 16)."""
+        limit = max(MIN_BLOCK, 1 << max(seq_len - 1, 0).bit_length())
+        return dataclasses.replace(
+            self, **{f.name: min(getattr(self, f.name), limit) for f in dataclasses.fields(self)
+                     if f.name.startswith("block_")}
+        )
+
+    @property
+    def largest_block(self) -> int:
+        return max(getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith("block_"))
+
+
+# ------------------------------------------------------------------------------------------- tile plans
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TilePlan:
+    """What one kernel walks: rows in launch order, and per row its full tiles and partial sub-tiles.
+
+    order:       int32 [rows]; program i handles row order[i] (heaviest rows first)
+    full:        int32 [rows, max_full] full tile indices (units of the tile), padded by repetition
+    num_full:    int32 [rows]
+    partial:     int32 [rows, max_partial] non-empty sub-tiles of partial tiles (units of the sub-tile)
+    num_partial: int32 [rows]
+    """
+
+    order: np.ndarray
+    full: np.ndarray
+    num_full: np.ndarray
+    partial: np.ndarray
+    num_partial: np.ndarray
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.order, self.full, self.num_full, self.partial, self.num_partial
+
+
+def _split_partial(coarse: TileLists, fine: TileLists, ratio: int, num_cols: int) -> TileLists:
+    """`coarse` with each partial tile replaced by the non-empty sub-tiles of `fine` inside it.
+
+    Both lists have the same rows; fine column c lies in coarse column c // ratio. A fine sub-tile that is
+    FULL inside a partial coarse tile is still listed as partial (masking it costs little there).
+    """
+    if ratio == 1:
+        return coarse
+    rows = coarse.num_rows
+    coarse_rows = np.repeat(np.arange(rows, dtype=np.int64), coarse.num_partial)
+    coarse_keys = coarse_rows * num_cols + coarse.partial_indices
+    fine_rows = np.concatenate([np.repeat(np.arange(rows, dtype=np.int64), fine.num_full),
+                                np.repeat(np.arange(rows, dtype=np.int64), fine.num_partial)])
+    fine_cols = np.concatenate([fine.full_indices, fine.partial_indices]).astype(np.int64)
+    order = np.lexsort((fine_cols, fine_rows))
+    fine_rows, fine_cols = fine_rows[order], fine_cols[order]
+    inside = np.isin(fine_rows * num_cols + fine_cols // ratio, coarse_keys)
+    offsets = np.zeros(rows + 1, np.int64)
+    np.cumsum(np.bincount(fine_rows[inside], minlength=rows), out=offsets[1:])
+    return TileLists(coarse.full_offsets, coarse.full_indices, offsets, fine_cols[inside].astype(np.int32))
+
+
+@functools.lru_cache(maxsize=128)
+def tile_plan(pattern: Pattern, seq_len: int, block_q: int, block_k: int, sub_block: int,
+              by_key: bool) -> TilePlan:
+    """The plan of the forward/dq pass (by_key=False: rows are [block_q] query tiles, partial tiles split
+    into [sub_block] key sub-tiles) or of the dk/dv pass (by_key=True: rows are [block_k] key tiles,
+    partial tiles split into [sub_block] query sub-tiles)."""
+    if by_key:
+        coarse = block_layout(pattern, seq_len, block_q, block_k).backward
+        fine = block_layout(pattern, seq_len, sub_block, block_k).backward
+        lists = _split_partial(coarse, fine, block_q // sub_block, -(-seq_len // block_q))
+        tile, sub = block_q, sub_block
+    else:
+        coarse = block_layout(pattern, seq_len, block_q, block_k).forward
+        fine = block_layout(pattern, seq_len, block_q, sub_block).forward
+        lists = _split_partial(coarse, fine, block_k // sub_block, -(-seq_len // block_k))
+        tile, sub = block_k, sub_block
+    full, num_full, partial, num_partial = lists.padded
+    work = num_full.astype(np.int64) * tile + num_partial.astype(np.int64) * sub
+    order = np.argsort(-work, kind="stable").astype(np.int32)
+    return TilePlan(order, full, num_full, partial, num_partial)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels specialise on (hashable: a custom_vjp non-differentiable argument)."""
+
+    pattern: Pattern
+    scale: float
+    interpret: bool
+    block_sizes: BlockSizes
+
+
+def _iota(n: int):
+    return lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def _walk(plan_refs, row, carry, step, tile: int, sub: int):
+    """Runs step(carry, start, size, masked) over the row's full tiles, then its partial sub-tiles."""
+    _, full_ref, num_full_ref, partial_ref, num_partial_ref = plan_refs
+
+    def full_body(j, carry):
+        return step(carry, pl.multiple_of(full_ref[row, j] * tile, tile), tile, False)
+
+    def partial_body(j, carry):
+        return step(carry, pl.multiple_of(partial_ref[row, j] * sub, sub), sub, True)
+
+    carry = lax.fori_loop(0, num_full_ref[row], full_body, carry)
+    return lax.fori_loop(0, num_partial_ref[row], partial_body, carry)
+
+
+def _active(pattern: Pattern, seq_len: int, q_pos, k_pos):
+    """Token mask of a partial tile; padded keys (k >= seq_len) never attend."""
+    return pattern.mask(q_pos, k_pos) & (k_pos < seq_len)
+
+
+def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block_k_partial):
+    plan_refs, (q_ref, k_ref, v_ref, out_ref, lse_ref) = refs[:5], refs[5:]
+    row = plan_refs[0][pl.program_id(0)]
+    q_start = pl.multiple_of(row * block_q, block_q)
+    q = q_ref[pl.ds(q_start, block_q), :]  # [block_q, head_dim]
+    q_pos = q_start + _iota(block_q)
+    head_dim = q.shape[-1]
+
+    def step(carry, k_start, width, masked):
+        acc, row_max, row_sum = carry
+        k = k_ref[pl.ds(k_start, width), :]
+        v = v_ref[pl.ds(k_start, width), :]
+        logits = plgpu.dot(q, k, trans_b=True) * scale_log2  # [block_q, width], base-2 units
+        if masked:
+            active = _active(pattern, seq_len, q_pos[:, None], (k_start + _iota(width))[None, :])
+            logits = jnp.where(active, logits, -jnp.inf)
+        new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+        probs = jnp.exp2(logits - new_max[:, None])
+        correction = jnp.exp2(row_max - new_max)
+        row_sum = row_sum * correction + jnp.sum(probs, axis=1)
+        acc = acc * correction[:, None] + plgpu.dot(probs.astype(v.dtype), v)
+        return acc, new_max, row_sum
+
+    init = (
+        jnp.zeros((block_q, head_dim), jnp.float32),
+        jnp.full((block_q,), _ROW_MAX_INIT, jnp.float32),
+        jnp.zeros((block_q,), jnp.float32),
+    )
+    acc, row_max, row_sum = _walk(plan_refs, row, init, step, block_k, block_k_partial)
+    seen = row_sum > 0  # rows with no active key give 0
+    out = acc / jnp.where(seen, row_sum, 1.0)[:, None]
+    out_ref[pl.ds(q_start, block_q), :] = out.astype(out_ref.dtype)
+    # +inf for keyless and padded rows: the backward's exp2(logit - lse) is then 0 on any tile.
+    lse = jnp.where(seen & (q_pos < seq_len), row_max + jnp.log2(jnp.where(seen, row_sum, 1.0)), jnp.inf)
+    lse_ref[pl.ds(q_start, block_q)] = lse
+
+
+def _dq_kernel(*refs, pattern, seq_len, scale_log2, scale, block_q, block_k, block_k_partial):
+    plan_refs, (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_ref) = refs[:5], refs[5:]
+    row = plan_refs[0][pl.program_id(0)]
+    q_start = pl.multiple_of(row * block_q, block_q)
+    rows = pl.ds(q_start, block_q)
+    q = q_ref[rows, :]
+    d_out = d_out_ref[rows, :]
+    lse = lse_ref[rows]
+    delta = delta_ref[rows]
+    q_pos = q_start + _iota(block_q)
+
+    def step(dq, k_start, width, masked):
+        k = k_ref[pl.ds(k_start, width), :]
+        v = v_ref[pl.ds(k_start, width), :]
+        probs = jnp.exp2(plgpu.dot(q, k, trans_b=True) * scale_log2 - lse[:, None])
+        if masked:
+            active = _active(pattern, seq_len, q_pos[:, None], (k_start + _iota(width))[None, :])
+            probs = jnp.where(active, probs, 0.0)
+        d_probs = plgpu.dot(d_out, v, trans_b=True)
+        d_logits = probs * (d_probs - delta[:, None])
+        return dq + plgpu.dot(d_logits.astype(k.dtype), k)
+
+    dq = _walk(plan_refs, row, jnp.zeros(q.shape, jnp.float32), step, block_k, block_k_partial)
+    dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(*refs, pattern, seq_len, scale_log2, scale, group, block_k, block_q, block_q_partial):
+    plan_refs, (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref) = refs[:5], refs[5:]
+    row = plan_refs[0][pl.program_id(0)]
+    k_start = pl.multiple_of(row * block_k, block_k)
+    keys = pl.ds(k_start, block_k)
+    k = k_ref[keys, :]  # [block_k, head_dim]
+    v = v_ref[keys, :]
+    k_pos = k_start + _iota(block_k)
+
+    def head(g, carry):
+        """Accumulates the contribution of q head g of this kv head's group (transposed tiles)."""
+
+        def step(carry, q_start, height, masked):
+            dk, dv = carry
+            queries = pl.ds(q_start, height)
+            q = q_ref[queries, g, :]  # [height, head_dim]
+            d_out = d_out_ref[queries, g, :]
+            lse = lse_ref[g, queries]
+            delta = delta_ref[g, queries]
+            probs_t = jnp.exp2(plgpu.dot(k, q, trans_b=True) * scale_log2 - lse[None, :])  # [block_k, height]
+            if masked:
+                active = _active(pattern, seq_len, (q_start + _iota(height))[None, :], k_pos[:, None])
+                probs_t = jnp.where(active, probs_t, 0.0)
+            dv = dv + plgpu.dot(probs_t.astype(d_out.dtype), d_out)
+            d_probs_t = plgpu.dot(v, d_out, trans_b=True)
+            d_logits_t = probs_t * (d_probs_t - delta[None, :])
+            dk = dk + plgpu.dot(d_logits_t.astype(q.dtype), q)
+            return dk, dv
+
+        return _walk(plan_refs, row, carry, step, block_q, block_q_partial)
+
+    init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    dk, dv = head(0, init) if group == 1 else lax.fori_loop(0, group, head, init)
+    dk_ref[keys, :] = (dk * scale).astype(dk_ref.dtype)
+    dv_ref[keys, :] = dv.astype(dv_ref.dtype)
+
+
+# ------------------------------------------------------------------------------------------- launchers
+
+
+def _plan_specs(plan: TilePlan):
+    """BlockSpecs handing each program the whole plan (tiny int32 arrays, read a scalar at a time)."""
+    return [pl.BlockSpec(a.shape, lambda r, bh, n=a.ndim: (0,) * n) for a in plan.arrays]
+
+
+def _forward(q, k, v, static: _Static, seq_len: int):
+    """out [batch, padded_seq, q_heads, d], lse [batch, q_heads, padded_seq] (base 2, float32)."""
+    batch, padded_len, q_heads, head_dim = q.shape
+    group = q_heads // k.shape[2]
+    sizes = static.block_sizes
+    plan = tile_plan(static.pattern, seq_len, sizes.block_q, sizes.block_k, sizes.block_k_partial, False)
+    per_q_head = pl.BlockSpec((None, padded_len, None, head_dim), lambda r, bh: (bh // q_heads, 0, bh % q_heads, 0))
+    per_kv_head = pl.BlockSpec(
+        (None, padded_len, None, head_dim), lambda r, bh: (bh // q_heads, 0, (bh % q_heads) // group, 0)
+    )
+    kernel = functools.partial(
+        _forward_kernel, pattern=static.pattern, seq_len=seq_len, scale_log2=static.scale * LOG2_E,
+        block_q=sizes.block_q, block_k=sizes.block_k, block_k_partial=sizes.block_k_partial,
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(len(plan.order), batch * q_heads),
+        in_specs=_plan_specs(plan) + [per_q_head, per_kv_head, per_kv_head],
+        out_specs=[per_q_head, pl.BlockSpec((None, None, padded_len), lambda r, bh: (bh // q_heads, bh % q_heads, 0))],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
+                   jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32)],
+        compiler_params=plgpu.CompilerParams(num_warps=sizes.num_warps, num_stages=sizes.num_stages),
+        interpret=static.interpret,
+        name="sparse_attention_forward",
+    )(*plan.arrays, q, k, v)
+
+
+def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
+    batch, padded_len, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    sizes = static.block_sizes
+    # delta = rowsum(dO * O): [batch, q_heads, padded_seq], one fused XLA reduction.
+    delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    common = dict(pattern=static.pattern, seq_len=seq_len, scale_log2=static.scale * LOG2_E, scale=static.scale)
+
+    dq_plan = tile_plan(static.pattern, seq_len, sizes.block_q_dq, sizes.block_k_dq, sizes.block_k_partial_dq, False)
+    per_q_head = pl.BlockSpec((None, padded_len, None, head_dim), lambda r, bh: (bh // q_heads, 0, bh % q_heads, 0))
+    per_kv_head_of_q = pl.BlockSpec(
+        (None, padded_len, None, head_dim), lambda r, bh: (bh // q_heads, 0, (bh % q_heads) // group, 0)
+    )
+    row_stats = pl.BlockSpec((None, None, padded_len), lambda r, bh: (bh // q_heads, bh % q_heads, 0))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, **common, block_q=sizes.block_q_dq, block_k=sizes.block_k_dq,
+                          block_k_partial=sizes.block_k_partial_dq),
+        grid=(len(dq_plan.order), batch * q_heads),
+        in_specs=_plan_specs(dq_plan) + [per_q_head, per_kv_head_of_q, per_kv_head_of_q, per_q_head,
+                                         row_stats, row_stats],
+        out_specs=per_q_head,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=sizes.num_warps_dq, num_stages=sizes.num_stages_dq),
+        interpret=static.interpret,
+        name="sparse_attention_dq",
+    )(*dq_plan.arrays, q, k, v, d_out, lse, delta)
+
+    dkdv_plan = tile_plan(static.pattern, seq_len, sizes.block_q_dkv, sizes.block_k_dkv,
+                          sizes.block_q_partial_dkv, True)
+    # Programs own one kv head; the q-side blocks hold that head's whole group of q heads.
+    group_of_q_heads = pl.BlockSpec(
+        (None, padded_len, group, head_dim), lambda r, bh: (bh // kv_heads, 0, bh % kv_heads, 0)
+    )
+    group_stats = pl.BlockSpec((None, group, padded_len), lambda r, bh: (bh // kv_heads, bh % kv_heads, 0))
+    per_kv_head = pl.BlockSpec((None, padded_len, None, head_dim), lambda r, bh: (bh // kv_heads, 0, bh % kv_heads, 0))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, **common, group=group, block_k=sizes.block_k_dkv,
+                          block_q=sizes.block_q_dkv, block_q_partial=sizes.block_q_partial_dkv),
+        grid=(len(dkdv_plan.order), batch * kv_heads),
+        in_specs=_plan_specs(dkdv_plan) + [group_of_q_heads, per_kv_head, per_kv_head, group_of_q_heads,
+                                           group_stats, group_stats],
+        out_specs=[per_kv_head, per_kv_head],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        compiler_params=plgpu.CompilerParams(num_warps=sizes.num_warps_dkv, num_stages=sizes.num_stages_dkv),
+        interpret=static.interpret,
+        name="sparse_attention_dkdv",
+    )(*dkdv_plan.arrays, q, k, v, d_out, lse, delta)
+    return dq, dk, dv
+
+
+def _pad(x, seq_len: int, head_dim: int):
+    """Zero-pads [batch, seq, heads, d] to seq_len and head_dim (a no-op when already there)."""
+    extra_seq, extra_dim = seq_len - x.shape[1], head_dim - x.shape[3]
+    if extra_seq == 0 and extra_dim == 0:
+        return x
+    return jnp.pad(x, ((0, 0), (0, extra_seq), (0, 0), (0, extra_dim)))
+
+
+def _padded_sizes(q, sizes: BlockSizes) -> tuple[int, int]:
+    seq_len, head_dim = q.shape[1], q.shape[3]
+    multiple = sizes.largest_block
+    return -(-seq_len // multiple) * multiple, max(MIN_BLOCK, 1 << (head_dim - 1).bit_length())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q, k, v, static: _Static):
+    return _flash_forward(q, k, v, static)[0]
+
+
+def _flash_forward(q, k, v, static: _Static):
+    seq_len, head_dim = q.shape[1], q.shape[3]
+    padded_len, padded_dim = _padded_sizes(q, static.block_sizes)
+    q_p, k_p, v_p = (_pad(x, padded_len, padded_dim) for x in (q, k, v))
+    out_p, lse = _forward(q_p, k_p, v_p, static, seq_len)
+    return out_p[:, :seq_len, :, :head_dim], (q_p, k_p, v_p, out_p, lse)
+
+
+def _flash_backward(static: _Static, residuals, d_out):
+    q_p, k_p, v_p, out_p, lse = residuals
+    seq_len, head_dim = d_out.shape[1], d_out.shape[3]
+    # Padded query rows get dO = 0, so they add nothing to dk and dv.
+    d_out_p = _pad(d_out.astype(q_p.dtype), q_p.shape[1], q_p.shape[3])
+    dq, dk, dv = _backward(q_p, k_p, v_p, out_p, lse, d_out_p, static, seq_len)
+    return tuple(x[:, :seq_len, :, :head_dim] for x in (dq, dk, dv))
+
+
+_flash.defvjp(_flash_forward, _flash_backward)
+
+
+# ------------------------------------------------------------------------------------------------- API
+
+
+def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | None:
+    """None when this kernel can run the case here, else why not."""
+    del k, v, pattern  # shapes and patterns are validated by attention.check_inputs / as_pattern
+    if not any(q.dtype == d for d in SUPPORTED_DTYPES):
+        return f"dtype {q.dtype} is not supported (float32, bfloat16, float16)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported"
+    if interpret:
+        return None
+    if jax.default_backend() != "gpu":
+        return "needs a CUDA GPU (sm80+) or interpret=True"
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        major = int(str(capability).split(".")[0])
+    except ValueError:
+        return "needs a CUDA GPU (sm80+) or interpret=True"
+    if major < 8:
+        return f"needs a CUDA GPU with compute capability >= 8.0, found {capability}"
+    return None
+
+
+def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool = False,
+              block_sizes: BlockSizes | None = None):
+    """Causal block-sparse attention of q [batch, seq, q_heads, d] over k, v [batch, seq, kv_heads, d].
+
+    Differentiable (custom VJP); works under jit, vmap and shard_map. `block_sizes` defaults to
+    `BlockSizes.for_head_dim(d)`; blocks larger than the sequence are clipped.
+    """
+    pattern = as_pattern(pattern)
+    reason = unsupported_reason(q, k, v, pattern, interpret=interpret)
+    if reason is not None:
+        raise ValueError(f"pallas_gpu cannot run this case: {reason}")
+    if block_sizes is None:
+        block_sizes = BlockSizes.for_head_dim(_padded_sizes(q, BlockSizes())[1])
+    elif not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}")
+    warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)
+    static = _Static(pattern, float(scale), bool(interpret), block_sizes.clipped(q.shape[1]))
+    return _flash(q, k, v, static)

@@ -1,0 +1,52 @@
+"""Train the decoder LM with one attention variant; see docs/training.md.
+
+    python train.py --config configs/repaired.py:tiny --workdir runs/repaired [--config.train.steps=50 ...]
+
+Rerunning the same command resumes from the latest checkpoint in the workdir. Every process of a
+multi-host job runs the same command (--distributed decides whether to join them).
+
+Exit status: 0 when trained to config.train.steps; 75 (EX_TEMPFAIL) when SIGTERM stopped the run after it
+saved a checkpoint, so rerunning resumes; 1 on an error.
+"""
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from sparse_attention import training
+from sparse_attention.config import ExperimentConfig
+
+PREEMPTED_EXIT_CODE = 75
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "config file and preset, e.g. configs/repaired.py:tiny; override keys with "
+    "--config.train.steps=100")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "folder for checkpoints, config.json, metrics.jsonl, tensorboard/ and "
+    "train_summary.json; created if missing (its parent must exist)")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", training.DISTRIBUTED_MODES,
+    "join the processes of a multi-process job with jax.distributed.initialize: auto = when "
+    "JAX_COORDINATOR_ADDRESS, a multi-task SLURM job, Open MPI or a multi-host TPU slice is detected")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    # orbax logs every save in detail through absl's logger; keep its warnings, and our INFO lines.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    training.initialize_distributed(_DISTRIBUTED.value)
+    try:
+        config = ExperimentConfig.from_config_dict(_CONFIG.value)
+    except ValueError as error:
+        raise app.UsageError(f"bad config: {error}") from error
+    result = training.train(config, _WORKDIR.value)
+    if result.preempted:
+        sys.exit(PREEMPTED_EXIT_CODE)
+
+
+if __name__ == "__main__":
+    app.run(main)

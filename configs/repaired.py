@@ -1,0 +1,25 @@
+"""Block attention with boundary repair on every layer: repaired(B, R, mode) with R = B / 8.
+
+B is the preset's block size: repaired(64, 8, bridge) for tiny, repaired(512, 64, bridge) for small and
+base. The argument is "PRESET" or "PRESET,MODE":
+
+    --config configs/repaired.py:tiny           bridge repair (the default): block(B) or q - k <= R
+    --config configs/repaired.py:tiny,prefix    prefix repair: block(B) or the previous block's last R keys
+
+Both modes add under R keys per query, so the variant costs about what block(B) costs.
+"""
+
+from configs import base
+
+MODES = ("bridge", "prefix")
+
+
+def get_config(arg=None):
+    preset, _, mode = (arg or "tiny").partition(",")
+    mode = mode.strip() or "bridge"
+    if mode not in MODES:
+        raise ValueError(f"repaired config: mode must be one of {', '.join(MODES)}; got {mode!r} in {arg!r}")
+    config = base.get_config(preset)
+    block = base.BLOCK_SIZE[base.parse_preset(preset)]
+    config.attention.pattern = f"repaired({block}, {block // 8}, {mode})"
+    return config

@@ -1,0 +1,236 @@
+"""A byte-level decoder LM whose layers attend through `sparse_attention.attention` (Flax NNX).
+
+  SparseAttention   library attention layer: q/k/v projections, RoPE, sparse attention, output projection
+  DecoderLM         embeddings -> num_layers x [pre-norm attention, pre-norm SwiGLU MLP] -> RMSNorm -> logits
+
+Numerics: parameters in param_dtype (float32), matmuls in compute_dtype (bfloat16 on accelerators), the
+residual stream, norms' statistics and the logits in float32.
+
+Initialisation: input projections are LeCun-normal (variance 1 / fan_in). Projections that write into
+the residual stream (attention output, MLP down) are scaled by 1 / sqrt(2 * num_layers), so the stream
+starts near its embedding and every block starts near identity. Embeddings have standard deviation
+1 / sqrt(d_model) and are multiplied by sqrt(d_model) on input, so the stream starts at unit scale. Tied
+output logits are h . E^T / sqrt(d_model) (without that factor each token's logit for itself would start
+near sqrt(d_model) and the first loss far above ln(vocab)); an untied head starts with standard deviation
+1 / d_model. Either way the first loss is about ln(vocab_size).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sparse_attention.attention import attention, resolve_impl
+from sparse_attention.config import AttentionConfig, ExperimentConfig, ModelConfig
+from sparse_attention.patterns import Pattern, as_pattern
+
+
+def rope_angles(seq_len: int, head_dim: int, base: float):
+    """(cos, sin), float32 [seq_len, head_dim // 2]: position p turns pair i by p * base^(-2i / head_dim)."""
+    inverse_frequency = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inverse_frequency[None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """Rotary position embedding of x [batch, seq, heads, head_dim], pairing dim i with i + head_dim / 2."""
+    half = x.shape[-1] // 2
+    x1 = x[..., :half].astype(jnp.float32)
+    x2 = x[..., half:].astype(jnp.float32)
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def _residual_init(output_scale: float):
+    """LeCun-normal scaled by `output_scale`, for projections that write into the residual stream."""
+    return nnx.initializers.variance_scaling(output_scale**2, "fan_in", "truncated_normal")
+
+
+class SparseAttention(nnx.Module):
+    """Multi-head (or grouped-query) self-attention restricted to one causal sparse pattern.
+
+    x [batch, seq, d_model] -> [batch, seq, d_model]. head_dim = d_model // num_heads; num_kv_heads
+    divides num_heads. `output_scale` scales the output projection's initialisation (DecoderLM passes
+    1 / sqrt(2 * num_layers)).
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        num_kv_heads: int,
+        pattern: Pattern | str,
+        *,
+        impl: str = "auto",
+        interpret: bool = False,
+        rope_base: float = 10000.0,
+        compute_dtype=jnp.bfloat16,
+        param_dtype=jnp.float32,
+        output_scale: float = 1.0,
+        rngs: nnx.Rngs,
+    ):
+        if d_model % num_heads or (d_model // num_heads) % 2:
+            raise ValueError(
+                f"num_heads must divide d_model into an even head_dim (RoPE); got d_model={d_model}, "
+                f"num_heads={num_heads}"
+            )
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads must divide num_heads; got {num_kv_heads} and {num_heads}")
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = d_model // num_heads
+        self.pattern = as_pattern(pattern)
+        self.impl = impl
+        self.interpret = interpret
+        self.rope_base = float(rope_base)
+        self.compute_dtype = compute_dtype
+
+        def linear(out_features, **kwargs):
+            return nnx.Linear(
+                d_model, out_features, use_bias=False, dtype=compute_dtype, param_dtype=param_dtype,
+                rngs=rngs, **kwargs,
+            )
+
+        self.q_proj = linear(num_heads * self.head_dim)
+        self.k_proj = linear(num_kv_heads * self.head_dim)
+        self.v_proj = linear(num_kv_heads * self.head_dim)
+        self.out_proj = nnx.Linear(
+            num_heads * self.head_dim, d_model, use_bias=False, dtype=compute_dtype, param_dtype=param_dtype,
+            kernel_init=_residual_init(output_scale), rngs=rngs,
+        )
+
+    def __call__(self, x):
+        batch, seq_len, _ = x.shape
+        q = self.q_proj(x).reshape(batch, seq_len, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
+        cos, sin = rope_angles(seq_len, self.head_dim, self.rope_base)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = attention(q, k, v, self.pattern, impl=self.impl, interpret=self.interpret)
+        return self.out_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)): [batch, seq, d_model] -> [batch, seq, d_model]."""
+
+    def __init__(self, d_model: int, hidden: int, *, compute_dtype, param_dtype, output_scale: float,
+                 rngs: nnx.Rngs):
+        def linear(n_in, n_out, **kwargs):
+            return nnx.Linear(n_in, n_out, use_bias=False, dtype=compute_dtype, param_dtype=param_dtype,
+                              rngs=rngs, **kwargs)
+
+        self.gate = linear(d_model, hidden)
+        self.up = linear(d_model, hidden)
+        self.down = linear(hidden, d_model, kernel_init=_residual_init(output_scale))
+
+    def __call__(self, x):
+        return self.down(nnx.silu(self.gate(x)) * self.up(x))
+
+
+class DecoderBlock(nnx.Module):
+    """x + attention(norm(x)), then + mlp(norm(x)); the residual stream x stays float32."""
+
+    def __init__(self, model: ModelConfig, attention_config: AttentionConfig, layer_index: int, *,
+                 rngs: nnx.Rngs):
+        compute, params = model.compute_jnp_dtype, model.param_jnp_dtype
+        output_scale = 1.0 / math.sqrt(2 * model.num_layers)
+
+        def norm():
+            return nnx.RMSNorm(model.d_model, dtype=compute, param_dtype=params, rngs=rngs)
+
+        self.attention_norm = norm()
+        self.attention = SparseAttention(
+            model.d_model, model.num_heads, model.num_kv_heads, attention_config.layer_pattern(layer_index),
+            impl=attention_config.impl, interpret=attention_config.interpret, rope_base=model.rope_base,
+            compute_dtype=compute, param_dtype=params, output_scale=output_scale, rngs=rngs,
+        )
+        self.mlp_norm = norm()
+        self.mlp = SwiGLU(model.d_model, model.mlp_hidden, compute_dtype=compute, param_dtype=params,
+                          output_scale=output_scale, rngs=rngs)
+
+    def __call__(self, x):
+        x = x + self.attention(self.attention_norm(x)).astype(jnp.float32)
+        return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
+
+
+def _apply_block(block: DecoderBlock, x):
+    return block(x)
+
+
+_apply_block_remat = nnx.remat(_apply_block)
+
+
+class DecoderLM(nnx.Module):
+    """tokens int32 [batch, seq] -> logits float32 [batch, seq, vocab_size]; layer i uses
+    `attention.layer_pattern(i)`."""
+
+    def __init__(self, model: ModelConfig, attention: AttentionConfig, *, rngs: nnx.Rngs):
+        compute, params = model.compute_jnp_dtype, model.param_jnp_dtype
+        self.model_config = model
+        self.attention_config = attention
+        embedding_std = 1.0 / math.sqrt(model.d_model)
+        self.embed = nnx.Embed(
+            model.vocab_size, model.d_model, dtype=compute, param_dtype=params,
+            embedding_init=nnx.initializers.normal(embedding_std), rngs=rngs,
+        )
+        self.blocks = nnx.List([DecoderBlock(model, attention, i, rngs=rngs) for i in range(model.num_layers)])
+        self.final_norm = nnx.RMSNorm(model.d_model, dtype=compute, param_dtype=params, rngs=rngs)
+        if model.tie_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = nnx.Linear(
+                model.d_model, model.vocab_size, use_bias=False, dtype=compute, param_dtype=params,
+                kernel_init=nnx.initializers.normal(1.0 / model.d_model), preferred_element_type=jnp.float32,
+                rngs=rngs,
+            )
+
+    def embed_tokens(self, tokens):
+        """tokens int32 [batch, seq] -> float32 [batch, seq, d_model], the residual stream's input."""
+        return self.embed(tokens).astype(jnp.float32) * math.sqrt(self.model_config.d_model)
+
+    def logits_from_embeddings(self, x):
+        """Residual stream input x [batch, seq, d_model] -> logits float32 [batch, seq, vocab_size]."""
+        apply_block = _apply_block_remat if self.model_config.remat else _apply_block
+        for block in self.blocks:
+            x = apply_block(block, x)
+        h = self.final_norm(x)
+        if self.lm_head is not None:
+            return self.lm_head(h).astype(jnp.float32)
+        compute = self.model_config.compute_jnp_dtype
+        logits = jnp.einsum(
+            "bsd,vd->bsv", h.astype(compute), self.embed.embedding[...].astype(compute),
+            preferred_element_type=jnp.float32,
+        )
+        return logits / math.sqrt(self.model_config.d_model)
+
+    def __call__(self, tokens):
+        return self.logits_from_embeddings(self.embed_tokens(tokens))
+
+
+def attention_impl_summary(model_or_configs, seq_len: int) -> str:
+    """One line saying which attention implementation each layer's pattern runs with at `seq_len`.
+
+    `model_or_configs`: a DecoderLM, an ExperimentConfig, or a (ModelConfig, AttentionConfig) pair.
+    Resolved on abstract [1, seq_len, heads, head_dim] shapes, so nothing is computed. Raises ValueError
+    if an explicitly requested impl cannot run here.
+    """
+    if isinstance(model_or_configs, DecoderLM):
+        model, attention_config = model_or_configs.model_config, model_or_configs.attention_config
+    elif isinstance(model_or_configs, ExperimentConfig):
+        model, attention_config = model_or_configs.model, model_or_configs.attention
+    else:
+        model, attention_config = model_or_configs
+    q = jax.ShapeDtypeStruct((1, seq_len, model.num_heads, model.head_dim), model.compute_jnp_dtype)
+    kv = jax.ShapeDtypeStruct((1, seq_len, model.num_kv_heads, model.head_dim), model.compute_jnp_dtype)
+    layers_of: dict[Pattern, list[int]] = {}
+    for index in range(model.num_layers):
+        layers_of.setdefault(attention_config.layer_pattern(index), []).append(index)
+    parts = []
+    for pattern, layers in layers_of.items():
+        chosen, why = resolve_impl(attention_config.impl, q, kv, kv, pattern, interpret=attention_config.interpret)
+        where = "all layers" if len(layers) == model.num_layers else f"layers {','.join(map(str, layers))}"
+        parts.append(f"{pattern.spec} on {where} -> {chosen} ({why})")
+    return f"attention impl={attention_config.impl} at seq_len={seq_len}: " + "; ".join(parts)

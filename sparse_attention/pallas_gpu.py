@@ -121,16 +121,19 @@ class BlockSizes:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TilePlan:
-    """What one kernel walks: rows in launch order, and per row its full tiles and partial sub-tiles.
+    """What one kernel walks, one entry per program in launch order (heaviest rows first).
 
-    order:       int32 [rows]; program i handles row order[i] (heaviest rows first)
-    full:        int32 [rows, max_full] full tile indices (units of the tile), padded by repetition
-    num_full:    int32 [rows]
-    partial:     int32 [rows, max_partial] non-empty sub-tiles of partial tiles (units of the sub-tile)
-    num_partial: int32 [rows]
+    rows:        int32 [programs]; the row tile program i handles
+    full:        int32 [programs, max_full] its full tiles (units of the tile), padded by repetition
+    num_full:    int32 [programs]
+    partial:     int32 [programs, max_partial] non-empty sub-tiles of its partial tiles (units of the sub-tile)
+    num_partial: int32 [programs]
+
+    Indexing everything by program id (not by row) lets a program issue its loads of the row id, the counts
+    and the first tile index at once instead of one after another.
     """
 
-    order: np.ndarray
+    rows: np.ndarray
     full: np.ndarray
     num_full: np.ndarray
     partial: np.ndarray
@@ -138,7 +141,7 @@ class TilePlan:
 
     @property
     def arrays(self) -> tuple[np.ndarray, ...]:
-        return self.order, self.full, self.num_full, self.partial, self.num_partial
+        return self.rows, self.full, self.num_full, self.partial, self.num_partial
 
 
 def _split_partial(coarse: TileLists, fine: TileLists, ratio: int, num_cols: int) -> TileLists:
@@ -181,8 +184,8 @@ def tile_plan(pattern: Pattern, seq_len: int, block_q: int, block_k: int, sub_bl
         tile, sub = block_k, sub_block
     full, num_full, partial, num_partial = lists.padded
     work = num_full.astype(np.int64) * tile + num_partial.astype(np.int64) * sub
-    order = np.argsort(-work, kind="stable").astype(np.int32)
-    return TilePlan(order, full, num_full, partial, num_partial)
+    order = np.argsort(-work, kind="stable")
+    return TilePlan(order.astype(np.int32), full[order], num_full[order], partial[order], num_partial[order])
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -202,18 +205,31 @@ def _iota(n: int):
     return lax.broadcasted_iota(jnp.int32, (n,), 0)
 
 
-def _walk(plan_refs, row, carry, step, tile: int, sub: int):
-    """Runs step(carry, start, size, masked) over the row's full tiles, then its partial sub-tiles."""
+def _walk(plan_refs, program, carry, step, tile: int, sub: int):
+    """Runs step(carry, start, size, masked) over the program's full tiles, then its partial sub-tiles.
+
+    Each iteration reads the next entry of its list, so the tile index is in a register one iteration
+    before its loads are issued (padding repeats the last entry, and the read is clamped to the width).
+    """
     _, full_ref, num_full_ref, partial_ref, num_partial_ref = plan_refs
 
-    def full_body(j, carry):
-        return step(carry, pl.multiple_of(full_ref[row, j] * tile, tile), tile, False)
+    def loop(carry, list_ref, count, size, masked):
+        width = list_ref.shape[1]
 
-    def partial_body(j, carry):
-        return step(carry, pl.multiple_of(partial_ref[row, j] * sub, sub), sub, True)
+        def body(j, state):
+            carry, index = state
+            upcoming = list_ref[program, jnp.minimum(j + 1, width - 1)]
+            return step(carry, pl.multiple_of(index * size, size), size, masked), upcoming
 
-    carry = lax.fori_loop(0, num_full_ref[row], full_body, carry)
-    return lax.fori_loop(0, num_partial_ref[row], partial_body, carry)
+        return lax.fori_loop(0, count, body, (carry, list_ref[program, 0]))[0]
+
+    carry = loop(carry, full_ref, num_full_ref[program], tile, False)
+    return loop(carry, partial_ref, num_partial_ref[program], sub, True)
+
+
+def _dot(a, b, trans_b: bool = False):
+    """a @ b (or a @ b.T) accumulated in float32; float32 inputs multiply in full precision, not TF32."""
+    return plgpu.dot(a, b, trans_b=trans_b, precision=lax.Precision.HIGHEST)
 
 
 def _active(pattern: Pattern, seq_len: int, q_pos, k_pos):
@@ -223,9 +239,13 @@ def _active(pattern: Pattern, seq_len: int, q_pos, k_pos):
 
 def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block_k_partial):
     plan_refs, (q_ref, k_ref, v_ref, out_ref, lse_ref) = refs[:5], refs[5:]
-    row = plan_refs[0][pl.program_id(0)]
+    program = pl.program_id(0)  # read here: interpret mode substitutes it only at the kernel's top level
+    row = plan_refs[0][program]
     q_start = pl.multiple_of(row * block_q, block_q)
     q = q_ref[pl.ds(q_start, block_q), :]  # [block_q, head_dim]
+    if scale_log2 < 0:  # logits = (-q) . k * |scale|: the row max can then be taken before scaling
+        q = -q
+    scale_log2 = abs(scale_log2)
     q_pos = q_start + _iota(block_q)
     head_dim = q.shape[-1]
 
@@ -233,15 +253,18 @@ def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block
         acc, row_max, row_sum = carry
         k = k_ref[pl.ds(k_start, width), :]
         v = v_ref[pl.ds(k_start, width), :]
-        logits = plgpu.dot(q, k, trans_b=True) * scale_log2  # [block_q, width], base-2 units
+        dots = _dot(q, k, trans_b=True)  # [block_q, width]; logits in base-2 units are dots * scale_log2
         if masked:
             active = _active(pattern, seq_len, q_pos[:, None], (k_start + _iota(width))[None, :])
-            logits = jnp.where(active, logits, -jnp.inf)
-        new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
-        probs = jnp.exp2(logits - new_max[:, None])
+            logits = jnp.where(active, dots * scale_log2, -jnp.inf)
+            new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+            probs = jnp.exp2(logits - new_max[:, None])
+        else:  # max before scaling, then one fused multiply-add per logit
+            new_max = jnp.maximum(row_max, jnp.max(dots, axis=1) * scale_log2)
+            probs = jnp.exp2(dots * scale_log2 - new_max[:, None])
         correction = jnp.exp2(row_max - new_max)
         row_sum = row_sum * correction + jnp.sum(probs, axis=1)
-        acc = acc * correction[:, None] + plgpu.dot(probs.astype(v.dtype), v)
+        acc = acc * correction[:, None] + _dot(probs.astype(v.dtype), v)
         return acc, new_max, row_sum
 
     init = (
@@ -249,7 +272,7 @@ def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block
         jnp.full((block_q,), _ROW_MAX_INIT, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    acc, row_max, row_sum = _walk(plan_refs, row, init, step, block_k, block_k_partial)
+    acc, row_max, row_sum = _walk(plan_refs, program, init, step, block_k, block_k_partial)
     seen = row_sum > 0  # rows with no active key give 0
     out = acc / jnp.where(seen, row_sum, 1.0)[:, None]
     out_ref[pl.ds(q_start, block_q), :] = out.astype(out_ref.dtype)
@@ -260,7 +283,8 @@ def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block
 
 def _dq_kernel(*refs, pattern, seq_len, scale_log2, scale, block_q, block_k, block_k_partial):
     plan_refs, (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_ref) = refs[:5], refs[5:]
-    row = plan_refs[0][pl.program_id(0)]
+    program = pl.program_id(0)  # read here: interpret mode substitutes it only at the kernel's top level
+    row = plan_refs[0][program]
     q_start = pl.multiple_of(row * block_q, block_q)
     rows = pl.ds(q_start, block_q)
     q = q_ref[rows, :]
@@ -272,21 +296,22 @@ def _dq_kernel(*refs, pattern, seq_len, scale_log2, scale, block_q, block_k, blo
     def step(dq, k_start, width, masked):
         k = k_ref[pl.ds(k_start, width), :]
         v = v_ref[pl.ds(k_start, width), :]
-        probs = jnp.exp2(plgpu.dot(q, k, trans_b=True) * scale_log2 - lse[:, None])
+        probs = jnp.exp2(_dot(q, k, trans_b=True) * scale_log2 - lse[:, None])
         if masked:
             active = _active(pattern, seq_len, q_pos[:, None], (k_start + _iota(width))[None, :])
             probs = jnp.where(active, probs, 0.0)
-        d_probs = plgpu.dot(d_out, v, trans_b=True)
+        d_probs = _dot(d_out, v, trans_b=True)
         d_logits = probs * (d_probs - delta[:, None])
-        return dq + plgpu.dot(d_logits.astype(k.dtype), k)
+        return dq + _dot(d_logits.astype(k.dtype), k)
 
-    dq = _walk(plan_refs, row, jnp.zeros(q.shape, jnp.float32), step, block_k, block_k_partial)
+    dq = _walk(plan_refs, program, jnp.zeros(q.shape, jnp.float32), step, block_k, block_k_partial)
     dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkdv_kernel(*refs, pattern, seq_len, scale_log2, scale, group, block_k, block_q, block_q_partial):
     plan_refs, (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref) = refs[:5], refs[5:]
-    row = plan_refs[0][pl.program_id(0)]
+    program = pl.program_id(0)  # read here: interpret mode substitutes it only at the kernel's top level
+    row = plan_refs[0][program]
     k_start = pl.multiple_of(row * block_k, block_k)
     keys = pl.ds(k_start, block_k)
     k = k_ref[keys, :]  # [block_k, head_dim]
@@ -303,17 +328,17 @@ def _dkdv_kernel(*refs, pattern, seq_len, scale_log2, scale, group, block_k, blo
             d_out = d_out_ref[queries, g, :]
             lse = lse_ref[g, queries]
             delta = delta_ref[g, queries]
-            probs_t = jnp.exp2(plgpu.dot(k, q, trans_b=True) * scale_log2 - lse[None, :])  # [block_k, height]
+            probs_t = jnp.exp2(_dot(k, q, trans_b=True) * scale_log2 - lse[None, :])  # [block_k, height]
             if masked:
                 active = _active(pattern, seq_len, (q_start + _iota(height))[None, :], k_pos[:, None])
                 probs_t = jnp.where(active, probs_t, 0.0)
-            dv = dv + plgpu.dot(probs_t.astype(d_out.dtype), d_out)
-            d_probs_t = plgpu.dot(v, d_out, trans_b=True)
+            dv = dv + _dot(probs_t.astype(d_out.dtype), d_out)
+            d_probs_t = _dot(v, d_out, trans_b=True)
             d_logits_t = probs_t * (d_probs_t - delta[None, :])
-            dk = dk + plgpu.dot(d_logits_t.astype(q.dtype), q)
+            dk = dk + _dot(d_logits_t.astype(q.dtype), q)
             return dk, dv
 
-        return _walk(plan_refs, row, carry, step, block_q, block_q_partial)
+        return _walk(plan_refs, program, carry, step, block_q, block_q_partial)
 
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = head(0, init) if group == 1 else lax.fori_loop(0, group, head, init)
@@ -345,7 +370,7 @@ def _forward(q, k, v, static: _Static, seq_len: int):
     )
     return pl.pallas_call(
         kernel,
-        grid=(len(plan.order), batch * q_heads),
+        grid=(len(plan.rows), batch * q_heads),
         in_specs=_plan_specs(plan) + [per_q_head, per_kv_head, per_kv_head],
         out_specs=[per_q_head, pl.BlockSpec((None, None, padded_len), lambda r, bh: (bh // q_heads, bh % q_heads, 0))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
@@ -374,7 +399,7 @@ def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **common, block_q=sizes.block_q_dq, block_k=sizes.block_k_dq,
                           block_k_partial=sizes.block_k_partial_dq),
-        grid=(len(dq_plan.order), batch * q_heads),
+        grid=(len(dq_plan.rows), batch * q_heads),
         in_specs=_plan_specs(dq_plan) + [per_q_head, per_kv_head_of_q, per_kv_head_of_q, per_q_head,
                                          row_stats, row_stats],
         out_specs=per_q_head,
@@ -395,7 +420,7 @@ def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, **common, group=group, block_k=sizes.block_k_dkv,
                           block_q=sizes.block_q_dkv, block_q_partial=sizes.block_q_partial_dkv),
-        grid=(len(dkdv_plan.order), batch * kv_heads),
+        grid=(len(dkdv_plan.rows), batch * kv_heads),
         in_specs=_plan_specs(dkdv_plan) + [group_of_q_heads, per_kv_head, per_kv_head, group_of_q_heads,
                                            group_stats, group_stats],
         out_specs=[per_kv_head, per_kv_head],

@@ -1,0 +1,292 @@
+"""Benchmark of the sparse attention kernels against their peers: `python -m sparse_attention.bench`.
+
+For every sequence length, pattern, implementation and mode (forward, forward+backward) it prints a table
+row and rewrites a JSON report (atomically, after every case, so an interrupted run keeps what it has).
+
+  ms           median wall time of `runs` timed calls after `warmup` calls, each `jax.block_until_ready`
+  tflops       counted on the active (unmasked) area: forward 4*B*H*D*active_pairs, forward+backward 3.5x
+               that (the convention of ../shared/research/anchors.md), so every implementation of one case
+               is credited the same work and TFLOP/s ratios are time ratios
+  active       active pairs / causal pairs
+  memory_bytes compiled memory analysis: arguments + outputs + temporaries of the jitted call
+
+Inputs are not rotated between timed calls: every kernel here re-reads each key/value tile from L2 many
+times within one call (once per query tile that attends it), so the little cross-call reuse a fixed input
+allows does not change the picture, and rotating would add allocation noise at 128k.
+
+Peers: cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) for dense causal and window(W)
+(`local_window_size=(W-1, 0)`); JAX's Pallas Triton attention (`ops.gpu.attention.mha`, dense causal);
+this package's `xla` and `reference` paths where they fit in memory ("oom" otherwise).
+`--smoke` runs tiny shapes on CPU with the Pallas kernel in interpret mode (for tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+from sparse_attention import pallas_gpu, reference, xla
+from sparse_attention.patterns import Dense, Pattern, Window, as_pattern
+
+DEFAULT_SEQ_LENS = (4096, 16384, 32768, 65536, 131072)
+DEFAULT_PATTERNS = ("dense", "block(512)", "window(1024)", "repaired(512, 64, bridge)", "repaired(512, 64, prefix)")
+IMPLS = ("pallas_gpu", "cudnn", "pallas_mha", "xla", "reference")
+MODES = ("fwd", "fwd_bwd")
+FWD_BWD_FLOP_FACTOR = 3.5
+# Long cases stop after this much timed time (at least MIN_RUNS runs), so 128k fits in a session.
+TIMED_SECONDS_CAP = 4.0
+MIN_RUNS = 5
+SMOKE = dict(seq_lens=(64, 100), batch=1, heads=2, kv_heads=1, head_dim=32, dtype="float32", runs=2, warmup=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int
+    seq_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+
+
+class Unsupported(Exception):
+    """The implementation does not cover this case (recorded as such, not as an error)."""
+
+
+def _peer_function(impl: str, pattern: Pattern, shape: Shape, interpret: bool, block_sizes):
+    """f(q, k, v) -> out for one implementation, or raise Unsupported."""
+    scale = 1.0 / math.sqrt(shape.head_dim)
+    if impl == "pallas_gpu":
+        return lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
+                                                    block_sizes=block_sizes)
+    if impl == "xla":
+        return lambda q, k, v: xla.attention(q, k, v, pattern, scale=scale)
+    if impl == "reference":
+        return lambda q, k, v: reference.attention(q, k, v, pattern, scale=scale)
+    if jax.default_backend() != "gpu":
+        raise Unsupported("GPU only")
+    if impl == "cudnn":
+        if isinstance(pattern, Dense):
+            window = None
+        elif isinstance(pattern, Window):
+            window = (pattern.size - 1, 0)
+        else:
+            raise Unsupported("cuDNN covers dense and window only")
+        return lambda q, k, v: jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, local_window_size=window, implementation="cudnn"
+        )
+    if impl == "pallas_mha":
+        if not isinstance(pattern, Dense):
+            raise Unsupported("JAX's Pallas mha covers dense causal only")
+        if shape.seq_len % 128:
+            raise Unsupported("JAX's Pallas mha needs seq_len divisible by its 128 blocks")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            from jax.experimental.pallas.ops.gpu import attention as pallas_mha
+        group = shape.heads // shape.kv_heads
+
+        def run(q, k, v):
+            k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
+            return pallas_mha.mha(q, k, v, segment_ids=None, sm_scale=scale, causal=True)
+
+        return run
+    raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+
+
+def _timed_function(forward, mode: str):
+    if mode == "fwd":
+        return jax.jit(forward)
+
+    def forward_backward(q, k, v, d_out):
+        _, vjp = jax.vjp(forward, q, k, v)
+        return vjp(d_out)
+
+    return jax.jit(forward_backward)
+
+
+def _memory_bytes(compiled) -> int | None:
+    analysis = compiled.memory_analysis()
+    if analysis is None:
+        return None
+    return int(analysis.argument_size_in_bytes + analysis.output_size_in_bytes + analysis.temp_size_in_bytes
+               - analysis.alias_size_in_bytes)
+
+
+def _device_memory_limit() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def _is_oom(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text
+
+
+def measure(compiled, args, runs: int, warmup: int) -> float:
+    """Median milliseconds of timed calls after warm-up calls, each followed by block_until_ready."""
+    for _ in range(warmup):
+        jax.block_until_ready(compiled(*args))
+    times = []
+    budget_end = time.perf_counter() + TIMED_SECONDS_CAP
+    for index in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*args))
+        times.append(time.perf_counter() - start)
+        if index + 1 >= MIN_RUNS and time.perf_counter() > budget_end:
+            break
+    return 1e3 * statistics.median(times)
+
+
+def run_case(impl: str, pattern: Pattern, mode: str, shape: Shape, inputs, *, runs: int, warmup: int,
+             interpret: bool, block_sizes) -> dict:
+    """One row of the report: status "ok" with timings, or "oom" / "unsupported: ..." / "error: ..."."""
+    active_pairs = pattern.count_active(shape.seq_len)
+    flops = 4 * shape.batch * shape.heads * shape.head_dim * active_pairs
+    flops *= FWD_BWD_FLOP_FACTOR if mode == "fwd_bwd" else 1
+    row = dict(seq_len=shape.seq_len, pattern=pattern.spec, impl=impl, mode=mode,
+               active_fraction=active_pairs / (shape.seq_len * (shape.seq_len + 1) / 2),
+               ms=None, tflops=None, memory_bytes=None, runs=None, status="ok")
+    try:
+        forward = _peer_function(impl, pattern, shape, interpret, block_sizes)
+        args = inputs if mode == "fwd_bwd" else inputs[:3]
+        compiled = _timed_function(forward, mode).lower(*args).compile()
+        row["memory_bytes"] = _memory_bytes(compiled)
+        limit = _device_memory_limit()
+        if limit is not None and row["memory_bytes"] is not None and row["memory_bytes"] > limit:
+            row["status"] = "oom"
+            return row
+        ms = measure(compiled, args, runs, warmup)
+        row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, runs=runs)
+    except Unsupported as reason:
+        row["status"] = f"unsupported: {reason}"
+    except Exception as error:  # a peer failing must not end the whole benchmark
+        row["status"] = "oom" if _is_oom(error) else f"error: {type(error).__name__}: {str(error)[:300]}"
+    return row
+
+
+def make_inputs(shape: Shape, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    dtype = jnp.dtype(shape.dtype)
+    q_shape = (shape.batch, shape.seq_len, shape.heads, shape.head_dim)
+    kv_shape = (shape.batch, shape.seq_len, shape.kv_heads, shape.head_dim)
+    return (jax.random.normal(keys[0], q_shape, dtype), jax.random.normal(keys[1], kv_shape, dtype),
+            jax.random.normal(keys[2], kv_shape, dtype), jax.random.normal(keys[3], q_shape, dtype))
+
+
+def write_json_atomic(path: str, payload: dict):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    handle, temp_path = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
+    try:
+        with os.fdopen(handle, "w") as file:
+            json.dump(payload, file, indent=1)
+        os.replace(temp_path, path)
+    except BaseException:
+        os.unlink(temp_path)
+        raise
+
+
+def format_row(row: dict) -> str:
+    if row["status"] != "ok":
+        cell = row["status"] if row["status"] == "oom" else row["status"].split(":")[0]
+        return f"{row['seq_len']:>7} {row['pattern']:<28} {row['mode']:<8} {row['impl']:<11} {cell}"
+    memory = "" if row["memory_bytes"] is None else f"{row['memory_bytes'] / 2**30:8.2f} GiB"
+    return (f"{row['seq_len']:>7} {row['pattern']:<28} {row['mode']:<8} {row['impl']:<11} "
+            f"{row['ms']:10.3f} ms {row['tflops']:8.1f} TFLOP/s  active {row['active_fraction']:.4f} {memory}")
+
+
+def _parse_list(text: str, separator: str = ",") -> list[str]:
+    return [item.strip() for item in text.split(separator) if item.strip()]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seq", default=",".join(map(str, DEFAULT_SEQ_LENS)), help="comma-separated lengths")
+    parser.add_argument("--patterns", default=";".join(DEFAULT_PATTERNS), help="';'-separated pattern specs")
+    parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {', '.join(IMPLS)}")
+    parser.add_argument("--modes", default=",".join(MODES), help="fwd, fwd_bwd or both")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--block-sizes", default=None,
+                        help="JSON object of pallas_gpu.BlockSizes fields overriding the defaults")
+    parser.add_argument("--out", default="reports/bench.json")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny shapes on CPU (Pallas in interpret mode) to check the report's shape")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seq = ",".join(map(str, SMOKE["seq_lens"]))
+        for key in ("batch", "heads", "kv_heads", "head_dim", "dtype", "runs", "warmup"):
+            setattr(args, key, SMOKE[key])
+    impls = _parse_list(args.impls)
+    for impl in impls:
+        if impl not in IMPLS:
+            parser.error(f"--impls: unknown {impl!r}; valid: {', '.join(IMPLS)}")
+    modes = _parse_list(args.modes)
+    for mode in modes:
+        if mode not in MODES:
+            parser.error(f"--modes: unknown {mode!r}; valid: {', '.join(MODES)}")
+    try:
+        seq_lens = [int(s) for s in _parse_list(args.seq)]
+        patterns = [as_pattern(p) for p in _parse_list(args.patterns, ";")]
+    except ValueError as error:
+        parser.error(str(error))
+    kv_heads = args.kv_heads or args.heads
+    if args.heads % kv_heads:
+        parser.error(f"--kv-heads={kv_heads} must divide --heads={args.heads}")
+    block_sizes = None
+    if args.block_sizes:
+        try:
+            block_sizes = pallas_gpu.BlockSizes(**json.loads(args.block_sizes))
+        except (TypeError, ValueError) as error:
+            parser.error(f"--block-sizes: {error}")
+    return args, seq_lens, patterns, impls, modes, kv_heads, block_sizes
+
+
+def main(argv=None) -> dict:
+    args, seq_lens, patterns, impls, modes, kv_heads, block_sizes = parse_args(argv)
+    interpret = jax.default_backend() != "gpu"
+    device = jax.devices()[0]
+    report = dict(
+        meta=dict(device=getattr(device, "device_kind", str(device)), backend=jax.default_backend(),
+                  jax=jax.__version__, batch=args.batch, heads=args.heads, kv_heads=kv_heads,
+                  head_dim=args.head_dim, dtype=args.dtype, runs=args.runs, warmup=args.warmup,
+                  interpret=interpret, block_sizes=None if block_sizes is None else dataclasses.asdict(block_sizes),
+                  started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
+        results=[],
+    )
+    print(f"# {report['meta']['device']} jax {jax.__version__}  B={args.batch} H={args.heads} "
+          f"KV={kv_heads} D={args.head_dim} {args.dtype}", flush=True)
+    for seq_len in seq_lens:
+        shape = Shape(args.batch, seq_len, args.heads, kv_heads, args.head_dim, args.dtype)
+        inputs = make_inputs(shape)
+        for pattern in patterns:
+            for mode in modes:
+                for impl in impls:
+                    row = run_case(impl, pattern, mode, shape, inputs, runs=args.runs, warmup=args.warmup,
+                                   interpret=interpret, block_sizes=block_sizes)
+                    report["results"].append(row)
+                    print(format_row(row), flush=True)
+                    write_json_atomic(args.out, report)
+        del inputs
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -293,7 +293,7 @@ class Trainer:
             (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros), micro)
             loss = loss_sum / accum
             grads = jax.tree.map(lambda g: g / accum, grad_sum)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
@@ -488,17 +488,20 @@ class _Progress:
         return steps * self.tokens_per_step / (self.last_time - self.start_time) if steps else None
 
 
-def train(config: ExperimentConfig, workdir: str | os.PathLike, *,
+def train(config: ExperimentConfig, workdir: str | os.PathLike, *, until_step: int | None = None,
           devices: Sequence[jax.Device] | None = None) -> TrainResult:
     """Trains (or resumes training) in `workdir` until config.train.steps; returns what happened.
 
-    Resumes from the latest checkpoint in workdir/checkpoints if there is one. SIGTERM makes the loop
-    save a checkpoint at the next step and return with `preempted=True`. A non-finite loss, gradient
-    or state raises NonFiniteLossError before anything from that step is saved.
+    Resumes from the latest checkpoint in workdir/checkpoints if there is one. `until_step` stops
+    earlier, after saving a checkpoint there, as a preemption would (the schedule still runs to
+    train.steps); rerunning continues. SIGTERM makes the loop save a checkpoint at the next step and
+    return with `preempted=True`. A non-finite loss, gradient or state raises NonFiniteLossError before
+    anything from that step is saved. `devices` defaults to all devices of all processes.
     """
     wall_start = time.perf_counter()
     workdir = _check_workdir(workdir)
     train_config = config.train
+    end_step = train_config.steps if until_step is None else min(until_step, train_config.steps)
     mesh = make_mesh(config.mesh, devices)
     is_main = jax.process_index() == 0
     impl_line = attention_impl_summary(config, train_config.seq_len)
@@ -525,7 +528,7 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike, *,
                                                     trainer.abstract_state.opt_state)
             state = trainer.state_at(start_step, params, opt_state)
             log.info("resumed from the checkpoint at step %d in %s", start_step, checkpoints.directory)
-        compile_seconds = trainer.compile()
+        compile_seconds = trainer.compile() if start_step < end_step else 0.0
         log.info("train step compiled in %.1f s", compile_seconds)
 
         run_log = RunLog(workdir, start_step=start_step, total_steps=train_config.steps, enabled=is_main)
@@ -548,7 +551,7 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike, *,
 
         step, pending, stop = start_step, None, False
         with _sigterm_requests_stop() as sigterm:
-            while step < train_config.steps and not stop:
+            while step < end_step and not stop:
                 rows = data.batch_for_step(tokens, seed=config.seed, step=step, process_index=block,
                                            process_count=blocks, global_batch=train_config.global_batch,
                                            seq_len=train_config.seq_len)
@@ -559,7 +562,7 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike, *,
                     stop = fetch(*pending)
                 pending = (step, metrics)
                 every = train_config.checkpoint_every
-                if stop or step == train_config.steps or (every and step % every == 0):
+                if stop or step == end_step or (every and step % every == 0):
                     stop = fetch(*pending) or stop  # a state is saved only once known finite
                     pending = None
                     checkpoints.save(step, state.params, state.opt_state)
@@ -571,7 +574,7 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike, *,
         if run_log is not None:
             run_log.close()
 
-    preempted = stop and step < train_config.steps
+    preempted = stop and step < end_step
     if preempted:
         log.warning("SIGTERM: saved the checkpoint at step %d; rerun the same command to resume", step)
     summary = {

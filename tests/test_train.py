@@ -1,0 +1,365 @@
+"""Training end to end on tiny models: every variant, learning, resume, meshes, multi-process, SIGTERM,
+divergence, bad configs.
+
+Most tests shrink the `tiny` preset (d_model 32, 2 layers, seq_len 64-128, batch 4) so a step takes a few
+milliseconds on CPU; compiling dominates. Multi-device and multi-process runs use virtual CPU devices
+(XLA_FLAGS=--xla_force_host_platform_device_count) in subprocesses.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from tensorboard.backend.event_processing import event_accumulator
+
+from sparse_attention import checkpointing, data, training
+from sparse_attention.config import ExperimentConfig
+from sparse_attention.model import DecoderLM
+from sparse_attention.run_log import read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+SMALL = {
+    "model.d_model": 32, "model.num_layers": 2, "model.mlp_hidden": 64,
+    "train.seq_len": 64, "train.global_batch": 4, "train.steps": 10, "train.warmup_steps": 1,
+    "train.log_every": 1, "train.checkpoint_every": 0,
+    "data.data_dir": str(data.DEFAULT_DATA_DIR),
+}
+# A constant learning rate, so runs of different train.steps follow the same schedule.
+CONSTANT_LR = {"train.warmup_steps": 0, "train.end_lr_ratio": 1.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def code_corpus():
+    data.prepare("code")  # downloaded once into the repository's data/ (as tests/test_data.py does)
+
+
+def config_dict(argument: str, overrides: dict):
+    """configs/FILE:ARG as ml_collections' config_flags loads it, with dotted-key overrides."""
+    path, _, arg = argument.partition(":")
+    spec = importlib.util.spec_from_file_location(f"config_{Path(path).stem}", REPO / "configs" / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cd = module.get_config(arg or None)
+    for key, value in overrides.items():
+        section, _, name = key.rpartition(".")
+        (cd[section] if section else cd)[name] = value
+    return cd
+
+
+def small_config(argument: str = "repaired.py:tiny", **overrides) -> ExperimentConfig:
+    """`argument`'s config shrunk by SMALL, then `overrides` (dotted keys with "." written as "__")."""
+    merged = {**SMALL, **{key.replace("__", "."): value for key, value in overrides.items()}}
+    return ExperimentConfig.from_config_dict(config_dict(argument, merged))
+
+
+def flags_of(config: ExperimentConfig) -> list[str]:
+    """train.py --config.* flags that reproduce config from its config file."""
+    flags = []
+    for section, values in config.to_dict().items():
+        if isinstance(values, dict):
+            flags += [f"--config.{section}.{key}={value}" for key, value in values.items()
+                      if not isinstance(value, list)]
+    return flags
+
+
+def cli_env(devices: int = 1, **extra) -> dict:
+    inherited = {key: value for key, value in os.environ.items()
+                 if not key.startswith(("JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))}
+    return {**inherited, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+
+
+def train_cli(config_file: str, config: ExperimentConfig, workdir: Path, **popen) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "train.py", f"--config=configs/{config_file}", f"--workdir={workdir}",
+         *flags_of(config)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def finish(process: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        pytest.fail(f"train.py did not finish in {timeout} s:\n{output[-4000:]}")
+    return process.returncode, output
+
+
+def losses(workdir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(workdir)}
+
+
+def params_of(workdir: Path, step: int | None = None):
+    model, _, restored_step = checkpointing.restore_model(workdir, step)
+    return jax.device_get(nnx.to_pure_dict(nnx.state(model, nnx.Param))), restored_step
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def test_learning_rate_schedule_and_fsdp_rule():
+    train = small_config(train__steps=100, train__warmup_steps=10, train__learning_rate=1e-3,
+                         train__end_lr_ratio=0.1).train
+    schedule = training.learning_rate_schedule(train)
+    lr = {t: float(schedule(t - 1)) for t in (1, 5, 10, 55, 100)}  # update t follows t - 1 updates
+    assert lr[1] == pytest.approx(1e-4) and lr[5] == pytest.approx(5e-4) and lr[10] == pytest.approx(1e-3)
+    assert lr[55] == pytest.approx(1e-4 + 0.9e-3 * 0.5) and lr[100] == pytest.approx(1e-4)
+
+    P = jax.sharding.PartitionSpec
+    assert training.fsdp_partition((260, 128), 1) == P()
+    assert training.fsdp_partition((260, 128), 2) == P("fsdp", None)  # largest divisible dim
+    assert training.fsdp_partition((128, 384), 4) == P(None, "fsdp")
+    assert training.fsdp_partition((96, 96), 4) == P("fsdp", None)  # first on ties
+    assert training.fsdp_partition((130, 7), 4) == P()  # no divisible dim
+    assert training.fsdp_partition((128,), 2) == P()  # vectors stay replicated
+
+
+VARIANTS = {
+    "dense": ("dense.py:tiny", {}),
+    "block": ("block.py:tiny", {}),
+    "window": ("window.py:tiny", {}),
+    "repaired-bridge": ("repaired.py:tiny", {}),
+    "repaired-prefix": ("repaired.py:tiny,prefix", {}),
+    "shifted": ("block.py:tiny", {"attention__pattern": "shifted(64)"}),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_one_step_of_every_variant(variant, tmp_path):
+    argument, overrides = VARIANTS[variant]
+    # seq_len 128 spans two of tiny's 64-token blocks, so every pattern differs from dense.
+    config = small_config(argument, train__steps=1, train__seq_len=128, **overrides)
+    result = training.train(config, tmp_path / "run")
+    assert result.final_step == 1 and not result.preempted
+
+    # The logged loss is the initial model's loss on batch 0, recomputed here with the dense reference
+    # attention: the pattern, the data feed and the loss all went in as configured.
+    reference = small_config(argument, train__steps=1, train__seq_len=128, attention__impl="reference",
+                             **overrides)
+    model = DecoderLM(reference.model, reference.attention, rngs=nnx.Rngs(reference.seed))
+    tokens = data.batch_for_step(data.load_tokens("code", "train"), seed=config.seed, step=0,
+                                 process_index=0, process_count=1, global_batch=4, seq_len=128)
+    logits = model(tokens[:, :-1])
+    expected = -np.mean(np.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+    assert losses(tmp_path / "run") == {1: pytest.approx(float(expected), rel=1e-5)}
+
+    # The update moved every parameter, and the checkpoint holds the moved ones.
+    trained, step = params_of(tmp_path / "run")
+    initial = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert step == 1
+    assert all(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(initial)))
+
+    summary = json.loads((tmp_path / "run" / training.SUMMARY_FILE).read_text())
+    expected_layers = [config.attention.layer_pattern(i).spec for i in range(2)]
+    assert [layer["pattern"] for layer in summary["attention_layers"]] == expected_layers
+    fraction = {"dense": 1.0, "block": 2 * 64 * 65 / (128 * 129)}.get(variant)
+    if fraction is not None:
+        assert summary["attention_layers"][0]["active_fraction"] == pytest.approx(fraction)
+    assert "-> xla" in summary["attention_impl"] and summary["final_loss"] == pytest.approx(float(expected),
+                                                                                          rel=1e-5)
+
+
+def test_loss_falls_over_40_steps_of_tiny(tmp_path):
+    # tiny reduced to d_model 64 x 2 layers on 128-token windows (the full preset takes ~0.4 s a step
+    # on a 2-core CPU); same learning rate, warmup cut to 5 steps.
+    config = small_config(model__d_model=64, model__mlp_hidden=192, train__seq_len=128,
+                          train__global_batch=8, train__steps=40, train__warmup_steps=5)
+    result = training.train(config, tmp_path)
+    by_step = losses(tmp_path)
+    assert sorted(by_step) == list(range(1, 41))
+    first, last = np.mean([by_step[s] for s in range(1, 6)]), np.mean([by_step[s] for s in range(36, 41)])
+    assert first > np.log(256) - 0.5  # starts near uniform over bytes
+    assert last < first - 1.5, (first, last)
+    assert result.final_loss == by_step[40]
+    summary = json.loads((tmp_path / training.SUMMARY_FILE).read_text())
+    assert summary["steps_this_run"] == 40 and summary["mean_tokens_per_sec"] > 0
+    assert all(m["tokens_per_sec"] > 0 and m["learning_rate"] > 0 for m in read_metrics(tmp_path))
+
+
+def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
+    config = small_config(train__steps=40, train__checkpoint_every=20, train__keep_checkpoints=3)
+    straight = training.train(config, tmp_path / "straight")
+
+    interrupted = tmp_path / "interrupted"
+    first = training.train(config, interrupted, until_step=25)
+    assert (first.final_step, first.preempted) == (25, False)
+    # As if the process died after logging step 25 but before its checkpoint was committed.
+    checkpoint_25 = interrupted / checkpointing.CHECKPOINT_DIR / "25"
+    for path in sorted(checkpoint_25.rglob("*"), key=lambda p: -len(p.parts)):
+        path.rmdir() if path.is_dir() else path.unlink()
+    checkpoint_25.rmdir()
+    assert max(losses(interrupted)) == 25
+    resumed = training.train(config, interrupted)
+    assert (resumed.start_step, resumed.final_step) == (20, 40)
+
+    assert losses(interrupted) == losses(tmp_path / "straight")  # every step once, bit for bit
+    assert resumed.final_loss == straight.final_loss
+    (a, _), (b, _) = params_of(tmp_path / "straight"), params_of(interrupted)
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+    events = event_accumulator.EventAccumulator(str(interrupted / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 41))  # steps 21-25 purged once
+
+
+MESH_SCRIPT = textwrap.dedent("""
+    import dataclasses, json, sys
+    import jax, numpy as np
+    from sparse_attention import training
+    from sparse_attention.config import ExperimentConfig, MeshConfig
+
+    config = ExperimentConfig.from_config_dict(json.loads(sys.argv[1]))
+    batches = np.random.default_rng(0).integers(0, 256, (3, 16, 65), dtype=np.int32)
+
+    def run(data, fsdp, grad_accum, devices):
+        cfg = dataclasses.replace(config, mesh=MeshConfig(data, fsdp),
+                                  train=dataclasses.replace(config.train, grad_accum=grad_accum))
+        trainer = training.Trainer(cfg, training.make_mesh(cfg.mesh, devices))
+        state = trainer.init_state()
+        losses = []
+        for rows in batches:
+            state, metrics = trainer.step(state, trainer.make_batch(rows))
+            losses.append(float(metrics["loss"]))
+        specs = sorted({str(x.sharding.spec) for x in jax.tree.leaves((state.params, state.opt_state))})
+        return losses, jax.device_get(state.params), specs
+
+    assert jax.device_count() == 8
+    one_losses, one_params, _ = run(1, 1, 1, jax.devices()[:1])
+    results = {}
+    for name, (data, fsdp, accum) in {"data4_fsdp2_accum2": (4, 2, 2), "data8": (8, 1, 1)}.items():
+        losses, params, specs = run(data, fsdp, accum, None)
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params),
+                                                                jax.tree.leaves(one_params)))
+        results[name] = {"losses": losses, "max_param_diff": diff, "specs": specs}
+    print("RESULT " + json.dumps({"single": one_losses, **results}))
+""")
+
+
+def test_eight_device_meshes_match_one_device():
+    config = small_config(train__global_batch=16)
+    process = subprocess.run([sys.executable, "-c", MESH_SCRIPT, json.dumps(config.to_dict())],
+                             cwd=REPO, env=cli_env(devices=8), capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr[-4000:]
+    result = json.loads(process.stdout.split("RESULT ", 1)[1])
+    for name in ("data4_fsdp2_accum2", "data8"):
+        np.testing.assert_allclose(result[name]["losses"], result["single"], rtol=2e-6)
+        # Adam's first updates are about lr * g / (|g| + eps) per entry (lr = 3e-3 here): reduction-order
+        # noise in near-zero gradient entries moves those by a fraction of a percent of lr; a wrong
+        # sharding or accumulation would move parameters by ~lr.
+        assert result[name]["max_param_diff"] < 5e-5, name
+    assert {"P('fsdp', None)", "P(None, 'fsdp')", "P()"} == set(result["data4_fsdp2_accum2"]["specs"])
+    assert result["data8"]["specs"] == ["P()"]
+
+
+def test_two_processes_train_and_a_single_process_resumes(tmp_path):
+    # Two processes with 2 virtual CPU devices each, joined through jax.distributed on localhost: a 2 x 2
+    # (data x fsdp) mesh. They train 4 steps and checkpoint; one process on one device then resumes to
+    # step 6. Every loss must match a single-process run of 6 steps (float tolerance: the reductions
+    # are ordered differently).
+    config = small_config("dense.py:tiny", train__steps=4, train__global_batch=8, mesh__data=2,
+                          mesh__fsdp=2, **{k.replace(".", "__"): v for k, v in CONSTANT_LR.items()})
+    address = f"localhost:{free_port()}"
+    workers = [train_cli("dense.py:tiny", config, tmp_path / "multi",
+                         env=cli_env(devices=2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                                     JAX_PROCESS_ID=str(i)))
+               for i in range(2)]
+    outputs = [finish(worker) for worker in workers]
+    for code, output in outputs:
+        assert code == 0, output[-4000:]
+    assert "process 0 of 2, 2 local of 4 devices" in outputs[0][1]
+    summary = json.loads((tmp_path / "multi" / training.SUMMARY_FILE).read_text())
+    assert (summary["processes"], summary["devices"], summary["mesh"]) == (2, 4, {"data": 2, "fsdp": 2})
+
+    single = small_config("dense.py:tiny", train__steps=6, train__global_batch=8,
+                          **{k.replace(".", "__"): v for k, v in CONSTANT_LR.items()})
+    resumed = training.train(single, tmp_path / "multi")
+    assert (resumed.start_step, resumed.final_step) == (4, 6)
+    training.train(single, tmp_path / "single")
+    multi, reference = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    assert sorted(multi) == sorted(reference) == list(range(1, 7))
+    np.testing.assert_allclose([multi[s] for s in range(1, 7)], [reference[s] for s in range(1, 7)],
+                               rtol=1e-5)
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
+    config = small_config(train__steps=100_000, **{k.replace(".", "__"): v for k, v in CONSTANT_LR.items()})
+    worker = train_cli("repaired.py:tiny", config, tmp_path, env=cli_env())
+    deadline = time.monotonic() + 180
+    while len(read_metrics(tmp_path)) < 3:
+        if worker.poll() is not None or time.monotonic() > deadline:
+            worker.kill()
+            pytest.fail(f"no training progress:\n{worker.communicate()[0][-4000:]}")
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)
+    code, output = finish(worker, timeout=120)
+    assert code == 75, output[-4000:]
+    summary = json.loads((tmp_path / training.SUMMARY_FILE).read_text())
+    stopped = summary["final_step"]
+    assert summary["preempted"] and 3 <= stopped < 100_000
+    assert checkpointing.Checkpoints(tmp_path, keep=1, async_save=False).all_steps() == [stopped]
+    assert max(losses(tmp_path)) == stopped
+
+    rerun = small_config(train__steps=stopped + 3, **{k.replace(".", "__"): v for k, v in CONSTANT_LR.items()})
+    result = training.train(rerun, tmp_path)
+    assert (result.start_step, result.final_step, result.preempted) == (stopped, stopped + 3, False)
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, stopped + 4))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    good = small_config(train__steps=6, train__checkpoint_every=3, train__keep_checkpoints=5)
+    training.train(good, tmp_path)
+    before, _ = params_of(tmp_path, 6)
+
+    absurd = small_config(train__steps=12, train__checkpoint_every=1, train__keep_checkpoints=5,
+                          train__learning_rate=1e30, train__warmup_steps=0)
+    with pytest.raises(training.NonFiniteLossError,
+                       match=r"training diverged at step (7|8): loss=.*last good checkpoint is step [67] "):
+        training.train(absurd, tmp_path)
+    steps = checkpointing.Checkpoints(tmp_path, keep=5, async_save=False).all_steps()
+    assert steps[:2] == [3, 6] and max(steps) <= 7
+    after, _ = params_of(tmp_path, 6)
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+    for step in steps:
+        assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params_of(tmp_path, step)[0]))
+
+
+def test_bad_configs_give_clear_errors(tmp_path):
+    config = small_config()
+    unknown_pattern = subprocess.Popen(
+        [sys.executable, "train.py", "--config=configs/repaired.py:tiny", f"--workdir={tmp_path / 'a'}",
+         "--config.attention.pattern=blocky(64)"],
+        cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    missing_parent = train_cli("repaired.py:tiny", config, tmp_path / "missing" / "run", env=cli_env())
+    code, output = finish(unknown_pattern)
+    assert code != 0 and "bad config: attention.pattern:" in output and "unknown pattern 'blocky'" in output
+    code, output = finish(missing_parent)
+    assert code != 0 and f"workdir: parent folder {tmp_path / 'missing'} does not exist" in output
+    assert not (tmp_path / "missing").exists()
+
+    with pytest.raises(ValueError, match=r"train.seq_len: 2000000 cannot be used with attention pattern "
+                                         r"'random_blocks\(1, 2, 0\)'"):
+        small_config(attention__pattern="random_blocks(1, 2, 0)", train__seq_len=2_000_000)
+    with pytest.raises(ValueError, match=r"mesh: data x fsdp = 3 x 1 must equal the number of devices \(1\)"):
+        training.train(small_config(mesh__data=3), tmp_path / "b")
+    training.train(small_config(train__steps=1), tmp_path / "c")
+    with pytest.raises(ValueError, match="holds checkpoints of another model or attention pattern "
+                                         r"\(attention.pattern: 'repaired\(64, 8, bridge\)' -> 'dense'\)"):
+        training.train(small_config(train__steps=2, attention__pattern="dense"), tmp_path / "c")

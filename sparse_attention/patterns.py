@@ -465,6 +465,9 @@ MAX_RANDOM_K = 1024
 
 def _hash32(x):
     """A 32-bit integer mixer with identical results on NumPy, jnp and in kernels (int32 wrap-around)."""
+    if isinstance(x, np.generic):  # NumPy warns on scalar overflow, which is the point here
+        x = np.asarray(x).reshape(1)
+        return _hash32(x)[0]
     x = x * 0x2C1B3C6D
     x = x ^ ((x >> 12) & 0xFFFFF)
     x = x * 0x297A2D39
@@ -843,11 +846,15 @@ class _Parser:
         return constructors[name](*args)
 
 
-@functools.lru_cache(maxsize=512)
 def parse(spec: str) -> PatternOrSchedule:
     """Pattern or schedule from a spec string, e.g. "repaired(512, 64, bridge)" or "window(64) | sinks(4)"."""
     if not isinstance(spec, str):
         raise ValueError(f"pattern spec must be a string, got {type(spec).__name__}\n{VALID_FORMS}")
+    return _parse_cached(spec)
+
+
+@functools.lru_cache(maxsize=512)
+def _parse_cached(spec: str) -> PatternOrSchedule:
     return _Parser(spec).parse()
 
 

@@ -47,10 +47,9 @@ def attention(q, k, v, pattern: Pattern, *, scale: float, interpret: bool = Fals
     ) * jnp.float32(scale)
     q_pos = jnp.arange(padded_len, dtype=jnp.int32).reshape(num_tiles, tile)
     k_pos = jnp.asarray(key_tiles, jnp.int32)[:, :, None] * tile + jnp.arange(tile, dtype=jnp.int32)
+    # Padded keys (k >= seq_len) come after every real query, so causality in the mask already drops them.
     mask = (
-        pattern.mask(q_pos[:, :, None, None], k_pos[:, None, :, :])
-        & (k_pos < seq_len)[:, None, :, :]
-        & jnp.asarray(slot_valid)[:, None, :, None]
+        pattern.mask(q_pos[:, :, None, None], k_pos[:, None, :, :]) & jnp.asarray(slot_valid)[:, None, :, None]
     )  # [num_tiles, tile_q, slots, tile_k]
     slots = key_tiles.shape[1]
     probs = masked_softmax(

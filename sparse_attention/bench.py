@@ -213,7 +213,8 @@ def _parse_list(text: str, separator: str = ",") -> list[str]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seq", default=",".join(map(str, DEFAULT_SEQ_LENS)), help="comma-separated lengths")
+    parser.add_argument("--seq", default=None,
+                        help=f"comma-separated lengths (default {','.join(map(str, DEFAULT_SEQ_LENS))})")
     parser.add_argument("--patterns", default=";".join(DEFAULT_PATTERNS), help="';'-separated pattern specs")
     parser.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {', '.join(IMPLS)}")
     parser.add_argument("--modes", default=",".join(MODES), help="fwd, fwd_bwd or both")
@@ -230,8 +231,9 @@ def parse_args(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on CPU (Pallas in interpret mode) to check the report's shape")
     args = parser.parse_args(argv)
+    if args.seq is None:
+        args.seq = ",".join(map(str, SMOKE["seq_lens"] if args.smoke else DEFAULT_SEQ_LENS))
     if args.smoke:
-        args.seq = ",".join(map(str, SMOKE["seq_lens"]))
         for key in ("batch", "heads", "kv_heads", "head_dim", "dtype", "runs", "warmup"):
             setattr(args, key, SMOKE[key])
     impls = _parse_list(args.impls)

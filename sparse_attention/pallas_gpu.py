@@ -39,6 +39,8 @@ from sparse_attention.patterns import Pattern, as_pattern
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_HEAD_DIM = 256
 MIN_BLOCK = 16  # smallest matrix-multiply tile Triton accepts
+# Rows attending fewer keys than this on average (block-local patterns) get the short-row forward tiles.
+SHORT_ROW_KEYS = 768
 LOG2_E = math.log2(math.e)
 # Initial running max: finite, so that a row whose first tiles are all masked (-inf logits) gives
 # exp2(-inf - m) = 0 instead of exp2(-inf + inf) = NaN, and below any finite scaled logit.
@@ -64,7 +66,7 @@ class BlockSizes:
 
     block_q: int = 128
     block_k: int = 128
-    block_k_partial: int = 64
+    block_k_partial: int = 32
     num_warps: int = 8
     num_stages: int = 3
 
@@ -72,12 +74,12 @@ class BlockSizes:
     block_k_dq: int = 64
     block_k_partial_dq: int = 32
     num_warps_dq: int = 8
-    num_stages_dq: int = 2
+    num_stages_dq: int = 3
 
-    block_k_dkv: int = 128
+    block_k_dkv: int = 64
     block_q_dkv: int = 64
     block_q_partial_dkv: int = 32
-    num_warps_dkv: int = 8
+    num_warps_dkv: int = 4
     num_stages_dkv: int = 2
 
     def __post_init__(self):
@@ -93,15 +95,21 @@ class BlockSizes:
                 raise ValueError(f"BlockSizes.{sub}={getattr(self, sub)} must be <= {tile}={getattr(self, tile)}")
 
     @classmethod
-    def for_head_dim(cls, head_dim: int) -> "BlockSizes":
-        """Defaults for a (padded) head_dim; see docs/pallas_gpu.md for the measurements behind them."""
+    def for_head_dim(cls, head_dim: int, keys_per_query: float | None = None) -> "BlockSizes":
+        """Defaults for a (padded) head_dim. `keys_per_query`, the mean number of keys a query row attends
+        (None: long rows), picks smaller forward tiles for short rows. Reasons: docs/pallas_gpu.md."""
+        short_rows = keys_per_query is not None and keys_per_query < SHORT_ROW_KEYS
         if head_dim <= 64:
-            return cls(num_warps=4, num_warps_dq=4, num_warps_dkv=4, num_stages_dq=3, num_stages_dkv=3)
-        if head_dim <= 128:
-            return cls()
-        return cls(block_q=64, block_k=64, block_k_partial=32, num_stages=2,
-                   block_q_dq=64, block_k_dq=32, block_k_partial_dq=16, num_stages_dq=1,
-                   block_k_dkv=64, block_q_dkv=32, block_q_partial_dkv=16, num_stages_dkv=1)
+            sizes = cls(num_warps=4, num_stages_dkv=3)
+        elif head_dim <= 128:
+            sizes = cls()
+        else:
+            return cls(block_q=64, block_k=64, block_k_partial=32, num_stages=2,
+                       block_q_dq=64, block_k_dq=32, block_k_partial_dq=16, num_stages_dq=2,
+                       block_k_dkv=32, block_q_dkv=32, block_q_partial_dkv=16, num_warps_dkv=8)
+        if short_rows:
+            sizes = dataclasses.replace(sizes, block_q=64, block_k=64, block_k_partial=32, num_warps=4)
+        return sizes
 
     def clipped(self, seq_len: int) -> "BlockSizes":
         """Every block limited to the sequence rounded up to a power of two (at least 16)."""
@@ -349,6 +357,12 @@ def _dkdv_kernel(*refs, pattern, seq_len, scale_log2, scale, group, block_k, blo
 # ------------------------------------------------------------------------------------------- launchers
 
 
+def _result(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
+    """A kernel result varying over every manual mesh axis its inputs vary over (shard_map's check_vma)."""
+    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in inputs))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
+
+
 def _plan_specs(plan: TilePlan):
     """BlockSpecs handing each program the whole plan (tiny int32 arrays, read a scalar at a time)."""
     return [pl.BlockSpec(a.shape, lambda r, bh, n=a.ndim: (0,) * n) for a in plan.arrays]
@@ -373,8 +387,7 @@ def _forward(q, k, v, static: _Static, seq_len: int):
         grid=(len(plan.rows), batch * q_heads),
         in_specs=_plan_specs(plan) + [per_q_head, per_kv_head, per_kv_head],
         out_specs=[per_q_head, pl.BlockSpec((None, None, padded_len), lambda r, bh: (bh // q_heads, bh % q_heads, 0))],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                   jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32)],
+        out_shape=[_result(q.shape, q.dtype, q, k, v), _result((batch, q_heads, padded_len), jnp.float32, q, k, v)],
         compiler_params=plgpu.CompilerParams(num_warps=sizes.num_warps, num_stages=sizes.num_stages),
         interpret=static.interpret,
         name="sparse_attention_forward",
@@ -403,7 +416,7 @@ def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
         in_specs=_plan_specs(dq_plan) + [per_q_head, per_kv_head_of_q, per_kv_head_of_q, per_q_head,
                                          row_stats, row_stats],
         out_specs=per_q_head,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=_result(q.shape, q.dtype, q, k, v, d_out, lse, delta),
         compiler_params=plgpu.CompilerParams(num_warps=sizes.num_warps_dq, num_stages=sizes.num_stages_dq),
         interpret=static.interpret,
         name="sparse_attention_dq",
@@ -424,7 +437,8 @@ def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
         in_specs=_plan_specs(dkdv_plan) + [group_of_q_heads, per_kv_head, per_kv_head, group_of_q_heads,
                                            group_stats, group_stats],
         out_specs=[per_kv_head, per_kv_head],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        out_shape=[_result(k.shape, k.dtype, q, k, v, d_out, lse, delta),
+                   _result(v.shape, v.dtype, q, k, v, d_out, lse, delta)],
         compiler_params=plgpu.CompilerParams(num_warps=sizes.num_warps_dkv, num_stages=sizes.num_stages_dkv),
         interpret=static.interpret,
         name="sparse_attention_dkdv",
@@ -474,6 +488,13 @@ _flash.defvjp(_flash_forward, _flash_backward)
 # ------------------------------------------------------------------------------------------------- API
 
 
+def keys_per_query(pattern: Pattern, seq_len: int) -> float:
+    """Mean keys per query row, counted in whole 128-key tiles (the work a row costs, from the layout)."""
+    tile = min(128, max(MIN_BLOCK, 1 << max(seq_len - 1, 0).bit_length()))
+    lists = block_layout(pattern, seq_len, tile, tile).forward
+    return tile * (len(lists.full_indices) + len(lists.partial_indices)) / lists.num_rows
+
+
 def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | None:
     """None when this kernel can run the case here, else why not."""
     del k, v, pattern  # shapes and patterns are validated by attention.check_inputs / as_pattern
@@ -500,14 +521,14 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool 
     """Causal block-sparse attention of q [batch, seq, q_heads, d] over k, v [batch, seq, kv_heads, d].
 
     Differentiable (custom VJP); works under jit, vmap and shard_map. `block_sizes` defaults to
-    `BlockSizes.for_head_dim(d)`; blocks larger than the sequence are clipped.
+    `BlockSizes.for_head_dim(d, keys_per_query(pattern, seq))`; blocks larger than the sequence are clipped.
     """
     pattern = as_pattern(pattern)
     reason = unsupported_reason(q, k, v, pattern, interpret=interpret)
     if reason is not None:
         raise ValueError(f"pallas_gpu cannot run this case: {reason}")
     if block_sizes is None:
-        block_sizes = BlockSizes.for_head_dim(_padded_sizes(q, BlockSizes())[1])
+        block_sizes = BlockSizes.for_head_dim(_padded_sizes(q, BlockSizes())[1], keys_per_query(pattern, q.shape[1]))
     elif not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}")
     warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)

@@ -1,0 +1,352 @@
+"""The Pallas (Triton) kernels against the dense reference: forward and dq/dk/dv, on fresh random inputs.
+
+On CPU the kernels run in interpret mode at tiny sizes; `TestGpu` repeats the cases at real sizes when a
+GPU is present. Every case draws new inputs from its own seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sparse_attention import bench, pallas_gpu, reference
+from sparse_attention.attention import resolve_impl
+from sparse_attention.patterns import parse
+
+pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
+
+
+def tiles(block_q, block_k, sub_k, block_k_dkv=None, block_q_dkv=None, sub_q_dkv=None) -> pallas_gpu.BlockSizes:
+    """Small tiles for interpret mode; the dq pass shares the forward's tiles."""
+    return pallas_gpu.BlockSizes(
+        block_q=block_q, block_k=block_k, block_k_partial=sub_k,
+        block_q_dq=block_q, block_k_dq=block_k, block_k_partial_dq=sub_k,
+        block_k_dkv=block_k_dkv or block_k, block_q_dkv=block_q_dkv or block_q,
+        block_q_partial_dkv=sub_q_dkv or sub_k,
+    )
+
+
+def random_inputs(seed, batch, seq_len, heads, kv_heads, head_dim, dtype):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q_shape, kv_shape = (batch, seq_len, heads, head_dim), (batch, seq_len, kv_heads, head_dim)
+    return (jax.random.normal(keys[0], q_shape, dtype), jax.random.normal(keys[1], kv_shape, dtype),
+            jax.random.normal(keys[2], kv_shape, dtype), jax.random.normal(keys[3], q_shape, dtype))
+
+
+def output_and_grads(attend, q, k, v, d_out):
+    """(out, dq, dk, dv) of one jitted forward + VJP."""
+
+    def run(q, k, v, d_out):
+        out, vjp = jax.vjp(attend, q, k, v)
+        return (out, *vjp(d_out))
+
+    return jax.jit(run)(q, k, v, d_out)
+
+
+def relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def assert_matches_reference(spec, *, seq_len, heads=2, kv_heads=1, head_dim=32, dtype=jnp.float32, batch=1,
+                             block_sizes=None, scale=None, seed=0, interpret=INTERPRET):
+    pattern = parse(spec)
+    q, k, v, d_out = random_inputs(seed, batch, seq_len, heads, kv_heads, head_dim, dtype)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    got = output_and_grads(
+        lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
+                                             block_sizes=block_sizes), q, k, v, d_out)
+    # The oracle runs in float32 on the same (rounded) inputs.
+    upcast = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
+    want = output_and_grads(lambda q, k, v: reference.attention(q, k, v, pattern, scale=scale), *upcast)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        assert np.isfinite(np.asarray(g, np.float32)).all(), f"{spec}: non-finite {name}"
+        error = relative_error(g, w)
+        assert error < RTOL[dtype], f"{spec}: {name} relative error {error:.2e} >= {RTOL[dtype]:.0e}"
+    return got
+
+
+def plan_kinds(spec, seq_len, sizes: pallas_gpu.BlockSizes) -> tuple[bool, bool]:
+    """Whether the forward plan (and the dk/dv plan) has full tiles and partial sub-tiles."""
+    pattern = parse(spec)
+    sizes = sizes.clipped(seq_len)
+    forward = pallas_gpu.tile_plan(pattern, seq_len, sizes.block_q, sizes.block_k, sizes.block_k_partial, False)
+    dkdv = pallas_gpu.tile_plan(pattern, seq_len, sizes.block_q_dkv, sizes.block_k_dkv,
+                                sizes.block_q_partial_dkv, True)
+    has_full = forward.num_full.sum() > 0 and dkdv.num_full.sum() > 0
+    has_partial = forward.num_partial.sum() > 0 and dkdv.num_partial.sum() > 0
+    return bool(has_full), bool(has_partial)
+
+
+# (spec, seq_len, tiles, heads, kv_heads, head_dim, exercises full and partial tiles)
+PATTERN_CASES = [
+    ("dense", 100, tiles(32, 32, 16), 2, 1, 32, True),
+    ("block(48)", 96, tiles(16, 32, 16, 16, 32, 16), 2, 2, 16, True),
+    ("window(40)", 90, tiles(16, 16, 16), 2, 1, 32, True),
+    ("repaired(48, 8, bridge)", 100, tiles(16, 32, 16, 16, 32, 16), 4, 2, 16, True),
+    ("repaired(48, 12, prefix)", 100, tiles(16, 16, 16), 2, 1, 32, True),
+    ("block(32, 16)", 77, tiles(16, 16, 16), 2, 1, 16, True),  # odd layers of shifted(32)
+    ("strided(7)", 64, tiles(16, 32, 16), 2, 1, 16, False),  # strided tiles are never full
+    ("dilated(6, 3)", 70, tiles(16, 16, 16), 2, 2, 16, False),
+    ("sinks(40)", 70, tiles(16, 16, 16), 2, 1, 16, True),
+    ("random_blocks(16, 2, 11)", 96, tiles(16, 16, 16, 32, 16, 16), 2, 1, 32, True),
+    ("window(40) | sinks(4)", 100, tiles(16, 32, 16), 3, 1, 16, True),
+    ("block(32) & strided(3)", 64, tiles(16, 16, 16), 2, 1, 16, False),
+    ("repaired(48, 8, bridge) | strided(9)", 100, tiles(16, 16, 16), 2, 2, 16, True),
+]
+
+
+@pytest.mark.parametrize("case", PATTERN_CASES, ids=[c[0] for c in PATTERN_CASES])
+def test_pattern_matches_reference_fp32(case):
+    spec, seq_len, sizes, heads, kv_heads, head_dim, both_kinds = case
+    if both_kinds:
+        assert plan_kinds(spec, seq_len, sizes) == (True, True), "case must exercise full and partial tiles"
+    assert_matches_reference(spec, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                             block_sizes=sizes, seed=zlib.crc32(spec.encode()))
+
+
+@pytest.mark.parametrize(
+    "spec, seq_len, sizes, dtype",
+    [
+        ("repaired(96, 16, bridge)", 128, tiles(32, 32, 16), jnp.bfloat16),
+        ("window(64)", 100, tiles(16, 32, 16, 32, 16, 16), jnp.float16),
+    ],
+)
+def test_half_precision_matches_reference(spec, seq_len, sizes, dtype):
+    assert plan_kinds(spec, seq_len, sizes) == (True, True)
+    assert_matches_reference(spec, seq_len=seq_len, heads=4, kv_heads=2, head_dim=64, dtype=dtype,
+                             block_sizes=sizes, seed=seq_len)
+
+
+def test_default_block_sizes_with_head_dim_128_and_unaligned_length():
+    # Default tiles (clipped to 128 here) and head_dim 128, as on the GPU; seq 130 leaves a ragged tile.
+    assert_matches_reference("window(48) | sinks(2)", seq_len=130, heads=2, kv_heads=1, head_dim=128,
+                             dtype=jnp.bfloat16, seed=7)
+
+
+def test_padded_head_dim():
+    # head_dim 24 is zero-padded to 32 inside; out and grads keep 24.
+    assert_matches_reference("dense", seq_len=40, head_dim=24, block_sizes=tiles(16, 16, 16), seed=3)
+
+
+def test_rows_without_keys_give_zero_and_finite_grads():
+    # sinks(4) & window(2): queries >= 5 see no key at all.
+    out, dq, _, _ = assert_matches_reference("sinks(4) & window(2)", seq_len=40, block_sizes=tiles(16, 16, 16),
+                                             seed=11)
+    np.testing.assert_array_equal(np.asarray(out[:, 5:]), 0.0)
+    np.testing.assert_array_equal(np.asarray(dq[:, 5:]), 0.0)
+
+
+@pytest.mark.parametrize("scale", [0.37, -0.2])
+def test_custom_scale(scale):
+    assert_matches_reference("window(20)", seq_len=48, block_sizes=tiles(16, 16, 16), scale=scale,
+                             seed=int(abs(scale) * 100))
+
+
+def test_jit_vmap_grad():
+    pattern = parse("repaired(16, 4, bridge)")
+    q, k, v, _ = random_inputs(5, 2, 48, 2, 1, 16, jnp.float32)  # the leading axis is vmapped
+    weights = jax.random.normal(jax.random.key(6), q.shape)
+    sizes = tiles(16, 16, 16)
+
+    def loss(attend):
+        batched = jax.vmap(lambda q, k, v: attend(q[None], k[None], v[None])[0])
+        return lambda q, k, v: jnp.sum(batched(q, k, v) * weights)
+
+    ours = loss(lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, scale=0.25, interpret=INTERPRET,
+                                                     block_sizes=sizes))
+    oracle = loss(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.25))
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(oracle, argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        assert relative_error(g, w) < 1e-5
+
+
+SHARD_MAP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, warnings
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, PartitionSpec as P
+    from sparse_attention import pallas_gpu, reference
+    from sparse_attention.patterns import parse
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    interpret = True
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "heads"))
+    pattern = parse("window(12) | sinks(2)")
+    keys = jax.random.split(jax.random.key(int(sys.argv[1])), 4)
+    q = jax.random.normal(keys[0], (2, 40, 4, 16)); d_out = jax.random.normal(keys[3], q.shape)
+    k, v = (jax.random.normal(key, (2, 40, 2, 16)) for key in keys[1:3])
+    sizes = pallas_gpu.BlockSizes(**json.loads(sys.argv[2]))
+    spec = P("data", None, "heads", None)
+    # Interpret mode slices blocks with unvarying grid indices, which check_vma rejects; the compiled
+    # kernel runs with check_vma on (TestGpu.test_shard_map_checks_vma).
+    sharded = jax.shard_map(
+        lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, scale=0.25, interpret=interpret, block_sizes=sizes),
+        mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    def run(attend):
+        out, vjp = jax.vjp(attend, q, k, v)
+        return (out, *vjp(d_out))
+    got = jax.jit(lambda: run(sharded))()
+    want = run(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.25))
+    errors = [float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) for g, w in zip(got, want)]
+    print(json.dumps(errors))
+    """
+)
+
+
+def test_shard_map_over_batch_and_heads():
+    # A subprocess, so that the 4 host devices do not leak into other tests (or pytest-xdist workers).
+    # Runs on 4 host devices (CPU, interpret mode) on any machine.
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    sizes = json.dumps(dataclasses.asdict(tiles(16, 16, 16)))
+    result = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT, "21", sizes], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert max(errors) < 1e-5, errors
+
+
+# ------------------------------------------------------------------------------------- plans and API
+
+
+@pytest.mark.parametrize("spec", ["dense", "window(40)", "repaired(64, 16, bridge)", "repaired(64, 16, prefix)",
+                                  "strided(5)", "random_blocks(32, 2, 3)", "sinks(4) & window(2)"])
+@pytest.mark.parametrize("by_key", [False, True])
+def test_plan_covers_each_active_pair_once(spec, by_key):
+    """Full tiles hold only active pairs; full tiles plus partial sub-tiles cover every active pair once."""
+    pattern, seq_len, tile, sub = parse(spec), 200, 64, 16
+    plan = pallas_gpu.tile_plan(pattern, seq_len, tile, tile, sub, by_key)
+    padded = -(-seq_len // tile) * tile
+    covered = np.zeros((padded, padded), np.int32)  # [row position, column position] in the plan's frame
+    full_only = np.zeros_like(covered, dtype=bool)
+    for program, row in enumerate(plan.rows):
+        rows = slice(row * tile, (row + 1) * tile)
+        for col in plan.full[program, : plan.num_full[program]]:
+            covered[rows, col * tile : (col + 1) * tile] += 1
+            full_only[rows, col * tile : (col + 1) * tile] = True
+        for col in plan.partial[program, : plan.num_partial[program]]:
+            covered[rows, col * sub : (col + 1) * sub] += 1
+    positions = np.arange(padded)
+    q_pos, k_pos = (positions[None, :], positions[:, None]) if by_key else (positions[:, None], positions[None, :])
+    active = pattern.mask(q_pos, k_pos) & (q_pos < seq_len) & (k_pos < seq_len)
+    assert (covered[active] == 1).all(), "an active pair is missed or covered twice"
+    assert (covered <= 1).all()
+    valid_rows = (positions < seq_len)[:, None] if not by_key else (positions < seq_len)[None, :]
+    assert active[full_only & valid_rows].all(), "a full tile holds an inactive pair"
+    assert sorted(plan.rows) == list(range(len(plan.rows))), "every row runs exactly once"
+
+
+def test_block_sizes_validation_and_defaults():
+    with pytest.raises(ValueError, match="block_q"):
+        pallas_gpu.BlockSizes(block_q=48)
+    with pytest.raises(ValueError, match="block_k_partial"):
+        pallas_gpu.BlockSizes(block_k=32, block_k_partial=64)
+    with pytest.raises(ValueError, match="num_warps"):
+        pallas_gpu.BlockSizes(num_warps=0)
+    long_rows = pallas_gpu.BlockSizes.for_head_dim(128, pallas_gpu.keys_per_query(parse("dense"), 32768))
+    short_rows = pallas_gpu.BlockSizes.for_head_dim(128, pallas_gpu.keys_per_query(parse("block(512)"), 32768))
+    assert short_rows.block_q < long_rows.block_q
+    assert pallas_gpu.BlockSizes().clipped(40).largest_block == 64
+
+
+def test_unsupported_reasons():
+    q = jnp.zeros((1, 16, 2, 16), jnp.float32)
+    pattern = parse("dense")
+    assert pallas_gpu.unsupported_reason(q, q, q, pattern, interpret=True) is None
+    assert "dtype" in pallas_gpu.unsupported_reason(q.astype(jnp.int32), q, q, pattern, interpret=True)
+    if not ON_GPU:
+        assert "GPU" in pallas_gpu.unsupported_reason(q, q, q, pattern, interpret=False)
+        with pytest.raises(ValueError, match="pallas_gpu"):
+            resolve_impl("pallas_gpu", q, q, q, pattern)
+    assert resolve_impl("pallas_gpu", q, q, q, pattern, interpret=True) == ("pallas_gpu", "requested")
+
+
+def test_bench_smoke_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    report = bench.main(["--smoke", "--seq", "48", "--patterns", "dense;window(16)", "--impls",
+                         "pallas_gpu,cudnn,reference", "--modes", "fwd,fwd_bwd", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert len(saved["results"]) == 2 * 2 * 3
+    for row in saved["results"]:
+        assert set(row) >= {"seq_len", "pattern", "impl", "mode", "ms", "tflops", "active_fraction",
+                            "memory_bytes", "status"}
+        if row["impl"] == "cudnn" and not ON_GPU:
+            assert row["status"].startswith("unsupported")
+        else:
+            assert row["status"] == "ok" and row["ms"] > 0 and row["tflops"] > 0, row
+    window = [r for r in saved["results"] if r["pattern"] == "window(16)"][0]
+    assert window["active_fraction"] == pytest.approx(parse("window(16)").count_active(48) / (48 * 49 / 2))
+    table = capsys.readouterr().out
+    assert "window(16)" in table and "fwd_bwd" in table
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+GPU_CASES = [
+    ("dense", 2048, 128),
+    ("block(512)", 4096, 128),
+    ("window(1024)", 4096, 128),
+    ("repaired(512, 64, bridge)", 4096, 128),
+    ("repaired(512, 64, prefix)", 3000, 128),
+    ("block(512, 256)", 2048, 64),
+    ("strided(64)", 1024, 64),
+    ("dilated(128, 8)", 2048, 128),
+    ("sinks(4) & window(2)", 1024, 64),
+    ("random_blocks(256, 2, 5)", 4096, 64),
+    ("window(1024) | sinks(16)", 2500, 128),
+    ("block(512) & strided(3)", 2048, 64),
+    ("repaired(512, 64, bridge) | strided(256)", 4096, 128),
+]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a GPU: the compiled Triton kernels at real sizes")
+class TestGpu:
+    @pytest.mark.parametrize("spec, seq_len, head_dim", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+    def test_bf16_default_tiles(self, spec, seq_len, head_dim):
+        assert_matches_reference(spec, seq_len=seq_len, heads=4, kv_heads=2, head_dim=head_dim,
+                                 dtype=jnp.bfloat16, seed=seq_len + head_dim, interpret=False)
+
+    def test_fp32_is_not_tf32(self):
+        assert_matches_reference("window(300) | sinks(8)", seq_len=1000, heads=2, kv_heads=1, head_dim=64,
+                                 dtype=jnp.float32, seed=1, interpret=False)
+
+    @pytest.mark.parametrize("head_dim", [32, 96, 256])
+    def test_other_head_dims(self, head_dim):
+        assert_matches_reference("repaired(256, 32, bridge)", seq_len=1500, heads=2, kv_heads=1,
+                                 head_dim=head_dim, dtype=jnp.bfloat16, seed=head_dim, interpret=False)
+
+    def test_jit_vmap_grad(self):
+        test_jit_vmap_grad()
+
+    def test_shard_map_checks_vma(self):
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "heads"))
+        spec = jax.sharding.PartitionSpec("data", None, "heads", None)
+        pattern = parse("repaired(256, 32, prefix)")
+        q, k, v, d_out = random_inputs(8, 2, 1024, 4, 2, 64, jnp.bfloat16)
+        sharded = jax.shard_map(lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, scale=0.125),
+                                mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
+        got = output_and_grads(sharded, q, k, v, d_out)
+        want = output_and_grads(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.125),
+                                *(x.astype(jnp.float32) for x in (q, k, v, d_out)))
+        for g, w in zip(got, want):
+            assert relative_error(g, w) < 2e-2

@@ -12,7 +12,6 @@ events after that step, so every step appears once. Only process 0 writes (``ena
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import tempfile
@@ -51,11 +50,6 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _json_number(value: float) -> float | None:
-    # JSON has no NaN or Infinity; a non-finite value is written as null (the run stops right after).
-    return value if math.isfinite(value) else None
-
-
 class RunLog:
     """metrics.jsonl + TensorBoard scalars + a tqdm progress bar for one invocation of a run.
 
@@ -87,14 +81,12 @@ class RunLog:
                          smoothing=0.1, mininterval=0.1 if sys.stderr.isatty() else 30.0)
 
     def log(self, metrics: Mapping[str, float | int]) -> None:
-        """One logged step: ``metrics`` holds ``step`` and scalar values."""
+        """One logged step: ``metrics`` holds ``step`` and finite float values."""
         if not self.enabled:
             return
         step = int(metrics["step"])
-        record = {key: (value if isinstance(value, int) else _json_number(float(value)))
-                  for key, value in metrics.items()}
         # One write per line, then flush: a reader (or a crash) never sees half a line.
-        self._metrics.write(json.dumps(record, allow_nan=False) + "\n")
+        self._metrics.write(json.dumps(dict(metrics), allow_nan=False) + "\n")
         self._metrics.flush()
         values = [summary_pb2.Summary.Value(tag=key, simple_value=float(value))
                   for key, value in metrics.items() if key != "step"]
@@ -108,11 +100,6 @@ class RunLog:
             return
         self._bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_sec:,.0f}", refresh=False)
         self._bar.update(step - self._bar.n)
-
-    def write(self, message: str) -> None:
-        """A line of text above the progress bar."""
-        if self.enabled:
-            self._bar.write(message)
 
     def close(self) -> None:
         if not self.enabled:

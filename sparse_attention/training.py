@@ -78,8 +78,9 @@ def cluster_environment() -> str | None:
     env = os.environ
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return "JAX_COORDINATOR_ADDRESS is set"
-    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return f"SLURM job with {env['SLURM_NTASKS']} tasks"
+    # srun sets SLURM_STEP_NUM_TASKS for the processes it starts; a batch script alone has no step.
+    if env.get("SLURM_JOB_ID") and int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        return f"SLURM step with {env['SLURM_STEP_NUM_TASKS']} tasks"
     if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
         return "multi-host TPU slice (TPU_WORKER_HOSTNAMES)"
     if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
@@ -444,11 +445,11 @@ def _active_fractions(config: ExperimentConfig) -> list[dict]:
 class _Progress:
     """Host-side bookkeeping of fetched metrics: log lines, throughput, the summary's numbers."""
 
-    def __init__(self, run_log: RunLog, *, start_step: int, total_steps: int, log_every: int,
+    def __init__(self, run_log: RunLog, *, start_step: int, end_step: int, log_every: int,
                  tokens_per_step: int):
         self.run_log = run_log
         self.start_step = start_step
-        self.total_steps = total_steps
+        self.end_step = end_step
         self.log_every = log_every
         self.tokens_per_step = tokens_per_step
         self.start_time = time.perf_counter()
@@ -465,7 +466,7 @@ class _Progress:
         self.last_step, self.last_time = step, now
         tokens_per_sec = (step - self.start_step) * self.tokens_per_step / max(elapsed, 1e-9)
         self.run_log.progress(step, loss, tokens_per_sec)
-        if step % self.log_every == 0 or step == self.total_steps:
+        if step % self.log_every == 0 or step == self.end_step:
             logged_step, logged_time = self.last_log
             window = now - logged_time
             self.run_log.log({
@@ -532,7 +533,7 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike, *, until_step: i
         log.info("train step compiled in %.1f s", compile_seconds)
 
         run_log = RunLog(workdir, start_step=start_step, total_steps=train_config.steps, enabled=is_main)
-        progress = _Progress(run_log, start_step=start_step, total_steps=train_config.steps,
+        progress = _Progress(run_log, start_step=start_step, end_step=end_step,
                              log_every=train_config.log_every, tokens_per_step=trainer.tokens_per_step)
 
         def fetch(step: int, metrics) -> bool:

@@ -6,7 +6,9 @@ base. The argument is "PRESET" or "PRESET,MODE":
     --config configs/repaired.py:tiny           bridge repair (the default): block(B) or q - k <= R
     --config configs/repaired.py:tiny,prefix    prefix repair: block(B) or the previous block's last R keys
 
-Both modes add under R keys per query, so the variant costs about what block(B) costs.
+Bridge repair adds at most R keys to each of the first R queries of a block (repaired(512, 64, bridge)
+attends 1.5 % more (query, key) pairs than block(512) at 8192 tokens); prefix repair adds R keys to
+every query after the first block (23 % more).
 """
 
 from configs import base

@@ -36,7 +36,7 @@ SMALL = {
     "data.data_dir": str(data.DEFAULT_DATA_DIR),
 }
 # A constant learning rate, so runs of different train.steps follow the same schedule.
-CONSTANT_LR = {"train.warmup_steps": 0, "train.end_lr_ratio": 1.0}
+CONSTANT_LR = {"train__warmup_steps": 0, "train__end_lr_ratio": 1.0}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -275,7 +275,7 @@ def test_two_processes_train_and_a_single_process_resumes(tmp_path):
     # step 6. Every loss must match a single-process run of 6 steps (float tolerance: the reductions
     # are ordered differently).
     config = small_config("dense.py:tiny", train__steps=4, train__global_batch=8, mesh__data=2,
-                          mesh__fsdp=2, **{k.replace(".", "__"): v for k, v in CONSTANT_LR.items()})
+                          mesh__fsdp=2, **CONSTANT_LR)
     address = f"localhost:{free_port()}"
     workers = [train_cli("dense.py:tiny", config, tmp_path / "multi",
                          env=cli_env(devices=2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
@@ -289,7 +289,7 @@ def test_two_processes_train_and_a_single_process_resumes(tmp_path):
     assert (summary["processes"], summary["devices"], summary["mesh"]) == (2, 4, {"data": 2, "fsdp": 2})
 
     single = small_config("dense.py:tiny", train__steps=6, train__global_batch=8,
-                          **{k.replace(".", "__"): v for k, v in CONSTANT_LR.items()})
+                          **CONSTANT_LR)
     resumed = training.train(single, tmp_path / "multi")
     assert (resumed.start_step, resumed.final_step) == (4, 6)
     training.train(single, tmp_path / "single")
@@ -300,7 +300,7 @@ def test_two_processes_train_and_a_single_process_resumes(tmp_path):
 
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
-    config = small_config(train__steps=100_000, **{k.replace(".", "__"): v for k, v in CONSTANT_LR.items()})
+    config = small_config(train__steps=100_000, **CONSTANT_LR)
     worker = train_cli("repaired.py:tiny", config, tmp_path, env=cli_env())
     deadline = time.monotonic() + 180
     while len(read_metrics(tmp_path)) < 3:
@@ -317,7 +317,7 @@ def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
     assert checkpointing.Checkpoints(tmp_path, keep=1, async_save=False).all_steps() == [stopped]
     assert max(losses(tmp_path)) == stopped
 
-    rerun = small_config(train__steps=stopped + 3, **{k.replace(".", "__"): v for k, v in CONSTANT_LR.items()})
+    rerun = small_config(train__steps=stopped + 3, **CONSTANT_LR)
     result = training.train(rerun, tmp_path)
     assert (result.start_step, result.final_step, result.preempted) == (stopped, stopped + 3, False)
     assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, stopped + 4))

@@ -100,16 +100,16 @@ class BlockSizes:
         (None: long rows), picks smaller forward tiles for short rows. Reasons: docs/pallas_gpu.md."""
         short_rows = keys_per_query is not None and keys_per_query < SHORT_ROW_KEYS
         if head_dim <= 64:
-            sizes = cls(num_warps=4, num_stages_dkv=3)
-        elif head_dim <= 128:
-            sizes = cls()
-        else:
-            return cls(block_q=64, block_k=64, block_k_partial=32, num_stages=2,
-                       block_q_dq=64, block_k_dq=32, block_k_partial_dq=16, num_stages_dq=2,
-                       block_k_dkv=32, block_q_dkv=32, block_q_partial_dkv=16, num_warps_dkv=8)
-        if short_rows:
-            sizes = dataclasses.replace(sizes, block_q=64, block_k=64, block_k_partial=32, num_warps=4)
-        return sizes
+            if short_rows:
+                return cls(block_k=64, num_warps=4, num_warps_dq=4)
+            return cls(num_warps=4, num_stages_dkv=3)
+        if head_dim <= 128:
+            if short_rows:
+                return cls(block_q=64, block_k=64, num_warps=4)
+            return cls()
+        return cls(block_k=64, num_stages=2,
+                   block_q_dq=64, block_k_dq=32, block_k_partial_dq=16, num_stages_dq=2,
+                   block_k_dkv=64, block_q_dkv=32, block_q_partial_dkv=16, num_warps_dkv=8)
 
     def clipped(self, seq_len: int) -> "BlockSizes":
         """Every block limited to the sequence rounded up to a power of two (at least 16)."""

@@ -1,0 +1,540 @@
+"""Block-sparse flash attention for TPUs: Pallas kernels lowered through Mosaic.
+
+The block layout travels as scalar-prefetch operands (SMEM), and the BlockSpec index maps read the tile
+of each grid step from it, so the pipeline DMAs only active tiles; empty tiles are never loaded.
+
+Each kernel's grid is (batch, heads, steps). The step axis walks a flat list of (row tile, column tile)
+pairs, every row's active tiles one after another (`StepList`): the forward and dq passes walk query-tile
+rows over their FULL key tiles then their PARTIAL ones; the dk/dv pass walks key-tile rows over the
+transposed layout (`layout.backward`), each step loading the query tiles of all the q heads that share
+the kv head (GQA) and looping over them in-kernel. A row's first step resets the VMEM accumulators and
+its last step writes the row's output block, which Pallas copies back to HBM when the block index
+changes. FULL tiles skip masking; PARTIAL tiles evaluate `pattern.mask(q_pos, k_pos) & (k_pos < seq_len)`
+in-kernel on int32 iotas. A row with no active tile gets one EMPTY step that writes zeros. Consecutive
+steps that name the same block reuse it without a new DMA.
+
+Backward is a custom VJP from the saved logsumexp: a dq kernel over the forward layout and a dk/dv kernel
+over the backward layout. docs/pallas_tpu.md gives the design choices, the defaults and what ran where.
+
+Shapes: q [batch, seq, q_heads, head_dim], k/v [batch, seq, kv_heads, head_dim] outside; the kernels see
+[batch, heads, padded_seq, head_dim] (sequences padded to a tile multiple inside, sliced outside).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import PartitionSpec as P
+
+from sparse_attention.layout import TileLists, block_layout
+from sparse_attention.patterns import EMPTY, FULL, PARTIAL, Pattern, as_pattern
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16)
+LANES = 128  # vector lane width: tile sizes on hardware, and the width of the row-statistics scratch
+SUBLANES = 8  # smallest tile size accepted in interpret mode
+# Step flags: bits 0-1 the tile kind (EMPTY / PARTIAL / FULL), then first and last step of the row.
+_KIND_MASK = 3
+_FIRST = 4
+_LAST = 8
+# The step lists live in SMEM (1 MiB per core on v4 and later) as three int32 arrays; longer lists ask
+# for larger blocks.
+SMEM_BUDGET_BYTES = 512 * 1024
+# Initial running max: finite, so that a row whose first tile is all masked (-inf logits) gives
+# exp(-inf - m) = 0 instead of exp(-inf + inf) = NaN, and below any finite logit.
+_ROW_MAX_INIT = float(np.finfo(np.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the three kernels: [block_q, block_k] tiles of the attention matrix.
+
+    On TPU hardware every block must be a multiple of 128 (the lane width: key tiles are lanes of the
+    logits, and the dk/dv pass reads logsumexp rows of block_q_dkv lanes); interpret mode takes any
+    multiple of 8. Blocks longer than the (rounded-up) sequence are clipped to it.
+    """
+
+    block_q: int = 256
+    block_k: int = 256
+    block_q_dq: int = 256
+    block_k_dq: int = 256
+    block_q_dkv: int = 256
+    block_k_dkv: int = 256
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % SUBLANES:
+                raise ValueError(f"BlockSizes.{field.name} must be a positive multiple of {SUBLANES}, got {value!r}")
+
+    def check_hardware(self):
+        """Raises ValueError unless every block is a multiple of the lane width (compiled kernels)."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if value % LANES:
+                raise ValueError(
+                    f"BlockSizes.{field.name} must be a multiple of {LANES} on TPU hardware, got {value} "
+                    f"(smaller multiples of {SUBLANES} run only with interpret=True)"
+                )
+
+    def clipped(self, seq_len: int, multiple: int) -> "BlockSizes":
+        """Every block limited to seq_len rounded up to `multiple`."""
+        limit = -(-seq_len // multiple) * multiple
+        return dataclasses.replace(self, **{f.name: min(getattr(self, f.name), limit)
+                                            for f in dataclasses.fields(self)})
+
+    @property
+    def sequence_multiple(self) -> int:
+        """The padded sequence length is a multiple of every block."""
+        return math.lcm(*(getattr(self, f.name) for f in dataclasses.fields(self)))
+
+
+# ------------------------------------------------------------------------------------------- step lists
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepList:
+    """The step axis of one kernel's grid: the (row tile, column tile) pair of every step, in order.
+
+    rows:  int32 [steps] row tile (query tile for forward/dq, key tile for dk/dv), nondecreasing
+    cols:  int32 [steps] column tile (key tile, or query tile for dk/dv)
+    flags: int32 [steps] kind | first | last (see the constants above)
+
+    A row's steps are contiguous: its FULL tiles, then its PARTIAL tiles, or a single EMPTY step when it
+    has none. An EMPTY step names the previous step's column tile, so it loads nothing new.
+    """
+
+    rows: np.ndarray
+    cols: np.ndarray
+    flags: np.ndarray
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.rows, self.cols, self.flags
+
+    @property
+    def kinds(self) -> np.ndarray:
+        return self.flags & _KIND_MASK
+
+    @property
+    def smem_bytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays)
+
+
+def _step_list(lists: TileLists) -> StepList:
+    num_rows = lists.num_rows
+    counts = lists.num_full.astype(np.int64) + lists.num_partial
+    row_ids = np.arange(num_rows, dtype=np.int64)
+    empty_rows = np.flatnonzero(counts == 0)
+    # Every row's steps: full tiles, then partial tiles, then (for rows with none) one empty step; a
+    # stable sort by row keeps that order within each row.
+    rows = np.concatenate([np.repeat(row_ids, lists.num_full), np.repeat(row_ids, lists.num_partial), empty_rows])
+    cols = np.concatenate([lists.full_indices, lists.partial_indices, np.full(len(empty_rows), -1)])
+    kinds = np.concatenate([np.full(len(lists.full_indices), FULL), np.full(len(lists.partial_indices), PARTIAL),
+                            np.full(len(empty_rows), EMPTY)])
+    order = np.argsort(rows, kind="stable")
+    rows, cols, kinds = rows[order], cols[order], kinds[order]
+    # Empty steps take the column of the step before them (or 0), so that nothing new is loaded.
+    total = len(rows)
+    last_real = np.maximum.accumulate(np.where(cols >= 0, np.arange(total), 0))
+    cols = np.maximum(cols[last_real], 0)
+    first = np.ones(total, bool)
+    first[1:] = rows[1:] != rows[:-1]
+    last = np.ones(total, bool)
+    last[:-1] = rows[:-1] != rows[1:]
+    flags = kinds | first * _FIRST | last * _LAST
+    return StepList(rows.astype(np.int32), cols.astype(np.int32), flags.astype(np.int32))
+
+
+@functools.lru_cache(maxsize=128)
+def step_list(pattern: Pattern, seq_len: int, block_q: int, block_k: int, by_key: bool) -> StepList:
+    """The steps of the forward/dq pass (by_key=False: rows are query tiles over their key tiles) or of
+    the dk/dv pass (by_key=True: rows are key tiles over their query tiles, from `layout.backward`)."""
+    layout = block_layout(pattern, seq_len, block_q, block_k)
+    return _step_list(layout.backward if by_key else layout.forward)
+
+
+def _kernel_steps(static: _Static, seq_len: int, block_q: int, block_k: int, by_key: bool) -> StepList:
+    steps = step_list(static.pattern, seq_len, block_q, block_k, by_key)
+    if not static.interpret and steps.smem_bytes > SMEM_BUDGET_BYTES:
+        raise ValueError(
+            f"block_sizes: {len(steps.rows)} active tiles of {block_q} x {block_k} at seq_len={seq_len} need "
+            f"{steps.smem_bytes} bytes of SMEM (budget {SMEM_BUDGET_BYTES}); use larger blocks"
+        )
+    return steps
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels specialise on (hashable: a custom_vjp non-differentiable argument)."""
+
+    pattern: Pattern
+    scale: float
+    interpret: bool
+    block_sizes: BlockSizes
+
+
+def _lanes(stats, width: int):
+    """Row statistics [rows, LANES] (every lane equal) as [rows, width]."""
+    if width <= LANES:
+        return stats[:, :width]
+    if width % LANES == 0:
+        return jnp.concatenate([stats] * (width // LANES), axis=1)
+    return jnp.broadcast_to(stats[:, :1], (stats.shape[0], width))
+
+
+def _dot(a, b, contract_b: int):
+    """a @ b (contract_b=0) or a @ b.T (contract_b=1), accumulated in float32; float32 inputs multiply in
+    full precision (fp32 contract precision), not in bfloat16 passes."""
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, (((1,), (contract_b,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def _positions(shape, axis: int, start):
+    return start + lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _active(pattern: Pattern, seq_len: int, q_pos, k_pos):
+    """Token mask of a partial tile; padded keys (k >= seq_len) never attend."""
+    return pattern.mask(q_pos, k_pos) & (k_pos < seq_len)
+
+
+def _forward_kernel(rows_ref, cols_ref, flags_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
+                    row_max_ref, row_sum_ref, acc_ref, *, pattern, seq_len, scale):
+    step = pl.program_id(2)  # read at the top level: interpret mode substitutes it only there
+    row, col, flags = rows_ref[step], cols_ref[step], flags_ref[step]
+    kind = flags & _KIND_MASK
+    block_q, block_k = q_ref.shape[0], k_ref.shape[0]
+
+    @pl.when((flags & _FIRST) != 0)
+    def _start_row():
+        row_max_ref[...] = jnp.full(row_max_ref.shape, _ROW_MAX_INIT, jnp.float32)
+        row_sum_ref[...] = jnp.zeros(row_sum_ref.shape, jnp.float32)
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    def accumulate(masked: bool):
+        v = v_ref[...]
+        logits = _dot(q_ref[...], k_ref[...], 1) * scale  # [block_q, block_k]
+        if masked:
+            shape = (block_q, block_k)
+            active = _active(pattern, seq_len, _positions(shape, 0, row * block_q),
+                             _positions(shape, 1, col * block_k))
+            logits = jnp.where(active, logits, -jnp.inf)
+        row_max = row_max_ref[...]  # [block_q, LANES]
+        new_max = jnp.maximum(row_max, jnp.max(logits, axis=1, keepdims=True))
+        probs = jnp.exp(logits - _lanes(new_max, block_k))
+        correction = jnp.exp(row_max - new_max)
+        row_sum_ref[...] = correction * row_sum_ref[...] + jnp.sum(probs, axis=1, keepdims=True)
+        row_max_ref[...] = new_max
+        acc_ref[...] = _lanes(correction, acc_ref.shape[1]) * acc_ref[...] + _dot(probs.astype(v.dtype), v, 0)
+
+    pl.when(kind == FULL)(lambda: accumulate(False))
+    pl.when(kind == PARTIAL)(lambda: accumulate(True))
+
+    @pl.when((flags & _LAST) != 0)
+    def _finish_row():
+        row_sum = row_sum_ref[...]
+        seen = row_sum > 0  # rows with no active key give 0
+        safe_sum = jnp.where(seen, row_sum, 1.0)
+        out_ref[...] = (acc_ref[...] / _lanes(safe_sum, acc_ref.shape[1])).astype(out_ref.dtype)
+        # +inf for keyless rows: the backward's exp(logit - lse) is then 0 on any tile.
+        lse_ref[...] = jnp.where(seen, row_max_ref[...] + jnp.log(safe_sum), jnp.inf)
+
+
+def _dq_kernel(rows_ref, cols_ref, flags_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_ref,
+               acc_ref, *, pattern, seq_len, scale):
+    step = pl.program_id(2)
+    row, col, flags = rows_ref[step], cols_ref[step], flags_ref[step]
+    kind = flags & _KIND_MASK
+    block_q, block_k = q_ref.shape[0], k_ref.shape[0]
+
+    @pl.when((flags & _FIRST) != 0)
+    def _start_row():
+        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+    def accumulate(masked: bool):
+        k = k_ref[...]
+        lse = lse_ref[0][:, None]  # [block_q, 1] from a [1, block_q] row
+        delta = delta_ref[0][:, None]
+        probs = jnp.exp(_dot(q_ref[...], k, 1) * scale - lse)  # [block_q, block_k]
+        if masked:
+            shape = (block_q, block_k)
+            active = _active(pattern, seq_len, _positions(shape, 0, row * block_q),
+                             _positions(shape, 1, col * block_k))
+            probs = jnp.where(active, probs, 0.0)
+        d_probs = _dot(d_out_ref[...], v_ref[...], 1)
+        d_logits = probs * (d_probs - delta)
+        acc_ref[...] += _dot(d_logits.astype(k.dtype), k, 0)
+
+    pl.when(kind == FULL)(lambda: accumulate(False))
+    pl.when(kind == PARTIAL)(lambda: accumulate(True))
+
+    @pl.when((flags & _LAST) != 0)
+    def _finish_row():
+        dq_ref[...] = (acc_ref[...] * scale).astype(dq_ref.dtype)
+
+
+def _dkdv_kernel(rows_ref, cols_ref, flags_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref,
+                 dv_ref, dk_acc_ref, dv_acc_ref, *, pattern, seq_len, scale):
+    """Transposed tiles: rows are key tiles of one kv head, columns query tiles of its group of q heads
+    (q_ref, d_out_ref: [group, block_q, d]; lse_ref, delta_ref: [group, 1, block_q])."""
+    step = pl.program_id(2)
+    row, col, flags = rows_ref[step], cols_ref[step], flags_ref[step]
+    kind = flags & _KIND_MASK
+    group, block_q = q_ref.shape[0], q_ref.shape[1]
+    block_k = k_ref.shape[0]
+
+    @pl.when((flags & _FIRST) != 0)
+    def _start_row():
+        dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, jnp.float32)
+        dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
+
+    def accumulate(masked: bool):
+        k, v = k_ref[...], v_ref[...]
+        if masked:
+            shape = (block_k, block_q)
+            active = _active(pattern, seq_len, _positions(shape, 1, col * block_q),
+                             _positions(shape, 0, row * block_k))
+
+        def head(g, carry):
+            q, d_out = q_ref[g], d_out_ref[g]  # [block_q, d]
+            probs_t = jnp.exp(_dot(k, q, 1) * scale - lse_ref[g])  # [block_k, block_q]
+            if masked:
+                probs_t = jnp.where(active, probs_t, 0.0)
+            dv_acc_ref[...] += _dot(probs_t.astype(d_out.dtype), d_out, 0)
+            d_logits_t = probs_t * (_dot(v, d_out, 1) - delta_ref[g])
+            dk_acc_ref[...] += _dot(d_logits_t.astype(q.dtype), q, 0)
+            return carry
+
+        lax.fori_loop(0, group, head, 0)
+
+    pl.when(kind == FULL)(lambda: accumulate(False))
+    pl.when(kind == PARTIAL)(lambda: accumulate(True))
+
+    @pl.when((flags & _LAST) != 0)
+    def _finish_row():
+        dk_ref[...] = (dk_acc_ref[...] * scale).astype(dk_ref.dtype)
+        dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
+
+
+# ------------------------------------------------------------------------------------------- launchers
+
+
+def _result(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
+    """A kernel result varying over every manual mesh axis its inputs vary over (shard_map's check_vma)."""
+    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in inputs))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
+
+
+def _interpret_mode(interpret: bool):
+    return pltpu.InterpretParams() if interpret else False
+
+
+def _compiler_params():
+    # Batch and head programs are independent (megacore may split them); the step axis carries the
+    # accumulators from one step of a row to the next.
+    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
+
+
+def _forward(q, k, v, static: _Static, seq_len: int):
+    """out [batch, q_heads, padded_seq, d], lse [batch, q_heads, 1, padded_seq] (natural log, float32)."""
+    batch, q_heads, padded_len, head_dim = q.shape
+    group = q_heads // k.shape[1]
+    sizes = static.block_sizes
+    block_q, block_k = sizes.block_q, sizes.block_k
+    steps = _kernel_steps(static, seq_len, block_q, block_k, False)
+    q_block = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, s, rows, cols, flags: (b, h, rows[s], 0))
+    kv_block = pl.BlockSpec((None, None, block_k, head_dim),
+                            lambda b, h, s, rows, cols, flags: (b, h // group, cols[s], 0))
+    # The row max and logsumexp are kept with every lane equal ([block_q, LANES]): the layout in which a
+    # row reduction comes out of the vector unit. Only lane 0 of the logsumexp is kept.
+    lse_block = pl.BlockSpec((None, None, block_q, LANES), lambda b, h, s, rows, cols, flags: (b, h, rows[s], 0))
+    inputs = (q, k, v)
+    out, lse = pl.pallas_call(
+        functools.partial(_forward_kernel, pattern=static.pattern, seq_len=seq_len, scale=static.scale),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(batch, q_heads, len(steps.rows)),
+            in_specs=[q_block, kv_block, kv_block],
+            out_specs=[q_block, lse_block],
+            scratch_shapes=[pltpu.VMEM((block_q, LANES), jnp.float32), pltpu.VMEM((block_q, LANES), jnp.float32),
+                            pltpu.VMEM((block_q, head_dim), jnp.float32)],
+        ),
+        out_shape=[_result(q.shape, q.dtype, *inputs),
+                   _result((batch, q_heads, padded_len, LANES), jnp.float32, *inputs)],
+        compiler_params=_compiler_params(),
+        interpret=_interpret_mode(static.interpret),
+        name="sparse_attention_forward",
+    )(*steps.arrays, q, k, v)
+    return out, lse[..., 0][:, :, None, :]
+
+
+def _backward(q, k, v, d_out, lse, delta, static: _Static, seq_len: int):
+    batch, q_heads, padded_len, head_dim = q.shape
+    kv_heads = k.shape[1]
+    group = q_heads // kv_heads
+    sizes = static.block_sizes
+    kernel_args = dict(pattern=static.pattern, seq_len=seq_len, scale=static.scale)
+    inputs = (q, k, v, d_out, lse, delta)
+
+    block_q, block_k = sizes.block_q_dq, sizes.block_k_dq
+    steps = _kernel_steps(static, seq_len, block_q, block_k, False)
+    q_block = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, s, rows, cols, flags: (b, h, rows[s], 0))
+    kv_block = pl.BlockSpec((None, None, block_k, head_dim),
+                            lambda b, h, s, rows, cols, flags: (b, h // group, cols[s], 0))
+    stats_block = pl.BlockSpec((None, None, 1, block_q), lambda b, h, s, rows, cols, flags: (b, h, 0, rows[s]))
+    dq = pl.pallas_call(
+        functools.partial(_dq_kernel, **kernel_args),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(batch, q_heads, len(steps.rows)),
+            in_specs=[q_block, kv_block, kv_block, q_block, stats_block, stats_block],
+            out_specs=q_block,
+            scratch_shapes=[pltpu.VMEM((block_q, head_dim), jnp.float32)],
+        ),
+        out_shape=_result(q.shape, q.dtype, *inputs),
+        compiler_params=_compiler_params(),
+        interpret=_interpret_mode(static.interpret),
+        name="sparse_attention_dq",
+    )(*steps.arrays, q, k, v, d_out, lse, delta)
+
+    # The dk/dv pass sees the q side as [batch, kv_heads, group, padded_seq, ...]: each step loads the
+    # query tile of every q head sharing the kv head, and the kernel loops over them.
+    grouped = [x.reshape(batch, kv_heads, group, *x.shape[2:]) for x in (q, d_out, lse, delta)]
+    block_q, block_k = sizes.block_q_dkv, sizes.block_k_dkv
+    steps = _kernel_steps(static, seq_len, block_q, block_k, True)
+    kv_block = pl.BlockSpec((None, None, block_k, head_dim), lambda b, h, s, rows, cols, flags: (b, h, rows[s], 0))
+    q_block = pl.BlockSpec((None, None, group, block_q, head_dim),
+                           lambda b, h, s, rows, cols, flags: (b, h, 0, cols[s], 0))
+    stats_block = pl.BlockSpec((None, None, group, 1, block_q),
+                               lambda b, h, s, rows, cols, flags: (b, h, 0, 0, cols[s]))
+    dk, dv = pl.pallas_call(
+        functools.partial(_dkdv_kernel, **kernel_args),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(batch, kv_heads, len(steps.rows)),
+            in_specs=[q_block, kv_block, kv_block, q_block, stats_block, stats_block],
+            out_specs=[kv_block, kv_block],
+            scratch_shapes=[pltpu.VMEM((block_k, head_dim), jnp.float32),
+                            pltpu.VMEM((block_k, head_dim), jnp.float32)],
+        ),
+        out_shape=[_result(k.shape, k.dtype, *inputs), _result(v.shape, v.dtype, *inputs)],
+        compiler_params=_compiler_params(),
+        interpret=_interpret_mode(static.interpret),
+        name="sparse_attention_dkdv",
+    )(*steps.arrays, grouped[0], k, v, grouped[1], grouped[2], grouped[3])
+    return dq, dk, dv
+
+
+def _to_kernel_layout(x, padded_len: int):
+    """[batch, seq, heads, d] -> [batch, heads, padded_seq, d], zero-padded."""
+    x = jnp.swapaxes(x, 1, 2)
+    return jnp.pad(x, ((0, 0), (0, 0), (0, padded_len - x.shape[2]), (0, 0)))
+
+
+def _from_kernel_layout(x, seq_len: int):
+    return jnp.swapaxes(x[:, :, :seq_len], 1, 2)
+
+
+def _valid_rows(padded_len: int, seq_len: int):
+    """bool [1, 1, 1, padded_seq]: real (not padded) sequence positions."""
+    return (jnp.arange(padded_len) < seq_len)[None, None, None, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q, k, v, static: _Static):
+    return _flash_forward(q, k, v, static)[0]
+
+
+def _flash_forward(q, k, v, static: _Static):
+    seq_len = q.shape[1]
+    padded_len = -(-seq_len // static.block_sizes.sequence_multiple) * static.block_sizes.sequence_multiple
+    q_t, k_t, v_t = (_to_kernel_layout(x, padded_len) for x in (q, k, v))
+    out_t, lse = _forward(q_t, k_t, v_t, static, seq_len)
+    # Padded query rows (some never written when the passes' tiles differ) must not reach the backward:
+    # +inf makes their probabilities 0 in every tile.
+    lse = jnp.where(_valid_rows(padded_len, seq_len), lse, jnp.inf)
+    return _from_kernel_layout(out_t, seq_len), (q_t, k_t, v_t, out_t, lse)
+
+
+def _flash_backward(static: _Static, residuals, d_out):
+    q_t, k_t, v_t, out_t, lse = residuals
+    seq_len, padded_len = d_out.shape[1], q_t.shape[2]
+    d_out_t = _to_kernel_layout(d_out.astype(q_t.dtype), padded_len)
+    # delta = rowsum(dO * O): [batch, q_heads, 1, padded_seq], one fused XLA reduction.
+    delta = jnp.einsum("bhsd,bhsd->bhs", d_out_t.astype(jnp.float32), out_t.astype(jnp.float32))[:, :, None, :]
+    delta = jnp.where(_valid_rows(padded_len, seq_len), delta, 0.0)
+    dq, dk, dv = _backward(q_t, k_t, v_t, d_out_t, lse, delta, static, seq_len)
+    return tuple(_from_kernel_layout(x, seq_len) for x in (dq, dk, dv))
+
+
+_flash.defvjp(_flash_forward, _flash_backward)
+
+
+# ------------------------------------------------------------------------------------------------- API
+
+
+def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | None:
+    """None when this kernel can run the case here, else why not."""
+    del k, v, pattern  # shapes and patterns are validated by attention.check_inputs / as_pattern
+    if not any(q.dtype == d for d in SUPPORTED_DTYPES):
+        return f"dtype {q.dtype} is not supported (float32, bfloat16)"
+    if interpret or jax.default_backend() == "tpu":
+        return None
+    return "needs a TPU or interpret=True"
+
+
+def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool = False,
+              block_sizes: BlockSizes | None = None):
+    """Causal block-sparse attention of q [batch, seq, q_heads, d] over k, v [batch, seq, kv_heads, d].
+
+    Differentiable (custom VJP); works under jit, vmap and shard_map (see `sharded_attention`).
+    `block_sizes` defaults to `BlockSizes()`; blocks longer than the sequence are clipped to it.
+    `interpret=True` runs the kernels in the Pallas TPU interpreter (any backend, for tests).
+    """
+    pattern = as_pattern(pattern)
+    reason = unsupported_reason(q, k, v, pattern, interpret=interpret)
+    if reason is not None:
+        raise ValueError(f"pallas_tpu cannot run this case: {reason}")
+    if block_sizes is None:
+        block_sizes = BlockSizes()
+    elif not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}")
+    if not interpret:
+        block_sizes.check_hardware()
+    block_sizes = block_sizes.clipped(q.shape[1], SUBLANES if interpret else LANES)
+    static = _Static(pattern, float(scale), bool(interpret), block_sizes)
+    return _flash(q, k, v, static)
+
+
+def sharded_attention(q, k, v, pattern: Pattern | str, mesh: jax.sharding.Mesh, *,
+                      batch_axes: str | tuple[str, ...] | None = ("data", "fsdp"), head_axis: str | None = None,
+                      scale: float | None = None, interpret: bool = False, block_sizes: BlockSizes | None = None):
+    """`attention` with the batch split over `batch_axes` and the heads over `head_axis` of `mesh`.
+
+    A Mosaic kernel is opaque to XLA's sharding propagation, so under a plain jit its sharded inputs
+    would be gathered onto every device; shard_map runs it on each device's own rows and heads instead.
+    The head axis must divide kv_heads (each shard then holds whole GQA groups). Call it inside the
+    jitted step; the training mesh's batch axes are ("data", "fsdp").
+    """
+    pattern = as_pattern(pattern)
+    if head_axis is not None and k.shape[2] % mesh.shape[head_axis]:
+        raise ValueError(f"head_axis {head_axis!r} of size {mesh.shape[head_axis]} must divide "
+                         f"kv_heads={k.shape[2]}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    spec = P(batch_axes, None, head_axis, None)
+    local = functools.partial(attention, pattern=pattern, scale=scale, interpret=interpret,
+                              block_sizes=block_sizes)
+    return jax.shard_map(lambda q, k, v: local(q, k, v), mesh=mesh, in_specs=(spec, spec, spec),
+                         out_specs=spec)(q, k, v)

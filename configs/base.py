@@ -31,7 +31,7 @@ _MODEL = {
 }
 
 _TRAIN = {
-    "tiny": dict(steps=200, seq_len=256, global_batch=8, learning_rate=3e-3, warmup_steps=20,
+    "tiny": dict(steps=300, seq_len=256, global_batch=16, learning_rate=3e-3, warmup_steps=30,
                  grad_accum=1, log_every=10, checkpoint_every=0, keep_checkpoints=1, async_checkpoint=False),
     "small": dict(steps=5000, seq_len=8192, global_batch=16, learning_rate=1e-3, warmup_steps=250,
                   grad_accum=1, log_every=50, checkpoint_every=500, keep_checkpoints=3, async_checkpoint=True),

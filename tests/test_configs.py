@@ -172,7 +172,7 @@ BAD_CONFIGS = [
     (_set("data.corpus", "files"), "data.path", "must name the folder"),
     (_set("data.path", "/tmp/x"), "data.path", "must be '' unless data.corpus='files'"),
     (_set("train.seq_len", 0), "train.seq_len", ">= 1"),
-    (_set("train.grad_accum", 3), "train.grad_accum", "must divide train.global_batch=8"),
+    (_set("train.grad_accum", 3), "train.grad_accum", "must divide train.global_batch=16"),
     (_set("train.warmup_steps", 10**6), "train.warmup_steps", "<= train.steps"),
     (_set("train.end_lr_ratio", 1.5), "train.end_lr_ratio", "<= 1.0"),
     (_set("train.learning_rate", 0.0), "train.learning_rate", "> 0.0"),

@@ -187,7 +187,8 @@ class DataConfig:
         if self.corpus == "files" and not self.path:
             _fail("data.path", "must name the folder or token file to read when data.corpus='files'")
         if self.corpus != "files" and self.path:
-            _fail("data.path", f"must be '' unless data.corpus='files' (corpus is {self.corpus!r}), got {self.path!r}")
+            _fail("data.path",
+                  f"must be '' unless data.corpus='files' (corpus is {self.corpus!r}), got {self.path!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,7 +269,8 @@ def _check_keys(where: str, given: Mapping, expected: list[str]) -> None:
     unknown = sorted(set(given) - set(expected))
     missing = [key for key in expected if key not in given]
     if unknown:
-        _fail(f"{prefix}{unknown[0]}", f"unknown key; valid keys{' of ' + where if where else ''}: {', '.join(expected)}")
+        of = f" of {where}" if where else ""
+        _fail(f"{prefix}{unknown[0]}", f"unknown key; valid keys{of}: {', '.join(expected)}")
     if missing:
         _fail(f"{prefix}{missing[0]}", f"missing key; every one of {', '.join(expected)} must be set")
 
@@ -310,5 +312,6 @@ class ExperimentConfig:
         result = {"seed": self.seed}
         for name in _SECTIONS:
             section = dataclasses.asdict(getattr(self, name))
-            result[name] = {key: list(value) if isinstance(value, tuple) else value for key, value in section.items()}
+            result[name] = {key: list(value) if isinstance(value, tuple) else value
+                            for key, value in section.items()}
         return result

@@ -137,7 +137,8 @@ def test_to_dict_is_json_and_round_trips():
     config = ExperimentConfig.from_config_dict(cd)
     restored = ExperimentConfig.from_config_dict(json.loads(json.dumps(config.to_dict())))
     assert restored == config
-    assert config.to_dict() == {**cd.to_dict(), "attention": {**cd.attention.to_dict(), "schedule": ["block(512)", "dense"]}}
+    attention = {**cd.attention.to_dict(), "schedule": ["block(512)", "dense"]}
+    assert config.to_dict() == {**cd.to_dict(), "attention": attention}
 
 
 def _set(path: str, value, *more):

@@ -278,15 +278,21 @@ def main(argv=None) -> dict:
     for seq_len in seq_lens:
         shape = Shape(args.batch, seq_len, args.heads, kv_heads, args.head_dim, args.dtype)
         inputs = make_inputs(shape)
-        for pattern in patterns:
-            for mode in modes:
-                for impl in impls:
+        # Implementations in the outer loop: the kernels are timed before the memory-hungry dense paths
+        # (xla, reference) of the same length run, so their allocations cannot disturb the short kernels.
+        for impl in impls:
+            for pattern in patterns:
+                for mode in modes:
                     row = run_case(impl, pattern, mode, shape, inputs, runs=args.runs, warmup=args.warmup,
                                    interpret=interpret, block_sizes=block_sizes)
                     report["results"].append(row)
                     print(format_row(row), flush=True)
                     write_json_atomic(args.out, report)
         del inputs
+    print("\n# summary", flush=True)
+    order = {impl: index for index, impl in enumerate(impls)}
+    for row in sorted(report["results"], key=lambda r: (r["seq_len"], r["pattern"], r["mode"], order[r["impl"]])):
+        print(format_row(row))
     return report
 
 

@@ -454,10 +454,13 @@ def _pad(x, seq_len: int, head_dim: int):
     return jnp.pad(x, ((0, 0), (0, extra_seq), (0, 0), (0, extra_dim)))
 
 
-def _padded_sizes(q, sizes: BlockSizes) -> tuple[int, int]:
-    seq_len, head_dim = q.shape[1], q.shape[3]
-    multiple = sizes.largest_block
-    return -(-seq_len // multiple) * multiple, max(MIN_BLOCK, 1 << (head_dim - 1).bit_length())
+def _padded_seq_len(seq_len: int, sizes: BlockSizes) -> int:
+    return -(-seq_len // sizes.largest_block) * sizes.largest_block
+
+
+def _padded_head_dim(head_dim: int) -> int:
+    """The next power of two >= 16 (Triton tiles are powers of two)."""
+    return max(MIN_BLOCK, 1 << (head_dim - 1).bit_length())
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -467,7 +470,7 @@ def _flash(q, k, v, static: _Static):
 
 def _flash_forward(q, k, v, static: _Static):
     seq_len, head_dim = q.shape[1], q.shape[3]
-    padded_len, padded_dim = _padded_sizes(q, static.block_sizes)
+    padded_len, padded_dim = _padded_seq_len(seq_len, static.block_sizes), _padded_head_dim(head_dim)
     q_p, k_p, v_p = (_pad(x, padded_len, padded_dim) for x in (q, k, v))
     out_p, lse = _forward(q_p, k_p, v_p, static, seq_len)
     return out_p[:, :seq_len, :, :head_dim], (q_p, k_p, v_p, out_p, lse)
@@ -528,7 +531,7 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool 
     if reason is not None:
         raise ValueError(f"pallas_gpu cannot run this case: {reason}")
     if block_sizes is None:
-        block_sizes = BlockSizes.for_head_dim(_padded_sizes(q, BlockSizes())[1], keys_per_query(pattern, q.shape[1]))
+        block_sizes = BlockSizes.for_head_dim(_padded_head_dim(q.shape[3]), keys_per_query(pattern, q.shape[1]))
     elif not isinstance(block_sizes, BlockSizes):
         raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}")
     warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)

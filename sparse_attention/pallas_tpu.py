@@ -180,7 +180,7 @@ class _Static:
 
     pattern: Pattern
     scale: float
-    interpret: bool
+    interpret: bool | pltpu.InterpretParams
     block_sizes: BlockSizes
 
 
@@ -212,7 +212,7 @@ def _active(pattern: Pattern, seq_len: int, q_pos, k_pos):
 
 def _forward_kernel(rows_ref, cols_ref, flags_ref, q_ref, k_ref, v_ref, out_ref, lse_ref,
                     row_max_ref, row_sum_ref, acc_ref, *, pattern, seq_len, scale):
-    step = pl.program_id(2)  # read at the top level: interpret mode substitutes it only there
+    step = pl.program_id(2)
     row, col, flags = rows_ref[step], cols_ref[step], flags_ref[step]
     kind = flags & _KIND_MASK
     block_q, block_k = q_ref.shape[0], k_ref.shape[0]
@@ -337,10 +337,6 @@ def _result(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
 
 
-def _interpret_mode(interpret: bool):
-    return pltpu.InterpretParams() if interpret else False
-
-
 def _compiler_params():
     # Batch and head programs are independent (megacore may split them); the step axis carries the
     # accumulators from one step of a row to the next.
@@ -374,7 +370,7 @@ def _forward(q, k, v, static: _Static, seq_len: int):
         out_shape=[_result(q.shape, q.dtype, *inputs),
                    _result((batch, q_heads, padded_len, LANES), jnp.float32, *inputs)],
         compiler_params=_compiler_params(),
-        interpret=_interpret_mode(static.interpret),
+        interpret=static.interpret,
         name="sparse_attention_forward",
     )(*steps.arrays, q, k, v)
     return out, lse[..., 0][:, :, None, :]
@@ -405,7 +401,7 @@ def _backward(q, k, v, d_out, lse, delta, static: _Static, seq_len: int):
         ),
         out_shape=_result(q.shape, q.dtype, *inputs),
         compiler_params=_compiler_params(),
-        interpret=_interpret_mode(static.interpret),
+        interpret=static.interpret,
         name="sparse_attention_dq",
     )(*steps.arrays, q, k, v, d_out, lse, delta)
 
@@ -431,7 +427,7 @@ def _backward(q, k, v, d_out, lse, delta, static: _Static, seq_len: int):
         ),
         out_shape=[_result(k.shape, k.dtype, *inputs), _result(v.shape, v.dtype, *inputs)],
         compiler_params=_compiler_params(),
-        interpret=_interpret_mode(static.interpret),
+        interpret=static.interpret,
         name="sparse_attention_dkdv",
     )(*steps.arrays, grouped[0], k, v, grouped[1], grouped[2], grouped[3])
     return dq, dk, dv
@@ -485,7 +481,7 @@ _flash.defvjp(_flash_forward, _flash_backward)
 # ------------------------------------------------------------------------------------------------- API
 
 
-def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | None:
+def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool | pltpu.InterpretParams) -> str | None:
     """None when this kernel can run the case here, else why not."""
     del k, v, pattern  # shapes and patterns are validated by attention.check_inputs / as_pattern
     if not any(q.dtype == d for d in SUPPORTED_DTYPES):
@@ -495,13 +491,15 @@ def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | N
     return "needs a TPU or interpret=True"
 
 
-def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool = False,
+def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool | pltpu.InterpretParams = False,
               block_sizes: BlockSizes | None = None):
     """Causal block-sparse attention of q [batch, seq, q_heads, d] over k, v [batch, seq, kv_heads, d].
 
     Differentiable (custom VJP); works under jit, vmap and shard_map (see `sharded_attention`).
     `block_sizes` defaults to `BlockSizes()`; blocks longer than the sequence are clipped to it.
-    `interpret=True` runs the kernels in the Pallas TPU interpreter (any backend, for tests).
+    `interpret` runs the kernels on any backend instead of compiling them with Mosaic: True takes Pallas's
+    generic interpreter (fast; also under shard_map on several devices), a `pltpu.InterpretParams` the TPU
+    simulator (slower; raises on out-of-bounds reads and fills unwritten memory with NaN).
     """
     pattern = as_pattern(pattern)
     reason = unsupported_reason(q, k, v, pattern, interpret=interpret)
@@ -514,13 +512,14 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool 
     if not interpret:
         block_sizes.check_hardware()
     block_sizes = block_sizes.clipped(q.shape[1], SUBLANES if interpret else LANES)
-    static = _Static(pattern, float(scale), bool(interpret), block_sizes)
+    static = _Static(pattern, float(scale), interpret, block_sizes)
     return _flash(q, k, v, static)
 
 
 def sharded_attention(q, k, v, pattern: Pattern | str, mesh: jax.sharding.Mesh, *,
                       batch_axes: str | tuple[str, ...] | None = ("data", "fsdp"), head_axis: str | None = None,
-                      scale: float | None = None, interpret: bool = False, block_sizes: BlockSizes | None = None):
+                      scale: float | None = None, interpret: bool | pltpu.InterpretParams = False,
+                      block_sizes: BlockSizes | None = None):
     """`attention` with the batch split over `batch_axes` and the heads over `head_axis` of `mesh`.
 
     A Mosaic kernel is opaque to XLA's sharding propagation, so under a plain jit its sharded inputs

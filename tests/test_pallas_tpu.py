@@ -1,0 +1,368 @@
+"""The Pallas TPU (Mosaic) kernels against the dense reference: forward and dq/dk/dv, on fresh random inputs.
+
+No TPU here: the kernels run in interpret mode at tiny sizes (Pallas's generic interpreter, and the TPU
+simulator `pltpu.InterpretParams` for a few cases), and `test_kernels_lower_to_mosaic` lowers every pattern's
+forward and backward kernels for a TPU target at real tile sizes. `TestTpu` repeats cases compiled when a
+TPU is present. Every case draws new inputs from its own seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+
+from sparse_attention import pallas_tpu, reference
+from sparse_attention.attention import attention as dispatch_attention
+from sparse_attention.attention import resolve_impl
+from sparse_attention.layout import block_layout
+from sparse_attention.patterns import EMPTY, FULL, PARTIAL, parse
+
+ON_TPU = jax.default_backend() == "tpu"
+INTERPRET = not ON_TPU
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def tiles(block_q, block_k, block_q_dkv=None, block_k_dkv=None, block_q_dq=None, block_k_dq=None):
+    """Small tiles for interpret mode; the dq pass shares the forward's unless given."""
+    return pallas_tpu.BlockSizes(
+        block_q=block_q, block_k=block_k, block_q_dq=block_q_dq or block_q, block_k_dq=block_k_dq or block_k,
+        block_q_dkv=block_q_dkv or block_q, block_k_dkv=block_k_dkv or block_k,
+    )
+
+
+def random_inputs(seed, batch, seq_len, heads, kv_heads, head_dim, dtype):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q_shape, kv_shape = (batch, seq_len, heads, head_dim), (batch, seq_len, kv_heads, head_dim)
+    return (jax.random.normal(keys[0], q_shape, dtype), jax.random.normal(keys[1], kv_shape, dtype),
+            jax.random.normal(keys[2], kv_shape, dtype), jax.random.normal(keys[3], q_shape, dtype))
+
+
+def output_and_grads(attend, q, k, v, d_out):
+    """(out, dq, dk, dv) of one jitted forward + VJP."""
+
+    def run(q, k, v, d_out):
+        out, vjp = jax.vjp(attend, q, k, v)
+        return (out, *vjp(d_out))
+
+    return jax.jit(run)(q, k, v, d_out)
+
+
+def relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def assert_matches_reference(spec, *, seq_len, heads=2, kv_heads=1, head_dim=16, dtype=jnp.float32, batch=1,
+                             block_sizes=None, scale=None, seed=0, interpret=INTERPRET):
+    pattern = parse(spec)
+    q, k, v, d_out = random_inputs(seed, batch, seq_len, heads, kv_heads, head_dim, dtype)
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    got = output_and_grads(
+        lambda q, k, v: pallas_tpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
+                                             block_sizes=block_sizes), q, k, v, d_out)
+    # The oracle runs in float32 on the same (rounded) inputs.
+    upcast = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
+    want = output_and_grads(lambda q, k, v: reference.attention(q, k, v, pattern, scale=scale), *upcast)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.dtype == dtype and g.shape == w.shape, name
+        assert np.isfinite(np.asarray(g, np.float32)).all(), f"{spec}: non-finite {name}"
+        error = relative_error(g, w)
+        assert error < RTOL[dtype], f"{spec}: {name} relative error {error:.2e} >= {RTOL[dtype]:.0e}"
+    return got
+
+
+def step_kinds(spec, seq_len, sizes: pallas_tpu.BlockSizes) -> set[int]:
+    """Tile kinds that every one of the three kernels visits (forward, dq, dk/dv)."""
+    pattern = parse(spec)
+    sizes = sizes.clipped(seq_len, pallas_tpu.SUBLANES)
+    lists = [pallas_tpu.step_list(pattern, seq_len, sizes.block_q, sizes.block_k, False),
+             pallas_tpu.step_list(pattern, seq_len, sizes.block_q_dq, sizes.block_k_dq, False),
+             pallas_tpu.step_list(pattern, seq_len, sizes.block_q_dkv, sizes.block_k_dkv, True)]
+    return set.intersection(*(set(steps.kinds.tolist()) for steps in lists))
+
+
+# (spec, seq_len, tiles, heads, kv_heads, head_dim, exercises full and partial tiles)
+PATTERN_CASES = [
+    ("dense", 40, tiles(16, 16), 2, 1, 16, True),
+    ("block(24)", 56, tiles(8, 16, 16, 8), 2, 2, 16, True),
+    ("block(16, 8)", 45, tiles(8, 8), 2, 1, 16, True),  # odd layers of shifted(16)
+    ("window(20)", 50, tiles(8, 8, 16, 8, 16, 16), 2, 1, 16, True),
+    ("repaired(24, 4, bridge)", 60, tiles(8, 8, 8, 16), 4, 2, 16, True),
+    ("repaired(24, 6, prefix)", 60, tiles(8, 8), 2, 1, 16, True),
+    ("strided(5)", 40, tiles(8, 16), 2, 1, 16, False),  # strided tiles are never full
+    ("dilated(4, 3)", 40, tiles(8, 8), 2, 2, 16, False),
+    ("sinks(20)", 44, tiles(8, 8), 2, 1, 16, True),
+    ("random_blocks(8, 2, 11)", 48, tiles(8, 8), 2, 1, 16, True),
+    ("window(24) | sinks(4)", 50, tiles(8, 16), 3, 1, 16, True),
+    ("block(16) & strided(3)", 40, tiles(8, 8), 2, 1, 16, False),
+    ("repaired(24, 4, bridge) | strided(9)", 56, tiles(8, 8), 2, 2, 16, True),
+]
+
+
+@pytest.mark.parametrize("case", PATTERN_CASES, ids=[c[0] for c in PATTERN_CASES])
+def test_pattern_matches_reference_fp32(case):
+    spec, seq_len, sizes, heads, kv_heads, head_dim, both_kinds = case
+    kinds = step_kinds(spec, seq_len, sizes)
+    assert PARTIAL in kinds
+    if both_kinds:
+        assert FULL in kinds, "case must exercise full and partial tiles in every kernel"
+    assert_matches_reference(spec, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                             block_sizes=sizes, seed=zlib.crc32(spec.encode()))
+
+
+@pytest.mark.parametrize("spec, seq_len, sizes", [
+    ("repaired(32, 8, bridge)", 72, tiles(16, 16)),
+    ("window(24) | sinks(2)", 50, tiles(16, 8, 8, 16)),
+])
+def test_bf16_matches_reference(spec, seq_len, sizes):
+    assert step_kinds(spec, seq_len, sizes) >= {FULL, PARTIAL}
+    assert_matches_reference(spec, seq_len=seq_len, heads=4, kv_heads=2, head_dim=32, dtype=jnp.bfloat16,
+                             block_sizes=sizes, seed=seq_len)
+
+
+@pytest.mark.skipif(ON_TPU, reason="the TPU simulator is for machines without a TPU")
+@pytest.mark.parametrize("spec, seq_len, sizes", [
+    ("repaired(16, 4, prefix)", 37, tiles(8, 8, 8, 16)),
+    ("sinks(4) & window(2)", 20, tiles(8, 8)),
+])
+def test_tpu_simulator(spec, seq_len, sizes):
+    # The simulator raises on out-of-bounds reads and fills every buffer the kernels do not write with NaN,
+    # so reading an unwritten accumulator or residual shows up as a non-finite result.
+    assert_matches_reference(spec, seq_len=seq_len, heads=4, kv_heads=2, block_sizes=sizes, seed=seq_len,
+                             interpret=pltpu.InterpretParams())
+
+
+def test_default_block_sizes_and_unaligned_length():
+    # Default tiles, clipped to the sequence rounded up to 8; one partial tile per pass.
+    assert_matches_reference("window(9) | sinks(2)", seq_len=21, heads=2, kv_heads=1, head_dim=32, seed=7)
+
+
+def test_rows_without_keys_give_zero_and_finite_grads():
+    # sinks(4) & window(2): queries >= 5 see no key at all; whole query tiles have no active tile.
+    out, dq, _, _ = assert_matches_reference("sinks(4) & window(2)", seq_len=40, block_sizes=tiles(8, 8), seed=11)
+    np.testing.assert_array_equal(np.asarray(out[:, 5:]), 0.0)
+    np.testing.assert_array_equal(np.asarray(dq[:, 5:]), 0.0)
+    steps = pallas_tpu.step_list(parse("sinks(4) & window(2)"), 40, 8, 8, False)
+    assert EMPTY in steps.kinds.tolist()
+
+
+@pytest.mark.parametrize("scale", [0.37, -0.2])
+def test_custom_scale(scale):
+    assert_matches_reference("window(12)", seq_len=32, block_sizes=tiles(8, 8), scale=scale,
+                             seed=int(abs(scale) * 100))
+
+
+def test_dispatch_through_attention():
+    pattern = parse("repaired(16, 4, bridge)")
+    q, k, v, _ = random_inputs(4, 1, 40, 2, 1, 16, jnp.float32)
+    got = dispatch_attention(q, k, v, pattern, impl="pallas_tpu", interpret=True)
+    want = reference.attention(q, k, v, pattern, scale=0.25)
+    assert relative_error(got, want) < 1e-5
+
+
+def test_jit_vmap_grad():
+    pattern = parse("repaired(16, 4, bridge)")
+    q, k, v, _ = random_inputs(5, 2, 32, 2, 1, 16, jnp.float32)  # the leading axis is vmapped
+    weights = jax.random.normal(jax.random.key(6), q.shape)
+    sizes = tiles(8, 8)
+
+    def loss(attend):
+        batched = jax.vmap(lambda q, k, v: attend(q[None], k[None], v[None])[0])
+        return lambda q, k, v: jnp.sum(batched(q, k, v) * weights)
+
+    ours = loss(lambda q, k, v: pallas_tpu.attention(q, k, v, pattern, scale=0.25, interpret=INTERPRET,
+                                                     block_sizes=sizes))
+    oracle = loss(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.25))
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(oracle, argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+        assert relative_error(g, w) < 1e-5
+
+
+SHARD_MAP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh
+    from sparse_attention import pallas_tpu, reference
+    from sparse_attention.patterns import parse
+    pattern = parse("window(12) | sinks(2)")
+    sizes = pallas_tpu.BlockSizes(8, 8, 8, 8, 8, 8)
+    devices = np.array(jax.devices()[:4]).reshape(2, 2)
+    errors = {}
+    # The training mesh (batch over data x fsdp), and batch x heads.
+    for name, axes, batch_axes, head_axis, batch in [("data_fsdp", ("data", "fsdp"), ("data", "fsdp"), None, 4),
+                                                     ("data_heads", ("data", "heads"), "data", "heads", 2)]:
+        mesh = Mesh(devices, axes)
+        keys = jax.random.split(jax.random.key(int(sys.argv[1]) + batch), 4)
+        q = jax.random.normal(keys[0], (batch, 28, 4, 16)); d_out = jax.random.normal(keys[3], q.shape)
+        k, v = (jax.random.normal(key, (batch, 28, 2, 16)) for key in keys[1:3])
+        def run(attend):
+            out, vjp = jax.vjp(attend, q, k, v)
+            return (out, *vjp(d_out))
+        got = jax.jit(lambda: run(lambda q, k, v: pallas_tpu.sharded_attention(
+            q, k, v, pattern, mesh, batch_axes=batch_axes, head_axis=head_axis, scale=0.25, interpret=True,
+            block_sizes=sizes)))()
+        want = run(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.25))
+        errors[name] = [float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) for g, w in zip(got, want)]
+    try:
+        pallas_tpu.sharded_attention(q[:, :, :3], k[:, :, :1], v[:, :, :1], pattern, Mesh(devices, ("data", "heads")),
+                                     batch_axes="data", head_axis="heads", interpret=True)
+    except ValueError as error:
+        errors["refused"] = str(error)
+    print(json.dumps(errors))
+    """
+)
+
+
+def test_sharded_attention_over_batch_and_heads():
+    # A subprocess, so that the 4 host devices do not leak into other tests (or pytest-xdist workers).
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", SHARD_MAP_SCRIPT, "21"], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = json.loads(result.stdout.strip().splitlines()[-1])
+    assert max(errors["data_fsdp"]) < 1e-5 and max(errors["data_heads"]) < 1e-5, errors
+    assert "head_axis" in errors["refused"] and "kv_heads=1" in errors["refused"]
+
+
+# --------------------------------------------------------------------------- lowering for TPU hardware
+
+LOWERING_CASES = ["dense", "block(256)", "block(256, 128)", "window(300)", "repaired(256, 64, bridge)",
+                  "repaired(256, 64, prefix)", "strided(7)", "dilated(6, 3)", "sinks(4)",
+                  "random_blocks(128, 2, 5)", "window(300) | sinks(4)", "block(256) & strided(3)",
+                  "sinks(4) & window(2)"]
+
+
+@pytest.mark.parametrize("dtype, head_dim", [(jnp.bfloat16, 128), (jnp.float32, 64)])
+def test_kernels_lower_to_mosaic(dtype, head_dim):
+    """Forward, dq and dk/dv of every pattern pass Pallas's Mosaic lowering for a TPU v5p at 128 tiles.
+
+    This checks every in-kernel op and block shape against the Mosaic lowering rules without a TPU; the
+    Mosaic compiler itself (libtpu) runs only on hardware. The private `_flash` skips the backend check.
+    """
+    device = jax.sharding.AbstractDevice(device_kind="TPU v5p", num_cores=1, platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,), abstract_device=device)
+    q = jax.ShapeDtypeStruct((2, 1000, 4, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((2, 1000, 2, head_dim), dtype)
+    for spec in LOWERING_CASES:
+        static = pallas_tpu._Static(parse(spec), 0.125, False, pallas_tpu.BlockSizes(128, 128, 128, 128, 128, 128))
+        grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(pallas_tpu._flash(q, k, v, static).astype(jnp.float32)),
+                                 argnums=(0, 1, 2)))
+        with jax.sharding.use_abstract_mesh(mesh):
+            text = grads.trace(q, kv, kv).lower(lowering_platforms=("tpu",)).as_text()
+        assert text.count("tpu_custom_call") == 3, spec
+
+
+# ------------------------------------------------------------------------------- step lists and API
+
+
+@pytest.mark.parametrize("spec", ["dense", "window(40)", "repaired(64, 16, bridge)", "repaired(64, 16, prefix)",
+                                  "strided(5)", "random_blocks(32, 2, 3)", "sinks(4) & window(2)"])
+@pytest.mark.parametrize("by_key", [False, True])
+def test_step_list_visits_each_active_tile_once(spec, by_key):
+    pattern, seq_len, block_q, block_k = parse(spec), 200, 32, 16
+    steps = pallas_tpu.step_list(pattern, seq_len, block_q, block_k, by_key)
+    classes = block_layout(pattern, seq_len, block_q, block_k).dense_tile_classes()
+    if by_key:
+        classes = classes.T
+    kinds, first, last = steps.kinds, (steps.flags & 4) != 0, (steps.flags & 8) != 0
+    assert (np.diff(steps.rows) >= 0).all() and sorted(set(steps.rows.tolist())) == list(range(len(classes)))
+    visited = np.zeros_like(classes)
+    for row, col, kind in zip(steps.rows, steps.cols, kinds):
+        if kind != EMPTY:
+            assert visited[row, col] == EMPTY, "a tile is visited twice"
+            visited[row, col] = kind
+    np.testing.assert_array_equal(visited, classes)
+    # One first and one last step per row, at its ends; an empty row is a single step.
+    starts = np.flatnonzero(np.diff(steps.rows, prepend=-1) != 0)
+    np.testing.assert_array_equal(np.flatnonzero(first), starts)
+    np.testing.assert_array_equal(np.flatnonzero(last), np.append(starts[1:] - 1, len(steps.rows) - 1))
+    for row in np.flatnonzero(~classes.astype(bool).any(axis=1)):
+        at = np.flatnonzero(steps.rows == row)
+        assert len(at) == 1 and kinds[at[0]] == EMPTY
+        assert at[0] == 0 or steps.cols[at[0]] == steps.cols[at[0] - 1], "an empty step loads a new tile"
+    # Within a row, full tiles come before partial ones.
+    for row in range(len(classes)):
+        row_kinds = kinds[steps.rows == row]
+        assert (np.diff((row_kinds == PARTIAL).astype(int)) >= 0).all()
+
+
+def test_block_sizes_validation_and_clipping():
+    with pytest.raises(ValueError, match="block_q"):
+        pallas_tpu.BlockSizes(block_q=12)
+    with pytest.raises(ValueError, match="block_k_dkv"):
+        pallas_tpu.BlockSizes(block_k_dkv=0)
+    with pytest.raises(ValueError, match="block_k"):
+        pallas_tpu.BlockSizes(block_k=True)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        pallas_tpu.BlockSizes(block_q=64).check_hardware()
+    pallas_tpu.BlockSizes().check_hardware()
+    clipped = pallas_tpu.BlockSizes().clipped(130, 128)
+    assert clipped.block_q == 256 and pallas_tpu.BlockSizes().clipped(100, 128).block_q == 128
+    assert tiles(16, 8, 24).clipped(20, 8).sequence_multiple == 48
+
+
+def test_step_lists_beyond_smem_are_refused():
+    static = pallas_tpu._Static(parse("dense"), 1.0, False, pallas_tpu.BlockSizes(128, 128, 128, 128, 128, 128))
+    with pytest.raises(ValueError, match="SMEM"):
+        pallas_tpu._kernel_steps(static, 300 * 128, 128, 128, False)
+
+
+def test_unsupported_reasons():
+    q = jnp.zeros((1, 16, 2, 16), jnp.float32)
+    pattern = parse("dense")
+    assert pallas_tpu.unsupported_reason(q, q, q, pattern, interpret=True) is None
+    assert pallas_tpu.unsupported_reason(q, q, q, pattern, interpret=pltpu.InterpretParams()) is None
+    assert "float16" in pallas_tpu.unsupported_reason(q.astype(jnp.float16), q, q, pattern, interpret=True)
+    if not ON_TPU:
+        assert "TPU" in pallas_tpu.unsupported_reason(q, q, q, pattern, interpret=False)
+        with pytest.raises(ValueError, match="pallas_tpu"):
+            resolve_impl("pallas_tpu", q, q, q, pattern)
+    assert resolve_impl("pallas_tpu", q, q, q, pattern, interpret=True) == ("pallas_tpu", "requested")
+    with pytest.raises(ValueError, match="block_sizes"):
+        pallas_tpu.attention(q, q, q, pattern, scale=1.0, interpret=True, block_sizes=(8, 8))
+
+
+# ---------------------------------------------------------------------------------------------- TPU
+
+
+TPU_CASES = [
+    ("dense", 2048, 128),
+    ("block(512)", 4096, 128),
+    ("block(512, 256)", 2048, 128),
+    ("window(1024)", 4096, 128),
+    ("repaired(512, 64, bridge)", 4096, 128),
+    ("repaired(512, 64, prefix)", 3000, 128),
+    ("strided(64)", 1024, 128),
+    ("dilated(128, 8)", 2048, 128),
+    ("sinks(4) & window(2)", 1024, 128),
+    ("random_blocks(256, 2, 5)", 4096, 128),
+    ("window(1024) | sinks(16)", 2500, 64),
+    ("block(512) & strided(3)", 2048, 128),
+]
+
+
+@pytest.mark.skipif(not ON_TPU, reason="needs a TPU: the compiled Mosaic kernels at real sizes")
+class TestTpu:
+    @pytest.mark.parametrize("spec, seq_len, head_dim", TPU_CASES, ids=[c[0] for c in TPU_CASES])
+    def test_bf16_default_tiles(self, spec, seq_len, head_dim):
+        assert_matches_reference(spec, seq_len=seq_len, heads=4, kv_heads=2, head_dim=head_dim,
+                                 dtype=jnp.bfloat16, seed=seq_len + head_dim, interpret=False)
+
+    def test_fp32_full_precision(self):
+        assert_matches_reference("window(300) | sinks(8)", seq_len=1000, heads=2, kv_heads=1, head_dim=128,
+                                 dtype=jnp.float32, seed=1, interpret=False)

@@ -1,0 +1,710 @@
+"""Block-sparse flash attention for Hopper and later GPUs (sm90+): Pallas Mosaic GPU kernels.
+
+Three warp-specialized kernels. Each thread block owns one row tile of the block layout (a query tile for
+the forward and dq passes, a key tile for dk/dv) and runs `warpgroups` compute warpgroups, each on its own
+64-row slice of that tile, plus one memory warpgroup:
+
+  memory warpgroup    walks the row's list of tiles (FULL tiles first, then PARTIAL ones, read as int32
+                      scalars from GMEM) and issues the TMA loads of the streamed operands (K and V, or
+                      Q, dO and the row statistics) into a ring of `stages` SMEM slots. Each load completes
+                      on that slot's `loaded` barrier; a slot is refilled only after every compute
+                      warpgroup has arrived on its `consumed` barrier.
+  compute warpgroups  load their resident operands once (TMA), then for every step wait on the slot's
+                      `loaded` barriers, multiply on the tensor cores (wgmma), apply the online softmax or
+                      its gradient, and arrive on the `consumed` barriers. FULL tiles run unmasked; PARTIAL
+                      tiles evaluate `pattern.mask(q_pos, k_pos) & (k_pos < seq_len)` on int32 iotas.
+                      In the forward pass two compute warpgroups also take turns on the tensor cores
+                      (a schedule barrier), so one's softmax overlaps the other's matrix multiplies.
+
+  forward  rows = query tiles of warpgroups x block_q; saves the base-2 logsumexp per row.
+  dq       the same rows; recomputes probabilities from the saved logsumexp.
+  dk/dv    rows = key tiles of warpgroups x block_k_dkv, over the transposed layout; with GQA a block owns
+           one kv head and streams the query tiles of every q head of its group.
+
+Shapes: q [batch, seq, q_heads, head_dim], k/v [batch, seq, kv_heads, head_dim]; bfloat16 or float16,
+head_dim 64 or 128. Sequences are zero-padded to a tile multiple inside and sliced outside.
+
+Interpret mode (CPU tests) runs the same kernels through Pallas' GPU interpreter, whose wgmma reads only
+SMEM operands and cannot start from a given accumulator: there `_matmul` stores register operands to an
+SMEM staging buffer first and adds each product to its accumulator. docs/mosaic_gpu.md has the details.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from sparse_attention.pallas_gpu import LOG2_E, tile_plan
+from sparse_attention.patterns import Pattern, as_pattern
+
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+HEAD_DIMS = (64, 128)
+WGMMA_ROWS = 64  # rows of one warpgroup's wgmma; every block is a multiple
+MAX_BLOCK = 256
+MAX_WARPGROUPS = 2
+MAX_STAGES = 4
+# CUDA runtimes [12.8.0, 12.9.1): jax.experimental.pallas.ops.gpu.attention_mgpu refuses masked (causal)
+# attention on them for a ptxas miscompilation; the partial tiles here are masked the same way.
+MISCOMPILING_CUDA = (12080, 12091)
+MEMORY_REGISTERS = 40  # per-thread registers left to the memory warpgroup, which only issues TMA
+# Initial running max: finite, so that a row whose first tiles are all masked (-inf logits) gives
+# exp2(-inf - m) = 0 instead of exp2(-inf + inf) = NaN, and below any finite scaled logit.
+_ROW_MAX_INIT = float(np.finfo(np.float32).min)
+_GRID_NAMES = ("tile", "head", "batch")
+_WARPGROUP = "warpgroup"
+# 128-byte swizzle with (8, 64) tiles: the SMEM layout wgmma reads without bank conflicts (16-bit data).
+_SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tiles, compute warpgroups and pipeline depth of the three kernels; docs/mosaic_gpu.md gives reasons.
+
+    Forward: a thread block owns warpgroups x block_q query rows (block_q per compute warpgroup) and
+    streams [block_k] key tiles through `stages` SMEM slots. dq: the same with the *_dq fields. dk/dv: a
+    block owns warpgroups_dkv x block_k_dkv keys and streams [block_q_dkv] query tiles. Blocks are
+    multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
+    """
+
+    block_q: int = 64
+    block_k: int = 128
+    warpgroups: int = 2
+    stages: int = 2
+
+    block_q_dq: int = 64
+    block_k_dq: int = 64
+    warpgroups_dq: int = 2
+    stages_dq: int = 2
+
+    block_k_dkv: int = 64
+    block_q_dkv: int = 64
+    warpgroups_dkv: int = 2
+    stages_dkv: int = 2
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"BlockSizes.{field.name} must be a positive integer, got {value!r}")
+            if field.name.startswith("block_") and (value % WGMMA_ROWS or value > MAX_BLOCK):
+                raise ValueError(
+                    f"BlockSizes.{field.name} must be a multiple of {WGMMA_ROWS} up to {MAX_BLOCK}, got {value}"
+                )
+            if field.name.startswith("warpgroups") and value > MAX_WARPGROUPS:
+                raise ValueError(f"BlockSizes.{field.name} must be 1 or 2, got {value}")
+            if field.name.startswith("stages") and value > MAX_STAGES:
+                raise ValueError(f"BlockSizes.{field.name} must be 1 to {MAX_STAGES}, got {value}")
+
+    @classmethod
+    def for_head_dim(cls, head_dim: int) -> "BlockSizes":
+        """Defaults for head_dim 64 or 128: a third forward stage fits in SMEM at 64."""
+        return cls(stages=3) if head_dim <= 64 else cls()
+
+    @property
+    def forward_tile(self) -> tuple[int, int]:
+        """(query rows, keys) of one forward layout tile."""
+        return self.block_q * self.warpgroups, self.block_k
+
+    @property
+    def dq_tile(self) -> tuple[int, int]:
+        return self.block_q_dq * self.warpgroups_dq, self.block_k_dq
+
+    @property
+    def dkdv_tile(self) -> tuple[int, int]:
+        return self.block_q_dkv, self.block_k_dkv * self.warpgroups_dkv
+
+    @property
+    def sequence_multiple(self) -> int:
+        """Sequences are padded to a multiple of every tile side."""
+        return math.lcm(*self.forward_tile, *self.dq_tile, *self.dkdv_tile)
+
+
+# ------------------------------------------------------------------------------------------- step plans
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StepPlan:
+    """What each thread block walks, one entry per block in launch order (heaviest rows first).
+
+    rows:   int32 [blocks]; the row tile block i owns
+    tiles:  int32 [blocks, width]; its FULL tiles, then its PARTIAL tiles (padded by repetition)
+    counts: int32 [blocks, 2]; (number of FULL tiles, number of FULL + PARTIAL tiles)
+    """
+
+    rows: np.ndarray
+    tiles: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.rows, self.tiles, self.counts
+
+
+@functools.lru_cache(maxsize=128)
+def step_plan(pattern: Pattern, seq_len: int, block_q: int, block_k: int, by_key: bool) -> StepPlan:
+    """The plan of the forward/dq pass (by_key=False: rows are [block_q] query tiles over [block_k] key
+    tiles) or of the dk/dv pass (by_key=True: rows are [block_k] key tiles over [block_q] query tiles),
+    from `pallas_gpu.tile_plan` with whole tiles (no partial sub-tiles)."""
+    plan = tile_plan(pattern, seq_len, block_q, block_k, block_q if by_key else block_k, by_key)
+    num_full, num_partial = plan.num_full.astype(np.int64), plan.num_partial.astype(np.int64)
+    width = max(1, int((num_full + num_partial).max(initial=0)))
+    column = np.arange(width)[None, :]
+    from_full = np.take_along_axis(plan.full, np.minimum(column, plan.full.shape[1] - 1), axis=1)
+    from_partial = np.take_along_axis(
+        plan.partial, np.clip(column - num_full[:, None], 0, plan.partial.shape[1] - 1), axis=1
+    )
+    tiles = np.where(column < num_full[:, None], from_full, from_partial).astype(np.int32)
+    counts = np.stack([num_full, num_full + num_partial], axis=1).astype(np.int32)
+    return StepPlan(plan.rows, tiles, counts)
+
+
+# ------------------------------------------------------------------------------------ kernel building blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything the kernels specialise on (hashable: a custom_vjp non-differentiable argument)."""
+
+    pattern: Pattern
+    scale: float
+    interpret: bool | plgpu.InterpretGPUParams
+    block_sizes: BlockSizes
+
+
+def _matmul(a, b, *, while_running=None):
+    """a @ b in float32 on the tensor cores (wgmma); a [m, k] and b [k, n] are SMEM refs.
+
+    `while_running()` runs after the wgmma is issued and before its result is read.
+    """
+
+    def issue_and_read(acc_ref):
+        plgpu.wgmma(acc_ref, a, b)
+        if while_running is not None:
+            while_running()
+        return acc_ref[...]
+
+    return pl.run_scoped(issue_and_read, plgpu.ACC((a.shape[0], b.shape[1]), jnp.float32))
+
+
+def _accumulate(acc, a, b, stage):
+    """acc + a @ b in float32 on the tensor cores; a [m, k] is a value in registers (probabilities or
+    their gradient), b [k, n] an SMEM ref.
+
+    On the hardware (stage None) `a` feeds wgmma from registers and the product accumulates in place. In
+    interpret mode `stage` is an [m, k] SMEM buffer: the interpreter's wgmma reads only SMEM operands and
+    starts from a zero accumulator, so `a` is stored there first and the product is added afterwards.
+    """
+    if stage is None:
+        return pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, a, b))(plgpu.ACC.init(acc))
+    stage[...] = a
+    plgpu.commit_smem()  # make the stores visible to wgmma's (async proxy) reads
+    return acc + _matmul(stage, b)
+
+
+def _tile_mask(pattern: Pattern, seq_len: int, shape, q_start, k_start, transposed: bool = False):
+    """bool [rows, cols] in the wgmma accumulator layout: which pairs of a partial tile attend.
+
+    Rows are queries from q_start and columns keys from k_start, or the reverse when `transposed`. The
+    positions are int32 iotas made where they are used (cheaper than keeping them live in registers);
+    padded keys (k >= seq_len) never attend.
+    """
+    rows, cols = (plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA) for axis in (0, 1))
+    if transposed:
+        k_pos, q_pos = k_start + rows, q_start + cols
+    else:
+        q_pos, k_pos = q_start + rows, k_start + cols
+    return pattern.mask(q_pos, k_pos) & (k_pos < seq_len)
+
+
+def _rows(vector, shape):
+    """[rows] -> [rows, cols], repeated along the columns."""
+    return lax.broadcast_in_dim(vector, shape, [0])
+
+
+def _columns(vector, shape):
+    """[cols] -> [rows, cols], repeated along the rows."""
+    return lax.broadcast_in_dim(vector, shape, [1])
+
+
+def _zeros(shape):
+    return plgpu.layout_cast(jnp.zeros(shape, jnp.float32), plgpu.Layout.WGMMA)
+
+
+def _row_vector(value, rows):
+    return plgpu.layout_cast(jnp.full((rows,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
+
+
+def _compute_registers(warpgroups: int) -> int:
+    """Per-thread registers of each compute warpgroup: the 512 per thread of a 128-thread share of the
+    register file, less the memory warpgroup's, split evenly, at most 256, in multiples of 8."""
+    return min(256, (512 - MEMORY_REGISTERS) // warpgroups) // 8 * 8
+
+
+def _slot(step, stages: int):
+    return lax.rem(step, jnp.int32(stages))
+
+
+def _stream(num_steps, stages: int, groups):
+    """The memory warpgroup's loop: TMA loads of steps 0..num_steps-1 into SMEM slots step % stages.
+
+    groups: [(consumed barriers [stages], [(source(step) -> GMEM ref, SMEM buffers [stages, ...],
+    loaded barriers [stages]), ...])]. A group's slot is refilled once every compute warpgroup has arrived
+    on the group's consumed barrier for the step that last used it.
+    """
+
+    @pl.loop(0, num_steps)
+    def _(step):
+        slot = _slot(step, stages)
+        for consumed, copies in groups:
+
+            @pl.when(step >= stages)
+            def _():
+                plgpu.barrier_wait(consumed.at[slot])
+
+            for source, buffers, loaded in copies:
+                plgpu.copy_gmem_to_smem(source(step), buffers.at[slot], loaded.at[slot])
+
+    # Observe the last consumptions too: a warpgroup that waits on a barrier waits on all of its phases
+    # (the interpreter checks this; on the hardware it only holds the warpgroup until compute is done).
+    @pl.loop(jnp.maximum(num_steps - stages, 0), num_steps)
+    def _(step):
+        for consumed, _ in groups:
+            plgpu.barrier_wait(consumed.at[_slot(step, stages)])
+
+
+def _kernel(body, out_type, scratch, *, grid, static: _Static, name: str, warpgroups: int):
+    """plgpu.kernel over (row tiles, heads, batch) blocks of warpgroups + 1 warpgroups."""
+    if isinstance(static.interpret, plgpu.InterpretGPUParams):
+        interpret = static.interpret
+    else:
+        interpret = plgpu.InterpretGPUParams() if static.interpret else None
+    return plgpu.kernel(
+        body,
+        out_type=out_type,
+        scratch_types=scratch,
+        grid=grid,
+        grid_names=_GRID_NAMES,
+        num_threads=warpgroups + 1,
+        thread_name=_WARPGROUP,
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret,
+        kernel_name=name,
+    )
+
+
+def _smem(shape, dtype, swizzled: bool = True):
+    return plgpu.SMEM(shape, dtype, transforms=_SWIZZLED if swizzled else ())
+
+
+def _block_index():
+    return tuple(lax.axis_index(name) for name in _GRID_NAMES)
+
+
+def _load_resident(copies, loaded, wg):
+    """A compute warpgroup's TMA loads of its own operands [(GMEM ref, SMEM ref), ...], then the wait."""
+    for (source, buffer), barriers in zip(copies, loaded):
+        plgpu.copy_gmem_to_smem(source, buffer, barriers.at[wg])
+    for barriers in loaded:
+        plgpu.barrier_wait(barriers.at[wg])
+
+
+def _store_results(copies):
+    """SMEM -> GMEM TMA stores [(SMEM ref, GMEM ref), ...] of values just written to SMEM."""
+    plgpu.commit_smem()
+    for buffer, target in copies:
+        plgpu.copy_smem_to_gmem(buffer, target)
+    plgpu.wait_smem_to_gmem(0)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+
+def _forward_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *,
+                    static: _Static, seq_len: int, group: int, q_smem, k_smem, v_smem, lse_smem,
+                    q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, schedule=None, stage=None):
+    sizes = static.block_sizes
+    warpgroups, block_q, block_k, stages = sizes.warpgroups, sizes.block_q, sizes.block_k, sizes.stages
+    scale_log2 = static.scale * LOG2_E
+    program, head, batch = _block_index()
+    wg = lax.axis_index(_WARPGROUP)
+    num_full, num_steps = counts_ref[program, 0], counts_ref[program, 1]
+    kv_head = lax.div(head, jnp.int32(group))
+
+    @pl.when(wg == warpgroups)
+    def _memory():
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+        def key_tile(ref):
+            return lambda step: ref.at[batch, pl.ds(tiles_ref[program, step] * block_k, block_k), kv_head]
+
+        _stream(num_steps, stages, [(k_consumed, [(key_tile(k_ref), k_smem, k_loaded)]),
+                                    (v_consumed, [(key_tile(v_ref), v_smem, v_loaded)])])
+
+    @pl.when(wg < warpgroups)
+    def _compute():
+        plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
+        q_start = rows_ref[program] * (warpgroups * block_q) + wg * block_q
+        q_tile = q_smem.at[wg]  # [block_q, head_dim]; holds the output at the end
+        _load_resident([(q_ref.at[batch, pl.ds(q_start, block_q), head], q_tile)], [q_loaded], wg)
+        staged = None if stage is None else stage.at[wg]
+        shape = (block_q, block_k)
+
+        def take_turn():  # with two compute warpgroups: let the other one use the tensor cores
+            plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(schedule)
+
+        def step(masked, index, carry):
+            acc, row_max, row_sum = carry
+            slot = _slot(index, stages)
+            plgpu.barrier_wait(k_loaded.at[slot])
+            dots = _matmul(q_tile, k_smem.at[slot].T, while_running=take_turn if schedule is not None else None)
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            if masked or scale_log2 < 0:
+                logits = dots * scale_log2
+                if masked:
+                    active = _tile_mask(static.pattern, seq_len, shape, q_start, tiles_ref[program, index] * block_k)
+                    logits = jnp.where(active, logits, -jnp.inf)
+                new_max = jnp.maximum(row_max, logits.max(axis=1))
+                probs = jnp.exp2(logits - _rows(new_max, shape))
+            else:  # max before scaling, then one fused multiply-add per logit
+                new_max = jnp.maximum(row_max, dots.max(axis=1) * scale_log2)
+                probs = jnp.exp2(dots * scale_log2 - _rows(new_max, shape))
+            correction = jnp.exp2(row_max - new_max)
+            row_sum = row_sum * correction + probs.sum(axis=1)
+            acc = acc * _rows(correction, acc.shape)
+            if schedule is not None:
+                plgpu.barrier_arrive(schedule)
+            plgpu.barrier_wait(v_loaded.at[slot])
+            if schedule is not None:
+                plgpu.barrier_wait(schedule)
+            acc = _accumulate(acc, probs.astype(q_ref.dtype), v_smem.at[slot], staged)
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            return acc, new_max, row_sum
+
+        carry = (_zeros(q_tile.shape), _row_vector(_ROW_MAX_INIT, block_q), _row_vector(0.0, block_q))
+        if schedule is not None:
+            pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
+        carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
+        acc, row_max, row_sum = lax.fori_loop(num_full, num_steps, functools.partial(step, True), carry)
+        if schedule is not None:
+            pl.when(wg == 0)(take_turn)  # pairs with warpgroup 1's first turn
+        seen = row_sum > 0  # rows with no active key give 0, and lse = +inf makes their backward 0
+        safe_sum = jnp.where(seen, row_sum, 1.0)
+        q_tile[...] = (acc * _rows(1.0 / safe_sum, acc.shape)).astype(q_tile.dtype)
+        lse_smem.at[wg][...] = jnp.where(seen, row_max + jnp.log2(safe_sum), jnp.inf)
+        _store_results([(q_tile, out_ref.at[batch, pl.ds(q_start, block_q), head]),
+                        (lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_start, block_q)])])
+
+
+def _dq_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_ref, *,
+               static: _Static, seq_len: int, group: int, q_smem, d_out_smem, lse_smem, delta_smem, k_smem,
+               v_smem, q_loaded, d_out_loaded, lse_loaded, delta_loaded, k_loaded, v_loaded, k_consumed,
+               v_consumed, stage=None):
+    sizes = static.block_sizes
+    warpgroups, block_q, block_k, stages = (sizes.warpgroups_dq, sizes.block_q_dq, sizes.block_k_dq,
+                                            sizes.stages_dq)
+    scale_log2 = static.scale * LOG2_E
+    program, head, batch = _block_index()
+    wg = lax.axis_index(_WARPGROUP)
+    num_full, num_steps = counts_ref[program, 0], counts_ref[program, 1]
+    kv_head = lax.div(head, jnp.int32(group))
+
+    @pl.when(wg == warpgroups)
+    def _memory():
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+        def key_tile(ref):
+            return lambda step: ref.at[batch, pl.ds(tiles_ref[program, step] * block_k, block_k), kv_head]
+
+        _stream(num_steps, stages, [(v_consumed, [(key_tile(v_ref), v_smem, v_loaded)]),
+                                    (k_consumed, [(key_tile(k_ref), k_smem, k_loaded)])])
+
+    @pl.when(wg < warpgroups)
+    def _compute():
+        plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
+        q_start = rows_ref[program] * (warpgroups * block_q) + wg * block_q
+        queries = pl.ds(q_start, block_q)
+        q_tile, d_out_tile = q_smem.at[wg], d_out_smem.at[wg]  # q_tile holds dq at the end
+        _load_resident([(q_ref.at[batch, queries, head], q_tile), (d_out_ref.at[batch, queries, head], d_out_tile),
+                        (lse_ref.at[batch, head, queries], lse_smem.at[wg]),
+                        (delta_ref.at[batch, head, queries], delta_smem.at[wg])],
+                       [q_loaded, d_out_loaded, lse_loaded, delta_loaded], wg)
+        shape = (block_q, block_k)
+        lse = plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+        delta = plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+        staged = None if stage is None else stage.at[wg]
+
+        def step(masked, index, dq):
+            slot = _slot(index, stages)
+            plgpu.barrier_wait(k_loaded.at[slot])
+            probs = jnp.exp2(_matmul(q_tile, k_smem.at[slot].T) * scale_log2 - _rows(lse, shape))
+            if masked:
+                active = _tile_mask(static.pattern, seq_len, shape, q_start, tiles_ref[program, index] * block_k)
+                probs = jnp.where(active, probs, 0.0)
+            plgpu.barrier_wait(v_loaded.at[slot])
+            d_probs = _matmul(d_out_tile, v_smem.at[slot].T)
+            plgpu.barrier_arrive(v_consumed.at[slot])
+            d_logits = probs * (d_probs - _rows(delta, shape))
+            dq = _accumulate(dq, d_logits.astype(q_ref.dtype), k_smem.at[slot], staged)
+            plgpu.barrier_arrive(k_consumed.at[slot])
+            return dq
+
+        dq = lax.fori_loop(0, num_full, functools.partial(step, False), _zeros(q_tile.shape))
+        dq = lax.fori_loop(num_full, num_steps, functools.partial(step, True), dq)
+        q_tile[...] = (dq * static.scale).astype(q_tile.dtype)
+        _store_results([(q_tile, dq_ref.at[batch, queries, head])])
+
+
+def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref,
+                 dv_ref, *, static: _Static, seq_len: int, group: int, k_smem, v_smem, q_smem, d_out_smem,
+                 lse_smem, delta_smem, k_loaded, v_loaded, q_loaded, d_out_loaded, lse_loaded, delta_loaded,
+                 consumed, stage=None):
+    sizes = static.block_sizes
+    warpgroups, block_k, block_q, stages = (sizes.warpgroups_dkv, sizes.block_k_dkv, sizes.block_q_dkv,
+                                            sizes.stages_dkv)
+    scale_log2 = static.scale * LOG2_E
+    program, kv_head, batch = _block_index()
+    wg = lax.axis_index(_WARPGROUP)
+    num_full, num_steps = counts_ref[program, 0], counts_ref[program, 1]
+
+    @pl.when(wg == warpgroups)
+    def _memory():
+        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+
+        def query_tile(ref, stats: bool):
+            """Step g * num_steps + i: query tile i of the row's list, for q head g of the group."""
+
+            def source(step):
+                g = lax.div(step, num_steps)
+                queries = pl.ds(tiles_ref[program, step - g * num_steps] * block_q, block_q)
+                q_head = kv_head * group + g
+                return ref.at[batch, q_head, queries] if stats else ref.at[batch, queries, q_head]
+
+            return source
+
+        _stream(group * num_steps, stages, [(consumed, [
+            (query_tile(q_ref, False), q_smem, q_loaded), (query_tile(lse_ref, True), lse_smem, lse_loaded),
+            (query_tile(d_out_ref, False), d_out_smem, d_out_loaded),
+            (query_tile(delta_ref, True), delta_smem, delta_loaded)])])
+
+    @pl.when(wg < warpgroups)
+    def _compute():
+        plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
+        k_start = rows_ref[program] * (warpgroups * block_k) + wg * block_k
+        keys = pl.ds(k_start, block_k)
+        k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]  # [block_k, head_dim]; hold dk and dv at the end
+        _load_resident([(k_ref.at[batch, keys, kv_head], k_tile), (v_ref.at[batch, keys, kv_head], v_tile)],
+                       [k_loaded, v_loaded], wg)
+        staged = None if stage is None else stage.at[wg]
+        shape = (block_k, block_q)  # transposed tiles: keys along rows
+
+        def head_in_group(g, carry):
+            def step(masked, index, carry):
+                dk, dv = carry
+                slot = _slot(g * num_steps + index, stages)
+                plgpu.barrier_wait(q_loaded.at[slot])
+                plgpu.barrier_wait(lse_loaded.at[slot])
+                lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                probs_t = jnp.exp2(_matmul(k_tile, q_smem.at[slot].T) * scale_log2 - _columns(lse, shape))
+                if masked:
+                    q_start = tiles_ref[program, index] * block_q
+                    active = _tile_mask(static.pattern, seq_len, shape, q_start, k_start, transposed=True)
+                    probs_t = jnp.where(active, probs_t, 0.0)
+                plgpu.barrier_wait(d_out_loaded.at[slot])
+                dv = _accumulate(dv, probs_t.astype(q_ref.dtype), d_out_smem.at[slot], staged)
+                d_probs_t = _matmul(v_tile, d_out_smem.at[slot].T)
+                plgpu.barrier_wait(delta_loaded.at[slot])
+                delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                d_logits_t = probs_t * (d_probs_t - _columns(delta, shape))
+                dk = _accumulate(dk, d_logits_t.astype(q_ref.dtype), q_smem.at[slot], staged)
+                plgpu.barrier_arrive(consumed.at[slot])
+                return dk, dv
+
+            carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
+            return lax.fori_loop(num_full, num_steps, functools.partial(step, True), carry)
+
+        dk, dv = lax.fori_loop(0, group, head_in_group, (_zeros(k_tile.shape), _zeros(v_tile.shape)))
+        k_tile[...] = (dk * static.scale).astype(k_tile.dtype)
+        v_tile[...] = dv.astype(v_tile.dtype)
+        _store_results([(k_tile, dk_ref.at[batch, keys, kv_head]), (v_tile, dv_ref.at[batch, keys, kv_head])])
+
+
+# ------------------------------------------------------------------------------------------- launchers
+
+
+def _barriers(count: int, arrivals: int = 1):
+    return plgpu.Barrier(num_arrivals=arrivals, num_barriers=count)
+
+
+def _forward(q, k, v, static: _Static, seq_len: int):
+    """out [batch, padded_seq, q_heads, d], lse [batch, q_heads, padded_seq] (base 2, float32)."""
+    batch, padded_len, q_heads, head_dim = q.shape
+    sizes = static.block_sizes
+    warpgroups, block_q, block_k, stages = sizes.warpgroups, sizes.block_q, sizes.block_k, sizes.stages
+    plan = step_plan(static.pattern, seq_len, *sizes.forward_tile, False)
+    scratch = dict(
+        q_smem=_smem((warpgroups, block_q, head_dim), q.dtype),
+        k_smem=_smem((stages, block_k, head_dim), q.dtype),
+        v_smem=_smem((stages, block_k, head_dim), q.dtype),
+        lse_smem=_smem((warpgroups, block_q), jnp.float32, swizzled=False),
+        q_loaded=_barriers(warpgroups), k_loaded=_barriers(stages), v_loaded=_barriers(stages),
+        k_consumed=_barriers(stages, warpgroups), v_consumed=_barriers(stages, warpgroups),
+    )
+    if warpgroups == 2:
+        scratch["schedule"] = _barriers(1, 2)
+    if static.interpret:
+        scratch["stage"] = _smem((warpgroups, block_q, block_k), q.dtype, swizzled=False)
+    body = functools.partial(_forward_kernel, static=static, seq_len=seq_len, group=q_heads // k.shape[2])
+    out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32))
+    call = _kernel(body, out_type, scratch, grid=(len(plan.rows), q_heads, batch), static=static,
+                   name="sparse_attention_forward", warpgroups=warpgroups)
+    return call(*plan.arrays, q, k, v)
+
+
+def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
+    batch, padded_len, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    group = q_heads // kv_heads
+    sizes = static.block_sizes
+    # delta = rowsum(dO * O): [batch, q_heads, padded_seq], one fused XLA reduction.
+    delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
+    dtype = q.dtype
+
+    warpgroups, block_q, block_k, stages = (sizes.warpgroups_dq, sizes.block_q_dq, sizes.block_k_dq,
+                                            sizes.stages_dq)
+    plan = step_plan(static.pattern, seq_len, *sizes.dq_tile, False)
+    scratch = dict(
+        q_smem=_smem((warpgroups, block_q, head_dim), dtype),
+        d_out_smem=_smem((warpgroups, block_q, head_dim), dtype),
+        lse_smem=_smem((warpgroups, block_q), jnp.float32, swizzled=False),
+        delta_smem=_smem((warpgroups, block_q), jnp.float32, swizzled=False),
+        k_smem=_smem((stages, block_k, head_dim), dtype),
+        v_smem=_smem((stages, block_k, head_dim), dtype),
+        q_loaded=_barriers(warpgroups), d_out_loaded=_barriers(warpgroups), lse_loaded=_barriers(warpgroups),
+        delta_loaded=_barriers(warpgroups), k_loaded=_barriers(stages), v_loaded=_barriers(stages),
+        k_consumed=_barriers(stages, warpgroups), v_consumed=_barriers(stages, warpgroups),
+    )
+    if static.interpret:
+        scratch["stage"] = _smem((warpgroups, block_q, block_k), dtype, swizzled=False)
+    body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=group)
+    dq = _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=(len(plan.rows), q_heads, batch),
+                 static=static, name="sparse_attention_dq", warpgroups=warpgroups)(
+        *plan.arrays, q, k, v, d_out, lse, delta)
+
+    warpgroups, block_k, block_q, stages = (sizes.warpgroups_dkv, sizes.block_k_dkv, sizes.block_q_dkv,
+                                            sizes.stages_dkv)
+    plan = step_plan(static.pattern, seq_len, *sizes.dkdv_tile, True)
+    scratch = dict(
+        k_smem=_smem((warpgroups, block_k, head_dim), dtype),
+        v_smem=_smem((warpgroups, block_k, head_dim), dtype),
+        q_smem=_smem((stages, block_q, head_dim), dtype),
+        d_out_smem=_smem((stages, block_q, head_dim), dtype),
+        lse_smem=_smem((stages, block_q), jnp.float32, swizzled=False),
+        delta_smem=_smem((stages, block_q), jnp.float32, swizzled=False),
+        k_loaded=_barriers(warpgroups), v_loaded=_barriers(warpgroups), q_loaded=_barriers(stages),
+        d_out_loaded=_barriers(stages), lse_loaded=_barriers(stages), delta_loaded=_barriers(stages),
+        consumed=_barriers(stages, warpgroups),
+    )
+    if static.interpret:
+        scratch["stage"] = _smem((warpgroups, block_k, block_q), dtype, swizzled=False)
+    body = functools.partial(_dkdv_kernel, static=static, seq_len=seq_len, group=group)
+    out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
+    dk, dv = _kernel(body, out_type, scratch, grid=(len(plan.rows), kv_heads, batch), static=static,
+                     name="sparse_attention_dkdv", warpgroups=warpgroups)(*plan.arrays, q, k, v, d_out, lse, delta)
+    return dq, dk, dv
+
+
+def _pad(x, seq_len: int):
+    """Zero-pads [batch, seq, heads, d] to seq_len (a no-op when already there)."""
+    extra = seq_len - x.shape[1]
+    return x if extra == 0 else jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _flash(q, k, v, static: _Static):
+    return _flash_forward(q, k, v, static)[0]
+
+
+def _flash_forward(q, k, v, static: _Static):
+    seq_len = q.shape[1]
+    multiple = static.block_sizes.sequence_multiple
+    padded_len = -(-seq_len // multiple) * multiple
+    q_p, k_p, v_p = (_pad(x, padded_len) for x in (q, k, v))
+    out_p, lse = _forward(q_p, k_p, v_p, static, seq_len)
+    return out_p[:, :seq_len], (q_p, k_p, v_p, out_p, lse)
+
+
+def _flash_backward(static: _Static, residuals, d_out):
+    q_p, k_p, v_p, out_p, lse = residuals
+    seq_len = d_out.shape[1]
+    # Padded query rows get dO = 0, so they add nothing to dk and dv.
+    d_out_p = _pad(d_out.astype(q_p.dtype), q_p.shape[1])
+    dq, dk, dv = _backward(q_p, k_p, v_p, out_p, lse, d_out_p, static, seq_len)
+    return tuple(x[:, :seq_len] for x in (dq, dk, dv))
+
+
+_flash.defvjp(_flash_forward, _flash_backward)
+
+
+# ------------------------------------------------------------------------------------------------- API
+
+
+def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | None:
+    """None when these kernels can run the case here, else why not."""
+    del k, v, pattern  # shapes and patterns are validated by attention.check_inputs / as_pattern
+    if not any(q.dtype == d for d in SUPPORTED_DTYPES):
+        return f"dtype {q.dtype} is not supported (bfloat16, float16)"
+    if q.shape[-1] not in HEAD_DIMS:
+        return f"head_dim {q.shape[-1]} is not supported (64, 128)"
+    if interpret:
+        return None
+    if jax.default_backend() != "gpu":
+        return "needs a CUDA GPU with compute capability >= 9.0 (Hopper) or interpret=True"
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        major = int(str(capability).split(".")[0])
+    except ValueError:
+        return f"needs a CUDA GPU with compute capability >= 9.0, found {capability!r}"
+    if major < 9:
+        return f"needs a CUDA GPU with compute capability >= 9.0 (Hopper), found {capability}"
+    runtime = _cuda_runtime_version()
+    if runtime is not None and MISCOMPILING_CUDA[0] <= runtime < MISCOMPILING_CUDA[1]:
+        return (f"CUDA runtime {runtime} is in [{MISCOMPILING_CUDA[0]}, {MISCOMPILING_CUDA[1]}), whose ptxas "
+                "miscompiles masked Mosaic GPU attention (JAX's own causal kernel refuses it too)")
+    return None
+
+
+def _cuda_runtime_version() -> int | None:
+    """The CUDA runtime version as 1000 * major + 10 * minor + patch, or None without the CUDA plugin."""
+    from jax._src.lib import cuda_versions  # jax exposes the version only here
+
+    return None if cuda_versions is None else int(cuda_versions.cuda_runtime_get_version())
+
+
+def attention(q, k, v, pattern: Pattern | str, *, scale: float,
+              interpret: bool | plgpu.InterpretGPUParams = False, block_sizes: BlockSizes | None = None):
+    """Causal block-sparse attention of q [batch, seq, q_heads, d] over k, v [batch, seq, kv_heads, d].
+
+    Differentiable (custom VJP); works under jit and vmap. `block_sizes` defaults to
+    `BlockSizes.for_head_dim(d)`. `interpret=True` runs the kernels in Pallas' GPU interpreter (CPU);
+    an `InterpretGPUParams` instead of True sets its options (race detection, uninitialized memory).
+    """
+    pattern = as_pattern(pattern)
+    reason = unsupported_reason(q, k, v, pattern, interpret=interpret)
+    if reason is not None:
+        raise ValueError(f"mosaic_gpu cannot run this case: {reason}")
+    if block_sizes is None:
+        block_sizes = BlockSizes.for_head_dim(q.shape[-1])
+    elif not isinstance(block_sizes, BlockSizes):
+        raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}")
+    if not isinstance(interpret, plgpu.InterpretGPUParams):
+        interpret = bool(interpret)
+    return _flash(q, k, v, _Static(pattern, float(scale), interpret, block_sizes))

@@ -32,6 +32,7 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from sparse_attention.layout import TileLists, block_layout
@@ -495,8 +496,10 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool 
               block_sizes: BlockSizes | None = None):
     """Causal block-sparse attention of q [batch, seq, q_heads, d] over k, v [batch, seq, kv_heads, d].
 
-    Differentiable (custom VJP); works under jit, vmap and shard_map (see `sharded_attention`).
-    `block_sizes` defaults to `BlockSizes()`; blocks longer than the sequence are clipped to it.
+    Differentiable (custom VJP); works under jit, vmap and shard_map. Under a context mesh (`jax.set_mesh`)
+    whose axes are not manual yet, the batch is split over all of them (`sharded_attention`), since XLA
+    cannot partition a Mosaic kernel by itself. `block_sizes` defaults to `BlockSizes()`; blocks longer
+    than the sequence are clipped to it.
     `interpret` runs the kernels on any backend instead of compiling them with Mosaic: True takes Pallas's
     generic interpreter (fast; also under shard_map on several devices), a `pltpu.InterpretParams` the TPU
     simulator (slower; raises on out-of-bounds reads and fills unwritten memory with NaN).
@@ -511,9 +514,22 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool 
         raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}")
     if not interpret:
         block_sizes.check_hardware()
+    batch_axes = _context_batch_axes()
+    if batch_axes:
+        return sharded_attention(q, k, v, pattern, jax.sharding.get_abstract_mesh(), batch_axes=batch_axes,
+                                 scale=scale, interpret=interpret, block_sizes=block_sizes)
     block_sizes = block_sizes.clipped(q.shape[1], SUBLANES if interpret else LANES)
     static = _Static(pattern, float(scale), interpret, block_sizes)
     return _flash(q, k, v, static)
+
+
+def _context_batch_axes() -> tuple[str, ...]:
+    """Axes of the context mesh with more than one device that are not manual (inside shard_map) yet."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    return tuple(name for name, kind in zip(mesh.axis_names, mesh.axis_types)
+                 if kind != AxisType.Manual and mesh.shape[name] > 1)
 
 
 def sharded_attention(q, k, v, pattern: Pattern | str, mesh: jax.sharding.Mesh, *,
@@ -522,17 +538,22 @@ def sharded_attention(q, k, v, pattern: Pattern | str, mesh: jax.sharding.Mesh, 
                       block_sizes: BlockSizes | None = None):
     """`attention` with the batch split over `batch_axes` and the heads over `head_axis` of `mesh`.
 
-    A Mosaic kernel is opaque to XLA's sharding propagation, so under a plain jit its sharded inputs
-    would be gathered onto every device; shard_map runs it on each device's own rows and heads instead.
-    The head axis must divide kv_heads (each shard then holds whole GQA groups). Call it inside the
-    jitted step; the training mesh's batch axes are ("data", "fsdp").
+    XLA cannot partition a Mosaic kernel (a plain jit over sharded inputs fails to compile on TPU);
+    shard_map runs it on each device's own rows and heads. The product of the batch axes' sizes must
+    divide the batch, and the head axis's size must divide kv_heads (each shard then holds whole GQA
+    groups). The training mesh's batch axes are ("data", "fsdp"). `mesh` may be abstract.
     """
     pattern = as_pattern(pattern)
+    axes = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+    shards = math.prod(mesh.shape[name] for name in axes)
+    if q.shape[0] % shards:
+        raise ValueError(f"batch_axes {axes} split the batch into {shards} shards, which must divide "
+                         f"batch={q.shape[0]}")
     if head_axis is not None and k.shape[2] % mesh.shape[head_axis]:
         raise ValueError(f"head_axis {head_axis!r} of size {mesh.shape[head_axis]} must divide "
                          f"kv_heads={k.shape[2]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    spec = P(batch_axes, None, head_axis, None)
+    spec = P(axes or None, None, head_axis, None)
     local = functools.partial(attention, pattern=pattern, scale=scale, interpret=interpret,
                               block_sizes=block_sizes)
     return jax.shard_map(lambda q, k, v: local(q, k, v), mesh=mesh, in_specs=(spec, spec, spec),

@@ -201,22 +201,41 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
     pattern = parse("window(12) | sinks(2)")
     sizes = pallas_tpu.BlockSizes(8, 8, 8, 8, 8, 8)
     devices = np.array(jax.devices()[:4]).reshape(2, 2)
+    seed = int(sys.argv[1])
+
+    def inputs(batch):
+        keys = jax.random.split(jax.random.key(seed + batch), 4)
+        q = jax.random.normal(keys[0], (batch, 28, 4, 16))
+        k, v = (jax.random.normal(key, (batch, 28, 2, 16)) for key in keys[1:3])
+        return q, k, v, jax.random.normal(keys[3], q.shape)
+
+    def errors_against_reference(attend, q, k, v, d_out, wrap=lambda f: f()):
+        def run(attend):
+            out, vjp = jax.vjp(attend, q, k, v)
+            return (out, *vjp(d_out))
+        got = wrap(jax.jit(lambda: run(attend)))
+        want = run(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.25))
+        return [float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) for g, w in zip(got, want)]
+
     errors = {}
     # The training mesh (batch over data x fsdp), and batch x heads.
     for name, axes, batch_axes, head_axis, batch in [("data_fsdp", ("data", "fsdp"), ("data", "fsdp"), None, 4),
                                                      ("data_heads", ("data", "heads"), "data", "heads", 2)]:
         mesh = Mesh(devices, axes)
-        keys = jax.random.split(jax.random.key(int(sys.argv[1]) + batch), 4)
-        q = jax.random.normal(keys[0], (batch, 28, 4, 16)); d_out = jax.random.normal(keys[3], q.shape)
-        k, v = (jax.random.normal(key, (batch, 28, 2, 16)) for key in keys[1:3])
-        def run(attend):
-            out, vjp = jax.vjp(attend, q, k, v)
-            return (out, *vjp(d_out))
-        got = jax.jit(lambda: run(lambda q, k, v: pallas_tpu.sharded_attention(
+        errors[name] = errors_against_reference(lambda q, k, v: pallas_tpu.sharded_attention(
             q, k, v, pattern, mesh, batch_axes=batch_axes, head_axis=head_axis, scale=0.25, interpret=True,
-            block_sizes=sizes)))()
-        want = run(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.25))
-        errors[name] = [float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) for g, w in zip(got, want)]
+            block_sizes=sizes), *inputs(batch))
+    # Under a context mesh, plain `attention` (what the model calls) splits the batch over every axis.
+    mesh = Mesh(devices, ("data", "fsdp"))
+    attend = lambda q, k, v: pallas_tpu.attention(q, k, v, pattern, scale=0.25, interpret=True, block_sizes=sizes)
+    q, k, v, d_out = inputs(4)
+
+    def under_mesh(f):
+        with jax.set_mesh(mesh):
+            return f()
+
+    errors["uses_shard_map"] = under_mesh(lambda: "shard_map" in str(jax.make_jaxpr(attend)(q, k, v)))
+    errors["context_mesh"] = errors_against_reference(attend, q, k, v, d_out, under_mesh)
     try:
         pallas_tpu.sharded_attention(q[:, :, :3], k[:, :, :1], v[:, :, :1], pattern, Mesh(devices, ("data", "heads")),
                                      batch_axes="data", head_axis="heads", interpret=True)
@@ -227,7 +246,7 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
 )
 
 
-def test_sharded_attention_over_batch_and_heads():
+def test_sharded_attention_over_batch_and_heads_and_context_mesh():
     # A subprocess, so that the 4 host devices do not leak into other tests (or pytest-xdist workers).
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu")
@@ -235,7 +254,9 @@ def test_sharded_attention_over_batch_and_heads():
                             text=True, timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
-    assert max(errors["data_fsdp"]) < 1e-5 and max(errors["data_heads"]) < 1e-5, errors
+    for case in ("data_fsdp", "data_heads", "context_mesh"):
+        assert max(errors[case]) < 1e-5, errors
+    assert errors["uses_shard_map"]
     assert "head_axis" in errors["refused"] and "kv_heads=1" in errors["refused"]
 
 

@@ -202,12 +202,23 @@ def _dot(a, b, contract_b: int):
                            preferred_element_type=jnp.float32)
 
 
-def _positions(shape, axis: int, start):
-    return start + lax.broadcasted_iota(jnp.int32, shape, axis)
+def _column(size: int, start):
+    """int32 [size, 1]: start, start + 1, ... down the sublanes."""
+    return start + lax.broadcasted_iota(jnp.int32, (size, 1), 0)
+
+
+def _row(size: int, start):
+    """int32 [1, size]: start, start + 1, ... along the lanes."""
+    return start + lax.broadcasted_iota(jnp.int32, (1, size), 1)
 
 
 def _active(pattern: Pattern, seq_len: int, q_pos, k_pos):
-    """Token mask of a partial tile; padded keys (k >= seq_len) never attend."""
+    """Token mask of a partial tile; padded keys (k >= seq_len) never attend.
+
+    Positions come as a column and a row that broadcast to the tile, so whatever the pattern computes
+    from one side alone (an interval pattern's lo(q), random_blocks' hash of the query block) costs one
+    vector op per row or column instead of one per element; integer division is slow on the vector unit.
+    """
     return pattern.mask(q_pos, k_pos) & (k_pos < seq_len)
 
 
@@ -228,9 +239,7 @@ def _forward_kernel(rows_ref, cols_ref, flags_ref, q_ref, k_ref, v_ref, out_ref,
         v = v_ref[...]
         logits = _dot(q_ref[...], k_ref[...], 1) * scale  # [block_q, block_k]
         if masked:
-            shape = (block_q, block_k)
-            active = _active(pattern, seq_len, _positions(shape, 0, row * block_q),
-                             _positions(shape, 1, col * block_k))
+            active = _active(pattern, seq_len, _column(block_q, row * block_q), _row(block_k, col * block_k))
             logits = jnp.where(active, logits, -jnp.inf)
         row_max = row_max_ref[...]  # [block_q, LANES]
         new_max = jnp.maximum(row_max, jnp.max(logits, axis=1, keepdims=True))
@@ -270,9 +279,7 @@ def _dq_kernel(rows_ref, cols_ref, flags_ref, q_ref, k_ref, v_ref, d_out_ref, ls
         delta = delta_ref[0][:, None]
         probs = jnp.exp(_dot(q_ref[...], k, 1) * scale - lse)  # [block_q, block_k]
         if masked:
-            shape = (block_q, block_k)
-            active = _active(pattern, seq_len, _positions(shape, 0, row * block_q),
-                             _positions(shape, 1, col * block_k))
+            active = _active(pattern, seq_len, _column(block_q, row * block_q), _row(block_k, col * block_k))
             probs = jnp.where(active, probs, 0.0)
         d_probs = _dot(d_out_ref[...], v_ref[...], 1)
         d_logits = probs * (d_probs - delta)
@@ -304,9 +311,7 @@ def _dkdv_kernel(rows_ref, cols_ref, flags_ref, q_ref, k_ref, v_ref, d_out_ref, 
     def accumulate(masked: bool):
         k, v = k_ref[...], v_ref[...]
         if masked:
-            shape = (block_k, block_q)
-            active = _active(pattern, seq_len, _positions(shape, 1, col * block_q),
-                             _positions(shape, 0, row * block_k))
+            active = _active(pattern, seq_len, _row(block_q, col * block_q), _column(block_k, row * block_k))
 
         def head(g, carry):
             q, d_out = q_ref[g], d_out_ref[g]  # [block_q, d]

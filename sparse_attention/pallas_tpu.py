@@ -359,8 +359,8 @@ def _forward(q, k, v, static: _Static, seq_len: int):
     q_block = pl.BlockSpec((None, None, block_q, head_dim), lambda b, h, s, rows, cols, flags: (b, h, rows[s], 0))
     kv_block = pl.BlockSpec((None, None, block_k, head_dim),
                             lambda b, h, s, rows, cols, flags: (b, h // group, cols[s], 0))
-    # The row max and logsumexp are kept with every lane equal ([block_q, LANES]): the layout in which a
-    # row reduction comes out of the vector unit. Only lane 0 of the logsumexp is kept.
+    # The row max and logsumexp are kept with every lane equal ([block_q, LANES]), as JAX's own TPU
+    # attention kernels keep row statistics; only lane 0 of the logsumexp is kept.
     lse_block = pl.BlockSpec((None, None, block_q, LANES), lambda b, h, s, rows, cols, flags: (b, h, rows[s], 0))
     inputs = (q, k, v)
     out, lse = pl.pallas_call(
@@ -459,24 +459,29 @@ def _flash(q, k, v, static: _Static):
     return _flash_forward(q, k, v, static)[0]
 
 
+def _padded_len(seq_len: int, sizes: BlockSizes) -> int:
+    return -(-seq_len // sizes.sequence_multiple) * sizes.sequence_multiple
+
+
 def _flash_forward(q, k, v, static: _Static):
     seq_len = q.shape[1]
-    padded_len = -(-seq_len // static.block_sizes.sequence_multiple) * static.block_sizes.sequence_multiple
-    q_t, k_t, v_t = (_to_kernel_layout(x, padded_len) for x in (q, k, v))
-    out_t, lse = _forward(q_t, k_t, v_t, static, seq_len)
+    padded_len = _padded_len(seq_len, static.block_sizes)
+    out_t, lse = _forward(*(_to_kernel_layout(x, padded_len) for x in (q, k, v)), static, seq_len)
     # Padded query rows (some never written when the passes' tiles differ) must not reach the backward:
     # +inf makes their probabilities 0 in every tile.
     lse = jnp.where(_valid_rows(padded_len, seq_len), lse, jnp.inf)
-    return _from_kernel_layout(out_t, seq_len), (q_t, k_t, v_t, out_t, lse)
+    out = _from_kernel_layout(out_t, seq_len)
+    # Residuals in the caller's layout: the caller keeps q, k, v and out alive anyway, so they cost no
+    # memory of their own; the backward transposes them again.
+    return out, (q, k, v, out, lse)
 
 
 def _flash_backward(static: _Static, residuals, d_out):
-    q_t, k_t, v_t, out_t, lse = residuals
-    seq_len, padded_len = d_out.shape[1], q_t.shape[2]
-    d_out_t = _to_kernel_layout(d_out.astype(q_t.dtype), padded_len)
-    # delta = rowsum(dO * O): [batch, q_heads, 1, padded_seq], one fused XLA reduction.
+    q, k, v, out, lse = residuals
+    seq_len, padded_len = q.shape[1], lse.shape[-1]
+    q_t, k_t, v_t, out_t, d_out_t = (_to_kernel_layout(x, padded_len) for x in (q, k, v, out, d_out.astype(q.dtype)))
+    # delta = rowsum(dO * O): [batch, q_heads, 1, padded_seq], one fused XLA reduction; 0 on padded rows.
     delta = jnp.einsum("bhsd,bhsd->bhs", d_out_t.astype(jnp.float32), out_t.astype(jnp.float32))[:, :, None, :]
-    delta = jnp.where(_valid_rows(padded_len, seq_len), delta, 0.0)
     dq, dk, dv = _backward(q_t, k_t, v_t, d_out_t, lse, delta, static, seq_len)
     return tuple(_from_kernel_layout(x, seq_len) for x in (dq, dk, dv))
 

@@ -1,0 +1,91 @@
+"""Evaluate trained runs on long documents and synthetic boundary diagnostics; see docs/evaluation.md.
+
+    python eval.py --workdirs runs/dense runs/block runs/window runs/repaired --out reports/compare
+    python eval.py --checkpoint runs/dense/checkpoints/200 --pattern-override "window(64)" --out reports/w64
+    python eval.py --workdirs runs/dense --config.attention.pattern="block(64)" --lengths 256 1024
+
+Each run is restored from its latest checkpoint (or the --checkpoint folder) with the config saved beside
+it; --config FILE.py[:ARG] replaces that config, and --config.SECTION.KEY=VALUE overrides single keys
+(parameter shapes must match the checkpoint). A changed pattern is labelled in every table and plot.
+Writes report.md, results.json and PNG plots into --out.
+"""
+
+import argparse
+import logging
+import sys
+
+from sparse_attention import evaluation, report
+from sparse_attention.diagnostics import DiagnosticsOptions
+
+
+def _tuple(values):
+    return tuple(values) if values else None
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog="--config.SECTION.KEY=VALUE "
+                                "overrides a key of every run's eval config")
+    p.add_argument("--workdirs", nargs="+", default=[], metavar="DIR", help="training workdirs (latest checkpoint)")
+    p.add_argument("--checkpoint", nargs="+", default=[], metavar="DIR",
+                   help="checkpoint folders WORKDIR/checkpoints/STEP, evaluated at that step")
+    p.add_argument("--config", metavar="FILE.py[:ARG]", help="config to evaluate with instead of the saved ones")
+    p.add_argument("--pattern-override", metavar="SPEC", help="evaluate with this attention pattern (labelled)")
+    p.add_argument("--out", required=True, help="report folder (created if missing)")
+    p.add_argument("--eval-sets", nargs="+", default=list(evaluation.DEFAULT_EVAL_SETS), metavar="CORPUS:SPLIT")
+    p.add_argument("--lengths", nargs="+", type=int, metavar="C",
+                   help="context lengths (default: T/4, T/2, T, 2T, 4T for the longest training length T)")
+    p.add_argument("--max-documents", type=int, help="documents per eval set (evenly spaced; default all)")
+    p.add_argument("--max-document-tokens", type=int, help="score only each document's first tokens")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per forward pass")
+    p.add_argument("--trailing-window", type=int, help="W of the trailing window and the ablation (default B)")
+    p.add_argument("--block-size", type=int, help="reference block grid for patterns without blocks")
+    p.add_argument("--ablation-targets", type=int, default=16, help="ablation targets per window")
+    p.add_argument("--bootstrap-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", help="data folder (default: the first run's data.data_dir)")
+    p.add_argument("--no-diagnostics", action="store_true", help="skip the synthetic diagnostics")
+    d = DiagnosticsOptions()
+    p.add_argument("--diag-seq-len", type=int, help="diagnostics sequence length (default: training length)")
+    p.add_argument("--diag-steps", type=int, default=d.steps, help="fine-tuning steps of edge-pair recall")
+    p.add_argument("--tracking-steps", type=int, help="fine-tuning steps of variable tracking per depth "
+                   "(default: --diag-steps)")
+    p.add_argument("--diag-batch", type=int, default=d.batch_size)
+    p.add_argument("--diag-lr", type=float, default=d.learning_rate)
+    p.add_argument("--diag-samples", type=int, default=d.eval_samples, help="held-out sequences per cell")
+    p.add_argument("--edge-offsets", nargs="+", type=int, help="key offsets of the heat-map, e.g. 0 32 63")
+    p.add_argument("--edge-query-offset", type=int, default=d.query_offset)
+    p.add_argument("--chain-lengths", nargs="+", type=int, help="chain lengths h, e.g. 1 2 3")
+    p.add_argument("--diag-depths", nargs="+", type=int, help="model depths of the tracking task, e.g. 1 4")
+    return p
+
+
+def main(argv=None) -> int:
+    args, rest = parser().parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    try:
+        overrides = evaluation.parse_overrides(rest)
+        diagnostics = None if args.no_diagnostics else DiagnosticsOptions(
+            seq_len=args.diag_seq_len, steps=args.diag_steps, tracking_steps=args.tracking_steps, batch_size=args.diag_batch,
+            learning_rate=args.diag_lr, eval_samples=args.diag_samples, edge_offsets=_tuple(args.edge_offsets),
+            query_offset=args.edge_query_offset, chain_lengths=_tuple(args.chain_lengths), depths=_tuple(args.diag_depths),
+            seed=args.seed)
+        options = evaluation.EvalOptions(
+            eval_sets=tuple(args.eval_sets), lengths=tuple(args.lengths) if args.lengths else None,
+            max_documents=args.max_documents, max_document_tokens=args.max_document_tokens,
+            batch_tokens=args.batch_tokens, trailing_window=args.trailing_window, block_size=args.block_size,
+            ablation_targets=args.ablation_targets, bootstrap_samples=args.bootstrap_samples, seed=args.seed,
+            data_dir=args.data_dir, diagnostics=diagnostics)
+        runs = evaluation.load_runs(args.workdirs, checkpoints=args.checkpoint, config_file=args.config,
+                                    overrides=overrides, pattern_override=args.pattern_override)
+        results = evaluation.evaluate(runs, options)
+    except ValueError as error:
+        print(f"eval.py: error: {error}", file=sys.stderr)
+        return 2
+    for path in report.write_report(results, args.out):
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

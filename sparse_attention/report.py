@@ -1,0 +1,447 @@
+"""The evaluation report: report.md, results.json and PNG plots, each written atomically.
+
+    write_report(evaluation.evaluate(runs, options), "reports/compare")
+
+  report.md                 tables: bits per byte and perplexity per run and context length with 95 %
+                            intervals, active-area fraction, training tokens/s, trailing window and ablation,
+                            block-start loss, diagnostics, reachability
+  results.json              every number of the report (and the curves behind the plots)
+  loss_vs_position.png      bits per byte against window position, log-spaced buckets, per eval set
+  loss_vs_block_offset.png  bits per byte against offset in the block, own grid and shifted grid
+  edge_pair_recall.png      measured accuracy over (key offset, blocks later) beside the reachability prediction
+  variable_tracking.png     accuracy against chain length per depth, with the reachable fraction
+  coverage_vs_depth.png     reachable share of causal pairs against depth for each eval pattern
+
+Every table row and plot legend carries the run's label, which names an evaluation pattern that differs
+from the trained one ("dense [eval window(64)]").
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sparse_attention.run_log import write_json_atomic
+
+PLOTS = ("loss_vs_position.png", "loss_vs_block_offset.png", "edge_pair_recall.png", "variable_tracking.png",
+         "coverage_vs_depth.png")
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(file) into a temporary file beside `path`, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_report(results: dict, out_dir: str | os.PathLike) -> list[Path]:
+    """Writes results.json, the plots and report.md into out_dir (created if missing); returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", results)
+    written = [out / "results.json"]
+    with_diagnostics = all("diagnostics" in model for model in results["models"])
+    for name, plot in (("loss_vs_position.png", plot_loss_vs_position),
+                       ("loss_vs_block_offset.png", plot_loss_vs_block_offset),
+                       ("edge_pair_recall.png", plot_edge_pair_recall if with_diagnostics else None),
+                       ("variable_tracking.png", plot_variable_tracking if with_diagnostics else None),
+                       ("coverage_vs_depth.png", plot_coverage_vs_depth)):
+        if plot is not None:
+            figure = plot(results)
+            _write_atomic(out / name, lambda file: figure.savefig(file, format="png", dpi=110))
+            _close(figure)
+            written.append(out / name)
+    text = markdown(results, [path.name for path in written if path.suffix == ".png"])
+    _write_atomic(out / "report.md", lambda file: file.write(text.encode()))
+    return [out / "report.md", *written]
+
+
+# --------------------------------------------------------------------------------------------------
+# Choosing what to show
+
+
+def _entries(model: dict, eval_set: str) -> dict[int, dict]:
+    return {entry["length"]: entry for entry in model["language_model"][eval_set]["lengths"]}
+
+
+def common_lengths(results: dict, eval_set: str) -> list[int]:
+    """Lengths every run was evaluated at on eval_set, ascending."""
+    sets = [set(_entries(model, eval_set)) for model in results["models"]]
+    return sorted(set.intersection(*sets))
+
+
+def training_length_shown(results: dict, eval_set: str) -> int:
+    """The length of the block-offset plot and table: the longest training length if every run was evaluated
+    there, else the longest common length at or below it, else the shortest common length."""
+    common = common_lengths(results, eval_set)
+    longest_train = max(model["training"]["seq_len"] for model in results["models"])
+    at_or_below = [length for length in common if length <= longest_train]
+    return at_or_below[-1] if at_or_below else common[0]
+
+
+def _interval_text(interval: dict | None, digits: int = 3) -> str:
+    if not interval or interval.get("mean") is None:
+        return "–"
+    if interval.get("low") is None:
+        return f"{interval['mean']:.{digits}f}"
+    return f"{interval['mean']:.{digits}f} [{interval['low']:.{digits}f}, {interval['high']:.{digits}f}]"
+
+
+def _number_text(value, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines + [""]
+
+
+# --------------------------------------------------------------------------------------------------
+# report.md
+
+
+def markdown(results: dict, plots: list[str]) -> str:
+    settings, models = results["settings"], results["models"]
+    lines = ["# Evaluation report", ""]
+    lines += [f"Created {results['created']} on {results['backend']}; evaluation took "
+              f"{results['wall_time_s']:.0f} s. Definitions: docs/evaluation.md. Every number here is in "
+              "`results.json`.", ""]
+    overridden = [m["label"] for m in models if m["overrides"]]
+    lines += ["## Runs", ""]
+    if overridden:
+        lines += ["Evaluated with a pattern or numerics other than the trained ones (a deliberate override, "
+                  f"named in the label): {', '.join(overridden)}.", ""]
+    rows = []
+    for m in models:
+        training = m["training"]
+        rows.append([m["label"], f"`{m['workdir']}`", str(m["step"]), f"`{m['trained_pattern']}`",
+                     f"`{m['eval_pattern']}`", str(m["num_layers"]), f"{m['parameters']:,}",
+                     str(training["seq_len"]), _number_text(training["active_fraction"]),
+                     _number_text(training["tokens_per_sec"], ",.0f"),
+                     _number_text(training["final_loss_avg"] and training["final_loss_avg"] / np.log(2))])
+    lines += _table(["run", "workdir", "step", "trained pattern", "eval pattern", "layers", "parameters",
+                     "train length", "active fraction (train length)", "train tokens/s",
+                     "final train loss (bits/byte)"], rows)
+    lines += _settings_lines(settings)
+
+    lines += bits_per_byte_tables(results).splitlines() + [""]
+    lines += _measure_tables(results, "perplexity", "Perplexity", "per-byte perplexity")
+    lines += _skipped_lines(models)
+
+    lengths = sorted({int(length) for m in models for length in m["active_fraction"]})
+    lines += ["## Active-area fraction", "",
+              "Attended (query, key) pairs over the C (C + 1) / 2 causal pairs, mean over layers, at each evaluated "
+              "length (dense = 1).", ""]
+    lines += _table(["run", *(f"C={length}" for length in lengths)],
+                    [[m["label"], *(_number_text(m["active_fraction"].get(str(length))) for length in lengths)]
+                     for m in models])
+
+    lines += _ablation_lines(results)
+    lines += _block_offset_lines(results)
+    if all("diagnostics" in m for m in models):
+        lines += _diagnostics_lines(results)
+    lines += _reachability_lines(results)
+    lines += ["## Timing", ""]
+    lines += _table(["run", "eval seconds (incl. diagnostics)", "scoring tokens/s", "compile seconds"],
+                    [[m["label"], f"{m['eval_seconds']:.0f}", _number_text(m["eval_tokens_per_sec"], ",.0f"),
+                      f"{m['compile_seconds']:.1f}"] for m in models])
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
+    return "\n".join(lines)
+
+
+def bits_per_byte_tables(results: dict) -> str:
+    """The report's bits-per-byte section (markdown), one table per eval set."""
+    return "\n".join(_measure_tables(results, "bits_per_byte", "Bits per byte", "bits per byte"))
+
+
+def _measure_tables(results: dict, measure: str, title: str, unit: str) -> list[str]:
+    models = results["models"]
+    lines = [f"## {title}", "",
+             f"{unit.capitalize()}, token-weighted over all predicted tokens, with 95 % bootstrap intervals over "
+             "documents; C is the context length (window).", ""]
+    for eval_set in results["settings"]["eval_sets"]:
+        lengths = sorted({length for m in models for length in _entries(m, eval_set)})
+        rows = [[m["label"], *(_interval_text(_entries(m, eval_set)[length][measure])
+                               if length in _entries(m, eval_set) else "skipped" for length in lengths)]
+                for m in models]
+        lines += [f"### {eval_set}", ""] + _table(["run", *(f"C={length}" for length in lengths)], rows)
+    return lines
+
+
+def _settings_lines(settings: dict) -> list[str]:
+    lines = ["## Settings", ""]
+    for name, info in settings["eval_sets"].items():
+        subset = (f"{info['documents']} of {info['documents_in_split']} documents"
+                  + (" (evenly spaced in manifest order)" if info["documents"] < info["documents_in_split"] else ""))
+        cut = (f", the first {settings['max_document_tokens']:,} tokens of each"
+               if settings["max_document_tokens"] is not None else "")
+        lines.append(f"- `{name}`: {subset}{cut}: {info['tokens']:,} tokens.")
+    subsampled = settings["max_documents"] is not None or settings["max_document_tokens"] is not None
+    if subsampled:
+        lines.append("- **Subsampled**: documents and tokens were limited by flags (max_documents="
+                     f"{settings['max_documents']}, max_document_tokens={settings['max_document_tokens']}), so "
+                     "these numbers describe that subset, with intervals over its documents only.")
+    lines += [
+        f"- Context lengths C: {', '.join(map(str, settings['lengths']))}. Each document is cut into "
+        "non-overlapping windows of C + 1 tokens sharing their edge token, so every token after the first is "
+        "predicted once, with (position in window + 1) tokens of context.",
+        f"- Intervals: {settings['bootstrap_samples']} bootstrap resamples of documents, 95 % percentile "
+        f"interval, seed {settings['seed']}.",
+        f"- Trailing window and ablation width W = {settings['trailing_window']}; up to "
+        f"{settings['ablation_targets']} ablation targets per window. Reference block grid for patterns "
+        f"without blocks: {settings['reference_block_size']}.",
+    ]
+    diagnostics = settings.get("diagnostics")
+    if diagnostics is not None:
+        lines.append(
+            f"- Diagnostics: fine-tuned with {diagnostics['batch_size']} sequences per step at learning rate "
+            f"{diagnostics['learning_rate']}: {diagnostics['steps']} steps for edge-pair recall, "
+            f"{diagnostics['tracking_steps']} per depth for variable tracking; {diagnostics['eval_samples']} "
+            "held-out sequences per cell (details below).")
+    return lines + [""]
+
+
+def _skipped_lines(models: list[dict]) -> list[str]:
+    lines = []
+    for m in models:
+        skipped = next(iter(m["language_model"].values()))["skipped"]
+        lines += [f"- {m['label']}: C={s['length']} skipped: {s['reason']}" for s in skipped]
+    return (["Lengths a pattern cannot lay out:", "", *lines, ""]) if lines else []
+
+
+def _ablation_lines(results: dict) -> list[str]:
+    settings, models = results["settings"], results["models"]
+    width = settings["trailing_window"]
+    lines = ["## Trailing window and distant-context ablation", "",
+             f"Trailing window: window positions i >= C - {width} (the last {width} positions of each window). "
+             f"Ablation: trailing targets with more than {width} tokens of context, scored again with the context "
+             f"cut to exactly their last {width} tokens; delta = truncated - full (bits per byte; > 0: the model "
+             "uses context beyond W).", ""]
+    for eval_set in settings["eval_sets"]:
+        rows = []
+        for m in models:
+            for length, entry in _entries(m, eval_set).items():
+                ablation, trailing = entry["distant_context_ablation"], entry["trailing_window"]
+                if trailing is None:
+                    continue
+                rows.append([m["label"], str(length), _interval_text(trailing["bits_per_byte"]),
+                             str(ablation["targets"]) if ablation else "0",
+                             _interval_text(ablation and ablation["full_bits_per_byte"]),
+                             _interval_text(ablation and ablation["truncated_bits_per_byte"]),
+                             _interval_text(ablation and ablation["delta_bits_per_byte"], 4)])
+        lines += [f"### {eval_set}", ""]
+        lines += _table(["run", "C", "trailing window", "ablation targets", "full context", f"last {width} only",
+                         "delta"], rows) if rows else [f"No length exceeds W = {width}.", ""]
+    return lines
+
+
+def _block_offset_lines(results: dict) -> list[str]:
+    models = results["models"]
+    lines = ["## Loss by offset within the block", "",
+             "Bits per byte of the first max(1, B / 8) offsets of each block (\"block start\") and of the rest, on the "
+             "run's own block grid and on the grid shifted by B / 2 (the control: a boundary effect shows on the own "
+             "grid only). Runs without blocks use the reference grid.", ""]
+    for eval_set in results["settings"]["eval_sets"]:
+        length = training_length_shown(results, eval_set)
+        rows = []
+        for m in models:
+            offsets = _entries(m, eval_set)[length]["by_block_offset"]
+            grid = offsets["grid"]
+            own, shifted = offsets["own"], offsets["shifted"]
+            rows.append([m["label"], f"{grid['size']} ({grid['source']})",
+                         _interval_text(own["block_start_bits_per_byte"]), _interval_text(own["block_rest_bits_per_byte"]),
+                         _interval_text(shifted["block_start_bits_per_byte"]),
+                         _interval_text(shifted["block_rest_bits_per_byte"])])
+        lines += [f"### {eval_set}, C={length}", ""]
+        lines += _table(["run", "grid B", "own: block start", "own: rest", "shifted: block start", "shifted: rest"],
+                        rows)
+    return lines
+
+
+def _diagnostics_lines(results: dict) -> list[str]:
+    models = results["models"]
+    first = models[0]["diagnostics"]
+    lines = ["## Synthetic boundary diagnostics", "",
+             f"Both tasks are fine-tuned per run (and per depth) from the checkpoint, with the run's own pattern, "
+             f"then scored on held-out sequences of {first['seq_len']} bytes shared by all runs; neither format "
+             "occurs in training, so zero-shot scores would only measure the format. Accuracy near chance is an "
+             "honest result for tiny byte models after a short fine-tune.", ""]
+    lines += ["### Edge-pair recall", "",
+              "A value at offset o of a block, queried k blocks later (query at offset "
+              f"{first['edge_pair']['query_offset']} of its block). Reachable: the value's position is in R_L(query) "
+              f"for the eval pattern at depth L. Chance: {first['edge_pair']['chance']:.3f}.", ""]
+    rows = []
+    for m in models:
+        edge = m["diagnostics"]["edge_pair"]
+        cells = np.array(edge["reachable"])
+        rows.append([m["label"], f"{cells.sum()} / {cells.size}", _number_text(edge["accuracy_where_reachable"]),
+                     _number_text(edge["accuracy_where_unreachable"]),
+                     f"{edge['fine_tune']['first_loss']:.2f} → {edge['fine_tune']['last_loss']:.2f}"])
+    lines += _table(["run", "reachable cells", "accuracy (reachable)", "accuracy (unreachable)",
+                     "fine-tune loss (nats)"], rows)
+    lines += ["### Cross-block variable tracking", "",
+              "A chain of h assignments, one per block, with a decoy chain; the query follows in the next block. "
+              "Cells: accuracy (share of samples whose value is reachable at that depth). Blind choice between the "
+              "two values scores 0.5, any uppercase letter 1/26.", ""]
+    for m in models:
+        tracking = m["diagnostics"]["variable_tracking"]
+        rows = []
+        for depth, accuracy in zip(tracking["depths"], tracking["accuracy"]):
+            fraction = tracking["value_reachable_fraction"][tracking["predicted_depths"].index(depth)]
+            rows.append([str(depth), *(f"{a:.2f} ({f:.2f})" for a, f in zip(accuracy, fraction))])
+        reach = ", ".join(f"d={d}: {h if h is not None else 'none'}" for d, h in tracking["reachable_chain_length"].items())
+        lines += [f"**{m['label']}** (longest chain with every value reachable: {reach})", ""]
+        lines += _table(["depth", *(f"h={h}" for h in tracking["chain_lengths"])], rows)
+    return lines
+
+
+def _reachability_lines(results: dict) -> list[str]:
+    rows = []
+    for m in results["models"]:
+        reach = m["reachability"]
+        full = reach["full_coverage_depth"] if reach["full_coverage_status"] == "reached" else reach["full_coverage_status"]
+        rows.append([m["label"], f"`{reach['pattern']}`", str(reach["seq_len"]), str(reach["layers"]),
+                     f"{reach['coverage']:.4f}", str(full), f"{reach['reach_distance']['mean']:.1f}"])
+    return ["## Reachability of the eval patterns", "",
+            "Share of causal pairs (i, j <= i) with j in R_L(i) at the model's depth L and the longest evaluated "
+            "length (sparse_attention.reachability).", ""] + _table(
+        ["run", "pattern", "S", "L", "coverage", "full coverage depth", "mean reach distance"], rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _close(figure) -> None:
+    _pyplot().close(figure)
+
+
+def plot_loss_vs_position(results: dict):
+    plt = _pyplot()
+    eval_sets = list(results["settings"]["eval_sets"])
+    figure, axes = plt.subplots(1, len(eval_sets), figsize=(6.5 * len(eval_sets), 4.6), squeeze=False)
+    for ax, eval_set in zip(axes[0], eval_sets):
+        length = common_lengths(results, eval_set)[-1]
+        for m in results["models"]:
+            curve = _entries(m, eval_set)[length]["by_position"]
+            edges = np.array(curve["edges"], float)
+            centers = np.sqrt(np.maximum(edges[:-1], 0.5) * edges[1:])
+            mean, low, high = (np.array([np.nan if v is None else v for v in curve[k]], float)
+                               for k in ("mean", "low", "high"))
+            line, = ax.plot(centers, mean, marker="o", markersize=3, label=m["label"])
+            ax.fill_between(centers, low, high, color=line.get_color(), alpha=0.2)
+        ax.set_xscale("log")
+        ax.set(xlabel="position in window (log-spaced buckets)", ylabel="bits per byte",
+               title=f"{eval_set}, C={length}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    figure.suptitle("loss against position (95 % bootstrap bands over documents)")
+    figure.tight_layout()
+    return figure
+
+
+def plot_loss_vs_block_offset(results: dict):
+    plt = _pyplot()
+    eval_sets = list(results["settings"]["eval_sets"])
+    figure, axes = plt.subplots(len(eval_sets), 2, figsize=(13, 4.2 * len(eval_sets)), squeeze=False)
+    for row, eval_set in zip(axes, eval_sets):
+        length = training_length_shown(results, eval_set)
+        for ax, grid_name in zip(row, ("own", "shifted")):
+            for m in results["models"]:
+                offsets = _entries(m, eval_set)[length]["by_block_offset"]
+                curve = offsets[grid_name]
+                mean, low, high = (np.array([np.nan if v is None else v for v in curve[k]], float)
+                                   for k in ("mean", "low", "high"))
+                x = np.arange(len(mean))
+                source = "" if offsets["grid"]["source"] == "pattern" else ", reference grid"
+                line, = ax.plot(x, mean, linewidth=1.2, label=f"{m['label']} (B={offsets['grid']['size']}{source})")
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+            title = "own block grid" if grid_name == "own" else "grid shifted by B/2 (control)"
+            ax.set(xlabel="offset within block", ylabel="bits per byte", title=f"{eval_set}, C={length}: {title}")
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize="small")
+    figure.suptitle("loss against offset within the block (t mod B)")
+    figure.tight_layout()
+    return figure
+
+
+def plot_edge_pair_recall(results: dict):
+    plt = _pyplot()
+    models = results["models"]
+    figure, axes = plt.subplots(2, len(models), figsize=(3.4 * len(models) + 1.2, 7.2), squeeze=False)
+    image = None
+    for column, m in enumerate(models):
+        edge = m["diagnostics"]["edge_pair"]
+        for row, (key, title) in enumerate((("accuracy", "measured accuracy"), ("reachable", "reachable (predicted)"))):
+            ax = axes[row, column]
+            values = np.array(edge[key], float)
+            image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+            for (i, j), value in np.ndenumerate(values):
+                ax.text(j, i, f"{value:.2f}" if key == "accuracy" else ("yes" if value else "no"), ha="center",
+                        va="center", fontsize=7, color="white" if value < 0.5 else "black")
+            ax.set_xticks(range(len(edge["blocks_later"])), edge["blocks_later"])
+            ax.set_yticks(range(len(edge["offsets"])), edge["offsets"])
+            ax.set(xlabel="blocks later (k)", ylabel="key offset in block (o)", title=f"{m['label']}\n{title}")
+    figure.colorbar(image, ax=axes, shrink=0.6, label="accuracy / reachable")
+    figure.suptitle(f"edge-pair recall (chance {models[0]['diagnostics']['edge_pair']['chance']:.3f})")
+    return figure
+
+
+def plot_variable_tracking(results: dict):
+    plt = _pyplot()
+    models = results["models"]
+    figure, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.2), squeeze=False, sharey=True)
+    for ax, m in zip(axes[0], models):
+        tracking = m["diagnostics"]["variable_tracking"]
+        lengths = tracking["chain_lengths"]
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for index, (depth, accuracy) in enumerate(zip(tracking["depths"], tracking["accuracy"])):
+            color = colors[index % len(colors)]
+            fraction = tracking["value_reachable_fraction"][tracking["predicted_depths"].index(depth)]
+            ax.plot(lengths, accuracy, marker="o", color=color, label=f"depth {depth}: accuracy")
+            ax.plot(lengths, fraction, linestyle="--", color=color, alpha=0.7, label=f"depth {depth}: reachable")
+        ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
+        ax.axhline(tracking["chance"]["any_value"], color="gray", linestyle=":", linewidth=1)
+        ax.set(xlabel="chain length h (blocks)", title=m["label"], ylim=(-0.03, 1.03))
+        ax.set_xticks(lengths)
+        ax.grid(alpha=0.3)
+    axes[0, 0].set_ylabel("accuracy (solid) / value reachable (dashed)")
+    axes[0, -1].legend(fontsize="x-small", loc="upper right")
+    figure.suptitle("cross-block variable tracking (dotted: 1/2 and 1/26)")
+    figure.tight_layout()
+    return figure
+
+
+def plot_coverage_vs_depth(results: dict):
+    plt = _pyplot()
+    figure, ax = plt.subplots(figsize=(6.5, 4.5))
+    for m in results["models"]:
+        reach = m["reachability"]
+        ax.plot(range(len(reach["coverage_by_depth"])), reach["coverage_by_depth"], marker="o",
+                label=f"{m['label']}: {reach['pattern']}")
+    seq_len = results["models"][0]["reachability"]["seq_len"]
+    ax.set(xlabel="depth (layers)", ylabel="coverage of causal pairs", ylim=(0, 1.02),
+           title=f"reachability coverage against depth, S = {seq_len}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,363 @@
+"""Evaluation: the loss arithmetic and bootstrap intervals against hand computations, windowing and bucketing
+on hand-made losses, the diagnostics' tasks and reachability overlay, an end-to-end eval of a minuscule
+trained checkpoint (every output file, finite numbers, labelled override), and clear errors.
+
+The minuscule run (d_model 32, 2 layers, seq_len 64, repaired(16, 2, bridge)) trains 3 steps; the eval
+runs on 2 documents of 300 tokens per eval set with 1-3 fine-tuning steps, so compiling dominates.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import eval as eval_cli
+from configs import repaired
+from sparse_attention import data, diagnostics, evaluation, report, training
+from sparse_attention.checkpointing import save_config
+from sparse_attention.config import ExperimentConfig
+from sparse_attention.patterns import parse
+
+TINY_RUN = {"model": {"d_model": 32, "num_layers": 2, "mlp_hidden": 64},
+            "train": {"seq_len": 64, "global_batch": 4, "steps": 3, "warmup_steps": 1, "log_every": 1},
+            "attention": {"pattern": "repaired(16, 2, bridge)"},
+            "data": {"data_dir": str(data.DEFAULT_DATA_DIR)}}
+FAST_EVAL = ["--lengths", "32", "64", "128", "--max-documents", "2", "--max-document-tokens", "300",
+             "--bootstrap-samples", "50", "--ablation-targets", "4", "--diag-steps", "2", "--tracking-steps", "1",
+             "--diag-samples", "2", "--diag-batch", "4", "--diag-depths", "1", "2"]
+
+
+def tiny_config() -> ExperimentConfig:
+    config = repaired.get_config("tiny")
+    for section, values in TINY_RUN.items():
+        for key, value in values.items():
+            config[section][key] = value
+    return ExperimentConfig.from_config_dict(config)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    data.prepare("all")
+    workdir = tmp_path_factory.mktemp("eval") / "tiny"
+    training.train(tiny_config(), workdir)
+    return workdir
+
+
+# --------------------------------------------------------------------------------------------------
+# Arithmetic and statistics
+
+
+def test_bits_per_byte_and_perplexity_by_hand():
+    # Document A: 3 bytes at ln 2 nats each; document B: 1 byte at ln 8 nats. Pooled: 6 ln 2 / 4 tokens.
+    sums, counts = np.array([3 * math.log(2), math.log(8)]), np.array([3.0, 1.0])
+    bpb = evaluation.loss_interval(sums, counts, samples=10, seed=0)
+    ppl = evaluation.loss_interval(sums, counts, samples=10, seed=0, unit="perplexity")
+    nats = evaluation.loss_interval(sums, counts, samples=10, seed=0, unit="nats_per_token")
+    assert bpb["mean"] == pytest.approx(1.5)
+    assert ppl["mean"] == pytest.approx(2 ** 1.5)
+    assert nats["mean"] == pytest.approx(1.5 * math.log(2))
+    # Resamples are only A's (1 bit) or only B's (3 bits) at the extremes.
+    assert 1.0 - 1e-9 <= bpb["low"] <= bpb["mean"] <= bpb["high"] <= 3.0 + 1e-9
+    assert evaluation.bits_per_byte(math.log(2) * 8, bytes_per_token=2) == pytest.approx(4.0)
+
+
+def test_bootstrap_of_identical_documents_has_zero_width():
+    rng = np.random.default_rng()
+    tokens = float(rng.integers(1, 1000))
+    mean = rng.uniform(0.5, 5)
+    point, low, high = evaluation.bootstrap_ratio(np.full(7, mean * tokens), np.full(7, tokens), samples=200,
+                                                  seed=int(rng.integers(1000)))
+    assert point == pytest.approx(mean) and low == pytest.approx(mean) and high == pytest.approx(mean)
+
+
+def test_bootstrap_of_two_documents_matches_enumeration():
+    # Two documents resample to AA, AB, BA, BB with probability 1/4, 1/4, 1/4, 1/4: the ratio is A's mean,
+    # the pooled mean (twice) or B's mean. The 2.5th and 97.5th percentiles are therefore the two means, and
+    # the 40th and 60th both the pooled mean.
+    rng = np.random.default_rng()
+    sums, counts = rng.uniform(1, 100, 2), rng.integers(1, 50, 2).astype(float)
+    means = sums / counts
+    pooled = sums.sum() / counts.sum()
+    point, low, high = evaluation.bootstrap_ratio(sums, counts, samples=4000, seed=int(rng.integers(1000)))
+    assert point == pytest.approx(pooled)
+    assert low == pytest.approx(means.min()) and high == pytest.approx(means.max())
+    _, low, high = evaluation.bootstrap_ratio(sums, counts, samples=4000, seed=1, confidence=0.2)
+    assert low == pytest.approx(pooled) and high == pytest.approx(pooled)
+
+
+def test_bootstrap_interval_of_many_documents_matches_the_normal_limit():
+    rng = np.random.default_rng()
+    documents, tokens, sigma = 400, 100.0, 0.3
+    means = rng.normal(2.0, sigma, documents)
+    point, low, high = evaluation.bootstrap_ratio(means * tokens, np.full(documents, tokens), samples=2000, seed=3)
+    half_width = 1.96 * means.std() / math.sqrt(documents)
+    assert point == pytest.approx(means.mean())
+    assert (high - low) / 2 == pytest.approx(half_width, rel=0.15)
+    assert low < point < high
+
+
+def test_bootstrap_leaves_out_entries_without_tokens():
+    sums = np.array([[1.0, 0.0], [3.0, 0.0]])
+    counts = np.array([[1.0, 0.0], [1.0, 0.0]])
+    point, low, high = evaluation.bootstrap_ratio(sums, counts, samples=100, seed=0)
+    assert point[0] == pytest.approx(2.0) and np.isnan(point[1]) and np.isnan(low[1]) and np.isnan(high[1])
+    with pytest.raises(ValueError, match="at least one document"):
+        evaluation.bootstrap_ratio(np.zeros(0), np.zeros(0), samples=10, seed=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Windows and bucketing
+
+
+def test_log_position_edges_and_buckets():
+    assert evaluation.log_position_edges(64).tolist() == [0, 1, 2, 4, 8, 16, 32, 64]
+    assert evaluation.log_position_edges(100).tolist() == [0, 1, 2, 4, 8, 16, 32, 64, 100]
+    assert evaluation.log_position_edges(1).tolist() == [0, 1]
+    assert evaluation.log_position_edges(2).tolist() == [0, 1, 2]
+    positions = np.arange(100)
+    buckets = evaluation.position_buckets(positions, 100)
+    edges = evaluation.log_position_edges(100)
+    for position, bucket in zip(positions, buckets):
+        assert edges[bucket] <= position < edges[bucket + 1]
+
+
+def test_block_offsets_on_own_and_shifted_grids():
+    positions = np.arange(20)
+    assert evaluation.block_offsets(positions, 8).tolist() == [p % 8 for p in range(20)]
+    # block(8, 3): blocks start where (p + 3) % 8 == 0, i.e. at 5, 13; offset 0 there.
+    offsets = evaluation.block_offsets(positions, 8, grid_offset=3)
+    assert offsets[5] == 0 and offsets[13] == 0 and offsets[4] == 7
+    pattern = parse("block(8, 3)")
+    for p in range(1, 20):  # offset 0 exactly where the pattern cuts the edge to the previous token
+        assert (offsets[p] == 0) == (not pattern.mask(np.array(p), np.array(p - 1)))
+    # The control grid's edges sit B/2 later.
+    shifted = evaluation.block_offsets(positions, 8, grid_offset=0, shift=4)
+    assert shifted[4] == 0 and shifted[12] == 0 and shifted[3] == 7
+
+
+def test_document_windows_predict_every_token_once():
+    rng = np.random.default_rng()
+    documents = [rng.integers(0, 256, n).astype(np.uint8) for n in (1, 2, 17, 64, 65, 130)]
+    for length in (1, 7, 64):
+        rows, owner, starts, targets = evaluation.document_windows(documents, length)
+        predicted = {(d, s + i + 1) for d, s, t in zip(owner, starts, targets) for i in range(t)}
+        assert predicted == {(d, t) for d, doc in enumerate(documents) for t in range(1, len(doc))}
+        for row, d, s, t in zip(rows, owner, starts, targets):
+            assert np.array_equal(row[:t + 1], documents[d][s:s + t + 1])
+        assert evaluation.planned_tokens(documents, length, 10**9, 4) == len(rows) * length
+
+
+class PositionScorer:
+    """Stands in for the model: the NLL of the token predicted at window position i is `value(i)` nats."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def score_rows(self, rows, batch_size, bar=None):
+        return np.broadcast_to(self.value(np.arange(rows.shape[1] - 1)), (len(rows), rows.shape[1] - 1)).copy()
+
+
+def test_measures_of_hand_made_losses():
+    length, width, block = 32, 8, 8
+    documents = [np.zeros(n, np.uint8) for n in (100, 45)]
+    grid = evaluation.BlockGrid(block, 0, "pattern")
+    options = evaluation.EvalOptions(bootstrap_samples=20, ablation_targets=3, diagnostics=None)
+    result = evaluation.evaluate_length(PositionScorer(lambda i: i.astype(np.float32)), documents, length, grid=grid,
+                                        width=width, options=options)
+    # Predicted window positions, by brute force from the definition.
+    positions = [(t - 1) % length for n in (100, 45) for t in range(1, n)]
+    assert result["tokens"] == len(positions)
+    assert result["nats_per_token"]["mean"] == pytest.approx(np.mean(positions))
+    assert result["bits_per_byte"]["mean"] == pytest.approx(np.mean(positions) / math.log(2))
+
+    curve, edges = result["by_position"], result["by_position"]["edges"]
+    for bucket, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        inside = [p for p in positions if lo <= p < hi]
+        assert curve["tokens"][bucket] == len(inside)
+        assert curve["mean"][bucket] == pytest.approx(np.mean(inside) / math.log(2))
+
+    for name, shift in (("own", 0), ("shifted", block // 2)):
+        offsets = result["by_block_offset"][name]
+        for offset in range(block):
+            inside = [p for p in positions if (p - shift) % block == offset]
+            assert offsets["mean"][offset] == pytest.approx(np.mean(inside) / math.log(2))
+        start = [p for p in positions if (p - shift) % block < 1]
+        assert offsets["block_start_bits_per_byte"]["mean"] == pytest.approx(np.mean(start) / math.log(2))
+
+    trailing = [p for p in positions if p >= length - width]
+    assert result["trailing_window"]["bits_per_byte"]["mean"] == pytest.approx(np.mean(trailing) / math.log(2))
+    # The ablation re-scores trailing positions i >= width; truncated, each sits at position width - 1.
+    ablation = result["distant_context_ablation"]
+    chosen = evaluation.ablation_positions(length, width, 3)
+    assert chosen.tolist() == [24, 28, 31]
+    scored = [p for p in positions if p in set(chosen.tolist())]
+    assert ablation["targets"] == len(scored)
+    assert ablation["full_bits_per_byte"]["mean"] == pytest.approx(np.mean(scored) / math.log(2))
+    assert ablation["delta_bits_per_byte"]["mean"] == pytest.approx(np.mean([width - 1 - p for p in scored]) / math.log(2))
+
+
+def test_ablation_positions_need_more_context_than_the_width():
+    assert evaluation.ablation_positions(64, 64, 8).tolist() == []
+    assert evaluation.ablation_positions(100, 64, 100).tolist() == list(range(64, 100))
+    assert evaluation.ablation_positions(256, 64, 2).tolist() == [192, 255]
+
+
+# --------------------------------------------------------------------------------------------------
+# Diagnostics
+
+
+def test_edge_pair_sequences_and_reachability():
+    task = diagnostics.EdgePairTask(64, 16, 0, 0)
+    batch = task.batch(np.random.default_rng(), np.array([0, 15]))
+    assert task.query_positions.tolist() == [16, 32, 48]
+    for row in range(2):
+        uppercase = np.flatnonzero(np.isin(batch.tokens[row], diagnostics.UPPERCASE))
+        assert uppercase.tolist() == [batch.keys[row, 0]]
+        assert np.all(batch.answers[row] == batch.tokens[row, batch.keys[row, 0]])
+        assert np.all(batch.tokens[row, batch.queries[row]] == diagnostics.QUERY)
+    training = task.batch(np.random.default_rng(), np.array([3]), training=True)
+    assert set(task.query_positions) <= set(training.queries[0].tolist())
+    # block(16): no query of a later block sees the key; window(16) at depth 2 reaches back 30 positions.
+    keys = np.array([0, 15])[:, None]
+    assert not diagnostics.reachable(parse("block(16)"), 64, 2, task.query_positions[None, :], keys).any()
+    window = diagnostics.reachable(parse("window(16)"), 64, 2, task.query_positions[None, :], keys)
+    assert window.tolist() == [[True, False, False], [True, True, False]]
+
+
+def test_reachable_matches_brute_force_propagation():
+    rng = np.random.default_rng()
+    seq_len = 48
+    for spec in ("repaired(8, 2, bridge)", "sinks(2) | block(8)", "strided(5)"):
+        layers = int(rng.integers(1, 4))
+        pattern = parse(spec)
+        queries, keys = np.meshgrid(np.arange(seq_len), np.arange(seq_len), indexing="ij")
+        got = diagnostics.reachable(pattern, seq_len, layers, queries, keys)
+        reach = [{i} for i in range(seq_len)]
+        for _ in range(layers):
+            reach = [set().union(*(reach[m] for m in range(i + 1) if m == i or pattern.mask(np.array(i), np.array(m))))
+                     for i in range(seq_len)]
+        assert np.array_equal(got, np.array([[j in reach[i] for j in range(seq_len)] for i in range(seq_len)]))
+
+
+def test_variable_tracking_sequences():
+    task = diagnostics.VariableTrackingTask(96, 16, 0)
+    assert task.max_chain == 5
+    lengths = np.array([1, 3, 5])
+    batch = task.batch(np.random.default_rng(), lengths)
+    for row, length in enumerate(lengths):
+        text = bytes(batch.tokens[row].astype(np.uint8)).decode()
+        assignments = {}
+        for block in range(6):  # at most one statement of each chain per block
+            part = text[block * 16:(block + 1) * 16]
+            for at in range(len(part) - 3):
+                if part[at + 1] == "=" and part[at + 3] == ";":
+                    assignments[part[at]] = part[at + 2]
+        query = batch.queries[row, 0]
+        name = text[query - 1]
+        assert text[query] == "?" and query // 16 == 5
+        for _ in range(length):  # follow the chain back to its value
+            name = assignments[name]
+        assert name.isupper() and ord(name) == batch.answers[row, 0] == batch.tokens[row, batch.keys[row, 0]]
+        assert len(assignments) == 2 * length
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end
+
+
+def test_eval_of_a_trained_checkpoint_writes_every_output(trained_run, tmp_path):
+    out = tmp_path / "report"
+    assert eval_cli.main(["--workdirs", str(trained_run), "--out", str(out), *FAST_EVAL]) == 0
+    for name in ("report.md", "results.json", *report.PLOTS):
+        assert (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) >= {"settings", "models", "created", "wall_time_s"}
+    (model,) = results["models"]
+    assert model["label"] == "tiny" and model["eval_pattern"] == "repaired(16, 2, bridge)" and model["step"] == 3
+    assert set(model) >= {"training", "active_fraction", "language_model", "diagnostics", "reachability"}
+    assert set(model["language_model"]) == {"code:long", "books:long"}
+    for eval_set, entry in model["language_model"].items():
+        assert [e["length"] for e in entry["lengths"]] == [32, 64, 128]
+        for e in entry["lengths"]:
+            assert e["documents"] == 2 and e["tokens"] == 2 * 299
+            for key in ("bits_per_byte", "perplexity", "nats_per_token"):
+                assert e[key]["low"] <= e[key]["mean"] <= e[key]["high"]
+            assert e["bits_per_byte"]["mean"] == pytest.approx(e["nats_per_token"]["mean"] / math.log(2))
+            assert e["perplexity"]["mean"] == pytest.approx(math.exp(e["nats_per_token"]["mean"]))
+            assert e["by_block_offset"]["grid"] == {"size": 16, "offset": 0, "source": "pattern"}
+            assert (e["distant_context_ablation"] is None) == (e["length"] <= 16)
+    edge = model["diagnostics"]["edge_pair"]
+    assert np.array(edge["accuracy"]).shape == np.array(edge["reachable"]).shape == (len(edge["offsets"]), 3)
+    tracking = model["diagnostics"]["variable_tracking"]
+    assert tracking["depths"] == [1, 2] and np.array(tracking["accuracy"]).shape == (2, 3)
+
+    def numbers(node):
+        if isinstance(node, dict):
+            return [x for value in node.values() for x in numbers(value)]
+        if isinstance(node, list):
+            return [x for value in node for x in numbers(value)]
+        return [node] if isinstance(node, (int, float)) and not isinstance(node, bool) else []
+
+    values = numbers(results)
+    assert len(values) > 500 and all(math.isfinite(v) for v in values)
+    text = (out / "report.md").read_text()
+    assert "| tiny |" in text and "C=128" in text
+
+
+def test_pattern_override_is_labelled(trained_run, tmp_path):
+    out = tmp_path / "override"
+    argv = ["--checkpoint", str(trained_run / "checkpoints" / "3"), "--pattern-override", "window(8)", "--out",
+            str(out), "--no-diagnostics", *FAST_EVAL[:6], "--bootstrap-samples", "20"]
+    assert eval_cli.main(argv) == 0
+    (model,) = json.loads((out / "results.json").read_text())["models"]
+    assert model["label"] == "tiny [eval window(8)]"
+    assert model["overrides"]["attention.pattern"] == {"trained": "repaired(16, 2, bridge)", "eval": "window(8)"}
+    assert model["block_grid"]["source"] == "reference"
+    assert "tiny [eval window(8)]" in (out / "report.md").read_text()
+    # The same override through --config.KEY=VALUE.
+    runs = evaluation.load_runs([str(trained_run)], overrides=evaluation.parse_overrides(
+        ["--config.attention.pattern=window(8)"]))
+    assert runs[0].label == "tiny [eval window(8)]" and runs[0].schedule == parse("window(8)")
+
+
+# --------------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_missing_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        evaluation.load_runs([str(tmp_path / "nowhere")])
+    (tmp_path / "empty").mkdir()
+    save_config(tmp_path / "empty", tiny_config())
+    with pytest.raises(ValueError, match="has no checkpoints"):
+        evaluation.load_runs([str(tmp_path / "empty")])
+    with pytest.raises(ValueError, match="checkpoint"):
+        evaluation.load_runs(checkpoints=[str(tmp_path / "empty" / "checkpoints" / "7")])
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluation.load_runs([])
+
+
+def test_mismatched_config_gives_a_clear_error(trained_run, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"model\.d_model: the eval config has 64 .* trained with 32"):
+        evaluation.load_runs([str(trained_run)], overrides=[("model.d_model", 64)])
+    with pytest.raises(ValueError, match="unknown key 'patern'"):
+        evaluation.load_runs([str(trained_run)], overrides=[("attention.patern", "dense")])
+    with pytest.raises(ValueError, match="attention.pattern"):
+        evaluation.load_runs([str(trained_run)], pattern_override="blok(8)")
+    argv = ["--workdirs", str(trained_run), "--out", str(tmp_path), "--config.model.num_layers=3"]
+    assert eval_cli.main(argv) == 2
+    assert "model.num_layers" in capsys.readouterr().err
+
+
+def test_empty_eval_set_gives_a_clear_error(trained_run):
+    runs = evaluation.load_runs([str(trained_run)])
+    for options in (evaluation.EvalOptions(max_documents=0, diagnostics=None),
+                    evaluation.EvalOptions(max_document_tokens=1, diagnostics=None)):
+        with pytest.raises(ValueError, match="code:long is empty"):
+            evaluation.evaluate(runs, options)
+    with pytest.raises(ValueError, match="eval_sets"):
+        evaluation.EvalOptions(eval_sets=("code",))
+    with pytest.raises(ValueError, match="lengths"):
+        evaluation.EvalOptions(lengths=(0,))

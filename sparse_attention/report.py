@@ -129,7 +129,7 @@ def markdown(results: dict, plots: list[str]) -> str:
                      _number_text(training["tokens_per_sec"], ",.0f"),
                      _number_text(training["final_loss_avg"] and training["final_loss_avg"] / np.log(2))])
     lines += _table(["run", "workdir", "step", "trained pattern", "eval pattern", "layers", "parameters",
-                     "train length", "active fraction (train length)", "train tokens/s",
+                     "train length", "active fraction (trained pattern, train length)", "train tokens/s",
                      "final train loss (bits/byte)"], rows)
     lines += _settings_lines(settings)
 
@@ -387,7 +387,8 @@ def plot_loss_vs_block_offset(results: dict):
 def plot_edge_pair_recall(results: dict):
     plt = _pyplot()
     models = results["models"]
-    figure, axes = plt.subplots(2, len(models), figsize=(3.4 * len(models) + 1.2, 7.2), squeeze=False)
+    figure, axes = plt.subplots(2, len(models), figsize=(3.2 * len(models) + 1.5, 7.5), squeeze=False,
+                                layout="constrained")
     image = None
     for column, m in enumerate(models):
         edge = m["diagnostics"]["edge_pair"]
@@ -400,7 +401,11 @@ def plot_edge_pair_recall(results: dict):
                         va="center", fontsize=7, color="white" if value < 0.5 else "black")
             ax.set_xticks(range(len(edge["blocks_later"])), edge["blocks_later"])
             ax.set_yticks(range(len(edge["offsets"])), edge["offsets"])
-            ax.set(xlabel="blocks later (k)", ylabel="key offset in block (o)", title=f"{m['label']}\n{title}")
+            ax.set_title(f"{m['label']}: {title}", fontsize="medium")
+            if row == 1:
+                ax.set_xlabel("blocks later (k)")
+            if column == 0:
+                ax.set_ylabel("key offset in block (o)")
     figure.colorbar(image, ax=axes, shrink=0.6, label="accuracy / reachable")
     figure.suptitle(f"edge-pair recall (chance {models[0]['diagnostics']['edge_pair']['chance']:.3f})")
     return figure

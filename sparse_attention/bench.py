@@ -223,8 +223,8 @@ def parse_args(argv=None):
     parser.add_argument("--kv-heads", type=int, default=None, help="default: --heads")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
-    parser.add_argument("--runs", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--block-sizes", default=None,
                         help="JSON object of pallas_gpu.BlockSizes fields overriding the defaults")
     parser.add_argument("--out", default="reports/bench.json")

@@ -17,7 +17,8 @@ allows does not change the picture, and rotating would add allocation noise at 1
 Peers: cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) for dense causal and window(W)
 (`local_window_size=(W-1, 0)`); JAX's Pallas Triton attention (`ops.gpu.attention.mha`, dense causal);
 this package's `xla` and `reference` paths where they fit in memory ("oom" otherwise).
-`--smoke` runs tiny shapes on CPU with the Pallas kernel in interpret mode (for tests).
+`--smoke` runs tiny shapes on CPU with the Pallas kernels in interpret mode (for tests). On a GPU or TPU
+host each Pallas kernel runs only on its own backend (`pallas_tpu` is TPU only, `pallas_gpu` GPU only).
 """
 
 from __future__ import annotations
@@ -37,12 +38,14 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from sparse_attention import pallas_gpu, reference, xla
+from sparse_attention import pallas_gpu, pallas_tpu, reference, xla
 from sparse_attention.patterns import Dense, Pattern, Window, as_pattern
 
 DEFAULT_SEQ_LENS = (4096, 16384, 32768, 65536, 131072)
 DEFAULT_PATTERNS = ("dense", "block(512)", "window(1024)", "repaired(512, 64, bridge)", "repaired(512, 64, prefix)")
-IMPLS = ("pallas_gpu", "cudnn", "pallas_mha", "xla", "reference")
+IMPLS = ("pallas_gpu", "pallas_tpu", "cudnn", "pallas_mha", "xla", "reference")
+# The backend each Pallas kernel compiles for; on CPU they run in interpret mode.
+KERNEL_BACKENDS = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
 MODES = ("fwd", "fwd_bwd")
 FWD_BWD_FLOP_FACTOR = 3.5
 # Long cases stop after this much timed time (at least MIN_RUNS runs), so 128k fits in a session.
@@ -68,9 +71,13 @@ class Unsupported(Exception):
 def _peer_function(impl: str, pattern: Pattern, shape: Shape, interpret: bool, block_sizes):
     """f(q, k, v) -> out for one implementation, or raise Unsupported."""
     scale = 1.0 / math.sqrt(shape.head_dim)
+    if impl in KERNEL_BACKENDS and not interpret and jax.default_backend() != KERNEL_BACKENDS[impl]:
+        raise Unsupported(f"{KERNEL_BACKENDS[impl].upper()} only")
     if impl == "pallas_gpu":
         return lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
                                                     block_sizes=block_sizes)
+    if impl == "pallas_tpu":
+        return lambda q, k, v: pallas_tpu.attention(q, k, v, pattern, scale=scale, interpret=interpret)
     if impl == "xla":
         return lambda q, k, v: xla.attention(q, k, v, pattern, scale=scale)
     if impl == "reference":
@@ -263,7 +270,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args, seq_lens, patterns, impls, modes, kv_heads, block_sizes = parse_args(argv)
-    interpret = jax.default_backend() != "gpu"
+    interpret = jax.default_backend() == "cpu"
     device = jax.devices()[0]
     report = dict(
         meta=dict(device=getattr(device, "device_kind", str(device)), backend=jax.default_backend(),

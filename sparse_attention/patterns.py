@@ -525,12 +525,14 @@ class RandomBlocks(Pattern):
         q_block, k_block = q // self.size, k // self.size
         start, stride = self._walk(q_block)
         earlier = xp.maximum(q_block, 1)
-        # (start + j * stride) % earlier for j < K, stepped without overflow.
+        # (start + j * stride) % earlier for j < K, stepped by a conditional subtraction (both terms are
+        # below `earlier`), which every kernel backend lowers cheaply.
         picked = k_block < 0
         position = start
         for j in range(self.count):
             picked = picked | ((k_block == position) & (j < q_block))
-            position = (position + stride) % earlier
+            position = position + stride
+            position = xp.where(position >= earlier, position - earlier, position)
         return (k <= q) & ((q_block == k_block) | picked)
 
     def _check_grid(self, grid: TileGrid):

@@ -313,7 +313,10 @@ class Trainer:
         batch = jax.ShapeDtypeStruct(self.batch_shape, jnp.int32, sharding=self.batch_sharding)
         votes = self._stop_votes[False]
         votes = jax.ShapeDtypeStruct(votes.shape, votes.dtype, sharding=self._stop_sharding)
-        self._step_compiled = self._step_jit.lower(self.abstract_state, batch, votes).compile()
+        # The mesh as context while tracing: kernels that cannot be partitioned automatically (Mosaic TPU)
+        # shard themselves over it (see pallas_tpu.py).
+        with jax.set_mesh(self.mesh):
+            self._step_compiled = self._step_jit.lower(self.abstract_state, batch, votes).compile()
         return time.perf_counter() - start
 
     def step(self, state: TrainState, batch: jax.Array, stop: bool = False):
@@ -322,8 +325,9 @@ class Trainer:
         `stop` is this process's vote to stop; the step ORs all votes into metrics["stop"], so every
         process learns the same answer at the same step without an extra host synchronization.
         """
-        step_fn = self._step_compiled or self._step_jit
-        return step_fn(state, batch, self._stop_votes[bool(stop)])
+        if self._step_compiled is None:
+            self.compile()
+        return self._step_compiled(state, batch, self._stop_votes[bool(stop)])
 
     def _votes(self, flag: bool) -> jax.Array:
         """bool [devices], this process's flag on each of its devices."""

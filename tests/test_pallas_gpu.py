@@ -282,10 +282,10 @@ def test_unsupported_reasons():
 def test_bench_smoke_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     report = bench.main(["--smoke", "--seq", "48", "--patterns", "dense;window(16)", "--impls",
-                         "pallas_gpu,cudnn,reference", "--modes", "fwd,fwd_bwd", "--out", str(out)])
+                         "pallas_gpu,pallas_tpu,cudnn,reference", "--modes", "fwd,fwd_bwd", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(report))
-    assert len(saved["results"]) == 2 * 2 * 3
+    assert len(saved["results"]) == 2 * 2 * 4
     for row in saved["results"]:
         assert set(row) >= {"seq_len", "pattern", "impl", "mode", "ms", "tflops", "active_fraction",
                             "memory_bytes", "status"}

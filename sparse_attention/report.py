@@ -18,6 +18,7 @@ from the trained one ("dense [eval window(64)]").
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -127,7 +128,8 @@ def markdown(results: dict, plots: list[str]) -> str:
                      f"`{m['eval_pattern']}`", str(m["num_layers"]), f"{m['parameters']:,}",
                      str(training["seq_len"]), _number_text(training["active_fraction"]),
                      _number_text(training["tokens_per_sec"], ",.0f"),
-                     _number_text(training["final_loss_avg"] and training["final_loss_avg"] / np.log(2))])
+                     _number_text(None if training["final_loss_avg"] is None
+                                  else training["final_loss_avg"] / math.log(2))])
     lines += _table(["run", "workdir", "step", "trained pattern", "eval pattern", "layers", "parameters",
                      "train length", "active fraction (trained pattern, train length)", "train tokens/s",
                      "final train loss (bits/byte)"], rows)

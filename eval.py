@@ -66,9 +66,10 @@ def main(argv=None) -> int:
     try:
         overrides = evaluation.parse_overrides(rest)
         diagnostics = None if args.no_diagnostics else DiagnosticsOptions(
-            seq_len=args.diag_seq_len, steps=args.diag_steps, tracking_steps=args.tracking_steps, batch_size=args.diag_batch,
-            learning_rate=args.diag_lr, eval_samples=args.diag_samples, edge_offsets=_tuple(args.edge_offsets),
-            query_offset=args.edge_query_offset, chain_lengths=_tuple(args.chain_lengths), depths=_tuple(args.diag_depths),
+            seq_len=args.diag_seq_len, steps=args.diag_steps, tracking_steps=args.tracking_steps,
+            batch_size=args.diag_batch, learning_rate=args.diag_lr, eval_samples=args.diag_samples,
+            edge_offsets=_tuple(args.edge_offsets), query_offset=args.edge_query_offset,
+            chain_lengths=_tuple(args.chain_lengths), depths=_tuple(args.diag_depths),
             seed=args.seed)
         options = evaluation.EvalOptions(
             eval_sets=tuple(args.eval_sets), lengths=tuple(args.lengths) if args.lengths else None,

@@ -261,7 +261,8 @@ def _block_offset_lines(results: dict) -> list[str]:
             grid = offsets["grid"]
             own, shifted = offsets["own"], offsets["shifted"]
             rows.append([m["label"], f"{grid['size']} ({grid['source']})",
-                         _interval_text(own["block_start_bits_per_byte"]), _interval_text(own["block_rest_bits_per_byte"]),
+                         _interval_text(own["block_start_bits_per_byte"]),
+                         _interval_text(own["block_rest_bits_per_byte"]),
                          _interval_text(shifted["block_start_bits_per_byte"]),
                          _interval_text(shifted["block_rest_bits_per_byte"])])
         lines += [f"### {eval_set}, C={length}", ""]
@@ -301,7 +302,8 @@ def _diagnostics_lines(results: dict) -> list[str]:
         for depth, accuracy in zip(tracking["depths"], tracking["accuracy"]):
             fraction = tracking["value_reachable_fraction"][tracking["predicted_depths"].index(depth)]
             rows.append([str(depth), *(f"{a:.2f} ({f:.2f})" for a, f in zip(accuracy, fraction))])
-        reach = ", ".join(f"d={d}: {h if h is not None else 'none'}" for d, h in tracking["reachable_chain_length"].items())
+        reach = ", ".join(f"d={d}: {h if h is not None else 'none'}"
+                          for d, h in tracking["reachable_chain_length"].items())
         lines += [f"**{m['label']}** (longest chain with every value reachable: {reach})", ""]
         lines += _table(["depth", *(f"h={h}" for h in tracking["chain_lengths"])], rows)
     return lines
@@ -311,7 +313,8 @@ def _reachability_lines(results: dict) -> list[str]:
     rows = []
     for m in results["models"]:
         reach = m["reachability"]
-        full = reach["full_coverage_depth"] if reach["full_coverage_status"] == "reached" else reach["full_coverage_status"]
+        reached = reach["full_coverage_status"] == "reached"
+        full = reach["full_coverage_depth"] if reached else reach["full_coverage_status"]
         rows.append([m["label"], f"`{reach['pattern']}`", str(reach["seq_len"]), str(reach["layers"]),
                      f"{reach['coverage']:.4f}", str(full), f"{reach['reach_distance']['mean']:.1f}"])
     return ["## Reachability of the eval patterns", "",

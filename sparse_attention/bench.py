@@ -28,17 +28,15 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 
 import jax
 import jax.numpy as jnp
 
-from sparse_attention import pallas_gpu, pallas_tpu, reference, xla
+from sparse_attention import atomic_io, pallas_gpu, pallas_tpu, reference, xla
 from sparse_attention.patterns import Dense, Pattern, Window, as_pattern
 
 DEFAULT_SEQ_LENS = (4096, 16384, 32768, 65536, 131072)
@@ -192,19 +190,6 @@ def make_inputs(shape: Shape, seed: int = 0):
             jax.random.normal(keys[2], kv_shape, dtype), jax.random.normal(keys[3], q_shape, dtype))
 
 
-def write_json_atomic(path: str, payload: dict):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    handle, temp_path = tempfile.mkstemp(dir=directory, prefix=".bench-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(payload, file, indent=1)
-        os.replace(temp_path, path)
-    except BaseException:
-        os.unlink(temp_path)
-        raise
-
-
 def format_row(row: dict) -> str:
     if row["status"] != "ok":
         cell = row["status"] if row["status"] == "oom" else row["status"].split(":")[0]
@@ -294,7 +279,7 @@ def main(argv=None) -> dict:
                                    interpret=interpret, block_sizes=block_sizes)
                     report["results"].append(row)
                     print(format_row(row), flush=True)
-                    write_json_atomic(args.out, report)
+                    atomic_io.write_json(args.out, report)
         del inputs
     print("\n# summary", flush=True)
     order = {impl: index for index, impl in enumerate(impls)}

@@ -27,7 +27,7 @@ from flax import nnx
 
 from sparse_attention.config import ExperimentConfig
 from sparse_attention.model import DecoderLM
-from sparse_attention.run_log import write_json_atomic
+from sparse_attention.atomic_io import write_json
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ CHECKPOINT_DIR = "checkpoints"
 def save_config(workdir: str | os.PathLike, config: ExperimentConfig) -> None:
     """Writes config.json (atomically) on process 0."""
     if jax.process_index() == 0:
-        write_json_atomic(Path(workdir) / CONFIG_FILE, config.to_dict())
+        write_json(Path(workdir) / CONFIG_FILE, config.to_dict())
 
 
 def load_config(workdir: str | os.PathLike) -> ExperimentConfig | None:

@@ -41,13 +41,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import uuid
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
+
+from sparse_attention.atomic_io import atomic_open, write_json
 
 log = logging.getLogger(__name__)
 
@@ -474,7 +474,7 @@ def _write_corpus(corpus_dir: Path, splits: Mapping[str, Iterable[Document]], so
         "sources": [dataclasses.asdict(s) if isinstance(s, Source) else s for s in sources],
         "splits": entries,
     }
-    _atomic_write(corpus_dir / "manifest.json", json.dumps(manifest, indent=1).encode())
+    write_json(corpus_dir / "manifest.json", manifest)
     log.info("prepared %s: %s", corpus_dir, ", ".join(
         f"{split} {e['num_tokens']:,} tokens / {e['num_documents']} documents"
         for split, e in entries.items()))
@@ -485,7 +485,7 @@ def _write_split(corpus_dir: Path, split: str, documents: Iterable[Document], dt
     tokens_file, offsets_file = f"{split}.bin", f"{split}.offsets.npy"
     offsets, names, max_token = [0], [], 0
     digest = hashlib.sha256()
-    with _atomic_file(corpus_dir / tokens_file) as out:
+    with atomic_open(corpus_dir / tokens_file) as out:
         for name, tokens in documents:
             if not len(tokens):  # nothing to train on or evaluate, and a zero-length eval document
                 continue
@@ -497,7 +497,7 @@ def _write_split(corpus_dir: Path, split: str, documents: Iterable[Document], dt
             offsets.append(offsets[-1] + len(tokens))
             names.append(name)
     offsets_array = np.asarray(offsets, dtype=np.int64)  # [num_documents + 1]
-    with _atomic_file(corpus_dir / offsets_file) as out:
+    with atomic_open(corpus_dir / offsets_file) as out:
         np.save(out, offsets_array)
     return {
         "dtype": dtype,
@@ -512,26 +512,6 @@ def _write_split(corpus_dir: Path, split: str, documents: Iterable[Document], dt
         "offsets_sha256": _sha256_file(corpus_dir / offsets_file),
         "documents": names,
     }
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path) -> Iterator[BinaryIO]:
-    """A binary file that appears at ``path`` only once fully written, so a crash or a concurrent
-    reader never sees a torn file."""
-    # Not tempfile.mkstemp: its files are private (0600), and prepared data is often shared.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as out:
-            yield out
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    with _atomic_file(path) as out:
-        out.write(data)
 
 
 @contextlib.contextmanager

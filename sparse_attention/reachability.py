@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
 import sys
 from typing import Sequence
 
 import numpy as np
 
+from sparse_attention import atomic_io
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import Pattern, PatternOrSchedule, as_schedule
 
@@ -652,23 +652,9 @@ def _config_field(node, name: str):
     return getattr(node, name, None)
 
 
-def _write_atomically(path: str, write) -> None:
-    """write(file) into a temporary file next to path, then rename it over path."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def write_json(results: Sequence[Reachability], path: str) -> None:
     report = {"results": [result.to_json() for result in results]}
-    _write_atomically(path, lambda file: file.write((json.dumps(report, indent=2) + "\n").encode()))
+    atomic_io.write_json(path, report, indent=2)
 
 
 def plot(results: Sequence[Reachability], path: str) -> None:
@@ -694,7 +680,8 @@ def plot(results: Sequence[Reachability], path: str) -> None:
     figure.suptitle(f"reachability, seq_len={results[0].seq_len}")
     rows_of_legend = -(-len(results) // 4)
     figure.tight_layout(rect=(0, 0.05 * rows_of_legend, 1, 1))
-    _write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=110))
+    with atomic_io.atomic_open(path) as file:
+        figure.savefig(file, format="png", dpi=110)
     plt.close(figure)
 
 

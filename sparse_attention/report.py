@@ -20,34 +20,21 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from sparse_attention.run_log import write_json_atomic
+from sparse_attention.atomic_io import atomic_open, write_json
 
 PLOTS = ("loss_vs_position.png", "loss_vs_block_offset.png", "edge_pair_recall.png", "variable_tracking.png",
          "coverage_vs_depth.png")
-
-
-def _write_atomic(path: Path, write) -> None:
-    """write(file) into a temporary file beside `path`, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def write_report(results: dict, out_dir: str | os.PathLike) -> list[Path]:
     """Writes results.json, the plots and report.md into out_dir (created if missing); returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "results.json", results)
+    write_json(out / "results.json", results)
     written = [out / "results.json"]
     with_diagnostics = all("diagnostics" in model for model in results["models"])
     for name, plot in (("loss_vs_position.png", plot_loss_vs_position),
@@ -57,11 +44,13 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> list[Path]:
                        ("coverage_vs_depth.png", plot_coverage_vs_depth)):
         if plot is not None:
             figure = plot(results)
-            _write_atomic(out / name, lambda file: figure.savefig(file, format="png", dpi=110))
+            with atomic_open(out / name) as file:
+                figure.savefig(file, format="png", dpi=110)
             _close(figure)
             written.append(out / name)
     text = markdown(results, [path.name for path in written if path.suffix == ".png"])
-    _write_atomic(out / "report.md", lambda file: file.write(text.encode()))
+    with atomic_open(out / "report.md", "w") as file:
+        file.write(text)
     return [out / "report.md", *written]
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,23 +22,10 @@ from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tqdm import tqdm
 
+from sparse_attention.atomic_io import atomic_open
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Writes obj as JSON to path through a temporary file in the same folder, so readers see the old
-    file or the new one, never a torn one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(obj, out, indent=1, allow_nan=False)
-            out.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
@@ -110,11 +96,5 @@ class RunLog:
 
 
 def _rewrite_lines(path: Path, records: list[dict]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as out:
+        out.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)

@@ -31,7 +31,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import threading
@@ -53,7 +52,8 @@ from sparse_attention import data
 from sparse_attention.checkpointing import Checkpoints, load_config, save_config
 from sparse_attention.config import ExperimentConfig, MeshConfig, TrainConfig
 from sparse_attention.model import DecoderLM, attention_impl_summary
-from sparse_attention.run_log import RunLog, write_json_atomic
+from sparse_attention.atomic_io import write_json
+from sparse_attention.run_log import RunLog
 
 log = logging.getLogger(__name__)
 
@@ -602,6 +602,6 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike, *, until_step: i
         "mesh": {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]},
     }
     if is_main:
-        write_json_atomic(workdir / SUMMARY_FILE, summary)
+        write_json(workdir / SUMMARY_FILE, summary)
     return TrainResult(start_step=start_step, final_step=step, final_loss=progress.final_loss,
                        preempted=preempted, summary=summary)

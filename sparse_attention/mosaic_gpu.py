@@ -540,6 +540,18 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref
 # ------------------------------------------------------------------------------------------- launchers
 
 
+def _varying_like(results, inputs):
+    """Kernel results marked as varying over every manual mesh axis their inputs vary over: plgpu.kernel
+    drops these types, and shard_map's check_vma (and the custom VJP's type check) need them."""
+    varying = frozenset().union(*(jax.typeof(x).manual_axis_type.varying for x in inputs))
+
+    def cast(x):
+        missing = tuple(sorted(varying - jax.typeof(x).manual_axis_type.varying))
+        return lax.pcast(x, missing, to="varying") if missing else x
+
+    return tuple(cast(x) for x in results)
+
+
 def _barriers(count: int, arrivals: int = 1):
     return plgpu.Barrier(num_arrivals=arrivals, num_barriers=count)
 
@@ -566,7 +578,7 @@ def _forward(q, k, v, static: _Static, seq_len: int):
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32))
     call = _kernel(body, out_type, scratch, grid=(len(plan.rows), q_heads, batch), static=static,
                    name="sparse_attention_forward", warpgroups=warpgroups)
-    return call(*plan.arrays, q, k, v)
+    return _varying_like(call(*plan.arrays, q, k, v), (q, k, v))
 
 
 def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
@@ -595,6 +607,7 @@ def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_q, block_k), dtype, swizzled=False)
     body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=group)
+    inputs = (q, k, v, d_out, lse, delta)
     dq = _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=(len(plan.rows), q_heads, batch),
                  static=static, name="sparse_attention_dq", warpgroups=warpgroups)(
         *plan.arrays, q, k, v, d_out, lse, delta)
@@ -618,8 +631,8 @@ def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
     body = functools.partial(_dkdv_kernel, static=static, seq_len=seq_len, group=group)
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     dk, dv = _kernel(body, out_type, scratch, grid=(len(plan.rows), kv_heads, batch), static=static,
-                     name="sparse_attention_dkdv", warpgroups=warpgroups)(*plan.arrays, q, k, v, d_out, lse, delta)
-    return dq, dk, dv
+                     name="sparse_attention_dkdv", warpgroups=warpgroups)(*plan.arrays, *inputs)
+    return _varying_like((dq, dk, dv), inputs)
 
 
 def _pad(x, seq_len: int):

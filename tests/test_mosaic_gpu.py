@@ -1,0 +1,400 @@
+"""The Pallas Mosaic GPU kernels against the dense reference: forward and dq/dk/dv, on fresh random inputs.
+
+On CPU the kernels run in Pallas' GPU interpreter (simulated warpgroups, TMA, barriers and wgmma) at tiny
+sizes: 64-row tiles, the smallest a warpgroup's wgmma takes. The interpreter's wgmma reads only SMEM and
+starts from zero, so there the kernels stage register operands in SMEM (`mosaic_gpu._accumulate`); the
+hardware path is instead lowered to Mosaic GPU IR for sm90 on CPU (`test_hardware_path_lowers_for_sm90`),
+which checks that every op, the pattern predicates included, has a Mosaic GPU lowering. Interpret-mode runs
+happen in child processes (see INTERPRETER_ENV). On a GPU the same cases run compiled, in process, and
+`TestGpu` adds real sizes on Hopper. Every case draws new inputs from its own seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from sparse_attention import mosaic_gpu, reference
+from sparse_attention.attention import resolve_impl
+from sparse_attention.patterns import parse
+
+ON_GPU = jax.default_backend() == "gpu"
+ON_HOPPER = ON_GPU and mosaic_gpu.unsupported_reason(
+    jnp.zeros((1, 1, 1, 64), jnp.bfloat16), None, None, parse("dense"), interpret=False) is None
+INTERPRET = not ON_GPU
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
+RTOL = {"bfloat16": 2e-2, "float16": 1e-2}
+# Smallest tiles: forward and dq blocks own 2 x 64 query rows and stream 64-key tiles; dk/dv blocks own
+# 2 x 64 keys and stream 64-query tiles. Two stages, so the SMEM rings wrap within a row.
+SMALL = mosaic_gpu.BlockSizes(block_q=64, block_k=64, block_q_dq=64, block_k_dq=64, block_k_dkv=64,
+                              block_q_dkv=64)
+# The GPU interpreter runs each simulated warpgroup as a compiled XLA computation on its own thread, and
+# the warpgroups wait on each other inside host callbacks. XLA's CPU client runs some computations on a
+# thread pool sized by the core count (PJRT_NPROC overrides it, read when the client starts); with 2
+# cores, blocked warpgroups can fill the pool and deadlock the kernel. Interpret-mode runs therefore go to
+# a child process whose pool has room for every warpgroup.
+INTERPRETER_ENV = {"PJRT_NPROC": "16", "JAX_PLATFORMS": "cpu"}
+
+
+def run_checked(check, **kwargs):
+    """check(**kwargs) (a function of this module, JSON arguments): here on a GPU, else in a child process
+    with INTERPRETER_ENV."""
+    if ON_GPU:
+        check(**kwargs)
+        return
+    script = (f"import json, sys; sys.path.insert(0, {TESTS_DIR!r}); import test_mosaic_gpu; "
+              f"test_mosaic_gpu.{check.__name__}(**json.loads(sys.argv[1]))")
+    result = subprocess.run([sys.executable, "-c", script, json.dumps(kwargs)], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=REPO_ROOT, **INTERPRETER_ENV), timeout=900,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def random_inputs(seed, batch, seq_len, heads, kv_heads, head_dim, dtype):
+    keys = jax.random.split(jax.random.key(seed), 4)
+    q_shape, kv_shape = (batch, seq_len, heads, head_dim), (batch, seq_len, kv_heads, head_dim)
+    return (jax.random.normal(keys[0], q_shape, dtype), jax.random.normal(keys[1], kv_shape, dtype),
+            jax.random.normal(keys[2], kv_shape, dtype), jax.random.normal(keys[3], q_shape, dtype))
+
+
+def output_and_grads(attend, q, k, v, d_out):
+    """(out, dq, dk, dv) of one jitted forward + VJP."""
+
+    def run(q, k, v, d_out):
+        out, vjp = jax.vjp(attend, q, k, v)
+        return (out, *vjp(d_out))
+
+    return jax.jit(run)(q, k, v, d_out)
+
+
+def relative_error(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def block_sizes_from(sizes) -> mosaic_gpu.BlockSizes | None:
+    """"small" -> SMALL, a dict -> BlockSizes(**dict), None -> the defaults."""
+    if sizes == "small":
+        return SMALL
+    return None if sizes is None else mosaic_gpu.BlockSizes(**sizes)
+
+
+def check_against_reference(spec, *, seq_len, heads=2, kv_heads=1, head_dim=64, dtype="bfloat16", batch=1,
+                            block_sizes="small", scale=None, seed=0, interpret=INTERPRET, keyless_from=None,
+                            detect_races=False):
+    """Output and dq, dk, dv of the kernels against the float32 reference on the same rounded inputs.
+
+    keyless_from: queries from there on see no key; their output and dq must be exactly 0.
+    detect_races: run the interpreter's race detector, and require that it finds none.
+    """
+    pattern = parse(spec)
+    q, k, v, d_out = random_inputs(seed, batch, seq_len, heads, kv_heads, head_dim, jnp.dtype(dtype))
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if detect_races and interpret:
+        interpret = plgpu.InterpretGPUParams(detect_races=True)
+    sizes = block_sizes_from(block_sizes)
+    got = output_and_grads(
+        lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
+                                             block_sizes=sizes), q, k, v, d_out)
+    upcast = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
+    want = output_and_grads(lambda q, k, v: reference.attention(q, k, v, pattern, scale=scale), *upcast)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.dtype == jnp.dtype(dtype) and g.shape == w.shape, name
+        assert np.isfinite(np.asarray(g, np.float32)).all(), f"{spec}: non-finite {name}"
+        error = relative_error(g, w)
+        assert error < RTOL[dtype], f"{spec}: {name} relative error {error:.2e} >= {RTOL[dtype]:.0e}"
+    if keyless_from is not None:
+        for name, g in zip(("out", "dq"), got[:2]):
+            assert (np.asarray(g[:, keyless_from:], np.float32) == 0).all(), f"{name} of keyless queries"
+    if detect_races and interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
+
+        assert not get_races().races_found, "the interpreter's race detector found a race"
+
+
+def check_jit_vmap_grad(interpret=INTERPRET):
+    pattern = parse("repaired(64, 8, prefix)")
+    q, k, v, _ = random_inputs(5, 2, 100, 2, 1, 64, jnp.bfloat16)  # the leading axis is vmapped
+    weights = jax.random.normal(jax.random.key(6), q.shape)
+
+    def loss(attend):
+        batched = jax.vmap(lambda q, k, v: attend(q[None], k[None], v[None])[0])
+        return lambda q, k, v: jnp.sum(batched(q, k, v).astype(jnp.float32) * weights)
+
+    ours = loss(lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=0.125, interpret=interpret,
+                                                     block_sizes=SMALL))
+    oracle = loss(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.125))
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(oracle, argnums=(0, 1, 2))(*(x.astype(jnp.float32) for x in (q, k, v)))
+    for g, w in zip(got, want):
+        assert relative_error(g, w) < RTOL["bfloat16"]
+
+
+def plan_kinds(spec, seq_len, sizes: mosaic_gpu.BlockSizes) -> tuple[bool, bool]:
+    """Whether all three kernels' plans (forward, dq, dk/dv) have FULL tiles, and PARTIAL tiles."""
+    pattern = parse(spec)
+    plans = [mosaic_gpu.step_plan(pattern, seq_len, *sizes.forward_tile, False),
+             mosaic_gpu.step_plan(pattern, seq_len, *sizes.dq_tile, False),
+             mosaic_gpu.step_plan(pattern, seq_len, *sizes.dkdv_tile, True)]
+    has_full = all(plan.counts[:, 0].sum() > 0 for plan in plans)
+    has_partial = all((plan.counts[:, 1] > plan.counts[:, 0]).any() for plan in plans)
+    return bool(has_full), bool(has_partial)
+
+
+# (spec, seq_len, dtype, heads, kv_heads, whether FULL tiles exist: strided-like patterns have none). The
+# patterns are scaled to the 128-row tiles of two warpgroups, so that FULL tiles exist at all.
+PATTERN_CASES = [
+    ("dense", 200, "bfloat16", 2, 1, True),
+    ("block(256)", 300, "float16", 2, 2, True),
+    ("block(256, 128)", 330, "bfloat16", 2, 1, True),  # the odd layers of shifted(256)
+    ("window(200)", 300, "float16", 4, 2, True),
+    ("repaired(256, 16, bridge)", 300, "bfloat16", 2, 1, True),
+    ("repaired(256, 48, prefix)", 320, "float16", 2, 1, True),
+    ("strided(5)", 150, "bfloat16", 2, 1, False),
+    ("dilated(16, 3)", 170, "float16", 2, 1, False),
+    ("sinks(128)", 200, "bfloat16", 2, 1, True),
+    ("random_blocks(128, 1, 4)", 300, "float16", 2, 1, True),
+    ("window(200) | sinks(4)", 300, "bfloat16", 3, 1, True),
+    ("block(256) & strided(3)", 300, "float16", 2, 1, False),
+]
+
+
+@pytest.mark.parametrize("case", PATTERN_CASES, ids=[c[0] for c in PATTERN_CASES])
+def test_pattern_matches_reference(case):
+    spec, seq_len, dtype, heads, kv_heads, has_full = case
+    assert plan_kinds(spec, seq_len, SMALL) == (has_full, True), "case must exercise its tile kinds"
+    run_checked(check_against_reference, spec=spec, seq_len=seq_len, dtype=dtype, heads=heads, kv_heads=kv_heads,
+                seed=zlib.crc32(spec.encode()))
+
+
+def test_head_dim_128_default_tiles_and_short_sequence():
+    # Default tiles (a 128 x 128 forward tile, 2 stages at head_dim 128) on a sequence shorter than a tile.
+    run_checked(check_against_reference, spec="window(30) | sinks(2)", seq_len=77, head_dim=128, block_sizes=None,
+                seed=7)
+
+
+def test_one_warpgroup_and_other_stage_counts():
+    # One compute warpgroup (no ping-pong), one stage (no overlap) and three (the ring wraps mid-row).
+    sizes = dict(block_q=64, block_k=64, warpgroups=1, stages=3, block_q_dq=64, block_k_dq=64, warpgroups_dq=1,
+                 stages_dq=1, block_k_dkv=64, block_q_dkv=64, warpgroups_dkv=1, stages_dkv=3)
+    assert plan_kinds("repaired(128, 32, bridge)", 300, mosaic_gpu.BlockSizes(**sizes)) == (True, True)
+    run_checked(check_against_reference, spec="repaired(128, 32, bridge)", seq_len=300, dtype="float16",
+                block_sizes=sizes, seed=13)
+
+
+def test_rows_without_keys_give_zero_and_finite_grads():
+    # sinks(4) & window(2): queries >= 5 see no key at all.
+    run_checked(check_against_reference, spec="sinks(4) & window(2)", seq_len=100, keyless_from=5, seed=11)
+
+
+def test_batch_and_negative_scale():
+    # A negative scale takes the forward's scale-then-max path on full tiles too.
+    run_checked(check_against_reference, spec="block(256)", seq_len=140, batch=2, scale=-0.3, seed=17)
+
+
+def test_no_races():
+    """The interpreter's race detector finds no unsynchronised SMEM access in the pipeline (ring slots,
+    ping-pong, staging). The interpreter also fails any kernel in which a warpgroup that waits on a barrier
+    misses one of its phases, in every test."""
+    run_checked(check_against_reference, spec="window(200) | strided(9)", seq_len=260, dtype="float16",
+                detect_races=True, seed=19)
+
+
+def test_jit_vmap_grad():
+    run_checked(check_jit_vmap_grad)
+
+
+# --------------------------------------------------------------------------- the hardware path, lowered
+
+
+LOWERING_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import jax, jax.export, jax.numpy as jnp
+    from sparse_attention import mosaic_gpu
+    from sparse_attention.patterns import parse
+    # Lowering needs no GPU: skip the device check so that the hardware kernels (not interpret mode) lower.
+    mosaic_gpu.unsupported_reason = lambda *args, **kwargs: None
+    results = {}
+    for spec, head_dim, dtype in json.loads(sys.argv[1]):
+        pattern = parse(spec)
+        q = jax.ShapeDtypeStruct((2, 1000, 4, head_dim), jnp.dtype(dtype))
+        kv = jax.ShapeDtypeStruct((2, 1000, 2, head_dim), jnp.dtype(dtype))
+        def run(q, k, v, d_out):
+            out, vjp = jax.vjp(lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=0.1), q, k, v)
+            return (out, *vjp(d_out))
+        module = jax.export.export(jax.jit(run), platforms=["cuda"])(q, kv, kv, q).mlir_module()
+        results[spec] = module.count("custom_call @mosaic_gpu")
+    print(json.dumps(results))
+    """
+)
+
+LOWERED_CASES = [
+    ("dense", 64, "bfloat16"), ("block(256, 128)", 128, "float16"), ("window(300)", 64, "float16"),
+    ("repaired(256, 32, bridge)", 128, "bfloat16"), ("repaired(256, 32, prefix)", 64, "bfloat16"),
+    ("strided(7)", 128, "float16"), ("dilated(64, 3)", 64, "bfloat16"), ("sinks(4)", 64, "float16"),
+    ("random_blocks(128, 2, 5)", 128, "bfloat16"), ("window(300) | sinks(4) & strided(2)", 64, "bfloat16"),
+]
+
+
+def test_hardware_path_lowers_for_sm90():
+    """Forward and backward with wgmma from registers and in-place accumulators, lowered through Pallas'
+    Mosaic GPU lowering and Mosaic's layout inference for sm90 (no ptxas: that needs the GPU)."""
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", LOWERING_SCRIPT, json.dumps(LOWERED_CASES)], env=env,
+                            capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = json.loads(result.stdout.strip().splitlines()[-1])
+    # Three Mosaic GPU custom calls per case: forward, dq and dk/dv.
+    assert counts == {spec: 3 for spec, _, _ in LOWERED_CASES}
+
+
+# ------------------------------------------------------------------------------------- plans and API
+
+
+@pytest.mark.parametrize("spec", ["dense", "window(40)", "repaired(64, 16, bridge)", "strided(5)",
+                                  "random_blocks(32, 2, 3)", "sinks(4) & window(2)"])
+@pytest.mark.parametrize("by_key", [False, True])
+def test_step_plan_lists_full_then_partial_tiles_covering_each_pair_once(spec, by_key):
+    pattern, seq_len, tile_q, tile_k = parse(spec), 300, 128, 64
+    plan = mosaic_gpu.step_plan(pattern, seq_len, tile_q, tile_k, by_key)
+    row_tile, col_tile = (tile_k, tile_q) if by_key else (tile_q, tile_k)
+    padded = -(-seq_len // 128) * 128
+    covered = np.zeros((padded, padded), np.int32)  # [row position, column position] in the plan's frame
+    full_only = np.zeros_like(covered, dtype=bool)
+    for block, row in enumerate(plan.rows):
+        rows = slice(row * row_tile, (row + 1) * row_tile)
+        num_full, num_steps = plan.counts[block]
+        for step, col in enumerate(plan.tiles[block, :num_steps]):
+            covered[rows, col * col_tile : (col + 1) * col_tile] += 1
+            if step < num_full:
+                full_only[rows, col * col_tile : (col + 1) * col_tile] = True
+    positions = np.arange(padded)
+    q_pos, k_pos = (positions[None, :], positions[:, None]) if by_key else (positions[:, None], positions[None, :])
+    active = pattern.mask(q_pos, k_pos) & (q_pos < seq_len) & (k_pos < seq_len)
+    assert (covered[active] == 1).all(), "an active pair is missed or covered twice"
+    assert (covered <= 1).all()
+    valid_rows = (positions < seq_len)[:, None] if not by_key else (positions < seq_len)[None, :]
+    assert active[full_only & valid_rows].all(), "a FULL tile holds an inactive pair"
+    assert sorted(plan.rows) == list(range(len(plan.rows))), "every row runs exactly once"
+
+
+def test_block_sizes_validation_and_defaults():
+    with pytest.raises(ValueError, match="block_q"):
+        mosaic_gpu.BlockSizes(block_q=32)
+    with pytest.raises(ValueError, match="block_k_dkv"):
+        mosaic_gpu.BlockSizes(block_k_dkv=320)
+    with pytest.raises(ValueError, match="warpgroups"):
+        mosaic_gpu.BlockSizes(warpgroups=3)
+    with pytest.raises(ValueError, match="stages_dq"):
+        mosaic_gpu.BlockSizes(stages_dq=0)
+    assert mosaic_gpu.BlockSizes.for_head_dim(64).stages == 3
+    assert mosaic_gpu.BlockSizes().forward_tile == (128, 128)
+    assert mosaic_gpu.BlockSizes().sequence_multiple == 128
+    q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="block_sizes"):
+        mosaic_gpu.attention(q, q, q, "dense", scale=1.0, interpret=True, block_sizes={"block_q": 64})
+
+
+def test_unsupported_reasons():
+    q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)
+    pattern = parse("dense")
+    assert mosaic_gpu.unsupported_reason(q, q, q, pattern, interpret=True) is None
+    assert "dtype" in mosaic_gpu.unsupported_reason(q.astype(jnp.float32), q, q, pattern, interpret=True)
+    assert "head_dim" in mosaic_gpu.unsupported_reason(q[..., :32], q, q, pattern, interpret=True)
+    assert resolve_impl("mosaic_gpu", q, q, q, pattern, interpret=True) == ("mosaic_gpu", "requested")
+    if not ON_GPU:
+        assert "compute capability >= 9.0" in mosaic_gpu.unsupported_reason(q, q, q, pattern, interpret=False)
+        with pytest.raises(ValueError, match="mosaic_gpu"):
+            mosaic_gpu.attention(q, q, q, pattern, scale=1.0)
+        assert resolve_impl("auto", q, q, q, pattern)[0] == "xla"
+
+
+def test_shard_map_types_check():
+    """Under shard_map with check_vma, forward and backward type-check (kernel results are marked varying).
+    Traced only: the GPU interpreter does not run under shard_map over several host devices."""
+    script = textwrap.dedent(
+        """
+        import json
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh, PartitionSpec as P
+        from sparse_attention import mosaic_gpu
+        mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "heads"))
+        spec = P("data", None, "heads", None)
+        attend = lambda q, k, v: mosaic_gpu.attention(q, k, v, "window(70)", scale=0.1, interpret=True)
+        sharded = jax.shard_map(attend, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
+        def run(q, k, v, d_out):
+            out, vjp = jax.vjp(sharded, q, k, v)
+            return (out, *vjp(d_out))
+        q = jax.ShapeDtypeStruct((2, 100, 4, 64), jnp.bfloat16)
+        kv = jax.ShapeDtypeStruct((2, 100, 2, 64), jnp.bfloat16)
+        print(json.dumps([x.shape for x in jax.jit(run).trace(q, kv, kv, q).out_info]))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+               JAX_PLATFORMS="cpu")
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shapes = json.loads(result.stdout.strip().splitlines()[-1])
+    assert shapes == [[2, 100, 4, 64], [2, 100, 4, 64], [2, 100, 2, 64], [2, 100, 2, 64]]
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+GPU_CASES = [
+    ("dense", 2048, 128),
+    ("block(512)", 4096, 128),
+    ("block(512, 256)", 2048, 64),
+    ("window(1024)", 4000, 128),
+    ("repaired(512, 64, bridge)", 4096, 128),
+    ("repaired(512, 64, prefix)", 3000, 64),
+    ("strided(64)", 1024, 64),
+    ("dilated(128, 8)", 2048, 128),
+    ("sinks(16)", 1500, 64),
+    ("sinks(4) & window(2)", 1024, 64),
+    ("random_blocks(256, 2, 5)", 4096, 64),
+    ("window(1024) | sinks(16)", 2500, 128),
+    ("block(512) & strided(3)", 2048, 64),
+]
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="needs a CUDA GPU with compute capability >= 9.0: the compiled "
+                                          "Mosaic GPU kernels at real sizes")
+class TestGpu:
+    @pytest.mark.parametrize("spec, seq_len, head_dim", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+    @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+    def test_default_tiles(self, spec, seq_len, head_dim, dtype):
+        check_against_reference(spec, seq_len=seq_len, heads=4, kv_heads=2, head_dim=head_dim, dtype=dtype,
+                                block_sizes=None, seed=seq_len + head_dim, interpret=False)
+
+    def test_one_warpgroup_and_other_stage_counts(self):
+        sizes = dict(warpgroups=1, stages=3, warpgroups_dq=1, stages_dq=1, warpgroups_dkv=1, stages_dkv=3)
+        check_against_reference("repaired(256, 64, bridge)", seq_len=2000, heads=4, kv_heads=2, head_dim=128,
+                                block_sizes=sizes, seed=3, interpret=False)
+
+    def test_shard_map_checks_vma(self):
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "heads"))
+        spec = jax.sharding.PartitionSpec("data", None, "heads", None)
+        pattern = parse("repaired(256, 32, prefix)")
+        q, k, v, d_out = random_inputs(8, 2, 1024, 4, 2, 64, jnp.bfloat16)
+        sharded = jax.shard_map(lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=0.125),
+                                mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
+        got = output_and_grads(sharded, q, k, v, d_out)
+        want = output_and_grads(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.125),
+                                *(x.astype(jnp.float32) for x in (q, k, v, d_out)))
+        for g, w in zip(got, want):
+            assert relative_error(g, w) < 2e-2

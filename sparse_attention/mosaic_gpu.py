@@ -25,7 +25,7 @@ Shapes: q [batch, seq, q_heads, head_dim], k/v [batch, seq, kv_heads, head_dim];
 head_dim 64 or 128. Sequences are zero-padded to a tile multiple inside and sliced outside.
 
 Interpret mode (CPU tests) runs the same kernels through Pallas' GPU interpreter, whose wgmma reads only
-SMEM operands and cannot start from a given accumulator: there `_matmul` stores register operands to an
+SMEM operands and cannot start from a given accumulator: there `_accumulate` stores register operands to an
 SMEM staging buffer first and adds each product to its accumulator. docs/mosaic_gpu.md has the details.
 """
 

@@ -28,6 +28,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from sparse_attention import mosaic_gpu, reference
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
+from kernel_oracle import output_and_grads, random_inputs, relative_error
 
 ON_GPU = jax.default_backend() == "gpu"
 ON_HOPPER = ON_GPU and mosaic_gpu.unsupported_reason(
@@ -60,28 +61,6 @@ def run_checked(check, **kwargs):
                             env=dict(os.environ, PYTHONPATH=REPO_ROOT, **INTERPRETER_ENV), timeout=900,
                             cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
-
-
-def random_inputs(seed, batch, seq_len, heads, kv_heads, head_dim, dtype):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    q_shape, kv_shape = (batch, seq_len, heads, head_dim), (batch, seq_len, kv_heads, head_dim)
-    return (jax.random.normal(keys[0], q_shape, dtype), jax.random.normal(keys[1], kv_shape, dtype),
-            jax.random.normal(keys[2], kv_shape, dtype), jax.random.normal(keys[3], q_shape, dtype))
-
-
-def output_and_grads(attend, q, k, v, d_out):
-    """(out, dq, dk, dv) of one jitted forward + VJP."""
-
-    def run(q, k, v, d_out):
-        out, vjp = jax.vjp(attend, q, k, v)
-        return (out, *vjp(d_out))
-
-    return jax.jit(run)(q, k, v, d_out)
-
-
-def relative_error(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
 def block_sizes_from(sizes) -> mosaic_gpu.BlockSizes | None:

@@ -23,6 +23,7 @@ import pytest
 from sparse_attention import bench, pallas_gpu, reference
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
+from kernel_oracle import output_and_grads, random_inputs, relative_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
@@ -40,28 +41,6 @@ def tiles(block_q, block_k, sub_k, block_k_dkv=None, block_q_dkv=None, sub_q_dkv
         block_k_dkv=block_k_dkv or block_k, block_q_dkv=block_q_dkv or block_q,
         block_q_partial_dkv=sub_q_dkv or sub_k,
     )
-
-
-def random_inputs(seed, batch, seq_len, heads, kv_heads, head_dim, dtype):
-    keys = jax.random.split(jax.random.key(seed), 4)
-    q_shape, kv_shape = (batch, seq_len, heads, head_dim), (batch, seq_len, kv_heads, head_dim)
-    return (jax.random.normal(keys[0], q_shape, dtype), jax.random.normal(keys[1], kv_shape, dtype),
-            jax.random.normal(keys[2], kv_shape, dtype), jax.random.normal(keys[3], q_shape, dtype))
-
-
-def output_and_grads(attend, q, k, v, d_out):
-    """(out, dq, dk, dv) of one jitted forward + VJP."""
-
-    def run(q, k, v, d_out):
-        out, vjp = jax.vjp(attend, q, k, v)
-        return (out, *vjp(d_out))
-
-    return jax.jit(run)(q, k, v, d_out)
-
-
-def relative_error(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
 def assert_matches_reference(spec, *, seq_len, heads=2, kv_heads=1, head_dim=32, dtype=jnp.float32, batch=1,

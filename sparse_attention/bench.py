@@ -16,7 +16,9 @@ allows does not change the picture, and rotating would add allocation noise at 1
 
 Peers: cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) for dense causal and window(W)
 (`local_window_size=(W-1, 0)`); JAX's Pallas Triton attention (`ops.gpu.attention.mha`, dense causal);
-this package's `xla` and `reference` paths where they fit in memory ("oom" otherwise).
+JAX's Pallas Mosaic GPU attention (`ops.gpu.attention_mgpu`, dense causal, forward only: it has no causal
+backward, sm90+, float16: with bfloat16 it fails on a float16 buffer inside); this package's `xla` and `reference` paths where they fit in memory
+("oom" otherwise).
 `--smoke` runs tiny shapes on CPU with the Pallas kernels in interpret mode (for tests). On a GPU or TPU
 host each Pallas kernel runs only on its own backend (`pallas_tpu` is TPU only, `pallas_gpu` GPU only).
 """
@@ -36,14 +38,16 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from sparse_attention import atomic_io, pallas_gpu, pallas_tpu, reference, xla
+from sparse_attention import atomic_io, mosaic_gpu, pallas_gpu, pallas_tpu, reference, xla
 from sparse_attention.patterns import Dense, Pattern, Window, as_pattern
 
 DEFAULT_SEQ_LENS = (4096, 16384, 32768, 65536, 131072)
 DEFAULT_PATTERNS = ("dense", "block(512)", "window(1024)", "repaired(512, 64, bridge)", "repaired(512, 64, prefix)")
-IMPLS = ("pallas_gpu", "pallas_tpu", "cudnn", "pallas_mha", "xla", "reference")
+IMPLS = ("mosaic_gpu", "pallas_gpu", "pallas_tpu", "cudnn", "mosaic_mha", "pallas_mha", "xla", "reference")
 # The backend each Pallas kernel compiles for; on CPU they run in interpret mode.
-KERNEL_BACKENDS = {"pallas_gpu": "gpu", "pallas_tpu": "tpu"}
+KERNEL_BACKENDS = {"mosaic_gpu": "gpu", "pallas_gpu": "gpu", "pallas_tpu": "tpu"}
+# JAX's Mosaic GPU attention: its own benchmark's tiles (block_q 64, block_kv 128, two stages).
+MOSAIC_MHA_TILES = dict(block_q=64, block_kv=128, max_concurrent_steps=2)
 MODES = ("fwd", "fwd_bwd")
 FWD_BWD_FLOP_FACTOR = 3.5
 # Long cases stop after this much timed time (at least MIN_RUNS runs), so 128k fits in a session.
@@ -66,7 +70,7 @@ class Unsupported(Exception):
     """The implementation does not cover this case (recorded as such, not as an error)."""
 
 
-def _peer_function(impl: str, pattern: Pattern, shape: Shape, interpret: bool, block_sizes):
+def _peer_function(impl: str, pattern: Pattern, shape: Shape, mode: str, interpret: bool, block_sizes):
     """f(q, k, v) -> out for one implementation, or raise Unsupported."""
     scale = 1.0 / math.sqrt(shape.head_dim)
     if impl in KERNEL_BACKENDS and not interpret and jax.default_backend() != KERNEL_BACKENDS[impl]:
@@ -74,6 +78,12 @@ def _peer_function(impl: str, pattern: Pattern, shape: Shape, interpret: bool, b
     if impl == "pallas_gpu":
         return lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
                                                     block_sizes=block_sizes)
+    if impl == "mosaic_gpu":
+        reason = mosaic_gpu.unsupported_reason(*(jax.ShapeDtypeStruct(s, shape.dtype) for s in _shapes(shape)),
+                                               pattern, interpret=interpret)
+        if reason is not None:
+            raise Unsupported(reason)
+        return lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=scale, interpret=interpret)
     if impl == "pallas_tpu":
         return lambda q, k, v: pallas_tpu.attention(q, k, v, pattern, scale=scale, interpret=interpret)
     if impl == "xla":
@@ -107,7 +117,33 @@ def _peer_function(impl: str, pattern: Pattern, shape: Shape, interpret: bool, b
             return pallas_mha.mha(q, k, v, segment_ids=None, sm_scale=scale, causal=True)
 
         return run
+    if impl == "mosaic_mha":
+        return _mosaic_mha(pattern, shape, mode)
     raise ValueError(f"impl must be one of {', '.join(IMPLS)}; got {impl!r}")
+
+
+def _mosaic_mha(pattern: Pattern, shape: Shape, mode: str):
+    if mode != "fwd":
+        raise Unsupported("JAX's Mosaic GPU attention has no causal backward")
+    if not isinstance(pattern, Dense):
+        raise Unsupported("JAX's Mosaic GPU attention covers dense causal only")
+    if shape.dtype != "float16":
+        # It accepts bfloat16 but fails inside (a float16 staging buffer): measured on jax 0.11.2.
+        raise Unsupported("JAX's Mosaic GPU attention runs float16 only")
+    if shape.seq_len % 128:
+        raise Unsupported("JAX's Mosaic GPU attention needs seq_len divisible by its 128-key tiles")
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    config = attention_mgpu.TuningConfig(causal=True, **MOSAIC_MHA_TILES)
+    # It has no scale argument (its logits are the raw q·k); scaling q first would add an elementwise pass
+    # to its time, and the scale does not change its work, so it is timed unscaled.
+    return lambda q, k, v: attention_mgpu.attention(q, k, v, config)
+
+
+def _shapes(shape: Shape):
+    """(q, k, v) shapes: [batch, seq, heads, head_dim], k and v with kv_heads."""
+    kv_shape = (shape.batch, shape.seq_len, shape.kv_heads, shape.head_dim)
+    return (shape.batch, shape.seq_len, shape.heads, shape.head_dim), kv_shape, kv_shape
 
 
 def _timed_function(forward, mode: str):
@@ -121,7 +157,7 @@ def _timed_function(forward, mode: str):
     return jax.jit(forward_backward)
 
 
-def _memory_bytes(compiled) -> int | None:
+def compiled_memory_bytes(compiled) -> int | None:
     analysis = compiled.memory_analysis()
     if analysis is None:
         return None
@@ -134,7 +170,7 @@ def _device_memory_limit() -> int | None:
     return stats.get("bytes_limit")
 
 
-def _is_oom(error: Exception) -> bool:
+def is_oom(error: Exception) -> bool:
     text = str(error)
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower() or "Out of memory" in text
 
@@ -164,10 +200,10 @@ def run_case(impl: str, pattern: Pattern, mode: str, shape: Shape, inputs, *, ru
                active_fraction=active_pairs / (shape.seq_len * (shape.seq_len + 1) / 2),
                ms=None, tflops=None, memory_bytes=None, runs=None, status="ok")
     try:
-        forward = _peer_function(impl, pattern, shape, interpret, block_sizes)
+        forward = _peer_function(impl, pattern, shape, mode, interpret, block_sizes)
         args = inputs if mode == "fwd_bwd" else inputs[:3]
         compiled = _timed_function(forward, mode).lower(*args).compile()
-        row["memory_bytes"] = _memory_bytes(compiled)
+        row["memory_bytes"] = compiled_memory_bytes(compiled)
         limit = _device_memory_limit()
         if limit is not None and row["memory_bytes"] is not None and row["memory_bytes"] > limit:
             row["status"] = "oom"
@@ -177,15 +213,14 @@ def run_case(impl: str, pattern: Pattern, mode: str, shape: Shape, inputs, *, ru
     except Unsupported as reason:
         row["status"] = f"unsupported: {reason}"
     except Exception as error:  # a peer failing must not end the whole benchmark
-        row["status"] = "oom" if _is_oom(error) else f"error: {type(error).__name__}: {str(error)[:300]}"
+        row["status"] = "oom" if is_oom(error) else f"error: {type(error).__name__}: {str(error)[:300]}"
     return row
 
 
 def make_inputs(shape: Shape, seed: int = 0):
     keys = jax.random.split(jax.random.key(seed), 4)
     dtype = jnp.dtype(shape.dtype)
-    q_shape = (shape.batch, shape.seq_len, shape.heads, shape.head_dim)
-    kv_shape = (shape.batch, shape.seq_len, shape.kv_heads, shape.head_dim)
+    q_shape, kv_shape, _ = _shapes(shape)
     return (jax.random.normal(keys[0], q_shape, dtype), jax.random.normal(keys[1], kv_shape, dtype),
             jax.random.normal(keys[2], kv_shape, dtype), jax.random.normal(keys[3], q_shape, dtype))
 

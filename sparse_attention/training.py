@@ -319,15 +319,20 @@ class Trainer:
             self._step_compiled = self._step_jit.lower(self.abstract_state, batch, votes).compile()
         return time.perf_counter() - start
 
+    @property
+    def compiled_step(self) -> jax.stages.Compiled:
+        """The ahead-of-time compiled step (compiling it first if needed), e.g. for its memory analysis."""
+        if self._step_compiled is None:
+            self.compile()
+        return self._step_compiled
+
     def step(self, state: TrainState, batch: jax.Array, stop: bool = False):
         """One update: (new state, metrics). `state` is donated (its buffers are reused).
 
         `stop` is this process's vote to stop; the step ORs all votes into metrics["stop"], so every
         process learns the same answer at the same step without an extra host synchronization.
         """
-        if self._step_compiled is None:
-            self.compile()
-        return self._step_compiled(state, batch, self._stop_votes[bool(stop)])
+        return self.compiled_step(state, batch, self._stop_votes[bool(stop)])
 
     def _votes(self, flag: bool) -> jax.Array:
         """bool [devices], this process's flag on each of its devices."""

@@ -27,10 +27,12 @@ log = logging.getLogger(__name__)
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "mosaic_gpu", "pallas_tpu")
 VALID_IMPLS = ("auto",) + IMPLEMENTATIONS
-# Preference order of `auto` per JAX backend. mosaic_gpu is reachable only explicitly until it has been
-# validated and measured on Hopper hardware (docs/mosaic_gpu.md).
+# Preference order of `auto` per JAX backend. On GPUs mosaic_gpu comes first: validated on an H100 (CUDA 13.0)
+# and faster than pallas_gpu on dense and window there (docs/benchmarks.md). Its unsupported_reason declines
+# float32, head_dims other than 64 and 128, GPUs older than Hopper (sm90) and CUDA runtimes whose ptxas
+# miscompiles masked attention; auto then falls to pallas_gpu (sm80+, float32 too) and logs why.
 AUTO_ORDER = {
-    "gpu": ("pallas_gpu", "xla"),
+    "gpu": ("mosaic_gpu", "pallas_gpu", "xla"),
     "tpu": ("pallas_tpu", "xla"),
     "cpu": ("xla",),
 }

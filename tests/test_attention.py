@@ -2,6 +2,8 @@
 gradients, jit, vmap), dispatch and input errors, and causality through gradients."""
 
 import functools
+import importlib
+import logging
 import math
 
 import jax
@@ -10,9 +12,11 @@ import numpy as np
 import pytest
 from test_patterns import brute_force_mask, tree_spec
 
-from sparse_attention import reference, xla
-from sparse_attention.attention import VALID_IMPLS, attention, resolve_impl
+from sparse_attention import mosaic_gpu, pallas_gpu, reference, xla
+from sparse_attention.attention import AUTO_ORDER, VALID_IMPLS, attention, resolve_impl
 from sparse_attention.patterns import parse
+
+dispatch = importlib.import_module("sparse_attention.attention")  # the package exports the function as `attention`
 
 ON_CPU = jax.default_backend() == "cpu"
 
@@ -223,6 +227,60 @@ def test_auto_on_cpu_resolves_to_xla_and_matches_it():
     np.testing.assert_allclose(
         np.asarray(out), np.asarray(jit_attention(q, k, v, "window(4)", impl="reference")), atol=2e-5, rtol=2e-5
     )
+
+
+def test_auto_order_on_gpu_prefers_mosaic_gpu_then_pallas_gpu():
+    assert AUTO_ORDER["gpu"] == ("mosaic_gpu", "pallas_gpu", "xla")
+
+
+class FakeGpu:
+    """What the kernels' unsupported_reason reads from jax.devices()[0]."""
+
+    def __init__(self, compute_capability: str):
+        self.compute_capability = compute_capability
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """A GPU backend without a GPU: returns set(capability, cuda_runtime) to pick the device and runtime."""
+
+    def set_gpu(capability="9.0", cuda_runtime=13000):
+        monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+        monkeypatch.setattr(jax, "devices", lambda *args, **kwargs: [FakeGpu(capability)])
+        monkeypatch.setattr(mosaic_gpu, "_cuda_runtime_version", lambda: cuda_runtime)
+
+    return set_gpu
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_auto_on_hopper_picks_mosaic_gpu(fake_gpu, dtype, head_dim):
+    q, k, v = random_qkv(12, 16, 4, 2, dtype, head_dim=head_dim)
+    fake_gpu()
+    assert resolve_impl("auto", q, k, v, "repaired(8, 2, bridge)") == ("mosaic_gpu", "auto on gpu")
+
+
+FALLBACKS = [  # (what differs from bf16 at head_dim 64 on sm90 with CUDA 13.0, the reason mosaic_gpu gives)
+    (dict(dtype=jnp.float32), {}, "dtype float32 is not supported"),
+    (dict(head_dim=32), {}, "head_dim 32 is not supported"),
+    ({}, dict(capability="8.0"), "compute capability >= 9.0 (Hopper), found 8.0"),
+    ({}, dict(cuda_runtime=12080), "CUDA runtime 12080 is in [12080, 12091)"),
+]
+
+
+@pytest.mark.parametrize("inputs, gpu, reason", FALLBACKS, ids=["float32", "head_dim32", "sm80", "cuda12.8"])
+def test_auto_on_gpu_falls_back_to_pallas_gpu_and_says_why(fake_gpu, monkeypatch, caplog, inputs, gpu, reason):
+    q, k, v = random_qkv(13, 16, 4, 2, inputs.get("dtype", jnp.bfloat16), head_dim=inputs.get("head_dim", 64))
+    fake_gpu(**gpu)
+    chosen, why = resolve_impl("auto", q, k, v, "block(8)")
+    assert chosen == "pallas_gpu"
+    assert why.startswith("auto on gpu (skipped mosaic_gpu: ") and reason in why
+    # attention() logs the same choice and calls pallas_gpu (stubbed: there is no GPU to run it on).
+    monkeypatch.setattr(pallas_gpu, "attention", lambda q, k, v, pattern, **options: q)
+    dispatch._log_choice.cache_clear()
+    with caplog.at_level(logging.INFO, logger=dispatch.log.name):
+        assert attention(q, k, v, "block(8)") is q
+    assert f"attention impl=auto ran pallas_gpu ({why})" in caplog.text
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])

@@ -8,12 +8,14 @@
   results.json              every number of the report (and the curves behind the plots)
   loss_vs_position.png      bits per byte against window position, log-spaced buckets, per eval set
   loss_vs_block_offset.png  bits per byte against offset in the block, own grid and shifted grid
+  loss_at_block_start.png   the same, zoomed on the first BLOCK_START_ZOOM offsets, without bands
   edge_pair_recall.png      measured accuracy over (key offset, blocks later) beside the reachability prediction
   variable_tracking.png     accuracy against chain length per depth, with the reachable fraction
   coverage_vs_depth.png     reachable share of causal pairs against depth for each eval pattern
 
 Every table row and plot legend carries the run's label, which names an evaluation pattern that differs
-from the trained one ("dense [eval window(64)]").
+from the trained one ("dense [eval window(64)]"). In the line plots, runs that evaluate the same pattern
+(seeds of one variant) share a color and differ in line style.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ import numpy as np
 
 from sparse_attention.atomic_io import atomic_open, write_json
 
-PLOTS = ("loss_vs_position.png", "loss_vs_block_offset.png", "edge_pair_recall.png", "variable_tracking.png",
-         "coverage_vs_depth.png")
+PLOTS = ("loss_vs_position.png", "loss_vs_block_offset.png", "loss_at_block_start.png", "edge_pair_recall.png",
+         "variable_tracking.png", "coverage_vs_depth.png")
+LINE_STYLES = ("-", "--", ":", "-.")
+# Offsets shown by loss_at_block_start.png: a cut edge costs the first few tokens of a block the most.
+BLOCK_START_ZOOM = 16
 
 
 def write_report(results: dict, out_dir: str | os.PathLike) -> list[Path]:
@@ -39,6 +44,7 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> list[Path]:
     with_diagnostics = all("diagnostics" in model for model in results["models"])
     for name, plot in (("loss_vs_position.png", plot_loss_vs_position),
                        ("loss_vs_block_offset.png", plot_loss_vs_block_offset),
+                       ("loss_at_block_start.png", plot_loss_at_block_start),
                        ("edge_pair_recall.png", plot_edge_pair_recall if with_diagnostics else None),
                        ("variable_tracking.png", plot_variable_tracking if with_diagnostics else None),
                        ("coverage_vs_depth.png", plot_coverage_vs_depth)):
@@ -329,20 +335,36 @@ def _close(figure) -> None:
     _pyplot().close(figure)
 
 
+def line_styles(models: list[dict]) -> dict[str, tuple[str, str]]:
+    """label -> (color, line style): one color per evaluated pattern, one line style per run of it."""
+    colors = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
+    patterns: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    styles = {}
+    for m in models:
+        pattern = m["eval_pattern"]
+        patterns.setdefault(pattern, len(patterns))
+        repeat = seen.get(pattern, 0)
+        seen[pattern] = repeat + 1
+        styles[m["label"]] = (colors[patterns[pattern] % len(colors)], LINE_STYLES[repeat % len(LINE_STYLES)])
+    return styles
+
+
 def plot_loss_vs_position(results: dict):
     plt = _pyplot()
     eval_sets = list(results["settings"]["eval_sets"])
     figure, axes = plt.subplots(1, len(eval_sets), figsize=(6.5 * len(eval_sets), 4.6), squeeze=False)
+    styles = line_styles(results["models"])
     for ax, eval_set in zip(axes[0], eval_sets):
         length = common_lengths(results, eval_set)[-1]
         for m in results["models"]:
             curve = _entries(m, eval_set)[length]["by_position"]
             edges = np.array(curve["edges"], float)
             centers = np.sqrt(np.maximum(edges[:-1], 0.5) * edges[1:])
-            mean, low, high = (np.array([np.nan if v is None else v for v in curve[k]], float)
-                               for k in ("mean", "low", "high"))
-            line, = ax.plot(centers, mean, marker="o", markersize=3, label=m["label"])
-            ax.fill_between(centers, low, high, color=line.get_color(), alpha=0.2)
+            mean, low, high = _curve_arrays(curve)
+            color, style = styles[m["label"]]
+            ax.plot(centers, mean, marker="o", markersize=3, color=color, linestyle=style, label=m["label"])
+            ax.fill_between(centers, low, high, color=color, alpha=0.2)
         ax.set_xscale("log")
         ax.set(xlabel="position in window (log-spaced buckets)", ylabel="bits per byte",
                title=f"{eval_set}, C={length}")
@@ -353,9 +375,17 @@ def plot_loss_vs_position(results: dict):
     return figure
 
 
-def plot_loss_vs_block_offset(results: dict):
+def _curve_arrays(curve: dict):
+    """(mean, low, high) float arrays of a stored curve, None as NaN."""
+    return tuple(np.array([np.nan if v is None else v for v in curve[k]], float) for k in ("mean", "low", "high"))
+
+
+def _block_offset_figure(results: dict, *, zoom: bool):
+    """Loss against offset within the block, own grid and B/2-shifted control; `zoom`: the first
+    BLOCK_START_ZOOM offsets only, with markers and without bands."""
     plt = _pyplot()
     eval_sets = list(results["settings"]["eval_sets"])
+    styles = line_styles(results["models"])
     figure, axes = plt.subplots(len(eval_sets), 2, figsize=(13, 4.2 * len(eval_sets)), squeeze=False)
     for row, eval_set in zip(axes, eval_sets):
         length = training_length_shown(results, eval_set)
@@ -363,19 +393,32 @@ def plot_loss_vs_block_offset(results: dict):
             for m in results["models"]:
                 offsets = _entries(m, eval_set)[length]["by_block_offset"]
                 curve = offsets[grid_name]
-                mean, low, high = (np.array([np.nan if v is None else v for v in curve[k]], float)
-                                   for k in ("mean", "low", "high"))
-                x = np.arange(len(mean))
+                mean, low, high = _curve_arrays(curve)
+                shown = min(BLOCK_START_ZOOM, len(mean)) if zoom else len(mean)
+                x = np.arange(shown)
                 source = "" if offsets["grid"]["source"] == "pattern" else ", reference grid"
-                line, = ax.plot(x, mean, linewidth=1.2, label=f"{m['label']} (B={offsets['grid']['size']}{source})")
-                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.15)
+                color, style = styles[m["label"]]
+                ax.plot(x, mean[:shown], linewidth=1.2, color=color, linestyle=style,
+                        marker="o" if zoom else None, markersize=3,
+                        label=f"{m['label']} (B={offsets['grid']['size']}{source})")
+                if not zoom:
+                    ax.fill_between(x, low, high, color=color, alpha=0.15)
             title = "own block grid" if grid_name == "own" else "grid shifted by B/2 (control)"
             ax.set(xlabel="offset within block", ylabel="bits per byte", title=f"{eval_set}, C={length}: {title}")
             ax.grid(alpha=0.3)
         row[0].legend(fontsize="small")
-    figure.suptitle("loss against offset within the block (t mod B)")
+    figure.suptitle("loss at the start of the block (t mod B, first offsets)" if zoom
+                    else "loss against offset within the block (t mod B)")
     figure.tight_layout()
     return figure
+
+
+def plot_loss_vs_block_offset(results: dict):
+    return _block_offset_figure(results, zoom=False)
+
+
+def plot_loss_at_block_start(results: dict):
+    return _block_offset_figure(results, zoom=True)
 
 
 def plot_edge_pair_recall(results: dict):
@@ -433,10 +476,12 @@ def plot_variable_tracking(results: dict):
 def plot_coverage_vs_depth(results: dict):
     plt = _pyplot()
     figure, ax = plt.subplots(figsize=(6.5, 4.5))
+    styles = line_styles(results["models"])
     for m in results["models"]:
         reach = m["reachability"]
-        ax.plot(range(len(reach["coverage_by_depth"])), reach["coverage_by_depth"], marker="o",
-                label=f"{m['label']}: {reach['pattern']}")
+        color, style = styles[m["label"]]
+        ax.plot(range(len(reach["coverage_by_depth"])), reach["coverage_by_depth"], marker="o", color=color,
+                linestyle=style, label=f"{m['label']}: {reach['pattern']}")
     seq_len = results["models"][0]["reachability"]["seq_len"]
     ax.set(xlabel="depth (layers)", ylabel="coverage of causal pairs", ylim=(0, 1.02),
            title=f"reachability coverage against depth, S = {seq_len}")

@@ -362,3 +362,11 @@ def test_empty_eval_set_gives_a_clear_error(trained_run):
         evaluation.EvalOptions(eval_sets=("code",))
     with pytest.raises(ValueError, match="lengths"):
         evaluation.EvalOptions(lengths=(0,))
+
+
+def test_runs_of_one_pattern_share_a_color_and_differ_in_line_style():
+    models = [{"label": "block_s0", "eval_pattern": "block(64)"}, {"label": "dense_s0", "eval_pattern": "dense"},
+              {"label": "block_s1", "eval_pattern": "block(64)"}, {"label": "dense_s1", "eval_pattern": "dense"}]
+    styles = report.line_styles(models)
+    assert styles["block_s0"][0] == styles["block_s1"][0] != styles["dense_s0"][0] == styles["dense_s1"][0]
+    assert styles["block_s0"][1] == styles["dense_s0"][1] != styles["block_s1"][1] == styles["dense_s1"][1]

@@ -79,23 +79,51 @@ def bootstrap_ratio(numerators, denominators, *, samples: int, seed: int, confid
         raise ValueError(f"numerators {numerators.shape} and denominators {denominators.shape} differ in shape")
     if numerators.ndim == 0 or numerators.shape[0] == 0:
         raise ValueError("bootstrap needs at least one document")
-    if samples < 1:
-        raise ValueError(f"bootstrap samples must be >= 1, got {samples}")
-    if not 0 < confidence < 1:
-        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     documents, shape = numerators.shape[0], numerators.shape[1:]
     flat_num = numerators.reshape(documents, -1)
     flat_den = denominators.reshape(documents, -1)
     point = _safe_ratio(flat_num.sum(0), flat_den.sum(0))
-    counts = np.random.default_rng(seed).multinomial(documents, np.full(documents, 1.0 / documents), size=samples)
+    counts = _document_resamples(documents, samples, seed)
     resampled = _safe_ratio(counts @ flat_num, counts @ flat_den)  # [samples, entries]
+    low, high = _percentile_interval(resampled, confidence)
+    return point.reshape(shape), low.reshape(shape), high.reshape(shape)
+
+
+def bootstrap_ratio_difference(numerators_a, denominators_a, numerators_b, denominators_b, *, samples: int,
+                               seed: int, confidence: float = 0.95):
+    """Paired: (sum num_a / sum den_a) - (sum num_b / sum den_b) over per-document sums [documents], with a
+    percentile interval from resampling the documents once for both ratios. Between-document variation
+    common to both (a hard document is hard everywhere) cancels, which separate intervals cannot show."""
+    parts = [np.asarray(x, np.float64) for x in (numerators_a, denominators_a, numerators_b, denominators_b)]
+    if any(part.ndim != 1 or part.shape != parts[0].shape for part in parts) or parts[0].shape[0] == 0:
+        raise ValueError(f"paired bootstrap needs four per-document vectors of one length; got shapes "
+                         f"{[part.shape for part in parts]}")
+    num_a, den_a, num_b, den_b = parts
+    point = _safe_ratio(num_a.sum(), den_a.sum()) - _safe_ratio(num_b.sum(), den_b.sum())
+    counts = _document_resamples(len(num_a), samples, seed)
+    resampled = _safe_ratio(counts @ num_a, counts @ den_a) - _safe_ratio(counts @ num_b, counts @ den_b)
+    low, high = _percentile_interval(resampled[:, None], confidence)
+    return float(point), float(low[0]), float(high[0])
+
+
+def _document_resamples(documents: int, samples: int, seed: int) -> np.ndarray:
+    """int [samples, documents]: how often each resample draws each document (with replacement)."""
+    if samples < 1:
+        raise ValueError(f"bootstrap samples must be >= 1, got {samples}")
+    return np.random.default_rng(seed).multinomial(documents, np.full(documents, 1.0 / documents), size=samples)
+
+
+def _percentile_interval(resampled, confidence: float):
+    """(low, high) per column of resampled [samples, entries]; NaN where no resample backs an entry."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
     tail = (1 - confidence) / 2 * 100
-    low = np.full(point.shape, np.nan)
-    high = np.full(point.shape, np.nan)
+    low = np.full(resampled.shape[1], np.nan)
+    high = np.full(resampled.shape[1], np.nan)
     backed = ~np.isnan(resampled).all(axis=0)
     if backed.any():
         low[backed], high[backed] = np.nanpercentile(resampled[:, backed], [tail, 100 - tail], axis=0)
-    return point.reshape(shape), low.reshape(shape), high.reshape(shape)
+    return low, high
 
 
 def _safe_ratio(numerator, denominator):
@@ -164,6 +192,13 @@ def loss_interval(nll_sums, counts, *, samples: int, seed: int, unit: str = "bit
     point, low, high = bootstrap_ratio(nll_sums, counts, samples=samples, seed=seed)
     convert = {"bits_per_byte": bits_per_byte, "perplexity": perplexity, "nats_per_token": np.asarray}[unit]
     return {key: _number(convert(value)) for key, value in (("mean", point), ("low", low), ("high", high))}
+
+
+def _excess_interval(near, far, stats: dict) -> dict:
+    """Block start minus block rest, bits per byte, paired over documents; near/far: (sums, counts)
+    [documents, 1] each."""
+    point, low, high = bootstrap_ratio_difference(near[0][:, 0], near[1][:, 0], far[0][:, 0], far[1][:, 0], **stats)
+    return {key: _number(bits_per_byte(value)) for key, value in (("mean", point), ("low", low), ("high", high))}
 
 
 def _curve(sums, counts, *, samples: int, seed: int) -> dict:
@@ -567,6 +602,7 @@ def evaluate_length(scorer: Scorer, documents: Sequence[np.ndarray], length: int
             "block_start_offsets": edge,
             "block_start_bits_per_byte": loss_interval(near[0][:, 0], near[1][:, 0], **stats),
             "block_rest_bits_per_byte": loss_interval(far[0][:, 0], far[1][:, 0], **stats),
+            "block_start_excess_bits_per_byte": _excess_interval(near, far, stats),
         }
 
     result["trailing_window"] = None

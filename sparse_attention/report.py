@@ -247,7 +247,9 @@ def _block_offset_lines(results: dict) -> list[str]:
     lines = ["## Loss by offset within the block", "",
              "Bits per byte of the first max(1, B / 8) offsets of each block (\"block start\") and of the rest, on the "
              "run's own block grid and on the grid shifted by B / 2 (the control: a boundary effect shows on the own "
-             "grid only). Runs without blocks use the reference grid.", ""]
+             "grid only). Runs without blocks use the reference grid. \"start - rest\" is their difference with a paired "
+             "interval: the documents are resampled once for both, so that how hard a document is cancels (\"–\" in "
+             "results written before it existed).", ""]
     for eval_set in results["settings"]["eval_sets"]:
         length = training_length_shown(results, eval_set)
         rows = []
@@ -258,11 +260,13 @@ def _block_offset_lines(results: dict) -> list[str]:
             rows.append([m["label"], f"{grid['size']} ({grid['source']})",
                          _interval_text(own["block_start_bits_per_byte"]),
                          _interval_text(own["block_rest_bits_per_byte"]),
+                         _interval_text(own.get("block_start_excess_bits_per_byte")),
                          _interval_text(shifted["block_start_bits_per_byte"]),
-                         _interval_text(shifted["block_rest_bits_per_byte"])])
+                         _interval_text(shifted["block_rest_bits_per_byte"]),
+                         _interval_text(shifted.get("block_start_excess_bits_per_byte"))])
         lines += [f"### {eval_set}, C={length}", ""]
-        lines += _table(["run", "grid B", "own: block start", "own: rest", "shifted: block start", "shifted: rest"],
-                        rows)
+        lines += _table(["run", "grid B", "own: block start", "own: rest", "own: start - rest",
+                         "shifted: block start", "shifted: rest", "shifted: start - rest"], rows)
     return lines
 
 

@@ -107,6 +107,27 @@ def test_bootstrap_leaves_out_entries_without_tokens():
         evaluation.bootstrap_ratio(np.zeros(0), np.zeros(0), samples=10, seed=0)
 
 
+def test_paired_difference_cancels_what_documents_share():
+    # Documents differ by up to 3 nats, while A exceeds B by exactly 0.25 in each: the separate intervals of A
+    # and B overlap widely, the paired interval of A - B is that 0.25 and nothing else.
+    rng = np.random.default_rng(5)
+    difficulty = rng.uniform(0.0, 3.0, 9)
+    # As for block start and block rest: each document's share of the tokens is the same in both.
+    tokens_a = rng.integers(5, 50, 9).astype(float)
+    tokens_b = 7 * tokens_a
+    sums_a, sums_b = (difficulty + 0.25) * tokens_a, difficulty * tokens_b
+    args = dict(samples=500, seed=2)
+    _, low_a, high_a = evaluation.bootstrap_ratio(sums_a, tokens_a, **args)
+    _, low_b, high_b = evaluation.bootstrap_ratio(sums_b, tokens_b, **args)
+    assert low_a < high_b and low_b < high_a
+    point, low, high = evaluation.bootstrap_ratio_difference(sums_a, tokens_a, sums_b, tokens_b, **args)
+    pooled = sums_a.sum() / tokens_a.sum() - sums_b.sum() / tokens_b.sum()
+    assert point == pytest.approx(pooled) == pytest.approx(0.25)
+    assert low == pytest.approx(0.25) and high == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="per-document vectors"):
+        evaluation.bootstrap_ratio_difference(sums_a, tokens_a, sums_b[:3], tokens_b[:3], **args)
+
+
 # --------------------------------------------------------------------------------------------------
 # Windows and bucketing
 
@@ -185,6 +206,10 @@ def test_measures_of_hand_made_losses():
             assert offsets["mean"][offset] == pytest.approx(np.mean(inside) / math.log(2))
         start = [p for p in positions if (p - shift) % block < 1]
         assert offsets["block_start_bits_per_byte"]["mean"] == pytest.approx(np.mean(start) / math.log(2))
+        rest = [p for p in positions if (p - shift) % block >= 1]
+        excess = offsets["block_start_excess_bits_per_byte"]
+        assert excess["mean"] == pytest.approx((np.mean(start) - np.mean(rest)) / math.log(2))
+        assert excess["low"] <= excess["mean"] <= excess["high"]
 
     trailing = [p for p in positions if p >= length - width]
     assert result["trailing_window"]["bits_per_byte"]["mean"] == pytest.approx(np.mean(trailing) / math.log(2))

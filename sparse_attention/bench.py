@@ -16,9 +16,9 @@ allows does not change the picture, and rotating would add allocation noise at 1
 
 Peers: cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) for dense causal and window(W)
 (`local_window_size=(W-1, 0)`); JAX's Pallas Triton attention (`ops.gpu.attention.mha`, dense causal);
-JAX's Pallas Mosaic GPU attention (`ops.gpu.attention_mgpu`, dense causal, forward only: it has no causal
-backward, sm90+, float16: with bfloat16 it fails on a float16 buffer inside); this package's `xla` and `reference` paths where they fit in memory
-("oom" otherwise).
+JAX's Pallas Mosaic GPU attention (`ops.gpu.attention_mgpu`: dense causal, forward only as it has no causal
+backward, sm90+, float16 as it fails inside on bfloat16); this package's `xla` and `reference` paths where
+they fit in memory ("oom" otherwise).
 `--smoke` runs tiny shapes on CPU with the Pallas kernels in interpret mode (for tests). On a GPU or TPU
 host each Pallas kernel runs only on its own backend (`pallas_tpu` is TPU only, `pallas_gpu` GPU only).
 """
@@ -165,7 +165,8 @@ def compiled_memory_bytes(compiled) -> int | None:
                - analysis.alias_size_in_bytes)
 
 
-def _device_memory_limit() -> int | None:
+def device_memory_limit() -> int | None:
+    """Bytes XLA may use on the first device (JAX's memory fraction of it), or None where unknown."""
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("bytes_limit")
 
@@ -204,7 +205,7 @@ def run_case(impl: str, pattern: Pattern, mode: str, shape: Shape, inputs, *, ru
         args = inputs if mode == "fwd_bwd" else inputs[:3]
         compiled = _timed_function(forward, mode).lower(*args).compile()
         row["memory_bytes"] = compiled_memory_bytes(compiled)
-        limit = _device_memory_limit()
+        limit = device_memory_limit()
         if limit is not None and row["memory_bytes"] is not None and row["memory_bytes"] > limit:
             row["status"] = "oom"
             return row

@@ -10,8 +10,7 @@ error), so the longest "ok" row is the longest context that trained. A length wh
 longer than `--max-step-seconds` (projected quadratically from the last measured step) is compiled and
 checked for memory but not run: status "fits, not run"; `--compile-only` does that at every length.
 Memory is what JAX lets XLA use: by default 75% of the GPU (raise it with XLA_PYTHON_CLIENT_MEM_FRACTION).
-Prints a table and writes a JSON report
-(atomically, after every case).
+Prints a table and writes a JSON report (atomically, after every case).
 
     python -m sparse_attention.context_limit --preset small --variants dense,repaired \\
         --seq-lens 65536,131072,262144,524288,1048576,2097152 --impl pallas_gpu
@@ -52,7 +51,7 @@ def probe(config: ExperimentConfig, *, steps: int, run: bool) -> dict:
         trainer = training.Trainer(config, training.make_mesh(config.mesh, [device]))
         row["compile_seconds"] = trainer.compile()
         row["memory_bytes"] = bench.compiled_memory_bytes(trainer.compiled_step)
-        limit = (device.memory_stats() or {}).get("bytes_limit")
+        limit = bench.device_memory_limit()
         if limit is not None and row["memory_bytes"] is not None and row["memory_bytes"] > limit:
             row["status"] = "oom"
             return row

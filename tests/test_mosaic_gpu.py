@@ -28,7 +28,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from sparse_attention import mosaic_gpu, reference
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
-from kernel_oracle import output_and_grads, random_inputs, relative_error
+from kernel_oracle import assert_plan_covers_pattern, output_and_grads, random_inputs, relative_error
 
 ON_GPU = jax.default_backend() == "gpu"
 ON_HOPPER = ON_GPU and mosaic_gpu.unsupported_reason(
@@ -260,14 +260,7 @@ def test_step_plan_lists_full_then_partial_tiles_covering_each_pair_once(spec, b
             covered[rows, col * col_tile : (col + 1) * col_tile] += 1
             if step < num_full:
                 full_only[rows, col * col_tile : (col + 1) * col_tile] = True
-    positions = np.arange(padded)
-    q_pos, k_pos = (positions[None, :], positions[:, None]) if by_key else (positions[:, None], positions[None, :])
-    active = pattern.mask(q_pos, k_pos) & (q_pos < seq_len) & (k_pos < seq_len)
-    assert (covered[active] == 1).all(), "an active pair is missed or covered twice"
-    assert (covered <= 1).all()
-    valid_rows = (positions < seq_len)[:, None] if not by_key else (positions < seq_len)[None, :]
-    assert active[full_only & valid_rows].all(), "a FULL tile holds an inactive pair"
-    assert sorted(plan.rows) == list(range(len(plan.rows))), "every row runs exactly once"
+    assert_plan_covers_pattern(covered, full_only, pattern, seq_len, by_key, plan.rows)
 
 
 def test_block_sizes_validation_and_defaults():

@@ -23,7 +23,7 @@ import pytest
 from sparse_attention import bench, pallas_gpu, reference
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
-from kernel_oracle import output_and_grads, random_inputs, relative_error
+from kernel_oracle import assert_plan_covers_pattern, output_and_grads, random_inputs, relative_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
@@ -223,14 +223,7 @@ def test_plan_covers_each_active_pair_once(spec, by_key):
             full_only[rows, col * tile : (col + 1) * tile] = True
         for col in plan.partial[program, : plan.num_partial[program]]:
             covered[rows, col * sub : (col + 1) * sub] += 1
-    positions = np.arange(padded)
-    q_pos, k_pos = (positions[None, :], positions[:, None]) if by_key else (positions[:, None], positions[None, :])
-    active = pattern.mask(q_pos, k_pos) & (q_pos < seq_len) & (k_pos < seq_len)
-    assert (covered[active] == 1).all(), "an active pair is missed or covered twice"
-    assert (covered <= 1).all()
-    valid_rows = (positions < seq_len)[:, None] if not by_key else (positions < seq_len)[None, :]
-    assert active[full_only & valid_rows].all(), "a full tile holds an inactive pair"
-    assert sorted(plan.rows) == list(range(len(plan.rows))), "every row runs exactly once"
+    assert_plan_covers_pattern(covered, full_only, pattern, seq_len, by_key, plan.rows)
 
 
 def test_block_sizes_validation_and_defaults():

@@ -53,7 +53,23 @@ class TileLists:
         Padding repeats the row's last listed tile (or 0), so a kernel that prefetches one entry past its
         count stays in bounds and reloads a tile it has just used. Width is at least 1.
         """
-        return (*_pad(self.full_offsets, self.full_indices), *_pad(self.partial_offsets, self.partial_indices))
+        return (*pad_rows(self.full_offsets, self.full_indices),
+                *pad_rows(self.partial_offsets, self.partial_indices))
+
+    @functools.cached_property
+    def contiguous(self) -> tuple[bool, bool]:
+        """Whether every row's full (partial) tiles are consecutive indices.
+
+        Such a list is described by each row's first tile (`first_tiles`) and count: O(rows), where
+        `padded` is O(rows x tiles) for dense-like rows (8192 x 8191 int32 for dense at 1M tokens).
+        """
+        return (_consecutive(self.full_offsets, self.full_indices),
+                _consecutive(self.partial_offsets, self.partial_indices))
+
+    @functools.cached_property
+    def first_tiles(self) -> tuple[np.ndarray, np.ndarray]:
+        """(full, partial): int32 [rows]; each row's first listed tile, 0 for an empty row."""
+        return _first(self.full_offsets, self.full_indices), _first(self.partial_offsets, self.partial_indices)
 
     def row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
         """(full, partial) tile indices of row r."""
@@ -63,7 +79,8 @@ class TileLists:
         )
 
 
-def _pad(offsets: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pad_rows(offsets: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(padded int32 [rows, width], counts int32 [rows]) of one CSR list; see `TileLists.padded`."""
     counts = np.diff(offsets)
     width = max(int(counts.max(initial=0)), 1)
     if len(indices) == 0:
@@ -73,6 +90,19 @@ def _pad(offsets: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarr
     source = np.minimum(offsets[:-1, None] + np.arange(width)[None, :], last)
     padded = np.where(counts[:, None] > 0, indices[np.minimum(source, len(indices) - 1)], 0)
     return padded.astype(np.int32), counts.astype(np.int32)
+
+
+def _consecutive(offsets: np.ndarray, indices: np.ndarray) -> bool:
+    """Whether indices step by exactly 1 inside every CSR row (a step across rows does not count)."""
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1  # positions that do not follow their predecessor
+    return bool(np.isin(breaks, offsets).all())
+
+
+def _first(offsets: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    counts = np.diff(offsets)
+    if len(indices) == 0:
+        return np.zeros(len(counts), np.int32)
+    return np.where(counts > 0, indices[np.minimum(offsets[:-1], len(indices) - 1)], 0).astype(np.int32)
 
 
 def _csr(rows: np.ndarray, cols: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray]:

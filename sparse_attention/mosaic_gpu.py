@@ -42,7 +42,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sparse_attention.pallas_gpu import LOG2_E, tile_plan
+from sparse_attention.layout import block_layout
+from sparse_attention.pallas_gpu import LOG2_E
 from sparse_attention.patterns import Pattern, as_pattern
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -134,14 +135,19 @@ class BlockSizes:
 class StepPlan:
     """What each thread block walks, one entry per block in launch order (heaviest rows first).
 
-    rows:   int32 [blocks]; the row tile block i owns
-    tiles:  int32 [blocks, width]; its FULL tiles, then its PARTIAL tiles (padded by repetition)
-    counts: int32 [blocks, 2]; (number of FULL tiles, number of FULL + PARTIAL tiles)
+    rows:       int32 [blocks]; the row tile block i owns
+    tiles:      int32 [blocks, width]; its FULL tiles, then its PARTIAL tiles (padded by repetition)
+    counts:     int32 [blocks, 2]; (number of FULL tiles, number of FULL + PARTIAL tiles)
+    contiguous: static; whether every block's FULL tiles are consecutive, and its PARTIAL ones too (dense,
+                block, repair). Then `tiles` holds only the first of each, [blocks, 2], and step i is tile
+                tiles[block, 0] + i for i < num_full, else tiles[block, 1] + i - num_full. As explicit
+                lists, the plans of dense causal attention at 1M tokens are 1.25 GiB of int32 kernel inputs.
     """
 
     rows: np.ndarray
     tiles: np.ndarray
     counts: np.ndarray
+    contiguous: bool
 
     @property
     def arrays(self) -> tuple[np.ndarray, ...]:
@@ -152,18 +158,31 @@ class StepPlan:
 def step_plan(pattern: Pattern, seq_len: int, block_q: int, block_k: int, by_key: bool) -> StepPlan:
     """The plan of the forward/dq pass (by_key=False: rows are [block_q] query tiles over [block_k] key
     tiles) or of the dk/dv pass (by_key=True: rows are [block_k] key tiles over [block_q] query tiles),
-    from `pallas_gpu.tile_plan` with whole tiles (no partial sub-tiles)."""
-    plan = tile_plan(pattern, seq_len, block_q, block_k, block_q if by_key else block_k, by_key)
-    num_full, num_partial = plan.num_full.astype(np.int64), plan.num_partial.astype(np.int64)
-    width = max(1, int((num_full + num_partial).max(initial=0)))
-    column = np.arange(width)[None, :]
-    from_full = np.take_along_axis(plan.full, np.minimum(column, plan.full.shape[1] - 1), axis=1)
-    from_partial = np.take_along_axis(
-        plan.partial, np.clip(column - num_full[:, None], 0, plan.partial.shape[1] - 1), axis=1
-    )
-    tiles = np.where(column < num_full[:, None], from_full, from_partial).astype(np.int32)
+    from `block_layout` with whole tiles, rows with the most tiles first."""
+    lists = block_layout(pattern, seq_len, block_q, block_k)
+    lists = lists.backward if by_key else lists.forward
+    num_full, num_partial = lists.num_full.astype(np.int64), lists.num_partial.astype(np.int64)
+    contiguous = all(lists.contiguous)
+    if contiguous:  # skips `padded`, which is O(rows x tiles) for dense-like rows
+        tiles = np.stack(lists.first_tiles, axis=1)
+    else:
+        full, _, partial, _ = lists.padded
+        width = max(1, int((num_full + num_partial).max(initial=0)))
+        column = np.arange(width)[None, :]
+        from_full = np.take_along_axis(full, np.minimum(column, full.shape[1] - 1), axis=1)
+        from_partial = np.take_along_axis(partial, np.clip(column - num_full[:, None], 0, partial.shape[1] - 1),
+                                          axis=1)
+        tiles = np.where(column < num_full[:, None], from_full, from_partial).astype(np.int32)
     counts = np.stack([num_full, num_full + num_partial], axis=1).astype(np.int32)
-    return StepPlan(plan.rows, tiles, counts)
+    order = np.argsort(-counts[:, 1], kind="stable")
+    return StepPlan(order.astype(np.int32), tiles[order], counts[order], contiguous)
+
+
+def _step_tile(tiles_ref, program, step, num_full, contiguous: bool):
+    """The tile of one of the block's steps (see `StepPlan`)."""
+    if not contiguous:
+        return tiles_ref[program, step]
+    return jnp.where(step < num_full, tiles_ref[program, 0] + step, tiles_ref[program, 1] + (step - num_full))
 
 
 # ------------------------------------------------------------------------------------ kernel building blocks
@@ -328,7 +347,7 @@ def _store_results(copies):
 
 
 def _forward_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *,
-                    static: _Static, seq_len: int, group: int, q_smem, k_smem, v_smem, lse_smem,
+                    static: _Static, seq_len: int, group: int, contiguous: bool, q_smem, k_smem, v_smem, lse_smem,
                     q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, schedule=None, stage=None):
     sizes = static.block_sizes
     warpgroups, block_q, block_k, stages = sizes.warpgroups, sizes.block_q, sizes.block_k, sizes.stages
@@ -343,7 +362,8 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, out_re
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
         def key_tile(ref):
-            return lambda step: ref.at[batch, pl.ds(tiles_ref[program, step] * block_k, block_k), kv_head]
+            return lambda step: ref.at[
+                batch, pl.ds(_step_tile(tiles_ref, program, step, num_full, contiguous) * block_k, block_k), kv_head]
 
         _stream(num_steps, stages, [(k_consumed, [(key_tile(k_ref), k_smem, k_loaded)]),
                                     (v_consumed, [(key_tile(v_ref), v_smem, v_loaded)])])
@@ -370,7 +390,8 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, out_re
             if masked or scale_log2 < 0:
                 logits = dots * scale_log2
                 if masked:
-                    active = _tile_mask(static.pattern, seq_len, shape, q_start, tiles_ref[program, index] * block_k)
+                    k_start = _step_tile(tiles_ref, program, index, num_full, contiguous) * block_k
+                    active = _tile_mask(static.pattern, seq_len, shape, q_start, k_start)
                     logits = jnp.where(active, logits, -jnp.inf)
                 new_max = jnp.maximum(row_max, logits.max(axis=1))
                 probs = jnp.exp2(logits - _rows(new_max, shape))
@@ -405,9 +426,9 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, out_re
 
 
 def _dq_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_ref, *,
-               static: _Static, seq_len: int, group: int, q_smem, d_out_smem, lse_smem, delta_smem, k_smem,
-               v_smem, q_loaded, d_out_loaded, lse_loaded, delta_loaded, k_loaded, v_loaded, k_consumed,
-               v_consumed, stage=None):
+               static: _Static, seq_len: int, group: int, contiguous: bool, q_smem, d_out_smem, lse_smem,
+               delta_smem, k_smem, v_smem, q_loaded, d_out_loaded, lse_loaded, delta_loaded, k_loaded, v_loaded,
+               k_consumed, v_consumed, stage=None):
     sizes = static.block_sizes
     warpgroups, block_q, block_k, stages = (sizes.warpgroups_dq, sizes.block_q_dq, sizes.block_k_dq,
                                             sizes.stages_dq)
@@ -422,7 +443,8 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref, 
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
         def key_tile(ref):
-            return lambda step: ref.at[batch, pl.ds(tiles_ref[program, step] * block_k, block_k), kv_head]
+            return lambda step: ref.at[
+                batch, pl.ds(_step_tile(tiles_ref, program, step, num_full, contiguous) * block_k, block_k), kv_head]
 
         _stream(num_steps, stages, [(v_consumed, [(key_tile(v_ref), v_smem, v_loaded)]),
                                     (k_consumed, [(key_tile(k_ref), k_smem, k_loaded)])])
@@ -447,7 +469,8 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref, 
             plgpu.barrier_wait(k_loaded.at[slot])
             probs = jnp.exp2(_matmul(q_tile, k_smem.at[slot].T) * scale_log2 - _rows(lse, shape))
             if masked:
-                active = _tile_mask(static.pattern, seq_len, shape, q_start, tiles_ref[program, index] * block_k)
+                k_start = _step_tile(tiles_ref, program, index, num_full, contiguous) * block_k
+                active = _tile_mask(static.pattern, seq_len, shape, q_start, k_start)
                 probs = jnp.where(active, probs, 0.0)
             plgpu.barrier_wait(v_loaded.at[slot])
             d_probs = _matmul(d_out_tile, v_smem.at[slot].T)
@@ -464,9 +487,9 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref, 
 
 
 def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref,
-                 dv_ref, *, static: _Static, seq_len: int, group: int, k_smem, v_smem, q_smem, d_out_smem,
-                 lse_smem, delta_smem, k_loaded, v_loaded, q_loaded, d_out_loaded, lse_loaded, delta_loaded,
-                 consumed, stage=None):
+                 dv_ref, *, static: _Static, seq_len: int, group: int, contiguous: bool, k_smem, v_smem, q_smem,
+                 d_out_smem, lse_smem, delta_smem, k_loaded, v_loaded, q_loaded, d_out_loaded, lse_loaded,
+                 delta_loaded, consumed, stage=None):
     sizes = static.block_sizes
     warpgroups, block_k, block_q, stages = (sizes.warpgroups_dkv, sizes.block_k_dkv, sizes.block_q_dkv,
                                             sizes.stages_dkv)
@@ -484,7 +507,8 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref
 
             def source(step):
                 g = lax.div(step, num_steps)
-                queries = pl.ds(tiles_ref[program, step - g * num_steps] * block_q, block_q)
+                tile = _step_tile(tiles_ref, program, step - g * num_steps, num_full, contiguous)
+                queries = pl.ds(tile * block_q, block_q)
                 q_head = kv_head * group + g
                 return ref.at[batch, q_head, queries] if stats else ref.at[batch, queries, q_head]
 
@@ -515,7 +539,7 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref
                 lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 probs_t = jnp.exp2(_matmul(k_tile, q_smem.at[slot].T) * scale_log2 - _columns(lse, shape))
                 if masked:
-                    q_start = tiles_ref[program, index] * block_q
+                    q_start = _step_tile(tiles_ref, program, index, num_full, contiguous) * block_q
                     active = _tile_mask(static.pattern, seq_len, shape, q_start, k_start, transposed=True)
                     probs_t = jnp.where(active, probs_t, 0.0)
                 plgpu.barrier_wait(d_out_loaded.at[slot])
@@ -574,7 +598,8 @@ def _forward(q, k, v, static: _Static, seq_len: int):
         scratch["schedule"] = _barriers(1, 2)
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_q, block_k), q.dtype, swizzled=False)
-    body = functools.partial(_forward_kernel, static=static, seq_len=seq_len, group=q_heads // k.shape[2])
+    body = functools.partial(_forward_kernel, static=static, seq_len=seq_len, group=q_heads // k.shape[2],
+                             contiguous=plan.contiguous)
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32))
     call = _kernel(body, out_type, scratch, grid=(len(plan.rows), q_heads, batch), static=static,
                    name="sparse_attention_forward", warpgroups=warpgroups)
@@ -606,7 +631,7 @@ def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
     )
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_q, block_k), dtype, swizzled=False)
-    body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=group)
+    body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=group, contiguous=plan.contiguous)
     inputs = (q, k, v, d_out, lse, delta)
     dq = _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=(len(plan.rows), q_heads, batch),
                  static=static, name="sparse_attention_dq", warpgroups=warpgroups)(
@@ -628,7 +653,8 @@ def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
     )
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_k, block_q), dtype, swizzled=False)
-    body = functools.partial(_dkdv_kernel, static=static, seq_len=seq_len, group=group)
+    body = functools.partial(_dkdv_kernel, static=static, seq_len=seq_len, group=group,
+                             contiguous=plan.contiguous)
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     dk, dv = _kernel(body, out_type, scratch, grid=(len(plan.rows), kv_heads, batch), static=static,
                      name="sparse_attention_dkdv", warpgroups=warpgroups)(*plan.arrays, *inputs)

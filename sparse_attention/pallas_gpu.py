@@ -13,7 +13,8 @@ Three kernels, each a grid of (row tiles, batch x heads) programs that walk thei
 Partial tiles are walked in sub-tiles (`block_k_partial`, `block_q_partial_dkv`) and empty sub-tiles are
 skipped, so a mostly-empty partial tile (a repair bridge, a window edge) costs a fraction of a full tile.
 Rows are launched heaviest first so that short rows fill the tail of the launch. Tile lists are int32
-kernel inputs, read one entry per iteration. docs/pallas_gpu.md explains the defaults and the choices.
+kernel inputs, read one entry per iteration; a list of consecutive tiles in every row (dense, block,
+window) is stored as its first tiles and walked as first + j. docs/pallas_gpu.md explains the choices.
 
 Shapes: q [batch, seq, q_heads, head_dim], k/v [batch, seq, kv_heads, head_dim]. Sequences are padded to a
 tile multiple inside and sliced outside; head_dim 64 and 128 run natively, others are zero-padded.
@@ -33,8 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from sparse_attention.layout import TileLists, block_layout
-from sparse_attention.patterns import Pattern, as_pattern
+from sparse_attention.layout import TileLists, block_layout, pad_rows
+from sparse_attention.patterns import EMPTY, Pattern, TileGrid, as_pattern
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 MAX_HEAD_DIM = 256
@@ -132,10 +133,14 @@ class TilePlan:
     """What one kernel walks, one entry per program in launch order (heaviest rows first).
 
     rows:        int32 [programs]; the row tile program i handles
-    full:        int32 [programs, max_full] its full tiles (units of the tile), padded by repetition
+    full:        int32 [programs, width]; its full tiles (units of the tile)
     num_full:    int32 [programs]
-    partial:     int32 [programs, max_partial] non-empty sub-tiles of its partial tiles (units of the sub-tile)
+    partial:     int32 [programs, width]; the non-empty sub-tiles of its partial tiles (units of the sub-tile)
     num_partial: int32 [programs]
+    contiguous:  (full, partial), static: whether each list holds consecutive tiles in every row. Such a
+                 list stores only each row's first tile (width 1) and is walked as first + j; any other list
+                 is explicit, padded by repetition. As explicit lists, the plans of dense causal attention
+                 at 1M tokens are 1.75 GiB of int32 kernel inputs (and a compile that does not finish).
 
     Indexing everything by program id (not by row) lets a program issue its loads of the row id, the counts
     and the first tile index at once instead of one after another.
@@ -146,32 +151,38 @@ class TilePlan:
     num_full: np.ndarray
     partial: np.ndarray
     num_partial: np.ndarray
+    contiguous: tuple[bool, bool]
 
     @property
     def arrays(self) -> tuple[np.ndarray, ...]:
         return self.rows, self.full, self.num_full, self.partial, self.num_partial
 
 
-def _split_partial(coarse: TileLists, fine: TileLists, ratio: int, num_cols: int) -> TileLists:
-    """`coarse` with each partial tile replaced by the non-empty sub-tiles of `fine` inside it.
+def _split_partial(coarse: TileLists, pattern: Pattern, fine: TileGrid, ratio: int, by_key: bool) -> TileLists:
+    """`coarse` with each partial tile replaced by its non-empty sub-tiles on the `fine` grid.
 
-    Both lists have the same rows; fine column c lies in coarse column c // ratio. A fine sub-tile that is
-    FULL inside a partial coarse tile is still listed as partial (masking it costs little there).
+    Fine column c lies in coarse column c // ratio. Only the sub-tiles of partial tiles are classified, so
+    this costs O(partial tiles x ratio), not O(rows x tiles). A sub-tile that is FULL inside a partial
+    coarse tile is still listed as partial (masking it costs little there).
     """
     if ratio == 1:
         return coarse
-    rows = coarse.num_rows
-    coarse_rows = np.repeat(np.arange(rows, dtype=np.int64), coarse.num_partial)
-    coarse_keys = coarse_rows * num_cols + coarse.partial_indices
-    fine_rows = np.concatenate([np.repeat(np.arange(rows, dtype=np.int64), fine.num_full),
-                                np.repeat(np.arange(rows, dtype=np.int64), fine.num_partial)])
-    fine_cols = np.concatenate([fine.full_indices, fine.partial_indices]).astype(np.int64)
-    order = np.lexsort((fine_cols, fine_rows))
-    fine_rows, fine_cols = fine_rows[order], fine_cols[order]
-    inside = np.isin(fine_rows * num_cols + fine_cols // ratio, coarse_keys)
-    offsets = np.zeros(rows + 1, np.int64)
-    np.cumsum(np.bincount(fine_rows[inside], minlength=rows), out=offsets[1:])
-    return TileLists(coarse.full_offsets, coarse.full_indices, offsets, fine_cols[inside].astype(np.int32))
+    rows = np.repeat(np.arange(coarse.num_rows, dtype=np.int64), coarse.num_partial.astype(np.int64) * ratio)
+    cols = (np.repeat(coarse.partial_indices.astype(np.int64) * ratio, ratio)
+            + np.tile(np.arange(ratio, dtype=np.int64), len(coarse.partial_indices)))
+    on_grid = cols < (fine.num_q_tiles if by_key else fine.num_k_tiles)  # drops sub-tiles past the sequence end
+    rows, cols = rows[on_grid], cols[on_grid]
+    q_tiles, k_tiles = (cols, rows) if by_key else (rows, cols)
+    nonempty = pattern.classify_tiles(fine, q_tiles, k_tiles) != EMPTY
+    offsets = np.zeros(coarse.num_rows + 1, np.int64)
+    np.cumsum(np.bincount(rows[nonempty], minlength=coarse.num_rows), out=offsets[1:])
+    return TileLists(coarse.full_offsets, coarse.full_indices, offsets, cols[nonempty].astype(np.int32))
+
+
+def _walked_list(offsets, indices, first, consecutive: bool) -> np.ndarray:
+    """int32 [rows, width] as a kernel reads one CSR list: each row's first tile alone when the tiles are
+    consecutive (padding them would be O(rows x tiles) for dense-like rows), else every tile, padded."""
+    return first[:, None] if consecutive else pad_rows(offsets, indices)[0]
 
 
 @functools.lru_cache(maxsize=128)
@@ -180,20 +191,23 @@ def tile_plan(pattern: Pattern, seq_len: int, block_q: int, block_k: int, sub_bl
     """The plan of the forward/dq pass (by_key=False: rows are [block_q] query tiles, partial tiles split
     into [sub_block] key sub-tiles) or of the dk/dv pass (by_key=True: rows are [block_k] key tiles,
     partial tiles split into [sub_block] query sub-tiles)."""
+    layout = block_layout(pattern, seq_len, block_q, block_k)
     if by_key:
-        coarse = block_layout(pattern, seq_len, block_q, block_k).backward
-        fine = block_layout(pattern, seq_len, sub_block, block_k).backward
-        lists = _split_partial(coarse, fine, block_q // sub_block, -(-seq_len // block_q))
+        fine = TileGrid(seq_len, sub_block, block_k)
+        lists = _split_partial(layout.backward, pattern, fine, block_q // sub_block, by_key)
         tile, sub = block_q, sub_block
     else:
-        coarse = block_layout(pattern, seq_len, block_q, block_k).forward
-        fine = block_layout(pattern, seq_len, block_q, sub_block).forward
-        lists = _split_partial(coarse, fine, block_k // sub_block, -(-seq_len // block_k))
+        fine = TileGrid(seq_len, block_q, sub_block)
+        lists = _split_partial(layout.forward, pattern, fine, block_k // sub_block, by_key)
         tile, sub = block_k, sub_block
-    full, num_full, partial, num_partial = lists.padded
+    (first_full, first_partial), (full_consecutive, partial_consecutive) = lists.first_tiles, lists.contiguous
+    full = _walked_list(lists.full_offsets, lists.full_indices, first_full, full_consecutive)
+    partial = _walked_list(lists.partial_offsets, lists.partial_indices, first_partial, partial_consecutive)
+    num_full, num_partial = lists.num_full, lists.num_partial
     work = num_full.astype(np.int64) * tile + num_partial.astype(np.int64) * sub
     order = np.argsort(-work, kind="stable")
-    return TilePlan(order.astype(np.int32), full[order], num_full[order], partial[order], num_partial[order])
+    return TilePlan(order.astype(np.int32), full[order], num_full[order], partial[order], num_partial[order],
+                    lists.contiguous)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -213,15 +227,24 @@ def _iota(n: int):
     return lax.broadcasted_iota(jnp.int32, (n,), 0)
 
 
-def _walk(plan_refs, program, carry, step, tile: int, sub: int):
+def _walk(plan_refs, program, carry, step, tile: int, sub: int, contiguous: tuple[bool, bool]):
     """Runs step(carry, start, size, masked) over the program's full tiles, then its partial sub-tiles.
 
-    Each iteration reads the next entry of its list, so the tile index is in a register one iteration
-    before its loads are issued (padding repeats the last entry, and the read is clamped to the width).
+    A contiguous list is walked as first + j, so tile addresses are affine in the loop index. An explicit
+    list is read one entry ahead: the loop carries the index, so the index of iteration j+1 is in a
+    register before iteration j's loads are issued (padding repeats the last entry, and the read is
+    clamped to the width).
     """
     _, full_ref, num_full_ref, partial_ref, num_partial_ref = plan_refs
 
-    def loop(carry, list_ref, count, size, masked):
+    def loop(carry, list_ref, count, size, masked, consecutive):
+        if consecutive:
+            first = list_ref[program, 0]
+
+            def affine_body(j, carry):
+                return step(carry, pl.multiple_of((first + j) * size, size), size, masked)
+
+            return lax.fori_loop(0, count, affine_body, carry)
         width = list_ref.shape[1]
 
         def body(j, state):
@@ -231,8 +254,8 @@ def _walk(plan_refs, program, carry, step, tile: int, sub: int):
 
         return lax.fori_loop(0, count, body, (carry, list_ref[program, 0]))[0]
 
-    carry = loop(carry, full_ref, num_full_ref[program], tile, False)
-    return loop(carry, partial_ref, num_partial_ref[program], sub, True)
+    carry = loop(carry, full_ref, num_full_ref[program], tile, False, contiguous[0])
+    return loop(carry, partial_ref, num_partial_ref[program], sub, True, contiguous[1])
 
 
 def _dot(a, b, trans_b: bool = False):
@@ -245,7 +268,7 @@ def _active(pattern: Pattern, seq_len: int, q_pos, k_pos):
     return pattern.mask(q_pos, k_pos) & (k_pos < seq_len)
 
 
-def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block_k_partial):
+def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block_k_partial, contiguous):
     plan_refs, (q_ref, k_ref, v_ref, out_ref, lse_ref) = refs[:5], refs[5:]
     program = pl.program_id(0)  # read here: interpret mode substitutes it only at the kernel's top level
     row = plan_refs[0][program]
@@ -280,7 +303,7 @@ def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block
         jnp.full((block_q,), _ROW_MAX_INIT, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    acc, row_max, row_sum = _walk(plan_refs, program, init, step, block_k, block_k_partial)
+    acc, row_max, row_sum = _walk(plan_refs, program, init, step, block_k, block_k_partial, contiguous)
     seen = row_sum > 0  # rows with no active key give 0
     out = acc / jnp.where(seen, row_sum, 1.0)[:, None]
     out_ref[pl.ds(q_start, block_q), :] = out.astype(out_ref.dtype)
@@ -289,7 +312,7 @@ def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block
     lse_ref[pl.ds(q_start, block_q)] = lse
 
 
-def _dq_kernel(*refs, pattern, seq_len, scale_log2, scale, block_q, block_k, block_k_partial):
+def _dq_kernel(*refs, pattern, seq_len, scale_log2, scale, block_q, block_k, block_k_partial, contiguous):
     plan_refs, (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_ref) = refs[:5], refs[5:]
     program = pl.program_id(0)  # read here: interpret mode substitutes it only at the kernel's top level
     row = plan_refs[0][program]
@@ -312,11 +335,13 @@ def _dq_kernel(*refs, pattern, seq_len, scale_log2, scale, block_q, block_k, blo
         d_logits = probs * (d_probs - delta[:, None])
         return dq + _dot(d_logits.astype(k.dtype), k)
 
-    dq = _walk(plan_refs, program, jnp.zeros(q.shape, jnp.float32), step, block_k, block_k_partial)
+    dq = _walk(plan_refs, program, jnp.zeros(q.shape, jnp.float32), step, block_k, block_k_partial,
+               contiguous)
     dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)
 
 
-def _dkdv_kernel(*refs, pattern, seq_len, scale_log2, scale, group, block_k, block_q, block_q_partial):
+def _dkdv_kernel(*refs, pattern, seq_len, scale_log2, scale, group, block_k, block_q, block_q_partial,
+                 contiguous):
     plan_refs, (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref) = refs[:5], refs[5:]
     program = pl.program_id(0)  # read here: interpret mode substitutes it only at the kernel's top level
     row = plan_refs[0][program]
@@ -346,7 +371,7 @@ def _dkdv_kernel(*refs, pattern, seq_len, scale_log2, scale, group, block_k, blo
             dk = dk + _dot(d_logits_t.astype(q.dtype), q)
             return dk, dv
 
-        return _walk(plan_refs, program, carry, step, block_q, block_q_partial)
+        return _walk(plan_refs, program, carry, step, block_q, block_q_partial, contiguous)
 
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = head(0, init) if group == 1 else lax.fori_loop(0, group, head, init)
@@ -381,6 +406,7 @@ def _forward(q, k, v, static: _Static, seq_len: int):
     kernel = functools.partial(
         _forward_kernel, pattern=static.pattern, seq_len=seq_len, scale_log2=static.scale * LOG2_E,
         block_q=sizes.block_q, block_k=sizes.block_k, block_k_partial=sizes.block_k_partial,
+        contiguous=plan.contiguous,
     )
     return pl.pallas_call(
         kernel,
@@ -411,7 +437,7 @@ def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
     row_stats = pl.BlockSpec((None, None, padded_len), lambda r, bh: (bh // q_heads, bh % q_heads, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, **common, block_q=sizes.block_q_dq, block_k=sizes.block_k_dq,
-                          block_k_partial=sizes.block_k_partial_dq),
+                          block_k_partial=sizes.block_k_partial_dq, contiguous=dq_plan.contiguous),
         grid=(len(dq_plan.rows), batch * q_heads),
         in_specs=_plan_specs(dq_plan) + [per_q_head, per_kv_head_of_q, per_kv_head_of_q, per_q_head,
                                          row_stats, row_stats],
@@ -432,7 +458,8 @@ def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
     per_kv_head = pl.BlockSpec((None, padded_len, None, head_dim), lambda r, bh: (bh // kv_heads, 0, bh % kv_heads, 0))
     dk, dv = pl.pallas_call(
         functools.partial(_dkdv_kernel, **common, group=group, block_k=sizes.block_k_dkv,
-                          block_q=sizes.block_q_dkv, block_q_partial=sizes.block_q_partial_dkv),
+                          block_q=sizes.block_q_dkv, block_q_partial=sizes.block_q_partial_dkv,
+                          contiguous=dkdv_plan.contiguous),
         grid=(len(dkdv_plan.rows), batch * kv_heads),
         in_specs=_plan_specs(dkdv_plan) + [group_of_q_heads, per_kv_head, per_kv_head, group_of_q_heads,
                                            group_stats, group_stats],

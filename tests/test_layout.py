@@ -61,6 +61,17 @@ def check_padded(tile_lists):
             assert (padded[r, len(row) :] == (row[-1] if len(row) else 0)).all()
 
 
+def check_first_tiles_and_contiguity(tile_lists):
+    for offsets, indices, first, contiguous in zip(
+        (tile_lists.full_offsets, tile_lists.partial_offsets), (tile_lists.full_indices, tile_lists.partial_indices),
+        tile_lists.first_tiles, tile_lists.contiguous,
+    ):
+        assert first.dtype == np.int32 and first.shape == (tile_lists.num_rows,)
+        rows = [indices[offsets[r] : offsets[r + 1]] for r in range(tile_lists.num_rows)]
+        np.testing.assert_array_equal(first, [row[0] if len(row) else 0 for row in rows])
+        assert contiguous == all((np.diff(row) == 1).all() for row in rows)
+
+
 def check_layout(tree, seq_len: int, block_q: int, block_k: int):
     result = block_layout(parse(tree_spec(tree)), seq_len, block_q, block_k)
     expected = brute_force_tile_classes(tree, seq_len, block_q, block_k)
@@ -73,8 +84,9 @@ def check_layout(tree, seq_len: int, block_q: int, block_k: int):
     np.testing.assert_array_equal(result.dense_tile_classes(), expected)
     assert result.num_full_tiles == (expected == FULL).sum()
     assert result.num_partial_tiles == (expected == PARTIAL).sum()
-    check_padded(result.forward)
-    check_padded(result.backward)
+    for tile_lists in (result.forward, result.backward):
+        check_padded(tile_lists)
+        check_first_tiles_and_contiguity(tile_lists)
     active_pairs = int(brute_force_mask(tree, seq_len).sum())
     assert result.active_pairs == active_pairs
     assert result.active_fraction == pytest.approx(active_pairs / (seq_len * (seq_len + 1) / 2))
@@ -175,6 +187,19 @@ def test_shifted_layers_at_one_million_tokens_build_within_a_second():
         elapsed = time.perf_counter() - start
         assert elapsed < 1.0, f"layer {index}: {elapsed:.2f} s"
         assert (result.num_full_tiles, result.num_partial_tiles) == expected[index]
+
+
+def test_contiguous_lists_at_one_million_tokens():
+    """Dense rows are consecutive tiles (first tile and count suffice); window(1024)'s partial tiles, its far
+    edge and the diagonal, are not."""
+    dense = block_layout("dense", SEQ_1M, TILE, TILE)
+    for tile_lists in (dense.forward, dense.backward):
+        assert tile_lists.contiguous == (True, True)
+    first_full, first_partial = dense.forward.first_tiles
+    np.testing.assert_array_equal(first_full[1:], 0)
+    np.testing.assert_array_equal(first_partial, np.arange(SEQ_1M // TILE))
+    np.testing.assert_array_equal(dense.backward.first_tiles[0][:-1], np.arange(1, SEQ_1M // TILE))
+    assert block_layout("window(1024)", SEQ_1M, TILE, TILE).forward.contiguous == (True, False)
 
 
 def test_window_layout_rows_at_one_million_tokens():

@@ -256,11 +256,40 @@ def test_step_plan_lists_full_then_partial_tiles_covering_each_pair_once(spec, b
     for block, row in enumerate(plan.rows):
         rows = slice(row * row_tile, (row + 1) * row_tile)
         num_full, num_steps = plan.counts[block]
-        for step, col in enumerate(plan.tiles[block, :num_steps]):
+        if plan.contiguous:
+            first_full, first_partial = plan.tiles[block]
+            steps = np.concatenate([first_full + np.arange(num_full), first_partial + np.arange(num_steps - num_full)])
+        else:
+            steps = plan.tiles[block, :num_steps]
+        for step, col in enumerate(steps):
             covered[rows, col * col_tile : (col + 1) * col_tile] += 1
             if step < num_full:
                 full_only[rows, col * col_tile : (col + 1) * col_tile] = True
     assert_plan_covers_pattern(covered, full_only, pattern, seq_len, by_key, plan.rows)
+
+
+def test_pattern_cases_walk_both_plan_forms():
+    """Some kernel case below has contiguous plans (first tiles only) and some explicit tile lists."""
+    forms = {mosaic_gpu.step_plan(parse(spec), seq_len, *tile, by_key).contiguous
+             for spec, seq_len, *_ in PATTERN_CASES
+             for tile, by_key in ((SMALL.forward_tile, False), (SMALL.dq_tile, False), (SMALL.dkdv_tile, True))}
+    assert forms == {False, True}
+
+
+@pytest.mark.parametrize("by_key", [False, True])
+def test_dense_plan_at_one_million_tokens_stores_first_tiles_only(by_key):
+    seq_len, tile_q, tile_k = 1 << 20, 128, 64
+    plan = mosaic_gpu.step_plan(parse("dense"), seq_len, tile_q, tile_k, by_key)
+    assert plan.contiguous and plan.tiles.shape == (len(plan.rows), 2)
+    # Heaviest row first: the last query tile sees every key tile (the diagonal's two are partial); the
+    # first key tile is seen by every query tile (the diagonal one partially).
+    if by_key:
+        assert plan.rows[0] == 0 and list(plan.counts[0]) == [seq_len // tile_q - 1, seq_len // tile_q]
+        assert list(plan.tiles[0]) == [1, 0]
+    else:
+        assert plan.rows[0] == seq_len // tile_q - 1
+        assert list(plan.counts[0]) == [seq_len // tile_k - 2, seq_len // tile_k]
+        assert list(plan.tiles[0]) == [0, seq_len // tile_k - 2]
 
 
 def test_block_sizes_validation_and_defaults():

@@ -85,11 +85,26 @@ PATTERN_CASES = [
     ("strided(7)", 64, tiles(16, 32, 16), 2, 1, 16, False),  # strided tiles are never full
     ("dilated(6, 3)", 70, tiles(16, 16, 16), 2, 2, 16, False),
     ("sinks(40)", 70, tiles(16, 16, 16), 2, 1, 16, True),
-    ("random_blocks(16, 2, 11)", 96, tiles(16, 16, 16, 32, 16, 16), 2, 1, 32, True),
+    ("random_blocks(16, 2, 11)", 128, tiles(16, 16, 16, 32, 16, 16), 2, 1, 32, True),
     ("window(40) | sinks(4)", 100, tiles(16, 32, 16), 3, 1, 16, True),
     ("block(32) & strided(3)", 64, tiles(16, 16, 16), 2, 1, 16, False),
     ("repaired(48, 8, bridge) | strided(9)", 100, tiles(16, 16, 16), 2, 2, 16, True),
 ]
+
+
+def test_pattern_cases_walk_both_list_forms():
+    """Some case below walks each list (forward full and partial, dk/dv full and partial) as first + j,
+    and some as an explicit list."""
+    forms = set()
+    for spec, seq_len, sizes, *_ in PATTERN_CASES:
+        sizes = sizes.clipped(seq_len)
+        forward = pallas_gpu.tile_plan(parse(spec), seq_len, sizes.block_q, sizes.block_k, sizes.block_k_partial,
+                                       False)
+        dkdv = pallas_gpu.tile_plan(parse(spec), seq_len, sizes.block_q_dkv, sizes.block_k_dkv,
+                                    sizes.block_q_partial_dkv, True)
+        forms |= {(name, kind, contiguous) for name, plan in (("forward", forward), ("dkdv", dkdv))
+                  for kind, contiguous in zip(("full", "partial"), plan.contiguous)}
+    assert len(forms) == 8, sorted(forms)
 
 
 @pytest.mark.parametrize("case", PATTERN_CASES, ids=[c[0] for c in PATTERN_CASES])
@@ -218,12 +233,32 @@ def test_plan_covers_each_active_pair_once(spec, by_key):
     full_only = np.zeros_like(covered, dtype=bool)
     for program, row in enumerate(plan.rows):
         rows = slice(row * tile, (row + 1) * tile)
-        for col in plan.full[program, : plan.num_full[program]]:
+        for col in walked_tiles(plan.full, plan.num_full, plan.contiguous[0], program):
             covered[rows, col * tile : (col + 1) * tile] += 1
             full_only[rows, col * tile : (col + 1) * tile] = True
-        for col in plan.partial[program, : plan.num_partial[program]]:
+        for col in walked_tiles(plan.partial, plan.num_partial, plan.contiguous[1], program):
             covered[rows, col * sub : (col + 1) * sub] += 1
     assert_plan_covers_pattern(covered, full_only, pattern, seq_len, by_key, plan.rows)
+
+
+def walked_tiles(tiles, counts, contiguous: bool, program: int) -> np.ndarray:
+    """The tiles `_walk` visits for one program: first + j for a contiguous list, else the listed ones."""
+    count = counts[program]
+    return tiles[program, 0] + np.arange(count) if contiguous else tiles[program, :count]
+
+
+@pytest.mark.parametrize("by_key", [False, True])
+def test_dense_plan_at_one_million_tokens_stores_first_tiles_only(by_key):
+    seq_len, tile, sub = 1 << 20, 128, 32
+    plan = pallas_gpu.tile_plan(parse("dense"), seq_len, tile, tile, sub, by_key)
+    # As explicit padded lists the full tiles alone were [8192, 8191] int32 (256 MiB) of kernel inputs.
+    assert plan.contiguous == (True, True)
+    assert plan.full.shape == plan.partial.shape == (seq_len // tile, 1)
+    # Heaviest row first: the last query tile (the first key tile) meets every other tile, plus the
+    # diagonal tile's sub-tiles.
+    assert plan.rows[0] == (0 if by_key else seq_len // tile - 1)
+    assert plan.num_full[0] == seq_len // tile - 1 and plan.num_partial[0] == tile // sub
+    assert plan.full[0, 0] == (1 if by_key else 0)
 
 
 def test_block_sizes_validation_and_defaults():

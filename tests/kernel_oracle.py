@@ -1,8 +1,12 @@
-"""Shared by the kernel test files: fresh random inputs, one jitted forward + VJP, the error measure, and the
-check that a kernel's tile plan covers the pattern."""
+"""Shared by the kernel test files: fresh random inputs, one jitted forward + VJP, the error measure, the
+comparison with the reference, and the check that a kernel's tile plan covers the pattern."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from sparse_attention import reference
+from sparse_attention.patterns import parse
 
 
 def random_inputs(seed, batch, seq_len, heads, kv_heads, head_dim, dtype):
@@ -26,6 +30,34 @@ def output_and_grads(attend, q, k, v, d_out):
 def relative_error(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def assert_matches_reference_on(attend, pattern, inputs, *, scale: float, rtol: float, label: str):
+    """(out, dq, dk, dv) of attend(q, k, v) on inputs = (q, k, v, d_out), each checked against the float32
+    reference on the same (rounded) inputs: the inputs' dtype and the reference's shape, finite, and a
+    relative error below rtol."""
+    q, k, v, d_out = inputs
+    got = output_and_grads(attend, q, k, v, d_out)
+    upcast = [x.astype(jnp.float32) for x in inputs]
+    want = output_and_grads(lambda q, k, v: reference.attention(q, k, v, pattern, scale=scale), *upcast)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.dtype == q.dtype and g.shape == w.shape, f"{label}: {name}"
+        assert np.isfinite(np.asarray(g, np.float32)).all(), f"{label}: non-finite {name}"
+        error = relative_error(g, w)
+        assert error < rtol, f"{label}: {name} relative error {error:.2e} >= {rtol:.0e}"
+    return got
+
+
+def assert_shard_map_matches_reference(kernel_attention):
+    """kernel_attention(q, k, v, pattern, scale=...) inside shard_map over a (data, heads) mesh of one device,
+    which checks that the kernel's results vary over the mesh axes its inputs do."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "heads"))
+    spec = jax.sharding.PartitionSpec("data", None, "heads", None)
+    pattern = parse("repaired(256, 32, prefix)")
+    inputs = random_inputs(8, 2, 1024, 4, 2, 64, jnp.bfloat16)
+    sharded = jax.shard_map(lambda q, k, v: kernel_attention(q, k, v, pattern, scale=0.125),
+                            mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
+    assert_matches_reference_on(sharded, pattern, inputs, scale=0.125, rtol=2e-2, label="shard_map")
 
 
 def assert_plan_covers_pattern(covered, full_only, pattern, seq_len: int, by_key: bool, rows):

@@ -28,7 +28,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from sparse_attention import mosaic_gpu, reference
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
-from kernel_oracle import assert_plan_covers_pattern, output_and_grads, random_inputs, relative_error
+from kernel_oracle import (assert_matches_reference_on, assert_plan_covers_pattern, assert_shard_map_matches_reference,
+                           random_inputs, relative_error)
 
 ON_GPU = jax.default_backend() == "gpu"
 ON_HOPPER = ON_GPU and mosaic_gpu.unsupported_reason(
@@ -84,16 +85,10 @@ def check_against_reference(spec, *, seq_len, heads=2, kv_heads=1, head_dim=64, 
     if detect_races and interpret:
         interpret = plgpu.InterpretGPUParams(detect_races=True)
     sizes = block_sizes_from(block_sizes)
-    got = output_and_grads(
+    got = assert_matches_reference_on(
         lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
-                                             block_sizes=sizes), q, k, v, d_out)
-    upcast = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
-    want = output_and_grads(lambda q, k, v: reference.attention(q, k, v, pattern, scale=scale), *upcast)
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        assert g.dtype == jnp.dtype(dtype) and g.shape == w.shape, name
-        assert np.isfinite(np.asarray(g, np.float32)).all(), f"{spec}: non-finite {name}"
-        error = relative_error(g, w)
-        assert error < RTOL[dtype], f"{spec}: {name} relative error {error:.2e} >= {RTOL[dtype]:.0e}"
+                                             block_sizes=sizes),
+        pattern, (q, k, v, d_out), scale=scale, rtol=RTOL[dtype], label=spec)
     if keyless_from is not None:
         for name, g in zip(("out", "dq"), got[:2]):
             assert (np.asarray(g[:, keyless_from:], np.float32) == 0).all(), f"{name} of keyless queries"
@@ -388,14 +383,4 @@ class TestGpu:
                                 block_sizes=sizes, seed=3, interpret=False)
 
     def test_shard_map_checks_vma(self):
-        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "heads"))
-        spec = jax.sharding.PartitionSpec("data", None, "heads", None)
-        pattern = parse("repaired(256, 32, prefix)")
-        q, k, v, d_out = random_inputs(8, 2, 1024, 4, 2, 64, jnp.bfloat16)
-        sharded = jax.shard_map(lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=0.125),
-                                mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
-        got = output_and_grads(sharded, q, k, v, d_out)
-        want = output_and_grads(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.125),
-                                *(x.astype(jnp.float32) for x in (q, k, v, d_out)))
-        for g, w in zip(got, want):
-            assert relative_error(g, w) < 2e-2
+        assert_shard_map_matches_reference(mosaic_gpu.attention)

@@ -23,7 +23,8 @@ import pytest
 from sparse_attention import bench, pallas_gpu, reference
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
-from kernel_oracle import assert_plan_covers_pattern, output_and_grads, random_inputs, relative_error
+from kernel_oracle import (assert_matches_reference_on, assert_plan_covers_pattern, assert_shard_map_matches_reference,
+                           random_inputs, relative_error)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
@@ -48,18 +49,10 @@ def assert_matches_reference(spec, *, seq_len, heads=2, kv_heads=1, head_dim=32,
     pattern = parse(spec)
     q, k, v, d_out = random_inputs(seed, batch, seq_len, heads, kv_heads, head_dim, dtype)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    got = output_and_grads(
+    return assert_matches_reference_on(
         lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
-                                             block_sizes=block_sizes), q, k, v, d_out)
-    # The oracle runs in float32 on the same (rounded) inputs.
-    upcast = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
-    want = output_and_grads(lambda q, k, v: reference.attention(q, k, v, pattern, scale=scale), *upcast)
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        assert g.dtype == dtype and g.shape == w.shape, name
-        assert np.isfinite(np.asarray(g, np.float32)).all(), f"{spec}: non-finite {name}"
-        error = relative_error(g, w)
-        assert error < RTOL[dtype], f"{spec}: {name} relative error {error:.2e} >= {RTOL[dtype]:.0e}"
-    return got
+                                             block_sizes=block_sizes),
+        pattern, (q, k, v, d_out), scale=scale, rtol=RTOL[dtype], label=spec)
 
 
 def plan_kinds(spec, seq_len, sizes: pallas_gpu.BlockSizes) -> tuple[bool, bool]:
@@ -346,14 +339,4 @@ class TestGpu:
         test_jit_vmap_grad()
 
     def test_shard_map_checks_vma(self):
-        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "heads"))
-        spec = jax.sharding.PartitionSpec("data", None, "heads", None)
-        pattern = parse("repaired(256, 32, prefix)")
-        q, k, v, d_out = random_inputs(8, 2, 1024, 4, 2, 64, jnp.bfloat16)
-        sharded = jax.shard_map(lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, scale=0.125),
-                                mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)
-        got = output_and_grads(sharded, q, k, v, d_out)
-        want = output_and_grads(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.125),
-                                *(x.astype(jnp.float32) for x in (q, k, v, d_out)))
-        for g, w in zip(got, want):
-            assert relative_error(g, w) < 2e-2
+        assert_shard_map_matches_reference(pallas_gpu.attention)

@@ -32,7 +32,7 @@ from sparse_attention.config import AttentionConfig, ModelConfig
 from sparse_attention.layout import block_layout
 from sparse_attention.model import DecoderLM
 from sparse_attention.patterns import EMPTY, FULL, PARTIAL, parse
-from kernel_oracle import output_and_grads, random_inputs, relative_error
+from kernel_oracle import assert_matches_reference_on, random_inputs, relative_error
 
 ON_TPU = jax.default_backend() == "tpu"
 INTERPRET = not ON_TPU
@@ -53,18 +53,10 @@ def assert_matches_reference(spec, *, seq_len, heads=2, kv_heads=1, head_dim=16,
     pattern = parse(spec)
     q, k, v, d_out = random_inputs(seed, batch, seq_len, heads, kv_heads, head_dim, dtype)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    got = output_and_grads(
+    return assert_matches_reference_on(
         lambda q, k, v: pallas_tpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
-                                             block_sizes=block_sizes), q, k, v, d_out)
-    # The oracle runs in float32 on the same (rounded) inputs.
-    upcast = [x.astype(jnp.float32) for x in (q, k, v, d_out)]
-    want = output_and_grads(lambda q, k, v: reference.attention(q, k, v, pattern, scale=scale), *upcast)
-    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
-        assert g.dtype == dtype and g.shape == w.shape, name
-        assert np.isfinite(np.asarray(g, np.float32)).all(), f"{spec}: non-finite {name}"
-        error = relative_error(g, w)
-        assert error < RTOL[dtype], f"{spec}: {name} relative error {error:.2e} >= {RTOL[dtype]:.0e}"
-    return got
+                                             block_sizes=block_sizes),
+        pattern, (q, k, v, d_out), scale=scale, rtol=RTOL[dtype], label=spec)
 
 
 def step_kinds(spec, seq_len, sizes: pallas_tpu.BlockSizes) -> set[int]:

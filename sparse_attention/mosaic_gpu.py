@@ -159,8 +159,8 @@ def step_plan(pattern: Pattern, seq_len: int, block_q: int, block_k: int, by_key
     """The plan of the forward/dq pass (by_key=False: rows are [block_q] query tiles over [block_k] key
     tiles) or of the dk/dv pass (by_key=True: rows are [block_k] key tiles over [block_q] query tiles),
     from `block_layout` with whole tiles, rows with the most tiles first."""
-    lists = block_layout(pattern, seq_len, block_q, block_k)
-    lists = lists.backward if by_key else lists.forward
+    layout = block_layout(pattern, seq_len, block_q, block_k)
+    lists = layout.backward if by_key else layout.forward
     num_full, num_partial = lists.num_full.astype(np.int64), lists.num_partial.astype(np.int64)
     contiguous = all(lists.contiguous)
     if contiguous:  # skips `padded`, which is O(rows x tiles) for dense-like rows

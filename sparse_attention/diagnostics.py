@@ -24,7 +24,6 @@ options (DiagnosticsOptions).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import sys
 from collections.abc import Callable, Sequence
 
@@ -38,7 +37,6 @@ from tqdm import tqdm
 from sparse_attention import reachability
 from sparse_attention.config import ExperimentConfig
 from sparse_attention.model import DecoderLM
-from sparse_attention.patterns import PatternOrSchedule
 
 LOWERCASE = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8).astype(np.int32)
 UPPERCASE = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8).astype(np.int32)
@@ -47,8 +45,6 @@ QUERY, EQUALS, SEMICOLON = ord("?"), ord("="), ord(";")
 STATEMENT_BYTES = 4  # "x=y;"
 MIN_TRACKING_BLOCK = 2 * STATEMENT_BYTES  # two statements side by side in one block
 MAX_CHAIN = len(LOWERCASE) // 2  # two chains of distinct one-letter names
-# Brute-force reachability (bool [S, S] matrix products) is used only where the exact sets are not intervals.
-MAX_MATRIX_SEQ_LEN = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,38 +195,6 @@ class VariableTrackingTask:
 
 
 # --------------------------------------------------------------------------------------------------
-# Reachability of (query, key) pairs
-
-
-@functools.lru_cache(maxsize=64)
-def _reach(schedule: PatternOrSchedule, seq_len: int, layers: int):
-    """(earliest int64 [S], None) when every R_layers(i) is the interval [earliest(i), i]; otherwise
-    (None, bool [S, S] with [i, j] = j in R_layers(i))."""
-    result = reachability.reachability(schedule, seq_len, layers)
-    positions = np.arange(seq_len)
-    if result.covered_pairs == int((positions - result.earliest + 1).sum()):
-        return result.earliest, None
-    if seq_len > MAX_MATRIX_SEQ_LEN:
-        raise ValueError(f"diagnostics.seq_len: reachability sets of {schedule.spec!r} are not intervals, and the "
-                         f"exact matrix method is limited to {MAX_MATRIX_SEQ_LEN} positions, got {seq_len}")
-    # R_l = R_{l-1} propagated through the keys of layer l plus the position itself.
-    reach = np.eye(seq_len, dtype=np.float32)
-    for layer in range(layers):
-        hops = schedule.layer(layer).mask(positions[:, None], positions[None, :]) | np.eye(seq_len, dtype=bool)
-        reach = ((hops.astype(np.float32) @ reach) > 0).astype(np.float32)
-    return None, reach > 0
-
-
-def reachable(schedule: PatternOrSchedule, seq_len: int, layers: int, queries, keys) -> np.ndarray:
-    """Whether each key position is in R_layers(query) (exact); bool of the broadcast shape."""
-    queries, keys = np.broadcast_arrays(np.asarray(queries, np.int64), np.asarray(keys, np.int64))
-    earliest, matrix = _reach(schedule, seq_len, layers)
-    if matrix is not None:
-        return matrix[queries, keys]
-    return (keys <= queries) & (keys >= earliest[queries])
-
-
-# --------------------------------------------------------------------------------------------------
 # Fine-tuning and scoring
 
 
@@ -321,7 +285,7 @@ def edge_pair_recall(model: DecoderLM, config: ExperimentConfig, seq_len: int, b
     correct = predictions(tuned, held_out, options.batch_size) == held_out.answers  # [offsets * samples, K]
     accuracy = correct.reshape(len(offsets), options.eval_samples, -1).mean(axis=1)
     layers = config.model.num_layers
-    predicted = reachable(config.attention.layers, seq_len, layers, task.query_positions[None, :],
+    predicted = reachability.reachable(config.attention.layers, seq_len, layers, task.query_positions[None, :],
                           task.key_block_start + np.asarray(offsets)[:, None])  # [offsets, K]
     return {
         "query_offset": options.query_offset,
@@ -363,7 +327,7 @@ def variable_tracking(model: DecoderLM, config: ExperimentConfig, seq_len: int, 
         tuning.append({"depth": depth, "steps": options.tracking_steps, **_loss_summary(losses)})
     fraction, longest = [], {}
     for depth in range(1, layers + 1):
-        hit = reachable(config.attention.layers, seq_len, depth, held_out.queries[:, 0], held_out.keys[:, 0])
+        hit = reachability.reachable(config.attention.layers, seq_len, depth, held_out.queries[:, 0], held_out.keys[:, 0])
         per_length = hit.reshape(len(lengths), options.eval_samples).mean(axis=1)
         fraction.append(per_length.tolist())
         always = [h for h, f in zip(lengths, per_length) if f == 1.0]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import os
 import sys
@@ -605,6 +606,47 @@ def _search_layer_by_layer(state: _BitsetReach, counts: list[int], period: int, 
         state.advance(depth + 1)
         counts.append(state.covered_pairs())
         depth += 1
+
+
+# ------------------------------------------------------------------------------------------ membership
+
+
+# The matrix fallback of `reachable` holds bool [S, S] products; past this length it refuses.
+MAX_MATRIX_SEQ_LEN = 2048
+
+
+@functools.lru_cache(maxsize=64)
+def _membership(schedule: PatternOrSchedule, seq_len: int, layers: int):
+    """(earliest int64 [S], None) when every R_layers(i) is the interval [earliest(i), i]; otherwise
+    (None, bool [S, S] with [i, j] = j in R_layers(i))."""
+    result = reachability(schedule, seq_len, layers)
+    positions = np.arange(seq_len)
+    # R(i) is inside [earliest(i), i], so equal counts mean every set is that whole interval.
+    if result.covered_pairs == int((positions - result.earliest + 1).sum()):
+        return result.earliest, None
+    if seq_len > MAX_MATRIX_SEQ_LEN:
+        raise ValueError(f"seq_len: reachable sets of {schedule.spec!r} are not intervals, and the exact matrix "
+                         f"method is limited to {MAX_MATRIX_SEQ_LEN} positions, got {seq_len}")
+    # R_l = R_{l-1} propagated through the keys of layer l plus the position itself.
+    reach = np.eye(seq_len, dtype=np.float32)
+    for layer in range(layers):
+        hops = schedule.layer(layer).mask(positions[:, None], positions[None, :]) | np.eye(seq_len, dtype=bool)
+        reach = ((hops.astype(np.float32) @ reach) > 0).astype(np.float32)
+    return None, reach > 0
+
+
+def reachable(pattern: PatternOrSchedule | str | Sequence[str], seq_len: int, layers: int, queries, keys) -> np.ndarray:
+    """Whether key position k is in R_layers(q), exactly, for each (q, k) of the broadcast of `queries` and
+    `keys` (int arrays of positions < seq_len); bool of the broadcast shape."""
+    schedule = as_schedule(pattern)
+    queries, keys = np.broadcast_arrays(np.asarray(queries, np.int64), np.asarray(keys, np.int64))
+    if queries.size and (min(queries.min(), keys.min()) < 0 or max(queries.max(), keys.max()) >= seq_len):
+        raise ValueError(f"queries and keys must be positions in [0, {seq_len}), got values from "
+                         f"{min(queries.min(), keys.min())} to {max(queries.max(), keys.max())}")
+    earliest, matrix = _membership(schedule, _check_positive("seq_len", seq_len), _check_positive("layers", layers))
+    if matrix is not None:
+        return matrix[queries, keys]
+    return (keys <= queries) & (keys >= earliest[queries])
 
 
 # ---------------------------------------------------------------------------------------------- files

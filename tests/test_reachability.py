@@ -354,3 +354,24 @@ def test_cli_reads_pattern_schedule_and_layers_from_a_config(tmp_path):
     assert schedule.period == 2 and layers == 2
     with pytest.raises(ValueError, match="no such file"):
         reach.load_config(str(tmp_path / "missing.py"))
+
+
+def test_reachable_matches_brute_force_propagation():
+    rng = np.random.default_rng()
+    seq_len = 48
+    for spec in ("repaired(8, 2, bridge)", "sinks(2) | block(8)", "strided(5)", "shifted(8)"):
+        layers = int(rng.integers(1, 4))
+        schedule = as_schedule(spec)
+        queries, keys = np.meshgrid(np.arange(seq_len), np.arange(seq_len), indexing="ij")
+        got = reach.reachable(schedule, seq_len, layers, queries, keys)
+        sets = [{i} for i in range(seq_len)]
+        for layer in range(layers):
+            pattern = schedule.layer(layer)
+            sets = [set().union(*(sets[m] for m in range(i + 1) if m == i or pattern.mask(np.array(i), np.array(m))))
+                     for i in range(seq_len)]
+        assert np.array_equal(got, np.array([[j in sets[i] for j in range(seq_len)] for i in range(seq_len)]))
+
+
+def test_reachable_refuses_positions_outside_the_sequence():
+    with pytest.raises(ValueError, match=r"positions in \[0, 16\)"):
+        reach.reachable("block(4)", 16, 2, [16], [0])

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sparse_attention import reference
 from sparse_attention.attention import attention, resolve_impl
 from sparse_attention.config import AttentionConfig, ExperimentConfig, ModelConfig
 from sparse_attention.patterns import Pattern, as_pattern
@@ -102,14 +103,19 @@ class SparseAttention(nnx.Module):
             kernel_init=_residual_init(output_scale), rngs=rngs,
         )
 
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
+        """`mask` bool [seq, seq], if given, replaces the pattern: dense masked softmax
+        (`reference.masked_attention`), so that one compiled model can serve many patterns."""
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).reshape(batch, seq_len, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
         cos, sin = rope_angles(seq_len, self.head_dim, self.rope_base)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v, self.pattern, impl=self.impl, interpret=self.interpret)
+        if mask is None:
+            out = attention(q, k, v, self.pattern, impl=self.impl, interpret=self.interpret)
+        else:
+            out = reference.masked_attention(q, k, v, mask, scale=1.0 / math.sqrt(self.head_dim))
         return self.out_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
 
 
@@ -151,13 +157,13 @@ class DecoderBlock(nnx.Module):
         self.mlp = SwiGLU(model.d_model, model.mlp_hidden, compute_dtype=compute, param_dtype=params,
                           output_scale=output_scale, rngs=rngs)
 
-    def __call__(self, x):
-        x = x + self.attention(self.attention_norm(x)).astype(jnp.float32)
+    def __call__(self, x, mask=None):
+        x = x + self.attention(self.attention_norm(x), mask).astype(jnp.float32)
         return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
 
 
-def _apply_block(block: DecoderBlock, x):
-    return block(x)
+def _apply_block(block: DecoderBlock, x, mask):
+    return block(x, mask)
 
 
 _apply_block_remat = nnx.remat(_apply_block)
@@ -165,7 +171,7 @@ _apply_block_remat = nnx.remat(_apply_block)
 
 class DecoderLM(nnx.Module):
     """tokens int32 [batch, seq] -> logits float32 [batch, seq, vocab_size]; layer i uses
-    `attention.layer_pattern(i)`."""
+    `attention.layer_pattern(i)`, or masks[i] when `masks` bool [num_layers, seq, seq] is given."""
 
     def __init__(self, model: ModelConfig, attention: AttentionConfig, *, rngs: nnx.Rngs):
         compute, params = model.compute_jnp_dtype, model.param_jnp_dtype
@@ -191,11 +197,11 @@ class DecoderLM(nnx.Module):
         """tokens int32 [batch, seq] -> float32 [batch, seq, d_model], the residual stream's input."""
         return self.embed(tokens).astype(jnp.float32) * math.sqrt(self.model_config.d_model)
 
-    def logits_from_embeddings(self, x):
+    def logits_from_embeddings(self, x, masks=None):
         """Residual stream input x [batch, seq, d_model] -> logits float32 [batch, seq, vocab_size]."""
         apply_block = _apply_block_remat if self.model_config.remat else _apply_block
-        for block in self.blocks:
-            x = apply_block(block, x)
+        for index, block in enumerate(self.blocks):
+            x = apply_block(block, x, None if masks is None else masks[index])
         h = self.final_norm(x)
         if self.lm_head is not None:
             return self.lm_head(h).astype(jnp.float32)
@@ -206,8 +212,8 @@ class DecoderLM(nnx.Module):
         )
         return logits / math.sqrt(self.model_config.d_model)
 
-    def __call__(self, tokens):
-        return self.logits_from_embeddings(self.embed_tokens(tokens))
+    def __call__(self, tokens, masks=None):
+        return self.logits_from_embeddings(self.embed_tokens(tokens), masks)
 
 
 def attention_impl_summary(model_or_configs, seq_len: int) -> str:

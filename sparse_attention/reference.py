@@ -16,6 +16,13 @@ from sparse_attention.patterns import Pattern
 
 def attention(q, k, v, pattern: Pattern, *, scale: float, interpret: bool = False):
     del interpret  # nothing to interpret: plain XLA
+    positions = jnp.arange(q.shape[1], dtype=jnp.int32)
+    return masked_attention(q, k, v, pattern.mask(positions[:, None], positions[None, :]), scale=scale)
+
+
+def masked_attention(q, k, v, mask, *, scale: float):
+    """Attention under an explicit mask bool [seq_q, seq_k] (True: the query sees the key), shapes as
+    `attention`. The mask is data, so one compiled function serves every pattern (and vmaps over masks)."""
     batch, seq_len, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     # [batch, seq, kv_heads, group, head_dim]: the q heads that share one kv head.
@@ -23,8 +30,6 @@ def attention(q, k, v, pattern: Pattern, *, scale: float, interpret: bool = Fals
     logits = jnp.einsum(
         "bqhgd,bkhd->bhgqk", q_grouped, k, preferred_element_type=jnp.float32, precision="highest"
     ) * jnp.float32(scale)
-    positions = jnp.arange(seq_len, dtype=jnp.int32)
-    mask = pattern.mask(positions[:, None], positions[None, :])  # [seq_q, seq_k]
     probs = masked_softmax(logits, mask)
     out = jnp.einsum(
         "bhgqk,bkhd->bqhgd", probs, v.astype(jnp.float32), precision="highest"

@@ -118,6 +118,21 @@ def test_decoder_is_causal_and_each_layer_uses_its_pattern(pattern, schedule):
         assert not seen[8, :8].any()
 
 
+@pytest.mark.parametrize("spec", ["shifted(8)", "repaired(8, 2, prefix)"])
+def test_masks_replace_the_layers_patterns(spec):
+    """DecoderLM(tokens, masks) with a pattern's masks is the model built with that pattern, whatever the
+    model was built with: the boundary tasks train many patterns through one compiled model this way."""
+    model_config = dataclasses.replace(SMALL_MODEL, num_layers=3)
+    built = DecoderLM(model_config, attention_config(spec, impl="reference"), rngs=nnx.Rngs(2))
+    dense = DecoderLM(model_config, attention_config("dense", impl="reference"), rngs=nnx.Rngs(2))
+    seq_len = 24
+    positions = np.arange(seq_len)
+    masks = jnp.stack([as_schedule(spec).layer(i).mask(positions[:, None], positions[None, :]) for i in range(3)])
+    tokens = jax.random.randint(jax.random.key(3), (2, seq_len), 0, 256)
+    np.testing.assert_allclose(dense(tokens, masks), built(tokens), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(dense(tokens), built(tokens), atol=1e-3)
+
+
 def test_gqa_and_tied_embedding_shapes():
     for tie in (False, True):
         model_config = dataclasses.replace(SMALL_MODEL, num_heads=8, num_kv_heads=2, tie_embeddings=tie)

@@ -1,0 +1,53 @@
+"""Boundary tasks trained from scratch (sparse_attention.boundary_tasks; docs/boundary_tasks.md).
+
+    python -m sparse_attention.boundary_tasks --config configs/boundary_tasks.py:full --out results/boundary_tasks
+
+Presets:
+  tiny  CPU, a few minutes: the README's main job runs it. 128-token sequences, blocks of 16, depths 1 and 2.
+  full  one GPU: 256-token sequences, blocks of 32, depths 1, 2 and 4, every cell of both tasks.
+
+The seven patterns follow the block size B: dense, block(B), window(B / 2) (block(B)'s cost: (B + 1) / 2 keys
+per query on average), window(2B), repaired(B, B / 8) in both modes, and shifted(B).
+"""
+
+import ml_collections
+
+PRESETS = ("tiny", "full")
+
+
+def patterns(block: int) -> tuple[str, ...]:
+    repair = max(block // 8, 1)
+    return ("dense", f"block({block})", f"window({block // 2})", f"window({2 * block})",
+            f"repaired({block}, {repair}, bridge)", f"repaired({block}, {repair}, prefix)", f"shifted({block})")
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+    preset = (arg or "tiny").strip()
+    if preset not in PRESETS:
+        raise ValueError(f"boundary_tasks config preset must be one of {', '.join(PRESETS)}; got {arg!r}")
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    if preset == "tiny":
+        block = 16
+        config.tasks = ("copy",)
+        config.depths = (1, 2)
+        config.sequence = dict(seq_len=128, block_size=block, symbols=16)
+        config.copy = dict(distances=(1, 2, 3, 4, 8, 12, 16, 24, 32, 48, 64, 96), phases=(0, 1, 2, 4, 8, 15),
+                           steps=300)
+        config.hops = dict(hops=(1, 2), crossings=(0, 1), steps=300)
+        config.model = dict(d_model=32, num_heads=2, mlp_hidden=64, compute_dtype="float32")
+        config.train = dict(batch=32, learning_rate=3e-3, warmup_steps=30, log_every=50)
+        config.eval = dict(samples_per_cell=64, accuracy_bar=0.9, confidence=0.95, batch=256)
+    else:
+        block = 32
+        config.tasks = ("copy", "hops")
+        config.depths = (1, 2, 4)
+        config.sequence = dict(seq_len=256, block_size=block, symbols=16)
+        config.copy = dict(distances=(1, 2, 3, 4, 5, 8, 12, 16, 24, 32, 40, 48, 64, 96, 128, 192),
+                           phases=(0, 1, 2, 3, 4, 5, 8, 16, 24, 31), steps=1500)
+        config.hops = dict(hops=(1, 2, 3), crossings=(0, 1, 2), steps=4000)
+        config.model = dict(d_model=128, num_heads=4, mlp_hidden=256, compute_dtype="bfloat16")
+        config.train = dict(batch=64, learning_rate=1e-3, warmup_steps=100, log_every=100)
+        config.eval = dict(samples_per_cell=200, accuracy_bar=0.9, confidence=0.95, batch=512)
+    config.patterns = patterns(block)
+    return config

@@ -1,0 +1,248 @@
+"""The boundary tasks' outputs (`boundary_tasks.run`), each written atomically into one folder.
+
+  summary.json        one row per (task, pattern, depth): agreement_reachable, agreement_unreachable, ...
+  results.json        every cell: accuracy with its interval, reachable or not, and the loss curves
+  report.md           the bars, the agreement table and per-(pattern, depth) accuracy tables with intervals
+  copy_accuracy.png   accuracy over (distance, phase), one panel per (pattern, depth); dots: unreachable
+  hops_accuracy.png   accuracy over (hops, crossings), one panel per (pattern, depth)
+  agreement.png       each pattern's agreement with the prediction, per task and depth
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sparse_attention import boundary_tasks
+from sparse_attention.atomic_io import atomic_open, write_json
+
+
+def check_out_dir(path: str | os.PathLike) -> Path:
+    """The output folder, checked before any work: ValueError if it is a file or its parent is missing."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out: {out} exists and is not a folder")
+    if not out.absolute().parent.is_dir():
+        raise ValueError(f"--out: parent folder {out.absolute().parent} does not exist")
+    return out
+
+
+def write(results: dict, out_dir: str | os.PathLike) -> list[Path]:
+    """Writes every output; returns their paths (report.md first)."""
+    out = check_out_dir(out_dir)
+    out.mkdir(exist_ok=True)
+    write_json(out / "summary.json", boundary_tasks.summary_rows(results))
+    write_json(out / "results.json", results)
+    written = [out / "summary.json", out / "results.json"]
+    tasks = {row["task"] for row in results["results"]}
+    for name, plot, task in (("copy_accuracy.png", plot_copy, "copy"), ("hops_accuracy.png", plot_hops, "hops"),
+                             ("agreement.png", plot_agreement, None)):
+        if task is None or task in tasks:
+            figure = plot(results)
+            with atomic_open(out / name) as file:
+                figure.savefig(file, format="png", dpi=100)
+            _pyplot().close(figure)
+            written.append(out / name)
+    with atomic_open(out / "report.md", "w") as file:
+        file.write(markdown(results))
+    return [out / "report.md", *written]
+
+
+# --------------------------------------------------------------------------------------------------
+# report.md
+
+
+def _fraction(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _part(part: dict) -> str:
+    if not part["n"]:
+        return ""
+    return f"{part['accuracy']:.2f} [{part['low']:.2f}, {part['high']:.2f}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def markdown(results: dict) -> str:
+    config = results["config"]
+    lines = [
+        "# Boundary tasks trained from scratch",
+        "",
+        *([] if results.get("complete", True) else
+          ["**Partial: the run stopped before every (task, depth) was trained; the chance check covers the "
+           "rows below only.**", ""]),
+        f"{results['created']}, {results['backend']} ({results['device']}), jax {results['versions']['jax']}, "
+        f"{results['wall_time_s']:.0f} s in all. Sequences of {config['seq_len']} tokens, blocks of "
+        f"{config['block_size']}, K = {config['symbols']} values (chance {1 / config['symbols']:.4f}); models of "
+        f"d_model {config['d_model']}, {config['num_heads']} heads, MLP {config['mlp_hidden']}, trained "
+        f"{config['copy_steps']} (copy) and {config['hops_steps']} (hops) steps of {config['batch']} sequences; "
+        f"{config['samples_per_cell']} held-out probes per cell. Intervals: Wilson {config['confidence']:.0%}.",
+        "",
+    ]
+    checks = boundary_tasks.bar_checks(results)
+    if checks:
+        lines += ["## The bars (copy task)", ""]
+        lines += _table(["bar", "holds", "detail"],
+                        [[c["bar"], "yes" if c["holds"] else "**no**", c["detail"]] for c in checks])
+        lines.append("")
+    lines += [
+        "## Agreement with the reachability prediction",
+        "",
+        f"agreement_reachable: share of reachable cells at accuracy >= {config['accuracy_bar']}. "
+        "agreement_unreachable: share of unreachable cells whose family-wise interval (Bonferroni over every "
+        "unreachable cell of the task, all patterns and depths) holds chance. Pooled: every unreachable probe of "
+        "the row together, with its 95 % interval.",
+        "",
+    ]
+    rows = []
+    for row in results["results"]:
+        pooled = row["pooled_unreachable"]
+        rows.append([row["task"], row["pattern"], str(row["depth"]),
+                     f"{_fraction(row['agreement_reachable'])} of {row['reachable_parts']}",
+                     f"{_fraction(row['agreement_unreachable'])} of {row['unreachable_parts']}",
+                     _fraction(row["min_accuracy_reachable"]), _part(pooled) or "-", f"{row['final_loss']:.3f}"])
+    lines += _table(["task", "pattern", "depth", "agreement reachable", "agreement unreachable",
+                     "min accuracy reachable", "pooled unreachable accuracy", "final loss"], rows)
+    lines.append("")
+    for row in results["results"]:
+        lines += [f"### {row['task']}: {row['pattern']}, depth {row['depth']}", ""]
+        lines += _copy_table(row, config) if row["task"] == "copy" else _hops_table(row)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _copy_table(row: dict, config: dict) -> list[str]:
+    """Rows: distance; columns: phase; unreachable cells in italics."""
+    block = config["block_size"]
+    by_cell = {(c["distance"], c["phase"]): c for c in row["cells"]}
+    rows = []
+    for distance in config["distances"]:
+        entries = []
+        for phase in config["phases"]:
+            cell = by_cell[(distance, phase)]
+            entries.append(_part(cell["reachable"]) or f"*{_part(cell['unreachable'])}*")
+        rows.append([f"{distance} ({distance / block:.2f} B)", *entries])
+    return ["Accuracy [interval] by distance d (in tokens and blocks) and phase p; *italic*: key unreachable.", "",
+            *_table(["d \\ p", *map(str, config["phases"])], rows)]
+
+
+def _hops_table(row: dict) -> list[str]:
+    rows = [[str(c["hops"]), str(c["crossings"]), f"{c['reachable_fraction']:.2f}", _part(c["reachable"]) or "-",
+             _part(c["unreachable"]) or "-"] for c in row["cells"]]
+    return _table(["hops", "edges per link", "key reachable", "accuracy (reachable)", "accuracy (unreachable)"], rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _panels(results: dict, task: str):
+    config = results["config"]
+    rows = [row for row in results["results"] if row["task"] == task]
+    patterns = [p for p in config["patterns"] if any(r["pattern"] == p for r in rows)]
+    depths = [d for d in config["depths"] if any(r["depth"] == d for r in rows)]
+    by_key = {(r["pattern"], r["depth"]): r for r in rows}
+    return patterns, depths, by_key
+
+
+def plot_copy(results: dict):
+    plt = _pyplot()
+    config = results["config"]
+    patterns, depths, by_key = _panels(results, "copy")
+    distances, phases = config["distances"], config["phases"]
+    figure, axes = plt.subplots(len(patterns), len(depths), figsize=(3.2 * len(depths), 2.6 * len(patterns)),
+                                squeeze=False, sharex=True, sharey=True)
+    image = None
+    for i, pattern in enumerate(patterns):
+        for j, depth in enumerate(depths):
+            ax = axes[i, j]
+            row = by_key[(pattern, depth)]
+            cells = {(c["distance"], c["phase"]): c for c in row["cells"]}
+            accuracy = np.array([[max(p["accuracy"] or 0 for p in (cells[d, ph]["reachable"], cells[d, ph]["unreachable"])
+                                      if p["n"]) for ph in phases] for d in distances])
+            unreachable = np.array([[cells[d, ph]["reachable_fraction"] < 1 for ph in phases] for d in distances])
+            image = ax.imshow(accuracy, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+            ys, xs = np.nonzero(unreachable)
+            ax.scatter(xs, ys, s=4, c="white", marker=".", linewidths=0)
+            ax.set_title(f"{pattern}, L={depth}", fontsize=8)
+            if j == 0:
+                ax.set_yticks(range(len(distances)), [str(d) for d in distances], fontsize=6)
+                ax.set_ylabel("distance (tokens)", fontsize=7)
+            if i == len(patterns) - 1:
+                ax.set_xticks(range(len(phases)), [str(p) for p in phases], fontsize=6)
+                ax.set_xlabel("phase in block", fontsize=7)
+    figure.colorbar(image, ax=axes, shrink=0.5, label="top-1 accuracy (dots: key unreachable)")
+    return figure
+
+
+def plot_hops(results: dict):
+    plt = _pyplot()
+    config = results["config"]
+    patterns, depths, by_key = _panels(results, "hops")
+    hops, crossings = config["hops"], config["crossings"]
+    figure, axes = plt.subplots(len(patterns), len(depths), figsize=(2.6 * len(depths), 2.2 * len(patterns)),
+                                squeeze=False, sharex=True, sharey=True)
+    image = None
+    for i, pattern in enumerate(patterns):
+        for j, depth in enumerate(depths):
+            ax = axes[i, j]
+            cells = {(c["hops"], c["crossings"]): c for c in by_key[(pattern, depth)]["cells"]}
+            correct = np.array([[sum(p["correct"] for p in (cells[h, e]["reachable"], cells[h, e]["unreachable"]))
+                                 for e in crossings] for h in hops])
+            total = np.array([[sum(p["n"] for p in (cells[h, e]["reachable"], cells[h, e]["unreachable"]))
+                               for e in crossings] for h in hops])
+            reach = np.array([[cells[h, e]["reachable_fraction"] for e in crossings] for h in hops])
+            image = ax.imshow(correct / np.maximum(total, 1), vmin=0, vmax=1, cmap="viridis", aspect="auto",
+                              origin="lower")
+            for (y, x), fraction in np.ndenumerate(reach):
+                ax.text(x, y, f"{fraction:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if correct[y, x] / max(total[y, x], 1) < 0.6 else "black")
+            ax.set_title(f"{pattern}, L={depth}", fontsize=8)
+            if j == 0:
+                ax.set_yticks(range(len(hops)), [str(h) for h in hops], fontsize=7)
+                ax.set_ylabel("hops", fontsize=7)
+            if i == len(patterns) - 1:
+                ax.set_xticks(range(len(crossings)), [str(e) for e in crossings], fontsize=7)
+                ax.set_xlabel("block edges per link", fontsize=7)
+    figure.colorbar(image, ax=axes, shrink=0.5, label="accuracy (text: share of probes with the key reachable)")
+    return figure
+
+
+def plot_agreement(results: dict):
+    plt = _pyplot()
+    config = results["config"]
+    tasks = [t for t in boundary_tasks.TASKS if any(r["task"] == t for r in results["results"])]
+    figure, axes = plt.subplots(len(tasks), 2, figsize=(12, 3.2 * len(tasks)), squeeze=False)
+    width = 0.8 / len(config["depths"])
+    for i, task in enumerate(tasks):
+        for j, (key, title) in enumerate((("agreement_reachable", f"reachable cells at accuracy >= "
+                                                                 f"{config['accuracy_bar']}"),
+                                          ("agreement_unreachable", "unreachable cells at chance"))):
+            ax = axes[i, j]
+            for k, depth in enumerate(config["depths"]):
+                values = [next((r[key] for r in results["results"]
+                                if r["task"] == task and r["pattern"] == p and r["depth"] == depth), None)
+                          for p in config["patterns"]]
+                positions = np.arange(len(config["patterns"])) + (k - (len(config["depths"]) - 1) / 2) * width
+                ax.bar(positions, [np.nan if v is None else v for v in values], width, label=f"depth {depth}")
+            ax.set_xticks(range(len(config["patterns"])), config["patterns"], rotation=25, ha="right", fontsize=7)
+            ax.set_ylim(0, 1.05)
+            ax.set_title(f"{task}: share of {title}", fontsize=9)
+            ax.legend(fontsize=7)
+    figure.tight_layout()
+    return figure

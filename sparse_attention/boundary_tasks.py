@@ -1,0 +1,640 @@
+"""Boundary tasks trained from scratch: does a model learn exactly what reachability allows?
+
+    python -m sparse_attention.boundary_tasks --config configs/boundary_tasks.py:full --out results/boundary_tasks
+
+For every task, depth L and pattern, a small decoder (`model.DecoderLM`) is trained from scratch on
+synthetic sequences, then scored on held-out probes grouped into cells. Each probe asks one query position
+for a value that sits at one key position. If the key is not in R_L(query), the set of positions that can
+inform the query after L layers (`reachability.reachable`, exact), nothing the query can see depends on the
+value, which is drawn uniformly from K symbols: top-1 accuracy there is exactly 1/K in expectation, whatever
+was learned. Where the key is reachable, a trained model should answer.
+
+  copy   one value token sits among filler; every later position must output it. Probes put the query
+         at phase p of its block (offset within the block) and the value d positions before it; a
+         cell is one (d, p), so its prediction is one yes/no.
+  hops   two interleaved chains of h two-token statements, "a <value>", "b <a>", "c <b>", ..., and a
+         query "? <last name>" that must be answered with its chain's value; consecutive links of the
+         chain sit e block edges apart. A cell is one (h, e); the key is the queried chain's value token,
+         and since every pattern here has interval reachable sets, a reachable key means a reachable
+         chain. Resolving h links takes depth as well as reachability, so reachable cells test how many
+         hops depth L carries.
+
+One compiled program trains every pattern of a (task, depth) at once: the patterns enter as per-layer masks
+(data, `DecoderLM(tokens, masks)`), the models are vmapped, start from the same initialisation and see the
+same batches, so the patterns are compared paired. docs/boundary_tasks.md says how the cells, intervals and
+agreement figures are defined.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sparse_attention import reachability
+from sparse_attention.config import COMPUTE_DTYPES, AttentionConfig, ModelConfig
+from sparse_attention.model import DecoderLM
+from sparse_attention.patterns import as_schedule
+
+log = logging.getLogger(__name__)
+
+TASKS = ("copy", "hops")
+# Token ids (the model keeps the byte vocabulary's 256 entries; the tasks use the first few).
+FILLER, FILLER_SYMBOLS = 0, 16
+VALUE = FILLER + FILLER_SYMBOLS  # values 0..K-1 are tokens VALUE..VALUE+K-1
+NAME_SYMBOLS = 16
+VOCAB_SIZE = 256
+MAX_SYMBOLS = 64  # values; names and references follow them
+STATEMENT = 2  # tokens per statement: name, then a value or a reference
+
+
+def _fail(field: str, problem: str):
+    raise ValueError(f"{field}: {problem}")
+
+
+def _check_ints(field: str, values, *, minimum: int) -> tuple[int, ...]:
+    values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
+    if not values:
+        _fail(field, "give at least one value")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            _fail(field, f"must be integers >= {minimum}, got {value!r}")
+    return values
+
+
+# --------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundaryTaskConfig:
+    """The validated form of configs/boundary_tasks.py (docs/boundary_tasks.md lists every key)."""
+
+    seed: int
+    tasks: tuple[str, ...]
+    patterns: tuple[str, ...]
+    depths: tuple[int, ...]
+    seq_len: int
+    block_size: int
+    symbols: int
+    distances: tuple[int, ...]
+    phases: tuple[int, ...]
+    copy_steps: int
+    hops: tuple[int, ...]
+    crossings: tuple[int, ...]
+    hops_steps: int
+    d_model: int
+    num_heads: int
+    mlp_hidden: int
+    compute_dtype: str
+    batch: int
+    learning_rate: float
+    warmup_steps: int
+    log_every: int
+    samples_per_cell: int
+    accuracy_bar: float
+    confidence: float
+    eval_batch: int
+
+    @classmethod
+    def from_config_dict(cls, config) -> "BoundaryTaskConfig":
+        c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        expected = {"seed", "tasks", "patterns", "depths", "sequence", "copy", "hops", "model", "train", "eval"}
+        unknown = sorted(set(c) - expected)
+        if unknown:
+            _fail(unknown[0], f"unknown key; valid keys: {', '.join(sorted(expected))}")
+        sections = {
+            "sequence": ("seq_len", "block_size", "symbols"),
+            "copy": ("distances", "phases", "steps"),
+            "hops": ("hops", "crossings", "steps"),
+            "model": ("d_model", "num_heads", "mlp_hidden", "compute_dtype"),
+            "train": ("batch", "learning_rate", "warmup_steps", "log_every"),
+            "eval": ("samples_per_cell", "accuracy_bar", "confidence", "batch"),
+        }
+        for name, keys in sections.items():
+            section = dict(c.get(name) or {})
+            if set(section) != set(keys):
+                extra = sorted(set(section) - set(keys)) or sorted(set(keys) - set(section))
+                _fail(f"{name}.{extra[0]}", f"unknown or missing key; {name} needs exactly {', '.join(keys)}")
+        return cls(
+            seed=c["seed"], tasks=tuple(c["tasks"]), patterns=tuple(c["patterns"]), depths=tuple(c["depths"]),
+            seq_len=c["sequence"]["seq_len"], block_size=c["sequence"]["block_size"],
+            symbols=c["sequence"]["symbols"], distances=tuple(c["copy"]["distances"]),
+            phases=tuple(c["copy"]["phases"]), copy_steps=c["copy"]["steps"], hops=tuple(c["hops"]["hops"]),
+            crossings=tuple(c["hops"]["crossings"]), hops_steps=c["hops"]["steps"],
+            d_model=c["model"]["d_model"], num_heads=c["model"]["num_heads"],
+            mlp_hidden=c["model"]["mlp_hidden"], compute_dtype=c["model"]["compute_dtype"], batch=c["train"]["batch"],
+            learning_rate=c["train"]["learning_rate"], warmup_steps=c["train"]["warmup_steps"],
+            log_every=c["train"]["log_every"], samples_per_cell=c["eval"]["samples_per_cell"],
+            accuracy_bar=c["eval"]["accuracy_bar"], confidence=c["eval"]["confidence"],
+            eval_batch=c["eval"]["batch"],
+        )
+
+    def __post_init__(self):
+        _check_ints("seed", self.seed, minimum=0)
+        if not self.tasks or any(task not in TASKS for task in self.tasks) or len(set(self.tasks)) != len(self.tasks):
+            _fail("tasks", f"must be distinct names from {', '.join(TASKS)}, got {self.tasks!r}")
+        if not self.patterns or len(set(self.patterns)) != len(self.patterns):
+            _fail("patterns", f"give distinct pattern specs, got {self.patterns!r}")
+        for spec in self.patterns:
+            try:
+                as_schedule(spec)
+            except ValueError as error:
+                _fail("patterns", f"{spec!r}: {error}")
+        _check_ints("depths", self.depths, minimum=1)
+        for name, key in (("seq_len", "sequence.seq_len"), ("block_size", "sequence.block_size"),
+                          ("copy_steps", "copy.steps"), ("hops_steps", "hops.steps"), ("d_model", "model.d_model"),
+                          ("num_heads", "model.num_heads"), ("mlp_hidden", "model.mlp_hidden"),
+                          ("batch", "train.batch"), ("log_every", "train.log_every"),
+                          ("samples_per_cell", "eval.samples_per_cell"), ("eval_batch", "eval.batch")):
+            _check_ints(key, getattr(self, name), minimum=1)
+        _check_ints("train.warmup_steps", self.warmup_steps, minimum=0)
+        if isinstance(self.symbols, bool) or not isinstance(self.symbols, int) or not 2 <= self.symbols <= MAX_SYMBOLS:
+            _fail("sequence.symbols", f"must be an integer in [2, {MAX_SYMBOLS}], got {self.symbols!r}")
+        if self.seq_len < 2 * self.block_size:
+            _fail("sequence.seq_len", f"must hold at least two blocks of {self.block_size}, got {self.seq_len}")
+        _check_ints("copy.distances", self.distances, minimum=1)
+        _check_ints("copy.phases", self.phases, minimum=0)
+        _check_ints("hops.hops", self.hops, minimum=1)
+        _check_ints("hops.crossings", self.crossings, minimum=0)
+        if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
+            _fail("model.num_heads", f"must divide d_model={self.d_model} into an even head_dim, got {self.num_heads}")
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            _fail("model.compute_dtype", f"must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
+        if not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0:
+            _fail("train.learning_rate", f"must be > 0, got {self.learning_rate!r}")
+        if not 0 < self.accuracy_bar <= 1:
+            _fail("eval.accuracy_bar", f"must be in (0, 1], got {self.accuracy_bar!r}")
+        if not 0 < self.confidence < 1:
+            _fail("eval.confidence", f"must be in (0, 1), got {self.confidence!r}")
+
+    def steps(self, task: str) -> int:
+        return self.copy_steps if task == "copy" else self.hops_steps
+
+    def model_config(self, depth: int) -> ModelConfig:
+        return ModelConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, num_layers=depth, num_heads=self.num_heads,
+                           num_kv_heads=self.num_heads, mlp_hidden=self.mlp_hidden, tie_embeddings=False,
+                           remat=False, rope_base=10000.0, compute_dtype=self.compute_dtype, param_dtype="float32")
+
+    def make_task(self, task: str) -> "CopyTask | HopTask":
+        if task == "copy":
+            return CopyTask(self.seq_len, self.block_size, self.symbols, self.distances, self.phases)
+        return HopTask(self.seq_len, self.block_size, self.symbols, self.hops, self.crossings)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingBatch:
+    tokens: np.ndarray  # int32 [batch, seq]
+    targets: np.ndarray  # int32 [batch, seq], value index (0..K-1) where weights > 0
+    weights: np.ndarray  # float32 [batch, seq], 1 at the scored positions
+
+
+@dataclasses.dataclass(frozen=True)
+class Probes:
+    """Held-out sequences, one scored query each."""
+
+    tokens: np.ndarray  # int32 [n, seq]
+    queries: np.ndarray  # int64 [n], the scored position
+    keys: np.ndarray  # int64 [n], the position of the answer's value token
+    answers: np.ndarray  # int32 [n], value index
+    cells: np.ndarray  # int64 [n], index into the task's `cells`
+
+
+class CopyTask:
+    """One value among filler; cell (distance d, phase p): query at offset p of its block, value d before it."""
+
+    name = "copy"
+
+    def __init__(self, seq_len: int, block: int, symbols: int, distances: Sequence[int], phases: Sequence[int]):
+        self.seq_len, self.block, self.symbols = seq_len, block, symbols
+        for phase in phases:
+            if phase >= block:
+                _fail("copy.phases", f"must be < the block size {block}, got {phase}")
+        for distance in distances:
+            latest = min(p + (seq_len - 1 - p) // block * block for p in phases)
+            if distance > latest:
+                _fail("copy.distances", f"{distance} does not fit before a query at every phase in a sequence of "
+                                        f"{seq_len} (at most {latest})")
+        self.distances, self.phases = tuple(distances), tuple(phases)
+        self.cells = [{"distance": d, "phase": p} for d in self.distances for p in self.phases]
+
+    def training_batch(self, rng: np.random.Generator, batch: int) -> TrainingBatch:
+        """The value at a uniform position; every later position is scored."""
+        tokens = rng.integers(FILLER, FILLER + FILLER_SYMBOLS, (batch, self.seq_len))
+        key = rng.integers(0, self.seq_len - 1, batch)
+        value = rng.integers(0, self.symbols, batch)
+        tokens[np.arange(batch), key] = VALUE + value
+        weights = (np.arange(self.seq_len)[None, :] > key[:, None]).astype(np.float32)
+        targets = np.broadcast_to(value[:, None], (batch, self.seq_len))
+        return TrainingBatch(tokens.astype(np.int32), targets.astype(np.int32), weights)
+
+    def probes(self, rng: np.random.Generator, per_cell: int) -> Probes:
+        """per_cell sequences per cell; the query's block is uniform among those that fit."""
+        cell = np.repeat(np.arange(len(self.cells)), per_cell)
+        distance = np.array([self.cells[c]["distance"] for c in cell])
+        phase = np.array([self.cells[c]["phase"] for c in cell])
+        first_block = -((phase - distance) // self.block)  # ceil((d - p) / B): the query's earliest block
+        last_block = (self.seq_len - 1 - phase) // self.block
+        query = (first_block + (rng.random(len(cell)) * (last_block - first_block + 1)).astype(np.int64)) * self.block
+        query += phase
+        key = query - distance
+        tokens = rng.integers(FILLER, FILLER + FILLER_SYMBOLS, (len(cell), self.seq_len))
+        answers = rng.integers(0, self.symbols, len(cell))
+        tokens[np.arange(len(cell)), key] = VALUE + answers
+        return Probes(tokens.astype(np.int32), query, key, answers.astype(np.int32), cell)
+
+
+class HopTask:
+    """Two chains of h statements; cell (hops h, crossings e): links e block edges apart (same block: e = 0)."""
+
+    name = "hops"
+
+    def __init__(self, seq_len: int, block: int, symbols: int, hops: Sequence[int], crossings: Sequence[int]):
+        self.seq_len, self.block, self.symbols = seq_len, block, symbols
+        self.blocks = seq_len // block
+        self.name_token = VALUE + symbols
+        self.reference_token = self.name_token + NAME_SYMBOLS
+        self.query_token = self.reference_token + NAME_SYMBOLS
+        for h in hops:
+            if 2 * h > NAME_SYMBOLS:
+                _fail("hops.hops", f"two chains of {h} need {2 * h} names, there are {NAME_SYMBOLS}")
+            for e in crossings:
+                if e == 0 and (2 * h + 1) * STATEMENT > block:
+                    _fail("hops.hops", f"{h} hops in one block need {(2 * h + 1) * STATEMENT} tokens, the block "
+                                       f"has {block}")
+                if e and h * e + 1 > self.blocks:
+                    _fail("hops.crossings", f"{h} links {e} blocks apart need {h * e + 1} blocks, a sequence of "
+                                            f"{seq_len} holds {self.blocks}")
+        self.cells = [{"hops": h, "crossings": e} for h in hops for e in crossings]
+
+    def _slots(self, rng: np.random.Generator, count: int, block_index: int) -> np.ndarray:
+        """Start positions of `count` statements in random non-overlapping places of one block, in order."""
+        gaps = np.sort(rng.integers(0, self.block - STATEMENT * count + 1, count))
+        return block_index * self.block + gaps + STATEMENT * np.arange(count)
+
+    def sequence(self, rng: np.random.Generator, hops: int, crossings: int):
+        """(tokens int64 [S], targets, weights, query position, key position, answer) of one sequence.
+
+        Statement i of chain c binds name i of the chain to the value (i = 0) or to name i - 1. Besides the
+        query, the right-hand side of every later statement is scored with its chain's value (the value of
+        the name it binds), which gives the training signal of each hop.
+        """
+        tokens = rng.integers(FILLER, FILLER + FILLER_SYMBOLS, self.seq_len)
+        targets = np.zeros(self.seq_len, np.int64)
+        weights = np.zeros(self.seq_len, np.float32)
+        names = rng.choice(NAME_SYMBOLS, 2 * hops, replace=False).reshape(2, hops)
+        values = rng.integers(0, self.symbols, 2)  # independent: the other chain's value says nothing
+        items = []  # (chain, statement index) in sequence order; statement `hops` of chain 0 is the query
+        for index in range(hops):
+            items.append([(chain, index) for chain in rng.permutation(2)])
+        items.append([(0, hops)])
+        if crossings == 0:
+            starts = self._slots(rng, 2 * hops + 1, rng.integers(0, self.blocks))
+            placed = zip([item for group in items for item in group], starts)
+        else:
+            first = rng.integers(0, self.blocks - hops * crossings)
+            placed = [(item, start) for index, group in enumerate(items)
+                      for item, start in zip(group, self._slots(rng, len(group), first + index * crossings))]
+        key = query = None
+        for (chain, index), start in placed:
+            if index == hops:
+                tokens[start] = self.query_token
+                tokens[start + 1] = self.reference_token + names[chain, hops - 1]
+                query = start + 1
+            else:
+                tokens[start] = self.name_token + names[chain, index]
+                if index == 0:
+                    tokens[start + 1] = VALUE + values[chain]
+                    key = start + 1 if chain == 0 else key
+                    continue
+                tokens[start + 1] = self.reference_token + names[chain, index - 1]
+            targets[start + 1], weights[start + 1] = values[chain], 1.0
+        return tokens, targets, weights, query, key, values[0]
+
+    def training_batch(self, rng: np.random.Generator, batch: int) -> TrainingBatch:
+        """Sequences of uniformly drawn cells."""
+        rows = [self.sequence(rng, **self.cells[c]) for c in rng.integers(0, len(self.cells), batch)]
+        return TrainingBatch(np.stack([r[0] for r in rows]).astype(np.int32),
+                             np.stack([r[1] for r in rows]).astype(np.int32), np.stack([r[2] for r in rows]))
+
+    def probes(self, rng: np.random.Generator, per_cell: int) -> Probes:
+        cell = np.repeat(np.arange(len(self.cells)), per_cell)
+        rows = [self.sequence(rng, **self.cells[c]) for c in cell]
+        return Probes(np.stack([r[0] for r in rows]).astype(np.int32), np.array([r[3] for r in rows], np.int64),
+                      np.array([r[4] for r in rows], np.int64), np.array([r[5] for r in rows], np.int32), cell)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training every pattern of one (task, depth) at once
+
+
+def pattern_masks(specs: Sequence[str], seq_len: int, depth: int) -> np.ndarray:
+    """bool [patterns, depth, seq, seq]: layer l of pattern i attends where masks[i, l]."""
+    positions = np.arange(seq_len)
+    return np.stack([
+        np.stack([np.broadcast_to(as_schedule(spec).layer(layer).mask(positions[:, None], positions[None, :]),
+                                  (seq_len, seq_len)) for layer in range(depth)])
+        for spec in specs])
+
+
+class PatternModels:
+    """One DecoderLM per pattern, stacked on a leading axis and trained by one vmapped step.
+
+    Logits are read at the value tokens only: a K-way choice, so chance is exactly 1/K.
+    """
+
+    def __init__(self, config: BoundaryTaskConfig, specs: Sequence[str], depth: int, steps: int):
+        self.config, self.specs, self.depth = config, tuple(specs), depth
+        model_config = config.model_config(depth)
+        attention = AttentionConfig(pattern="dense", schedule=(), impl="reference", interpret=False)
+        abstract = nnx.eval_shape(lambda: DecoderLM(model_config, attention, rngs=nnx.Rngs(0)))
+        self.graphdef, _ = nnx.split(abstract, nnx.Param)
+        self.masks = jnp.asarray(pattern_masks(specs, config.seq_len, depth))
+
+        def init():
+            model = DecoderLM(model_config, attention, rngs=nnx.Rngs(config.seed))
+            return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+        schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps,
+                                                      max(steps, config.warmup_steps + 1),
+                                                      config.learning_rate / 10)
+        self.optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
+        count = len(self.specs)
+        # The same initialisation for every pattern: the comparison is paired from the first step.
+        self.params = jax.jit(jax.vmap(lambda _: init()))(jnp.arange(count))
+        self.opt_state = jax.jit(jax.vmap(self.optimizer.init))(self.params)
+        self._train = jax.jit(self._train_steps, donate_argnums=(0, 1))
+        self._predict = jax.jit(self._predictions)
+        self.parameters = int(sum(x[0].size for x in jax.tree.leaves(self.params)))
+
+    def _value_logits(self, params, masks, tokens):
+        logits = nnx.merge(self.graphdef, params)(tokens, masks)  # [batch, seq, vocab]
+        return logits[..., VALUE:VALUE + self.config.symbols]
+
+    def _loss(self, params, masks, tokens, targets, weights):
+        cross_entropy = optax.softmax_cross_entropy_with_integer_labels(
+            self._value_logits(params, masks, tokens), targets)
+        return (cross_entropy * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+    def _train_steps(self, params, opt_state, masks, tokens, targets, weights):
+        """lax.scan over the leading [steps] axis of the batches; returns the new state and the mean loss
+        of each pattern over those steps."""
+
+        def one_pattern(params, opt_state, masks):
+            def step(carry, batch):
+                params, opt_state = carry
+                loss, grads = jax.value_and_grad(self._loss)(params, masks, *batch)
+                updates, opt_state = self.optimizer.update(grads, opt_state, params)
+                return (optax.apply_updates(params, updates), opt_state), loss
+
+            (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (tokens, targets, weights))
+            return params, opt_state, losses.mean()
+
+        return jax.vmap(one_pattern)(params, opt_state, masks)
+
+    def _predictions(self, params, masks, tokens, queries):
+        def one_pattern(params, masks):
+            logits = self._value_logits(params, masks, tokens)
+            return jnp.take_along_axis(logits, queries[:, None, None], axis=1)[:, 0].argmax(-1)
+
+        return jax.vmap(one_pattern)(params, masks)
+
+    def train(self, task, steps: int, rng: np.random.Generator, label: str) -> list[dict]:
+        """`steps` updates on fresh batches; returns the loss curve (mean of each pattern over log_every steps)."""
+        curve, done, started = [], 0, time.perf_counter()
+        while done < steps:
+            chunk = min(self.config.log_every, steps - done)
+            batches = [task.training_batch(rng, self.config.batch) for _ in range(chunk)]
+            stacked = [np.stack([getattr(b, field) for b in batches]) for field in ("tokens", "targets", "weights")]
+            self.params, self.opt_state, losses = self._train(self.params, self.opt_state, self.masks, *stacked)
+            done += chunk
+            losses = np.asarray(losses).tolist()
+            curve.append({"step": done, "loss": dict(zip(self.specs, losses))})
+            log.info("%s step %d/%d (%.0f s): loss %s", label, done, steps, time.perf_counter() - started,
+                     " ".join(f"{x:.3f}" for x in losses))
+        return curve
+
+    def predict(self, probes: Probes) -> np.ndarray:
+        """int [patterns, n]: each pattern's top-1 value index at every probe's query."""
+        size = self.config.eval_batch
+        out = []
+        for start in range(0, len(probes.tokens), size):
+            tokens = probes.tokens[start:start + size]
+            queries = probes.queries[start:start + size].astype(np.int32)
+            pad = size - len(tokens)
+            if pad:  # one compiled shape
+                tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, axis=0)])
+                queries = np.concatenate([queries, np.repeat(queries[:1], pad)])
+            out.append(np.asarray(self._predict(self.params, self.masks, tokens, queries))[:, :size - pad])
+        return np.concatenate(out, axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def wilson_interval(successes, trials, confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    """Wilson score interval of a binomial proportion, elementwise; NaN where trials is 0."""
+    successes, trials = np.asarray(successes, np.float64), np.asarray(trials, np.float64)
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    safe = np.where(trials > 0, trials, 1.0)
+    p = successes / safe
+    centre = (p + z * z / (2 * safe)) / (1 + z * z / safe)
+    half = z * np.sqrt(p * (1 - p) / safe + z * z / (4 * safe * safe)) / (1 + z * z / safe)
+    low, high = np.clip(centre - half, 0.0, 1.0), np.clip(centre + half, 0.0, 1.0)
+    return np.where(trials > 0, low, np.nan), np.where(trials > 0, high, np.nan)
+
+
+def _interval(successes: int, trials: int, confidence: float) -> dict:
+    low, high = wilson_interval(successes, trials, confidence)
+    return {"correct": int(successes), "n": int(trials),
+            "accuracy": successes / trials if trials else None,
+            "low": None if trials == 0 else float(low), "high": None if trials == 0 else float(high)}
+
+
+def score_cells(task, probes: Probes, correct: np.ndarray, reachable: np.ndarray, config: BoundaryTaskConfig) -> dict:
+    """Per cell, the probes whose key is reachable and those whose key is not, each with its accuracy and
+    interval; and the share of reachable parts at the accuracy bar. `check_chance` adds the unreachable
+    side once every row of the task is scored."""
+    cells = []
+    for index, cell in enumerate(task.cells):
+        mine = probes.cells == index
+        parts = {}
+        for name, chosen in (("reachable", mine & reachable), ("unreachable", mine & ~reachable)):
+            parts[name] = _interval(int(correct[chosen].sum()), int(chosen.sum()), config.confidence)
+        cells.append({**cell, "reachable_fraction": float(reachable[mine].mean()), **parts})
+    reached = [c["reachable"] for c in cells if c["reachable"]["n"]]
+    unreached = [c["unreachable"] for c in cells if c["unreachable"]["n"]]
+    return {
+        "cells": cells,
+        "chance": 1.0 / config.symbols,
+        "reachable_parts": len(reached),
+        "unreachable_parts": len(unreached),
+        "agreement_reachable": (float(np.mean([p["accuracy"] >= config.accuracy_bar for p in reached]))
+                                if reached else None),
+        "min_accuracy_reachable": min(p["accuracy"] for p in reached) if reached else None,
+        "min_accuracy": min(p["accuracy"] for c in cells for p in (c["reachable"], c["unreachable"]) if p["n"]),
+        "pooled_unreachable": _interval(sum(p["correct"] for p in unreached), sum(p["n"] for p in unreached),
+                                        config.confidence),
+    }
+
+
+def check_chance(rows: list[dict], confidence: float) -> None:
+    """Marks every unreachable part of these rows (one task, all patterns and depths) "at_chance" when its
+    family-wise interval holds 1/K, and sets each row's agreement_unreachable.
+
+    The claim under test is that every unreachable cell is at chance, so the intervals are simultaneous over
+    all m unreachable parts of the task: Wilson at confidence 1 - alpha / m (Bonferroni). Per-cell 95 %
+    intervals would put about 5 % of cells off chance by luck alone.
+    """
+    parts = [cell["unreachable"] for row in rows for cell in row["cells"] if cell["unreachable"]["n"]]
+    family = 1 - (1 - confidence) / max(len(parts), 1)
+    for row in rows:
+        checked = []
+        for cell in row["cells"]:
+            part = cell["unreachable"]
+            if part["n"]:
+                low, high = wilson_interval(part["correct"], part["n"], family)
+                part["family_low"], part["family_high"] = float(low), float(high)
+                part["at_chance"] = bool(low <= row["chance"] <= high)
+                checked.append(part["at_chance"])
+        row["family_confidence"] = family
+        row["agreement_unreachable"] = float(np.mean(checked)) if checked else None
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole experiment
+
+
+def run(config: BoundaryTaskConfig, on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Trains and scores every (task, depth, pattern); returns what `boundary_report.write` writes.
+
+    `on_progress(results)` is called after each (task, depth) with the results so far ("complete": False,
+    the chance check over the rows so far), so a long run that is cut short still leaves its finished parts.
+    """
+    started = time.perf_counter()
+    finished: list[dict] = []
+
+    def results(rows: list[dict], complete: bool) -> dict:
+        return {
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "complete": complete,
+            "backend": jax.default_backend(),
+            "device": jax.devices()[0].device_kind,
+            "versions": {"jax": jax.__version__, "python": sys.version.split()[0]},
+            "config": dataclasses.asdict(config),
+            "results": finished + rows,
+            "wall_time_s": time.perf_counter() - started,
+        }
+
+    for task_name in config.tasks:
+        rows: list[dict] = []
+        task = config.make_task(task_name)
+        probes = task.probes(np.random.default_rng([config.seed, 1, TASKS.index(task_name)]), config.samples_per_cell)
+        for depth in config.depths:
+            label = f"{task_name} depth {depth}"
+            models = PatternModels(config, config.patterns, depth, config.steps(task_name))
+            train_started = time.perf_counter()
+            curve = models.train(task, config.steps(task_name),
+                                 np.random.default_rng([config.seed, 2, TASKS.index(task_name), depth]), label)
+            train_seconds = time.perf_counter() - train_started
+            predictions = models.predict(probes)
+            for index, spec in enumerate(config.patterns):
+                reachable = reachability.reachable(spec, config.seq_len, depth, probes.queries, probes.keys)
+                scored = score_cells(task, probes, predictions[index] == probes.answers, reachable, config)
+                rows.append({"task": task_name, "pattern": spec, "depth": depth, **scored,
+                             "final_loss": curve[-1]["loss"][spec], "train_seconds_all_patterns": train_seconds,
+                             "parameters": models.parameters,
+                             "loss_curve": [{"step": point["step"], "loss": point["loss"][spec]} for point in curve]})
+            log.info("%s: %d patterns trained in %.0f s (%d parameters each)", label, len(config.patterns),
+                     train_seconds, models.parameters)
+            check_chance(rows, config.confidence)
+            if on_progress is not None:
+                on_progress(results(rows, complete=False))
+        finished += rows
+    return results([], complete=True)
+
+
+def summary_rows(results: dict) -> list[dict]:
+    """summary.json: one row per (task, pattern, depth)."""
+    keys = ("task", "pattern", "depth", "agreement_reachable", "agreement_unreachable", "reachable_parts",
+            "unreachable_parts", "min_accuracy_reachable", "pooled_unreachable", "final_loss")
+    return [{key: row[key] for key in keys} for row in results["results"]]
+
+
+def bar_checks(results: dict) -> list[dict]:
+    """The copy task's three bars (docs/boundary_tasks.md): each with whether it holds and what fails it."""
+    config = results["config"]
+    rows = [row for row in results["results"] if row["task"] == "copy"]
+    if not rows:
+        return []
+    dense = [(row["depth"], row["min_accuracy"]) for row in rows if row["pattern"] == "dense"]
+    unreached = [(row["pattern"], row["depth"], cell) for row in rows for cell in row["cells"]
+                 if cell["unreachable"]["n"] and not cell["unreachable"]["at_chance"]]
+    parts = [(row["pattern"], row["depth"], cell) for row in rows for cell in row["cells"] if cell["reachable"]["n"]]
+    low = [(p, d, c) for p, d, c in parts if c["reachable"]["accuracy"] < config["accuracy_bar"]]
+    share = 1 - len(low) / len(parts) if parts else None
+
+    def where(items):
+        return "; ".join(f"{p} depth {d} d={c['distance']} p={c['phase']}" for p, d, c in items[:8])
+
+    return [
+        {"bar": "dense reaches >= 0.95 on every cell", "holds": bool(dense) and all(a >= 0.95 for _, a in dense),
+         "detail": ", ".join(f"depth {d}: min {a:.3f}" for d, a in dense) or "dense not run"},
+        {"bar": "every unreachable cell stays at chance (family-wise interval holds 1/K)", "holds": not unreached,
+         "detail": f"{len(unreached)} cells off chance" + (f": {where(unreached)}" if unreached else "")},
+        {"bar": f">= 90 % of reachable cells reach >= {config['accuracy_bar']}",
+         "holds": share is not None and share >= 0.9,
+         "detail": (f"{share:.3f} of {len(parts)} reachable cells" if share is not None else "no reachable cells")
+                   + (f"; below the bar: {where(low)}" if low else "")},
+    ]
+
+
+def main() -> None:
+    """The command line (absl flags, like train.py): --config FILE.py:PRESET [--config.x.y=z ...] --out DIR."""
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    from sparse_attention import boundary_report
+
+    config_flag = config_flags.DEFINE_config_file(
+        "config", None, "configs/boundary_tasks.py:PRESET (tiny or full); override keys with --config.x.y=z")
+    out_flag = flags.DEFINE_string("out", None, "output folder: summary.json, results.json, report.md, plots "
+                                                "(created if missing; its parent must exist)")
+    flags.mark_flags_as_required(["config", "out"])
+
+    def run_main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+        logging.getLogger("absl").setLevel(logging.WARNING)
+        try:
+            config = BoundaryTaskConfig.from_config_dict(config_flag.value)
+            for task in config.tasks:
+                config.make_task(task)
+            out = boundary_report.check_out_dir(out_flag.value)
+        except ValueError as error:
+            raise app.UsageError(str(error)) from error
+        for path in boundary_report.write(run(config, on_progress=lambda partial: boundary_report.write(partial, out)),
+                                          out):
+            print(path)
+
+    app.run(run_main)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()

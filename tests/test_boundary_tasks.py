@@ -1,0 +1,193 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_collections
+import numpy as np
+import pytest
+
+from configs import boundary_tasks as boundary_config
+from sparse_attention import boundary_report, boundary_tasks
+from sparse_attention.boundary_tasks import VALUE, BoundaryTaskConfig, CopyTask, HopTask
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(**changes) -> ml_collections.ConfigDict:
+    """Two patterns at depth 1 on 64-token sequences: trains in seconds on a CPU."""
+    config = boundary_config.get_config("tiny")
+    config.patterns = ("dense", "block(8)")
+    config.depths = (1,)
+    config.sequence = dict(seq_len=64, block_size=8, symbols=8)
+    config.copy = dict(distances=(1, 2, 4, 7, 8, 9, 16, 40), phases=(0, 1, 7), steps=400)
+    config.hops = dict(hops=(1, 2), crossings=(0, 1), steps=40)
+    config.model = dict(d_model=32, num_heads=2, mlp_hidden=64, compute_dtype="float32")
+    config.train = dict(batch=32, learning_rate=3e-3, warmup_steps=20, log_every=100)
+    config.eval = dict(samples_per_cell=48, accuracy_bar=0.9, confidence=0.95, batch=128)
+    for key, value in changes.items():
+        section, _, name = key.partition(".")
+        if name:
+            config[section][name] = value
+        else:
+            config[section] = value
+    return config
+
+
+@pytest.mark.parametrize("preset", boundary_config.PRESETS)
+def test_presets_are_valid(preset):
+    config = BoundaryTaskConfig.from_config_dict(boundary_config.get_config(preset))
+    for task in config.tasks:
+        assert config.make_task(task).cells
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"sequence.symbols": 1}, "sequence.symbols"),
+    ({"tasks": ("copy", "sort")}, "tasks: must be distinct names from copy, hops"),
+    ({"patterns": ("block(0)",)}, "patterns"),
+    ({"copy.phases": (8,)}, "copy.phases: must be < the block size 8"),
+    ({"copy.distances": (60,)}, "copy.distances: 60 does not fit"),
+    ({"hops.crossings": (8,)}, "hops.crossings"),
+    ({"tasks": ("hops",), "hops.hops": (2,), "sequence": dict(seq_len=64, block_size=4, symbols=8)},
+     "hops.hops: 2 hops in one block"),
+])
+def test_bad_settings_name_the_field(changes, message):
+    with pytest.raises(ValueError, match=message):
+        config = BoundaryTaskConfig.from_config_dict(tiny_config(**{"tasks": ("copy", "hops"), **changes}))
+        for task in config.tasks:
+            config.make_task(task)
+
+
+def test_unknown_keys_are_refused():
+    config = tiny_config()
+    config.train.momentum = 0.9
+    with pytest.raises(ValueError, match="train.momentum: unknown or missing key"):
+        BoundaryTaskConfig.from_config_dict(config)
+
+
+def test_copy_sequences_hold_one_value_and_probe_their_cell():
+    task = CopyTask(64, 8, 8, distances=(1, 9, 40), phases=(0, 3, 7))
+    rng = np.random.default_rng()
+    batch = task.training_batch(rng, 16)
+    values = batch.tokens >= VALUE
+    assert (values.sum(axis=1) == 1).all()
+    key = values.argmax(axis=1)
+    assert np.array_equal(batch.weights, (np.arange(64)[None, :] > key[:, None]).astype(np.float32))
+    assert (batch.targets == (batch.tokens[np.arange(16), key] - VALUE)[:, None]).all()
+    probes = task.probes(rng, 20)
+    cells = [task.cells[c] for c in probes.cells]
+    assert np.array_equal(probes.queries - probes.keys, [c["distance"] for c in cells])
+    assert np.array_equal(probes.queries % 8, [c["phase"] for c in cells])
+    assert (probes.keys >= 0).all() and (probes.queries < 64).all()
+    assert np.array_equal(probes.tokens[np.arange(len(cells)), probes.keys] - VALUE, probes.answers)
+    assert ((probes.tokens >= VALUE).sum(axis=1) == 1).all()
+    # Queries spread over every block that fits, not only the first.
+    assert len(np.unique(probes.queries[probes.cells == 0] // 8)) > 3
+
+
+def follow_chain(task: HopTask, tokens: np.ndarray, query: int) -> tuple[int, list[int]]:
+    """(value, positions of the statements visited) by reading the sequence as a program."""
+    defined = {tokens[p] - task.name_token: p for p in range(len(tokens) - 1)
+               if task.name_token <= tokens[p] < task.reference_token}
+    name = tokens[query] - task.reference_token
+    visited = []
+    while True:
+        position = defined[name]
+        visited.append(position)
+        source = tokens[position + 1]
+        if source < task.name_token:
+            return source - VALUE, visited
+        name = source - task.reference_token
+
+
+@pytest.mark.parametrize("hops, crossings", [(1, 0), (3, 0), (2, 1), (2, 3)])
+def test_hop_sequences_are_programs_whose_links_cross_the_asked_edges(hops, crossings):
+    task = HopTask(128, 16, 8, hops=(hops,), crossings=(crossings,))
+    rng = np.random.default_rng()
+    for _ in range(20):
+        tokens, targets, weights, query, key, answer = task.sequence(rng, hops, crossings)
+        assert tokens[query - 1] == task.query_token
+        value, visited = follow_chain(task, tokens, query)
+        assert value == answer and key == visited[-1] + 1
+        chain = sorted(visited) + [query - 1]
+        assert len(visited) == hops
+        assert np.array_equal(np.diff(np.array(chain) // 16), [crossings] * hops)
+        assert (tokens == task.query_token).sum() == 1
+        assert ((task.name_token <= tokens) & (tokens < task.reference_token)).sum() == 2 * hops
+        # Scored: the query and every statement that copies a name, each with its chain's value.
+        scored = np.flatnonzero(weights)
+        assert len(scored) == 2 * (hops - 1) + 1 and query in scored
+        for position in scored:
+            assert targets[position] == follow_chain(task, tokens, position)[0]
+
+
+def test_wilson_interval_by_hand():
+    low, high = boundary_tasks.wilson_interval(5, 20, 0.95)
+    assert low == pytest.approx(0.1119, abs=1e-4) and high == pytest.approx(0.4687, abs=1e-4)
+    low, high = boundary_tasks.wilson_interval(np.array([0, 10]), np.array([10, 10]), 0.95)
+    assert low[0] == pytest.approx(0, abs=1e-12) and high[1] == pytest.approx(1) and high[0] == pytest.approx(0.2775, abs=1e-4)
+
+
+def test_chance_check_is_family_wise_over_the_task():
+    def row(correct):
+        return {"chance": 0.125, "cells": [{"unreachable": {"correct": c, "n": 200}} for c in correct]}
+
+    rows = [row([25, 30, 24]), row([20, 45])]  # 45 / 200 = 0.225: far above 1/8
+    boundary_tasks.check_chance(rows, 0.95)
+    assert rows[0]["family_confidence"] == pytest.approx(1 - 0.05 / 5)
+    assert rows[0]["agreement_unreachable"] == 1.0
+    assert rows[1]["agreement_unreachable"] == 0.5
+    assert rows[1]["cells"][1]["unreachable"]["at_chance"] is False
+
+
+@pytest.fixture(scope="module")
+def tiny_results():
+    return boundary_tasks.run(BoundaryTaskConfig.from_config_dict(tiny_config()))
+
+
+def test_tiny_copy_task_learns_exactly_what_reachability_allows(tiny_results):
+    rows = {row["pattern"]: row for row in tiny_results["results"]}
+    dense, block = rows["dense"], rows["block(8)"]
+    assert dense["unreachable_parts"] == 0 and dense["min_accuracy"] >= 0.95
+    # block(8) at depth 1 sees its own block only: distances 1..7 from phase 7 are reachable, 8 and more never.
+    for cell in block["cells"]:
+        expected = cell["distance"] <= cell["phase"]
+        assert cell["reachable_fraction"] == float(expected)
+    assert block["agreement_reachable"] == 1.0
+    assert block["agreement_unreachable"] == 1.0
+    pooled = block["pooled_unreachable"]
+    assert pooled["low"] <= 1 / 8 <= pooled["high"]
+    checks = boundary_tasks.bar_checks(tiny_results)
+    assert [check["holds"] for check in checks] == [True, True, True]
+
+
+def test_outputs_and_summary_rows(tiny_results, tmp_path):
+    paths = boundary_report.write(tiny_results, tmp_path / "out")
+    assert {p.name for p in paths} == {"report.md", "summary.json", "results.json", "copy_accuracy.png",
+                                       "agreement.png"}
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert [(r["pattern"], r["depth"]) for r in summary] == [("dense", 1), ("block(8)", 1)]
+    assert {"pattern", "depth", "agreement_reachable", "agreement_unreachable"} <= set(summary[0])
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "| dense reaches >= 0.95 on every cell | yes |" in report
+    with pytest.raises(ValueError, match="exists and is not a folder"):
+        boundary_report.check_out_dir(tmp_path / "out" / "report.md")
+
+
+def test_cli_trains_both_tasks_and_writes_the_report(tmp_path):
+    overrides = ["--config.tasks=('copy', 'hops')", "--config.patterns=('dense', 'block(16)')", "--config.copy.steps=5",
+                 "--config.hops.steps=5", "--config.eval.samples_per_cell=4", "--config.depths=(2,)"]
+    command = [sys.executable, "-m", "sparse_attention.boundary_tasks", "--config", "configs/boundary_tasks.py:tiny",
+               "--out", str(tmp_path / "cli"), *overrides]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((tmp_path / "cli" / "results.json").read_text())
+    assert {(r["task"], r["depth"]) for r in results["results"]} == {("copy", 2), ("hops", 2)}
+    assert (tmp_path / "cli" / "hops_accuracy.png").exists()
+    hop_rows = [r for r in results["results"] if r["task"] == "hops" and r["pattern"] == "block(16)"]
+    # block(16): links one edge apart never reach the value at depth 2; inside one block they always do.
+    by_cell = {(c["hops"], c["crossings"]): c["reachable_fraction"] for c in hop_rows[0]["cells"]}
+    assert by_cell[(1, 1)] == 0.0 and by_cell[(2, 0)] == 1.0
+    bad = subprocess.run([*command[:3], "--config", "configs/boundary_tasks.py:tiny", "--out", str(tmp_path / "x"),
+                          "--config.copy.phases=(16,)"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "copy.phases: must be < the block size 16" in bad.stderr

@@ -19,6 +19,13 @@ For each run, eval set (corpus:split, the held-out long documents by default) an
   ablation    for trailing targets with more than W tokens of context: the loss with the context cut
               to exactly the last W tokens, minus the loss with the whole window (the delta, with an
               interval over documents)
+  per document  each document's NLL sum and token count, overall and at own-grid offsets < 8, kept in the
+              results so that runs evaluated apart can be paired later
+
+Across runs (`paired_differences`, also after `merge_results` of separately written results): each
+variant's bits per byte minus each baseline's (dense, plain block), seeds pooled per document, with a
+paired bootstrap interval over documents. A "document" is a unit: a whole document or, with
+`document_chunk_tokens`, a chunk of one.
 
 Forward passes are batched to about `batch_tokens` tokens and compiled once per (run, shape). The
 synthetic boundary diagnostics (`sparse_attention.diagnostics`) run after the language-model part.
@@ -49,7 +56,7 @@ from sparse_attention import data, diagnostics, reachability
 from sparse_attention.checkpointing import CHECKPOINT_DIR, CONFIG_FILE, restore_model
 from sparse_attention.config import ExperimentConfig
 from sparse_attention.model import DecoderLM
-from sparse_attention.patterns import Block, PatternOrSchedule, RandomBlocks, Repaired, as_schedule
+from sparse_attention.patterns import Block, PatternOrSchedule, RandomBlocks, Repaired, as_schedule, parse
 from sparse_attention.training import SUMMARY_FILE
 
 LN2 = math.log(2.0)
@@ -58,6 +65,13 @@ DEFAULT_EVAL_SETS = ("code:long", "books:long")
 SHAPE_FIELDS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_hidden", "tie_embeddings")
 # Config fields whose change alters what the model computes; a changed one is named in the run's label.
 COMPUTE_FIELDS = ("model.rope_base", "model.compute_dtype", "attention.pattern", "attention.schedule")
+# Paired differences at block start: window positions at offsets < this on the run's own grid (shift 0).
+PAIRED_START_OFFSETS = 8
+# Settings two results files must share to be merged: everything that changes which tokens are scored or
+# how a number and its interval are computed (batch_tokens and data_dir change neither).
+MERGED_SETTINGS = ("lengths", "max_documents", "max_document_tokens", "document_chunk_tokens", "eval_sets",
+                   "reference_block_size", "trailing_window", "ablation_targets", "bootstrap_samples", "confidence",
+                   "seed", "diagnostics")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -194,11 +208,19 @@ def loss_interval(nll_sums, counts, *, samples: int, seed: int, unit: str = "bit
     return {key: _number(convert(value)) for key, value in (("mean", point), ("low", low), ("high", high))}
 
 
+def difference_interval(nll_a, tokens_a, nll_b, tokens_b, *, samples: int, seed: int,
+                        confidence: float = 0.95) -> dict:
+    """{"mean", "low", "high"} in bits per byte of the pooled loss of per-document sums a minus that of b
+    ([documents] each, nats and tokens), paired: one resample of the documents for both."""
+    point, low, high = bootstrap_ratio_difference(nll_a, tokens_a, nll_b, tokens_b, samples=samples, seed=seed,
+                                                  confidence=confidence)
+    return {key: _number(bits_per_byte(value)) for key, value in (("mean", point), ("low", low), ("high", high))}
+
+
 def _excess_interval(near, far, stats: dict) -> dict:
     """Block start minus block rest, bits per byte, paired over documents; near/far: (sums, counts)
     [documents, 1] each."""
-    point, low, high = bootstrap_ratio_difference(near[0][:, 0], near[1][:, 0], far[0][:, 0], far[1][:, 0], **stats)
-    return {key: _number(bits_per_byte(value)) for key, value in (("mean", point), ("low", low), ("high", high))}
+    return difference_interval(near[0][:, 0], near[1][:, 0], far[0][:, 0], far[1][:, 0], **stats)
 
 
 def _curve(sums, counts, *, samples: int, seed: int) -> dict:
@@ -408,17 +430,22 @@ class EvalOptions:
     lengths:            context lengths C; None: T/4, T/2, T, 2T, 4T with T the longest training length
     max_documents:      per eval set, the documents at evenly spaced indices of the manifest order
     max_document_tokens: score only each document's first tokens (the same targets at every length)
+    document_chunk_tokens: then cut every document into consecutive chunks of this many tokens, each one
+                        unit (for windows, per-document sums and the bootstrap), named "name#0", "name#1", ...
     batch_tokens:       about this many tokens per forward pass (batch = max(1, batch_tokens // C))
     trailing_window:    W of the trailing window and the ablation; None: the reference block size
     block_size:         reference grid for patterns without blocks; None: the most common block size of
                         the runs' patterns, else T / 4
     ablation_targets:   at most this many trailing positions per window are re-scored with context W
+    baselines:          eval patterns the paired differences compare every variant with; None: dense and
+                        every plain block(B) among the runs (`paired_differences`)
     """
 
     eval_sets: tuple[str, ...] = DEFAULT_EVAL_SETS
     lengths: tuple[int, ...] | None = None
     max_documents: int | None = None
     max_document_tokens: int | None = None
+    document_chunk_tokens: int | None = None
     batch_tokens: int = 8192
     trailing_window: int | None = None
     block_size: int | None = None
@@ -427,6 +454,7 @@ class EvalOptions:
     seed: int = 0
     data_dir: str | None = None
     diagnostics: diagnostics.DiagnosticsOptions | None = diagnostics.DiagnosticsOptions()
+    baselines: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if not self.eval_sets:
@@ -443,6 +471,12 @@ class EvalOptions:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{name}: must be an integer >= 0 or None, got {value!r}")
+        chunk = self.document_chunk_tokens
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 2):
+            raise ValueError(f"document_chunk_tokens: must be an integer >= 2 or None (a chunk's first token is "
+                             f"context only), got {chunk!r}")
+        if self.baselines is not None:
+            baseline_specs(self.baselines)
         _check_positive("batch_tokens", self.batch_tokens)
         _check_positive("ablation_targets", self.ablation_targets)
         _check_positive("bootstrap_samples", self.bootstrap_samples)
@@ -586,6 +620,15 @@ def evaluate_length(scorer: Scorer, documents: Sequence[np.ndarray], length: int
         "bits_per_byte": loss_interval(totals[:, 0], counts[:, 0], **stats),
         "perplexity": loss_interval(totals[:, 0], counts[:, 0], unit="perplexity", **stats),
     }
+    start = block_offsets(position, grid.size, grid.offset) < PAIRED_START_OFFSETS
+    start_totals, start_counts = bucket_sums(doc[start], np.zeros(start.sum(), np.int64), loss[start], num_docs, 1)
+    result["per_document"] = {  # what `paired_differences` pools over runs and pairs across variants
+        "start_offsets": PAIRED_START_OFFSETS,
+        "nll_nats": totals[:, 0].tolist(),
+        "tokens": counts[:, 0].astype(np.int64).tolist(),
+        "start_nll_nats": start_totals[:, 0].tolist(),
+        "start_tokens": start_counts[:, 0].astype(np.int64).tolist(),
+    }
     edges = log_position_edges(length)
     sums, counts = bucket_sums(doc, position_buckets(position, length), loss, num_docs, len(edges) - 1)
     result["by_position"] = {"edges": edges.tolist(), **_curve(sums, counts, **stats)}
@@ -669,6 +712,20 @@ def select_documents(eval_set: str, options: EvalOptions, data_dir: str) -> tupl
     return documents, names, total
 
 
+def chunk_documents(documents: Sequence[np.ndarray], names: Sequence[str],
+                    chunk_tokens: int) -> tuple[list[np.ndarray], list[str]]:
+    """(chunks, their names): every document cut into consecutive chunks of `chunk_tokens` tokens (the last
+    may be shorter), named "name#0", "name#1", ...; chunks of fewer than 2 tokens predict nothing and are
+    dropped."""
+    chunks, chunk_names = [], []
+    for tokens, name in zip(documents, names):
+        for index, start in enumerate(range(0, len(tokens), chunk_tokens)):
+            if len(tokens) - start >= 2:
+                chunks.append(tokens[start:start + chunk_tokens])
+                chunk_names.append(f"{name}#{index}")
+    return chunks, chunk_names
+
+
 def _active_fraction(schedule: PatternOrSchedule, layers: int, length: int) -> float:
     causal = length * (length + 1) / 2
     return float(np.mean([schedule.layer(i).count_active(length) / causal for i in range(layers)]))
@@ -707,13 +764,20 @@ def evaluate(runs: Sequence[EvalRun], options: EvalOptions) -> dict:
         raise ValueError("nothing to evaluate: no runs")
     started = time.perf_counter()
     lengths = options.lengths or default_lengths(runs)
+    chunk = options.document_chunk_tokens
+    if chunk is not None and chunk < max(lengths) + 1:
+        raise ValueError(f"document_chunk_tokens: chunks of {chunk} tokens hold no window of the longest length "
+                         f"C = {max(lengths)}, whose context they would cut; use at least C + 1 = {max(lengths) + 1}")
     reference = reference_block_size(runs, options)
     width = options.trailing_window or reference
     data_dir = options.data_dir or runs[0].config.data.data_dir
     eval_sets = {}
     for eval_set in options.eval_sets:
         documents, names, total = select_documents(eval_set, options, data_dir)
-        eval_sets[eval_set] = {"documents": documents, "names": names, "total": total}
+        eval_sets[eval_set] = {"total": total, "selected": len(documents)}
+        if options.document_chunk_tokens is not None:
+            documents, names = chunk_documents(documents, names, options.document_chunk_tokens)
+        eval_sets[eval_set].update(documents=documents, names=names)
 
     models = []
     for run in tqdm(runs, desc="models", unit="model", dynamic_ncols=True,
@@ -737,7 +801,7 @@ def evaluate(runs: Sequence[EvalRun], options: EvalOptions) -> dict:
                     bar.set_description(f"{run.label} {eval_set} C={length} ({len(selected['documents'])} docs)")
                     per_length.append(evaluate_length(scorer, selected["documents"], length, grid=grid, width=width,
                                                       options=options, bar=bar))
-                language[eval_set] = {"lengths": per_length, "skipped": skipped}
+                language[eval_set] = {"lengths": per_length, "skipped": skipped, "document_names": selected["names"]}
         reach_length = max(usable)
         reach = reachability.reachability(run.schedule, reach_length, run.config.model.num_layers)
         entry = {
@@ -765,27 +829,267 @@ def evaluate(runs: Sequence[EvalRun], options: EvalOptions) -> dict:
         entry["eval_seconds"] = time.perf_counter() - run_started
         models.append(entry)
 
+    settings = {
+        "lengths": list(lengths),
+        "eval_sets": {name: {"documents": s["selected"], "documents_in_split": s["total"],
+                             "document_names": s["names"],
+                             "tokens": int(sum(len(d) for d in s["documents"]))}
+                      for name, s in eval_sets.items()},
+        "max_documents": options.max_documents,
+        "max_document_tokens": options.max_document_tokens,
+        "document_chunk_tokens": options.document_chunk_tokens,
+        "reference_block_size": reference,
+        "trailing_window": width,
+        "ablation_targets": options.ablation_targets,
+        "bootstrap_samples": options.bootstrap_samples,
+        "confidence": 0.95,
+        "seed": options.seed,
+        "batch_tokens": options.batch_tokens,
+        "data_dir": str(data_dir),
+        "diagnostics": dataclasses.asdict(options.diagnostics) if options.diagnostics is not None else None,
+    }
+    paired, paired_skipped = paired_differences(models, settings, options.baselines)
     return {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "backend": jax.default_backend(),
-        "settings": {
-            "lengths": list(lengths),
-            "eval_sets": {name: {"documents": len(s["documents"]), "documents_in_split": s["total"],
-                                 "document_names": s["names"],
-                                 "tokens": int(sum(len(d) for d in s["documents"]))}
-                          for name, s in eval_sets.items()},
-            "max_documents": options.max_documents,
-            "max_document_tokens": options.max_document_tokens,
-            "reference_block_size": reference,
-            "trailing_window": width,
-            "ablation_targets": options.ablation_targets,
-            "bootstrap_samples": options.bootstrap_samples,
-            "confidence": 0.95,
-            "seed": options.seed,
-            "batch_tokens": options.batch_tokens,
-            "data_dir": str(data_dir),
-            "diagnostics": dataclasses.asdict(options.diagnostics) if options.diagnostics is not None else None,
-        },
+        "settings": settings,
         "models": models,
+        "paired": paired,
+        "paired_skipped": paired_skipped,
         "wall_time_s": time.perf_counter() - started,
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Across runs: paired differences, merged results
+
+
+def baseline_specs(baselines: Sequence[str]) -> tuple[str, ...]:
+    """The canonical specs of baseline patterns ("block(512, 0)" -> "block(512)"), each once."""
+    if isinstance(baselines, str):
+        raise ValueError(f"baselines: expected a sequence of pattern specs, got the string {baselines!r}")
+    specs = []
+    for spec in baselines:
+        try:
+            specs.append(parse(spec).spec)
+        except ValueError as error:
+            raise ValueError(f"baselines: {str(error).splitlines()[0]}") from error
+    return tuple(dict.fromkeys(specs))
+
+
+def variant_name(model: dict) -> str:
+    """The variant a run (a `results["models"]` entry) is a seed of: its eval pattern, followed by the trained
+    value of each field the evaluation overrode (a dense model evaluated as window(64) is no seed of a model
+    trained as window(64))."""
+    overrides = model.get("overrides") or {}
+    if not overrides:
+        return model["eval_pattern"]
+    trained = ", ".join(f"{field} {change['trained']}" for field, change in sorted(overrides.items()))
+    return f"{model['eval_pattern']} [trained {trained}]"
+
+
+def default_baselines(models: Sequence[dict]) -> tuple[str, ...]:
+    """dense and every plain block(B) (one pattern for all layers, offset 0) that a run evaluates unchanged."""
+    blocks = [m["eval_pattern"] for m in models
+              if not m.get("overrides") and isinstance(block := parse(m["eval_pattern"]), Block) and block.offset == 0]
+    return tuple(dict.fromkeys(["dense", *blocks]))
+
+
+def paired_differences(models: Sequence[dict], settings: dict,
+                       baselines: Sequence[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """(differences, skipped): each variant's loss minus each baseline's, per eval set and length, in bits per
+    byte, overall and at block start (own-grid offsets < PAIRED_START_OFFSETS), paired over documents.
+
+    models, settings: those of a results dict. The runs of one variant (`variant_name`, the eval pattern) are
+    its seeds: their per-document sums are added, which makes each document's loss the seed average, and
+    `bootstrap_ratio_difference` resamples the documents once for both sides. baselines: pattern specs; None:
+    `default_baselines`. A pair is compared only where every run of both sides has per-document sums over the
+    same document names on the same block grid; otherwise it goes to `skipped` with the reason.
+
+    differences: {variant, baseline, variant_runs, baseline_runs, eval_set, length, documents, overall,
+    block_start ({mean, low, high} each), per_run_overall ({run label: point difference of that run alone
+    against the pooled baseline})}. skipped: {variant, baseline, eval_set, length, reason}, None where the
+    reason holds for every eval set or length.
+    """
+    groups: dict[str, list[dict]] = {}
+    for model in models:
+        groups.setdefault(variant_name(model), []).append(model)
+    wanted = default_baselines(models) if baselines is None else baseline_specs(baselines)
+    stats = dict(samples=settings["bootstrap_samples"], seed=settings["seed"],
+                 confidence=settings.get("confidence", 0.95))
+    differences, skipped = [], []
+    for baseline in wanted:
+        if baseline not in groups:
+            if baselines is not None:
+                skipped.append({"variant": None, "baseline": baseline, "eval_set": None, "length": None,
+                                "reason": "no run evaluates this pattern unchanged"})
+            continue
+        for variant, variant_runs in groups.items():
+            if variant == baseline:
+                continue
+            baseline_runs = groups[baseline]
+            pair = {"variant": variant, "baseline": baseline}
+            problem = _grid_problem([*variant_runs, *baseline_runs])
+            if problem:
+                skipped.append({**pair, "eval_set": None, "length": None, "reason": problem})
+                continue
+            for eval_set in settings["eval_sets"]:
+                problem = _names_problem([*variant_runs, *baseline_runs], eval_set)
+                if problem:
+                    skipped.append({**pair, "eval_set": eval_set, "length": None, "reason": problem})
+                    continue
+                lengths = set.intersection(*(set(_length_entries(m, eval_set))
+                                             for m in [*variant_runs, *baseline_runs]))
+                for length in sorted(lengths):
+                    variant_entries = [_length_entries(m, eval_set)[length] for m in variant_runs]
+                    baseline_entries = [_length_entries(m, eval_set)[length] for m in baseline_runs]
+                    problem = _sums_problem([*variant_runs, *baseline_runs], [*variant_entries, *baseline_entries],
+                                            eval_set)
+                    if problem:
+                        skipped.append({**pair, "eval_set": eval_set, "length": length, "reason": problem})
+                        continue
+                    differences.append({
+                        **pair,
+                        "variant_runs": [m["label"] for m in variant_runs],
+                        "baseline_runs": [m["label"] for m in baseline_runs],
+                        "eval_set": eval_set,
+                        "length": length,
+                        **_paired_numbers(variant_runs, variant_entries, baseline_entries, stats),
+                    })
+    return differences, skipped
+
+
+def _length_entries(model: dict, eval_set: str) -> dict[int, dict]:
+    return {entry["length"]: entry for entry in model["language_model"][eval_set]["lengths"]}
+
+
+def _grid_problem(runs: Sequence[dict]) -> str | None:
+    grids = [(m["block_grid"]["size"], m["block_grid"]["offset"]) for m in runs]
+    other = next((i for i, grid in enumerate(grids) if grid != grids[0]), None)
+    if other is None:
+        return None
+    return (f"block grids differ: {runs[0]['label']} has B={grids[0][0]} offset {grids[0][1]}, {runs[other]['label']} "
+            f"B={grids[other][0]} offset {grids[other][1]} (block start would mean other positions)")
+
+
+def _names_problem(runs: Sequence[dict], eval_set: str) -> str | None:
+    names = [m["language_model"][eval_set].get("document_names") for m in runs]
+    missing = next((m["label"] for m, n in zip(runs, names) if n is None), None)
+    if missing is not None:
+        return f"{missing} has no per-document sums (results written before they existed)"
+    other = next((i for i, n in enumerate(names) if n != names[0]), None)
+    if other is None:
+        return None
+    ours, theirs = names[0], names[other]
+    index = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    return (f"document names differ: {runs[0]['label']} has {len(ours)}, {runs[other]['label']} {len(theirs)}, "
+            f"first different at unit {index}")
+
+
+def _sums_problem(runs: Sequence[dict], entries: Sequence[dict], eval_set: str) -> str | None:
+    for model, entry in zip(runs, entries):
+        documents = len(model["language_model"][eval_set]["document_names"])
+        sums = entry.get("per_document")
+        if sums is None:
+            return f"{model['label']} has no per-document sums (results written before they existed)"
+        if any(len(sums[key]) != documents for key in ("nll_nats", "tokens", "start_nll_nats", "start_tokens")):
+            return f"{model['label']}: per-document sums of another length than its {documents} document names"
+        if sums["start_offsets"] != PAIRED_START_OFFSETS:
+            return (f"{model['label']}: block start is offsets < {sums['start_offsets']}, not < "
+                    f"{PAIRED_START_OFFSETS}")
+    return None
+
+
+def _pooled_sums(entries: Sequence[dict], prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
+    """(NLL nats, tokens) float64 [documents] added over the runs' entries: every run scores the same tokens,
+    so their ratio per document is the runs' average loss there."""
+    nll = np.sum([entry["per_document"][prefix + "nll_nats"] for entry in entries], axis=0, dtype=np.float64)
+    tokens = np.sum([entry["per_document"][prefix + "tokens"] for entry in entries], axis=0, dtype=np.float64)
+    return nll, tokens
+
+
+def _paired_numbers(variant_runs: Sequence[dict], variant_entries: Sequence[dict],
+                    baseline_entries: Sequence[dict], stats: dict) -> dict:
+    baseline_nll, baseline_tokens = _pooled_sums(baseline_entries)
+    baseline_loss = _safe_ratio(baseline_nll.sum(), baseline_tokens.sum())
+    per_run = {}
+    for model, entry in zip(variant_runs, variant_entries):
+        nll, tokens = _pooled_sums([entry])
+        per_run[model["label"]] = _number(bits_per_byte(_safe_ratio(nll.sum(), tokens.sum()) - baseline_loss))
+    return {
+        "documents": len(baseline_nll),
+        "overall": difference_interval(*_pooled_sums(variant_entries), baseline_nll, baseline_tokens, **stats),
+        "block_start": difference_interval(*_pooled_sums(variant_entries, "start_"),
+                                           *_pooled_sums(baseline_entries, "start_"), **stats),
+        "per_run_overall": per_run,
+    }
+
+
+def merge_results(results_list: Sequence[dict], sources: Sequence[str] | None = None,
+                  baselines: Sequence[str] | None = None) -> dict:
+    """One results dict holding the models of several (runs evaluated one by one, e.g. in separate jobs), with
+    the paired differences recomputed across all of them.
+
+    sources: where each results dict came from (its folder), for messages and labels: a label that more than
+    one of them uses gets " (NAME)" appended, NAME the folder's name (its path where two share a name). Every
+    setting in MERGED_SETTINGS must agree, else ValueError naming it and both values; batch_tokens and
+    data_dir are the first's. baselines: as for `paired_differences`.
+    """
+    if not results_list:
+        raise ValueError("merge: give at least one results file")
+    sources = [f"results {i + 1}" for i in range(len(results_list))] if sources is None else list(sources)
+    if len(sources) != len(results_list):
+        raise ValueError(f"merge: {len(sources)} sources for {len(results_list)} results")
+    first = results_list[0]["settings"]
+    for source, results in zip(sources[1:], results_list[1:]):
+        for name in MERGED_SETTINGS:
+            difference = _first_difference(first.get(name), results["settings"].get(name), name)
+            if difference is not None:
+                where, ours, theirs = difference
+                raise ValueError(f"settings.{where}: {_short_repr(ours)} in {sources[0]} but {_short_repr(theirs)} "
+                                 f"in {source}; only results of one evaluation setup can be merged")
+    used = [m["label"] for results in results_list for m in results["models"]]
+    models = []
+    for name, results in zip(_labels([Path(source) for source in sources]), results_list):
+        models += [dict(m, label=f"{m['label']} ({name})") if used.count(m["label"]) > 1 else m
+                   for m in results["models"]]
+    labels = [m["label"] for m in models]
+    repeated = next((label for label in labels if labels.count(label) > 1), None)
+    if repeated is not None:
+        raise ValueError(f"merge: two runs are labelled {repeated!r} even with their source named; is one results "
+                         f"file given twice?")
+    settings = copy.deepcopy(first)
+    paired, paired_skipped = paired_differences(models, settings, baselines)
+    return {
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "backend": ", ".join(dict.fromkeys(results["backend"] for results in results_list)),
+        "settings": settings,
+        "models": models,
+        "paired": paired,
+        "paired_skipped": paired_skipped,
+        "merged_from": [{"source": source, "created": results["created"], "backend": results["backend"],
+                         "runs": len(results["models"])} for source, results in zip(sources, results_list)],
+        "wall_time_s": sum(results["wall_time_s"] for results in results_list),
+    }
+
+
+def _first_difference(ours, theirs, where: str) -> tuple[str, object, object] | None:
+    """(where, ours, theirs) at the first place two JSON values differ (a missing key counts as None; lists of
+    unequal length differ as a whole), or None."""
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        for key in [*ours, *(key for key in theirs if key not in ours)]:
+            found = _first_difference(ours.get(key), theirs.get(key), f"{where}[{key!r}]")
+            if found is not None:
+                return found
+        return None
+    if isinstance(ours, list) and isinstance(theirs, list) and len(ours) == len(theirs):
+        for index, (a, b) in enumerate(zip(ours, theirs)):
+            found = _first_difference(a, b, f"{where}[{index}]")
+            if found is not None:
+                return found
+    return None if ours == theirs else (where, ours, theirs)
+
+
+def _short_repr(value, limit: int = 160) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -2,9 +2,10 @@
 
     write_report(evaluation.evaluate(runs, options), "reports/compare")
 
-  report.md                 tables: bits per byte and perplexity per run and context length with 95 %
-                            intervals, active-area fraction, training tokens/s, trailing window and ablation,
-                            block-start loss, diagnostics, reachability
+  report.md                 tables: paired differences of each variant against the baselines (seeds pooled),
+                            bits per byte and perplexity per run and context length with 95 % intervals,
+                            active-area fraction, training tokens/s, trailing window and ablation, block-start
+                            loss, diagnostics, reachability
   results.json              every number of the report (and the curves behind the plots)
   loss_vs_position.png      bits per byte against window position, log-spaced buckets, per eval set
   loss_vs_block_offset.png  bits per byte against offset in the block, own grid and shifted grid
@@ -129,7 +130,10 @@ def markdown(results: dict, plots: list[str]) -> str:
                      "train length", "active fraction (trained pattern, train length)", "train tokens/s",
                      "final train loss (bits/byte)"], rows)
     lines += _settings_lines(settings)
+    if "merged_from" in results:
+        lines += _merged_lines(results["merged_from"])
 
+    lines += _paired_lines(results)
     lines += bits_per_byte_tables(results).splitlines() + [""]
     lines += _measure_tables(results, "perplexity", "Perplexity", "per-byte perplexity")
     lines += _skipped_lines(models)
@@ -182,7 +186,10 @@ def _settings_lines(settings: dict) -> list[str]:
                   + (" (evenly spaced in manifest order)" if info["documents"] < info["documents_in_split"] else ""))
         cut = (f", the first {settings['max_document_tokens']:,} tokens of each"
                if settings["max_document_tokens"] is not None else "")
-        lines.append(f"- `{name}`: {subset}{cut}: {info['tokens']:,} tokens.")
+        chunks = settings.get("document_chunk_tokens")
+        units = (f", cut into {len(info['document_names'])} chunks of up to {chunks:,} tokens (the units of the "
+                 "intervals)" if chunks is not None else "")
+        lines.append(f"- `{name}`: {subset}{cut}{units}: {info['tokens']:,} tokens.")
     subsampled = settings["max_documents"] is not None or settings["max_document_tokens"] is not None
     if subsampled:
         lines.append("- **Subsampled**: documents and tokens were limited by flags (max_documents="
@@ -206,6 +213,59 @@ def _settings_lines(settings: dict) -> list[str]:
             f"{diagnostics['tracking_steps']} per depth for variable tracking; {diagnostics['eval_samples']} "
             "held-out sequences per cell (details below).")
     return lines + [""]
+
+
+def _merged_lines(merged_from: list[dict]) -> list[str]:
+    lines = [f"Merged from {len(merged_from)} results files evaluated separately with the same settings "
+             "(`eval.py --merge`):", ""]
+    lines += [f"- `{part['source']}`: {part['runs']} run(s), created {part['created']} on {part['backend']}"
+              for part in merged_from]
+    return lines + [""]
+
+
+def _paired_lines(results: dict) -> list[str]:
+    """The paired-differences section; nothing for results written before they existed or without pairs."""
+    differences, skipped = results.get("paired", []), results.get("paired_skipped", [])
+    if not differences and not skipped:
+        return []
+    lines = ["## Paired differences", "",
+             "Bits per byte of the variant minus the baseline, over all predicted tokens / at block start (window "
+             "positions at offsets 0-7 of the run's own block grid, the reference grid for runs without blocks); "
+             "negative: the variant has the lower loss. The runs of a variant (one eval pattern) are its seeds: "
+             "their per-document sums are pooled, so each document's loss is the seed average. Intervals are 95 % "
+             "paired percentile bootstrap intervals over documents (units: chunks where documents were cut), "
+             "one resample for both sides; they do not cover seed-to-seed variation, which the second table shows "
+             "(each run of the variant alone against the pooled baseline, overall).", ""]
+    for eval_set in results["settings"]["eval_sets"]:
+        entries = [entry for entry in differences if entry["eval_set"] == eval_set]
+        if not entries:
+            continue
+        lengths = sorted({entry["length"] for entry in entries})
+        pairs = list(dict.fromkeys((entry["variant"], entry["baseline"]) for entry in entries))
+        cells = {(entry["variant"], entry["baseline"], entry["length"]): entry for entry in entries}
+        rows, spread = [], []
+        for variant, baseline in pairs:
+            found = [cells.get((variant, baseline, length)) for length in lengths]
+            first = next(entry for entry in found if entry is not None)
+            name = (f"{variant} − {baseline} ({len(first['variant_runs'])} vs {len(first['baseline_runs'])} "
+                    f"runs)")
+            rows.append([name, *("–" if entry is None else f"{_interval_text(entry['overall'])} / "
+                                 f"{_interval_text(entry['block_start'])}" for entry in found)])
+            spread.append([name, *("–" if entry is None else ", ".join(
+                _number_text(value, "+.3f") for value in entry["per_run_overall"].values()) for entry in found)])
+        lines += [f"### {eval_set} ({entries[0]['documents']} units)", ""]
+        lines += _table(["variant − baseline", *(f"C={length}: overall / block start" for length in lengths)], rows)
+        lines += _table(["variant − baseline", *(f"C={length}: each run, overall" for length in lengths)], spread)
+    if skipped:
+        lines += ["Pairs not compared:", ""]
+        for entry in skipped:
+            pair = (f"{entry['variant']} − {entry['baseline']}" if entry["variant"]
+                    else f"baseline {entry['baseline']}")
+            where = [entry["eval_set"]] if entry["eval_set"] else []
+            where += [f"C={entry['length']}"] if entry["length"] else []
+            lines.append(f"- {pair}{' (' + ', '.join(where) + ')' if where else ''}: {entry['reason']}")
+        lines.append("")
+    return lines
 
 
 def _skipped_lines(models: list[dict]) -> list[str]:

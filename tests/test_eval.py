@@ -224,6 +224,134 @@ def test_measures_of_hand_made_losses():
     assert ablation["delta_bits_per_byte"]["mean"] == pytest.approx(delta)
 
 
+def test_per_document_sums_add_up_to_the_pooled_loss():
+    length, documents = 32, [np.zeros(n, np.uint8) for n in (100, 45, 2)]
+    grid = evaluation.BlockGrid(16, 3, "pattern")  # blocks start where (p + 3) % 16 == 0
+    options = evaluation.EvalOptions(bootstrap_samples=20, diagnostics=None)
+    result = evaluation.evaluate_length(PositionScorer(lambda i: (i + 1).astype(np.float32)), documents, length,
+                                        grid=grid, width=8, options=options)
+    sums = result["per_document"]
+    assert sums["start_offsets"] == evaluation.PAIRED_START_OFFSETS == 8
+    assert sums["tokens"] == [99, 44, 1] and sum(sums["tokens"]) == result["tokens"]
+    assert sum(sums["nll_nats"]) / sum(sums["tokens"]) == pytest.approx(result["nats_per_token"]["mean"])
+    for index, n in enumerate((100, 45, 2)):
+        positions = [(t - 1) % length for t in range(1, n)]
+        start = [p for p in positions if (p + 3) % 16 < 8]
+        assert sums["nll_nats"][index] == pytest.approx(sum(p + 1 for p in positions))
+        assert sums["start_tokens"][index] == len(start)
+        assert sums["start_nll_nats"][index] == pytest.approx(sum(p + 1 for p in start))
+    json.dumps(sums, allow_nan=False)
+
+
+def test_documents_are_cut_into_named_chunks():
+    documents = [np.arange(n, dtype=np.uint8) for n in (10, 9, 1, 4)]
+    chunks, names = evaluation.chunk_documents(documents, ["a", "b", "c", "d"], 4)
+    # b's last chunk and c hold 1 token, which predicts nothing.
+    assert names == ["a#0", "a#1", "a#2", "b#0", "b#1", "d#0"]
+    assert [chunk.tolist() for chunk in chunks[:3]] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [len(chunk) for chunk in chunks[3:]] == [4, 4, 4]
+    for bad in (0, 1, True, 2.5):
+        with pytest.raises(ValueError, match="document_chunk_tokens"):
+            evaluation.EvalOptions(document_chunk_tokens=bad)
+
+
+NAMES = tuple(f"doc{i}" for i in range(40))
+
+
+def hand_made_model(label, pattern, nll, tokens, start_nll, start_tokens, *, names=NAMES, grid=(16, 0)) -> dict:
+    """A results["models"] entry that holds only what paired differences read: per-document sums at C=64."""
+    sums = {"start_offsets": 8, "nll_nats": list(nll), "tokens": list(tokens), "start_nll_nats": list(start_nll),
+            "start_tokens": list(start_tokens)}
+    return {"label": label, "eval_pattern": pattern, "overrides": {},
+            "block_grid": {"size": grid[0], "offset": grid[1], "source": "pattern"},
+            "language_model": {"books:long": {"document_names": list(names), "skipped": [],
+                                              "lengths": [{"length": 64, "per_document": sums}]}}}
+
+
+def hand_made_runs():
+    # Documents differ in difficulty; the two window seeds exceed dense by 0.1 and 0.3 nats per token on every
+    # document (0.4 and 0.6 at block start), so their pooled excess is 0.2 (0.5) everywhere.
+    rng = np.random.default_rng(7)
+    difficulty = rng.uniform(1.0, 3.0, len(NAMES))
+    tokens = rng.integers(50, 500, len(NAMES))
+    start = rng.integers(5, 20, len(NAMES))
+
+    def run(label, pattern, excess, start_excess, **where):
+        return hand_made_model(label, pattern, (difficulty + excess) * tokens, tokens,
+                               (difficulty + 1 + start_excess) * start, start, **where)
+
+    return run, [run("dense_s0", "dense", 0.0, 0.0), run("window_s0", "window(8)", 0.1, 0.4),
+                 run("window_s1", "window(8)", 0.3, 0.6), run("block_s0", "block(16)", 0.05, 2.0),
+                 run("shifted_s0", "shifted(16)", 0.0, 1.0)]
+
+
+def test_paired_differences_of_hand_made_sums():
+    run, models = hand_made_runs()
+    settings = {"eval_sets": {"books:long": {}}, "bootstrap_samples": 300, "seed": 1, "confidence": 0.95}
+    differences, skipped = evaluation.paired_differences(models, settings)
+    assert skipped == []
+    # Default baselines: dense and the plain block, not the shifted schedule.
+    assert {(d["variant"], d["baseline"]) for d in differences} == {
+        (variant, baseline) for baseline in ("dense", "block(16)")
+        for variant in ("dense", "window(8)", "block(16)", "shifted(16)") if variant != baseline}
+    (entry,) = [d for d in differences if d["variant"] == "window(8)" and d["baseline"] == "dense"]
+    assert entry["variant_runs"] == ["window_s0", "window_s1"] and entry["baseline_runs"] == ["dense_s0"]
+    assert (entry["eval_set"], entry["length"], entry["documents"]) == ("books:long", 64, len(NAMES))
+    for key, nats in (("overall", 0.2), ("block_start", 0.5)):
+        for bound in ("mean", "low", "high"):
+            assert entry[key][bound] == pytest.approx(nats / math.log(2)), (key, bound)
+    assert entry["per_run_overall"] == {"window_s0": pytest.approx(0.1 / math.log(2)),
+                                        "window_s1": pytest.approx(0.3 / math.log(2))}
+    json.dumps(differences, allow_nan=False)
+
+    only_block, _ = evaluation.paired_differences(models, settings, baselines=("block(16, 0)",))
+    assert {d["baseline"] for d in only_block} == {"block(16)"}
+    _, missing = evaluation.paired_differences(models, settings, baselines=("window(4)",))
+    assert missing[0]["baseline"] == "window(4)" and "no run" in missing[0]["reason"]
+    with pytest.raises(ValueError, match="baselines: bad pattern spec 'blok"):
+        evaluation.paired_differences(models, settings, baselines=("blok(16)",))
+
+
+def test_paired_differences_skip_what_cannot_be_paired():
+    run, models = hand_made_runs()
+    renamed = run("window_s2", "window(8)", 0.2, 0.5, names=(*NAMES[:-1], "other"))
+    coarse = run("repaired_s0", "repaired(32, 4, bridge)", 0.0, 0.0, grid=(32, 0))
+    settings = {"eval_sets": {"books:long": {}}, "bootstrap_samples": 50, "seed": 0}
+    differences, skipped = evaluation.paired_differences([*models[:3], renamed, coarse], settings, ("dense",))
+    assert differences == []
+    reasons = {entry["variant"]: entry["reason"] for entry in skipped}
+    assert "document names differ" in reasons["window(8)"] and "window_s2" in reasons["window(8)"]
+    assert "block grids differ" in reasons["repaired(32, 4, bridge)"]
+
+
+def hand_made_results(models, **settings) -> dict:
+    return {"created": "2025-01-01T00:00:00+00:00", "backend": "cpu", "wall_time_s": 10.0, "models": models,
+            "settings": {"lengths": [64], "eval_sets": {"books:long": {"document_names": list(NAMES)}},
+                         "bootstrap_samples": 200, "seed": 0, "confidence": 0.95, **settings}}
+
+
+def test_merge_results_pools_runs_and_refuses_other_settings():
+    _, (dense, window_s0, window_s1, block, _) = hand_made_runs()
+    merged = evaluation.merge_results(
+        [hand_made_results([dense, window_s0]), hand_made_results([dense, window_s1, block], batch_tokens=4)],
+        ["out/a", "out/b"])
+    assert [m["label"] for m in merged["models"]] == ["dense_s0 (a)", "window_s0", "dense_s0 (b)", "window_s1",
+                                                      "block_s0"]
+    (entry,) = [d for d in merged["paired"] if (d["variant"], d["baseline"]) == ("window(8)", "dense")]
+    assert entry["variant_runs"] == ["window_s0", "window_s1"]
+    assert entry["baseline_runs"] == ["dense_s0 (a)", "dense_s0 (b)"]
+    assert entry["overall"]["mean"] == pytest.approx(0.2 / math.log(2))
+    assert merged["wall_time_s"] == 20.0 and [part["source"] for part in merged["merged_from"]] == ["out/a", "out/b"]
+    with pytest.raises(ValueError, match=r"settings\.bootstrap_samples: 200 in out/a but 100 in out/b"):
+        evaluation.merge_results([hand_made_results([dense]), hand_made_results([block], bootstrap_samples=100)],
+                                 ["out/a", "out/b"])
+    chunked = hand_made_results([block], document_chunk_tokens=4096)
+    with pytest.raises(ValueError, match=r"settings\.document_chunk_tokens: None in .* but 4096"):
+        evaluation.merge_results([hand_made_results([dense]), chunked])
+    with pytest.raises(ValueError, match="given twice"):
+        evaluation.merge_results([hand_made_results([dense])] * 2, ["out/a", "out/a"])
+
+
 def test_ablation_positions_need_more_context_than_the_width():
     assert evaluation.ablation_positions(64, 64, 8).tolist() == []
     assert evaluation.ablation_positions(100, 64, 100).tolist() == list(range(64, 100))
@@ -333,6 +461,39 @@ def test_pattern_override_is_labelled(trained_run, tmp_path):
     assert runs[0].label == "tiny [eval window(8)]" and runs[0].schedule == parse("window(8)")
 
 
+def test_merge_of_separately_evaluated_runs(trained_run, tmp_path, capsys):
+    # Two evaluations apart (the trained pattern, and block(16) on the same grid), then one report from both.
+    # C = W = 32: two blocks per window (where the patterns differ), no ablation.
+    cheap = ["--no-diagnostics", "--eval-sets", "books:long", "--lengths", "32", "--trailing-window", "32",
+             "--max-documents", "2", "--max-document-tokens", "200", "--document-chunk-tokens", "50",
+             "--bootstrap-samples", "20", "--batch-tokens", "256"]
+    assert eval_cli.main(["--workdirs", str(trained_run), "--out", str(tmp_path / "trained"), *cheap]) == 0
+    assert eval_cli.main(["--workdirs", str(trained_run), "--pattern-override", "block(16)", "--out",
+                          str(tmp_path / "block"), *cheap]) == 0
+    alone = json.loads((tmp_path / "trained" / "results.json").read_text())
+    names = alone["settings"]["eval_sets"]["books:long"]["document_names"]
+    assert len(names) == 8 and names[0].endswith("#0") and names[3].endswith("#3")
+    assert alone["settings"]["document_chunk_tokens"] == 50 and alone["paired"] == []
+
+    out = tmp_path / "merged"
+    argv = ["--merge", str(tmp_path / "trained" / "results.json"), str(tmp_path / "block"), "--out", str(out),
+            "--baselines", "repaired(16, 2, bridge)"]
+    assert eval_cli.main(argv) == 0
+    merged = json.loads((out / "results.json").read_text())
+    assert [m["label"] for m in merged["models"]] == ["tiny", "tiny [eval block(16)]"]
+    (entry,) = merged["paired"]
+    assert entry["baseline"] == "repaired(16, 2, bridge)" and entry["variant_runs"] == ["tiny [eval block(16)]"]
+    assert entry["documents"] == 8 and entry["overall"]["low"] <= entry["overall"]["mean"] <= entry["overall"]["high"]
+    trained, block = (m["language_model"]["books:long"]["lengths"][0] for m in merged["models"])
+    assert trained["per_document"]["tokens"] == [49] * 8
+    assert entry["overall"]["mean"] == pytest.approx(block["bits_per_byte"]["mean"] - trained["bits_per_byte"]["mean"])
+    assert entry["overall"]["mean"] != 0
+    assert "## Paired differences" in (out / "report.md").read_text()
+
+    assert eval_cli.main([*argv, "--workdirs", str(trained_run)]) == 2
+    assert "cannot be combined with --workdirs" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------------------------------------
 # Errors
 
@@ -368,6 +529,8 @@ def test_empty_eval_set_gives_a_clear_error(trained_run):
                     evaluation.EvalOptions(max_document_tokens=1, diagnostics=None)):
         with pytest.raises(ValueError, match="code:long is empty"):
             evaluation.evaluate(runs, options)
+    with pytest.raises(ValueError, match="document_chunk_tokens: chunks of 64 tokens .* C = 64"):
+        evaluation.evaluate(runs, evaluation.EvalOptions(lengths=(32, 64), document_chunk_tokens=64, diagnostics=None))
     with pytest.raises(ValueError, match="eval_sets"):
         evaluation.EvalOptions(eval_sets=("code",))
     with pytest.raises(ValueError, match="lengths"):

@@ -7,6 +7,9 @@ them. The presets:
 
   tiny   CPU, minutes: 4 layers x d_model 128 on 256-token sequences, float32 (XLA's CPU bfloat16 matmuls
          are emulated and slower). The main job trains four variants of it in under 15 minutes.
+  compare  one H200, the paired LM comparison (results/lm_compare): 6 layers x d_model 384, 9.6M
+         parameters, 4096-token context, 380 updates of 32 sequences (49.8M tokens, 5.2 per parameter):
+         about 75 s of training per run, 20 minutes for the 16 runs (docs/model.md says how it was sized).
   small  one GPU, 8192-token context (8k-32k via --config.train.seq_len): 12 layers x d_model 768, ~76M
          parameters, bfloat16 compute.
   base   larger: 24 layers x d_model 1024, ~270M parameters, 32768-token context.
@@ -17,13 +20,15 @@ preset's block size (`BLOCK_SIZE`).
 
 import ml_collections
 
-PRESETS = ("tiny", "small", "base")
+PRESETS = ("tiny", "compare", "small", "base")
 # The attention block size of each preset; the variants derive their patterns from it.
-BLOCK_SIZE = {"tiny": 64, "small": 512, "base": 512}
+BLOCK_SIZE = {"tiny": 64, "compare": 512, "small": 512, "base": 512}
 
 _MODEL = {
     "tiny": dict(d_model=128, num_layers=4, num_heads=4, num_kv_heads=2, mlp_hidden=384,
                  remat=False, compute_dtype="float32"),
+    "compare": dict(d_model=384, num_layers=6, num_heads=6, num_kv_heads=2, mlp_hidden=1024,
+                    remat=False, compute_dtype="bfloat16"),
     "small": dict(d_model=768, num_layers=12, num_heads=12, num_kv_heads=4, mlp_hidden=2048,
                   remat=True, compute_dtype="bfloat16"),
     "base": dict(d_model=1024, num_layers=24, num_heads=8, num_kv_heads=2, mlp_hidden=2816,
@@ -33,6 +38,8 @@ _MODEL = {
 _TRAIN = {
     "tiny": dict(steps=300, seq_len=256, global_batch=16, learning_rate=3e-3, warmup_steps=30,
                  grad_accum=1, log_every=10, checkpoint_every=0, keep_checkpoints=1, async_checkpoint=False),
+    "compare": dict(steps=380, seq_len=4096, global_batch=32, learning_rate=2e-3, warmup_steps=40,
+                    grad_accum=1, log_every=25, checkpoint_every=0, keep_checkpoints=1, async_checkpoint=False),
     "small": dict(steps=5000, seq_len=8192, global_batch=16, learning_rate=1e-3, warmup_steps=250,
                   grad_accum=1, log_every=50, checkpoint_every=500, keep_checkpoints=3, async_checkpoint=True),
     "base": dict(steps=20000, seq_len=32768, global_batch=16, learning_rate=6e-4, warmup_steps=1000,

@@ -117,6 +117,18 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def summary_text(results: dict) -> str:
+    """The bars and each row's agreement, for a terminal."""
+    lines = [f"{'holds' if check['holds'] else 'FAILS'}: {check['bar']} ({check['detail']})"
+             for check in boundary_tasks.bar_checks(results)]
+    lines.append(f"{'task':6} {'pattern':28} {'depth':>5} {'reachable ok':>13} {'unreachable ok':>15}")
+    for row in results["results"]:
+        lines.append(f"{row['task']:6} {row['pattern']:28} {row['depth']:>5} "
+                     f"{_fraction(row['agreement_reachable']):>6} of {row['reachable_parts']:<4} "
+                     f"{_fraction(row['agreement_unreachable']):>7} of {row['unreachable_parts']:<4}")
+    return "\n".join(lines)
+
+
 def _copy_table(row: dict, config: dict) -> list[str]:
     """Rows: distance; columns: phase; unreachable cells in italics."""
     block = config["block_size"]
@@ -166,7 +178,7 @@ def plot_copy(results: dict):
     patterns, depths, by_key = _panels(results, "copy")
     distances, phases = config["distances"], config["phases"]
     figure, axes = plt.subplots(len(patterns), len(depths), figsize=(3.2 * len(depths), 2.6 * len(patterns)),
-                                squeeze=False, sharex=True, sharey=True)
+                                squeeze=False, sharex=True, sharey=True, layout="constrained")
     image = None
     for i, pattern in enumerate(patterns):
         for j, depth in enumerate(depths):
@@ -196,7 +208,7 @@ def plot_hops(results: dict):
     patterns, depths, by_key = _panels(results, "hops")
     hops, crossings = config["hops"], config["crossings"]
     figure, axes = plt.subplots(len(patterns), len(depths), figsize=(2.6 * len(depths), 2.2 * len(patterns)),
-                                squeeze=False, sharex=True, sharey=True)
+                                squeeze=False, sharex=True, sharey=True, layout="constrained")
     image = None
     for i, pattern in enumerate(patterns):
         for j, depth in enumerate(depths):

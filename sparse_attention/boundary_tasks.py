@@ -92,6 +92,7 @@ class BoundaryTaskConfig:
     copy_steps: int
     hops: tuple[int, ...]
     crossings: tuple[int, ...]
+    chains: int
     hops_steps: int
     d_model: int
     num_heads: int
@@ -116,7 +117,7 @@ class BoundaryTaskConfig:
         sections = {
             "sequence": ("seq_len", "block_size", "symbols"),
             "copy": ("distances", "phases", "steps"),
-            "hops": ("hops", "crossings", "steps"),
+            "hops": ("hops", "crossings", "chains", "steps"),
             "model": ("d_model", "num_heads", "mlp_hidden", "compute_dtype"),
             "train": ("batch", "learning_rate", "warmup_steps", "log_every"),
             "eval": ("samples_per_cell", "accuracy_bar", "confidence", "batch"),
@@ -131,7 +132,7 @@ class BoundaryTaskConfig:
             seq_len=c["sequence"]["seq_len"], block_size=c["sequence"]["block_size"],
             symbols=c["sequence"]["symbols"], distances=tuple(c["copy"]["distances"]),
             phases=tuple(c["copy"]["phases"]), copy_steps=c["copy"]["steps"], hops=tuple(c["hops"]["hops"]),
-            crossings=tuple(c["hops"]["crossings"]), hops_steps=c["hops"]["steps"],
+            crossings=tuple(c["hops"]["crossings"]), chains=c["hops"]["chains"], hops_steps=c["hops"]["steps"],
             d_model=c["model"]["d_model"], num_heads=c["model"]["num_heads"],
             mlp_hidden=c["model"]["mlp_hidden"], compute_dtype=c["model"]["compute_dtype"], batch=c["train"]["batch"],
             learning_rate=c["train"]["learning_rate"], warmup_steps=c["train"]["warmup_steps"],
@@ -167,6 +168,7 @@ class BoundaryTaskConfig:
         _check_ints("copy.phases", self.phases, minimum=0)
         _check_ints("hops.hops", self.hops, minimum=1)
         _check_ints("hops.crossings", self.crossings, minimum=0)
+        _check_ints("hops.chains", self.chains, minimum=2)
         if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
             _fail("model.num_heads", f"must divide d_model={self.d_model} into an even head_dim, got {self.num_heads}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -189,7 +191,7 @@ class BoundaryTaskConfig:
     def make_task(self, task: str) -> "CopyTask | HopTask":
         if task == "copy":
             return CopyTask(self.seq_len, self.block_size, self.symbols, self.distances, self.phases)
-        return HopTask(self.seq_len, self.block_size, self.symbols, self.hops, self.crossings)
+        return HopTask(self.seq_len, self.block_size, self.symbols, self.hops, self.crossings, self.chains)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -259,26 +261,30 @@ class CopyTask:
 
 
 class HopTask:
-    """Two chains of h statements; cell (hops h, crossings e): links e block edges apart (same block: e = 0)."""
+    """`chains` chains of h statements, every chain queried at the end; cell (hops h, crossings e): the links
+    of a chain sit e block edges apart (e = 0: all in one block). Probes score chain 0's query."""
 
     name = "hops"
 
-    def __init__(self, seq_len: int, block: int, symbols: int, hops: Sequence[int], crossings: Sequence[int]):
-        self.seq_len, self.block, self.symbols = seq_len, block, symbols
+    def __init__(self, seq_len: int, block: int, symbols: int, hops: Sequence[int], crossings: Sequence[int],
+                 chains: int):
+        self.seq_len, self.block, self.symbols, self.chains = seq_len, block, symbols, chains
         self.blocks = seq_len // block
         self.name_token = VALUE + symbols
-        self.reference_token = self.name_token + NAME_SYMBOLS
-        self.query_token = self.reference_token + NAME_SYMBOLS
+        self.query_token = self.name_token + NAME_SYMBOLS
         for h in hops:
-            if 2 * h > NAME_SYMBOLS:
-                _fail("hops.hops", f"two chains of {h} need {2 * h} names, there are {NAME_SYMBOLS}")
+            if chains * h > NAME_SYMBOLS:
+                _fail("hops.hops", f"{chains} chains of {h} need {chains * h} names, there are {NAME_SYMBOLS}")
             for e in crossings:
-                if e == 0 and (2 * h + 1) * STATEMENT > block:
-                    _fail("hops.hops", f"{h} hops in one block need {(2 * h + 1) * STATEMENT} tokens, the block "
-                                       f"has {block}")
+                if e == 0 and chains * (h + 1) * STATEMENT > block:
+                    _fail("hops.hops", f"{chains} chains of {h} hops in one block need {chains * (h + 1) * STATEMENT} "
+                                       f"tokens, the block has {block}")
                 if e and h * e + 1 > self.blocks:
                     _fail("hops.crossings", f"{h} links {e} blocks apart need {h * e + 1} blocks, a sequence of "
                                             f"{seq_len} holds {self.blocks}")
+        if chains * STATEMENT > block:
+            _fail("hops.chains", f"{chains} statements side by side need {chains * STATEMENT} tokens, the block has "
+                                 f"{block}")
         self.cells = [{"hops": h, "crossings": e} for h in hops for e in crossings]
 
     def _slots(self, rng: np.random.Generator, count: int, block_index: int) -> np.ndarray:
@@ -287,41 +293,41 @@ class HopTask:
         return block_index * self.block + gaps + STATEMENT * np.arange(count)
 
     def sequence(self, rng: np.random.Generator, hops: int, crossings: int):
-        """(tokens int64 [S], targets, weights, query position, key position, answer) of one sequence.
+        """(tokens int64 [S], targets, weights, query position, key position, answer) of one sequence; the
+        query, key and answer are chain 0's.
 
-        Statement i of chain c binds name i of the chain to the value (i = 0) or to name i - 1. Besides the
-        query, the right-hand side of every later statement is scored with its chain's value (the value of
-        the name it binds), which gives the training signal of each hop.
+        Statement i of chain c is "name_i source": it binds name i of the chain to the value (i = 0) or to
+        name i - 1, so following the names from the query back to statement 0 gives the value, and every
+        chain looks alike. Scored in training: every query, and the source of every statement after the
+        first with its chain's value (the value of the name it binds): the training signal of each hop.
         """
         tokens = rng.integers(FILLER, FILLER + FILLER_SYMBOLS, self.seq_len)
         targets = np.zeros(self.seq_len, np.int64)
         weights = np.zeros(self.seq_len, np.float32)
-        names = rng.choice(NAME_SYMBOLS, 2 * hops, replace=False).reshape(2, hops)
-        values = rng.integers(0, self.symbols, 2)  # independent: the other chain's value says nothing
-        items = []  # (chain, statement index) in sequence order; statement `hops` of chain 0 is the query
-        for index in range(hops):
-            items.append([(chain, index) for chain in rng.permutation(2)])
-        items.append([(0, hops)])
+        names = rng.choice(NAME_SYMBOLS, self.chains * hops, replace=False).reshape(self.chains, hops)
+        values = rng.integers(0, self.symbols, self.chains)  # independent: other chains say nothing of chain 0's
+        # (chain, statement index) in sequence order, one group per block; index `hops` is the chain's query.
+        groups = [[(chain, index) for chain in rng.permutation(self.chains)] for index in range(hops + 1)]
         if crossings == 0:
-            starts = self._slots(rng, 2 * hops + 1, rng.integers(0, self.blocks))
-            placed = zip([item for group in items for item in group], starts)
+            items = [item for group in groups for item in group]
+            placed = zip(items, self._slots(rng, len(items), rng.integers(0, self.blocks)))
         else:
             first = rng.integers(0, self.blocks - hops * crossings)
-            placed = [(item, start) for index, group in enumerate(items)
+            placed = [(item, start) for index, group in enumerate(groups)
                       for item, start in zip(group, self._slots(rng, len(group), first + index * crossings))]
         key = query = None
         for (chain, index), start in placed:
             if index == hops:
                 tokens[start] = self.query_token
-                tokens[start + 1] = self.reference_token + names[chain, hops - 1]
-                query = start + 1
+                tokens[start + 1] = self.name_token + names[chain, hops - 1]
+                query = start + 1 if chain == 0 else query
             else:
                 tokens[start] = self.name_token + names[chain, index]
                 if index == 0:
                     tokens[start + 1] = VALUE + values[chain]
                     key = start + 1 if chain == 0 else key
                     continue
-                tokens[start + 1] = self.reference_token + names[chain, index - 1]
+                tokens[start + 1] = self.name_token + names[chain, index - 1]
             targets[start + 1], weights[start + 1] = values[chain], 1.0
         return tokens, targets, weights, query, key, values[0]
 

@@ -9,6 +9,9 @@
 3. Evaluates the four runs (sparse_attention.evaluation) into the same folder: `report.md`,
    `results.json` and the plots. The evaluation is subsampled (`main_eval_options`) so that the whole job
    takes under 20 minutes on a 2-core CPU; the report states the subsampling.
+4. The boundary copy task trained from scratch at the `tiny` preset of configs/boundary_tasks.py (seven
+   patterns, depths 1 and 2; sparse_attention.boundary_tasks) into <out>/boundary_tasks/, and prints
+   its bars and agreement with the reachability prediction.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import os
 import sys
 from typing import Sequence
 
-from sparse_attention import evaluation, reachability, report, training
+from configs import boundary_tasks as boundary_config
+from sparse_attention import boundary_report, boundary_tasks, evaluation, reachability, report, training
 from sparse_attention.config import ExperimentConfig
 from sparse_attention.diagnostics import DiagnosticsOptions
 
@@ -77,6 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = evaluation.evaluate(runs, main_eval_options(layers))
     paths = report.write_report(results, args.out)
     print(report.bits_per_byte_tables(results))
+    print("\n".join(str(path) for path in paths))
+
+    print("\n== boundary copy task, trained from scratch (configs/boundary_tasks.py:tiny)")
+    config = boundary_tasks.BoundaryTaskConfig.from_config_dict(boundary_config.get_config("tiny"))
+    out = os.path.join(args.out, "boundary_tasks")
+    results = boundary_tasks.run(config, on_progress=lambda partial: boundary_report.write(partial, out))
+    paths = boundary_report.write(results, out)
+    print(boundary_report.summary_text(results))
     print("\n".join(str(path) for path in paths))
     return 0
 

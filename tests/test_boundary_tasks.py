@@ -21,7 +21,7 @@ def tiny_config(**changes) -> ml_collections.ConfigDict:
     config.depths = (1,)
     config.sequence = dict(seq_len=64, block_size=8, symbols=8)
     config.copy = dict(distances=(1, 2, 4, 7, 8, 9, 16, 40), phases=(0, 1, 7), steps=400)
-    config.hops = dict(hops=(1, 2), crossings=(0, 1), steps=40)
+    config.hops = dict(hops=(1, 2), crossings=(0, 1), chains=2, steps=40)
     config.model = dict(d_model=32, num_heads=2, mlp_hidden=64, compute_dtype="float32")
     config.train = dict(batch=32, learning_rate=3e-3, warmup_steps=20, log_every=100)
     config.eval = dict(samples_per_cell=48, accuracy_bar=0.9, confidence=0.95, batch=128)
@@ -48,8 +48,9 @@ def test_presets_are_valid(preset):
     ({"copy.phases": (8,)}, "copy.phases: must be < the block size 8"),
     ({"copy.distances": (60,)}, "copy.distances: 60 does not fit"),
     ({"hops.crossings": (8,)}, "hops.crossings"),
-    ({"tasks": ("hops",), "hops.hops": (2,), "sequence": dict(seq_len=64, block_size=4, symbols=8)},
-     "hops.hops: 2 hops in one block"),
+    ({"tasks": ("hops",), "hops.hops": (2,), "sequence": dict(seq_len=64, block_size=8, symbols=8)},
+     "hops.hops: 2 chains of 2 hops in one block"),
+    ({"tasks": ("hops",), "hops.chains": 5, "hops.hops": (4,)}, "hops.hops: 5 chains of 4 need 20 names"),
 ])
 def test_bad_settings_name_the_field(changes, message):
     with pytest.raises(ValueError, match=message):
@@ -85,38 +86,50 @@ def test_copy_sequences_hold_one_value_and_probe_their_cell():
     assert len(np.unique(probes.queries[probes.cells == 0] // 8)) > 3
 
 
-def follow_chain(task: HopTask, tokens: np.ndarray, query: int) -> tuple[int, list[int]]:
-    """(value, positions of the statements visited) by reading the sequence as a program."""
-    defined = {tokens[p] - task.name_token: p for p in range(len(tokens) - 1)
-               if task.name_token <= tokens[p] < task.reference_token}
-    name = tokens[query] - task.reference_token
-    visited = []
+def statements(tokens: np.ndarray) -> list[tuple[int, int, int]]:
+    """(start, first token, second token) of every two-token statement: filler never starts one, and
+    statements never overlap, so reading left to right finds them all."""
+    found, position = [], 0
+    while position < len(tokens) - 1:
+        if tokens[position] >= VALUE:
+            found.append((position, tokens[position], tokens[position + 1]))
+            position += 2
+        else:
+            position += 1
+    return found
+
+
+def follow_chain(task: HopTask, tokens: np.ndarray, use: int) -> tuple[int, list[int]]:
+    """(value, starts of the statements visited): from the name used at position `use`, go to the latest
+    earlier statement that defines it, and on through its source until a value."""
+    program = statements(tokens)
+    name, visited = tokens[use], []
     while True:
-        position = defined[name]
-        visited.append(position)
-        source = tokens[position + 1]
+        start, _, source = max((s for s in program if s[0] + 1 < use and s[1] == name), key=lambda s: s[0])
+        visited.append(start)
         if source < task.name_token:
             return source - VALUE, visited
-        name = source - task.reference_token
+        name, use = source, start + 1
 
 
-@pytest.mark.parametrize("hops, crossings", [(1, 0), (3, 0), (2, 1), (2, 3)])
-def test_hop_sequences_are_programs_whose_links_cross_the_asked_edges(hops, crossings):
-    task = HopTask(128, 16, 8, hops=(hops,), crossings=(crossings,))
+@pytest.mark.parametrize("hops, crossings, chains", [(1, 0, 2), (3, 0, 2), (2, 1, 2), (2, 3, 2), (2, 1, 4)])
+def test_hop_sequences_are_programs_whose_links_cross_the_asked_edges(hops, crossings, chains):
+    task = HopTask(128, 16, 8, hops=(hops,), crossings=(crossings,), chains=chains)
     rng = np.random.default_rng()
     for _ in range(20):
         tokens, targets, weights, query, key, answer = task.sequence(rng, hops, crossings)
+        program = statements(tokens)
+        queries = [start for start, first, _ in program if first == task.query_token]
+        assert len(program) == chains * (hops + 1) and len(queries) == chains
         assert tokens[query - 1] == task.query_token
         value, visited = follow_chain(task, tokens, query)
         assert value == answer and key == visited[-1] + 1
         chain = sorted(visited) + [query - 1]
         assert len(visited) == hops
         assert np.array_equal(np.diff(np.array(chain) // 16), [crossings] * hops)
-        assert (tokens == task.query_token).sum() == 1
-        assert ((task.name_token <= tokens) & (tokens < task.reference_token)).sum() == 2 * hops
-        # Scored: the query and every statement that copies a name, each with its chain's value.
+        # Scored: every query, and every statement that copies a name, each with its chain's value.
         scored = np.flatnonzero(weights)
-        assert len(scored) == 2 * (hops - 1) + 1 and query in scored
+        assert len(scored) == chains * hops and query in scored
         for position in scored:
             assert targets[position] == follow_chain(task, tokens, position)[0]
 
@@ -170,13 +183,17 @@ def test_outputs_and_summary_rows(tiny_results, tmp_path):
     assert {"pattern", "depth", "agreement_reachable", "agreement_unreachable"} <= set(summary[0])
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| dense reaches >= 0.95 on every cell | yes |" in report
+    text = boundary_report.summary_text(tiny_results).splitlines()
+    assert text[0].startswith("holds: dense reaches >= 0.95") and len(text) == 3 + 1 + 2
+    assert text[-1].split()[:4] == ["copy", "block(8)", "1", "1.000"]
     with pytest.raises(ValueError, match="exists and is not a folder"):
         boundary_report.check_out_dir(tmp_path / "out" / "report.md")
 
 
 def test_cli_trains_both_tasks_and_writes_the_report(tmp_path):
-    overrides = ["--config.tasks=('copy', 'hops')", "--config.patterns=('dense', 'block(16)')", "--config.copy.steps=5",
-                 "--config.hops.steps=5", "--config.eval.samples_per_cell=4", "--config.depths=(2,)"]
+    overrides = ["--config.tasks=('copy', 'hops')", "--config.patterns=('dense', 'block(8)')", "--config.copy.steps=5",
+                 "--config.hops.steps=5", "--config.hops.chains=2", "--config.hops.crossings=(0, 1)",
+                 "--config.eval.samples_per_cell=4", "--config.depths=(2,)"]
     command = [sys.executable, "-m", "sparse_attention.boundary_tasks", "--config", "configs/boundary_tasks.py:tiny",
                "--out", str(tmp_path / "cli"), *overrides]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -184,10 +201,10 @@ def test_cli_trains_both_tasks_and_writes_the_report(tmp_path):
     results = json.loads((tmp_path / "cli" / "results.json").read_text())
     assert {(r["task"], r["depth"]) for r in results["results"]} == {("copy", 2), ("hops", 2)}
     assert (tmp_path / "cli" / "hops_accuracy.png").exists()
-    hop_rows = [r for r in results["results"] if r["task"] == "hops" and r["pattern"] == "block(16)"]
-    # block(16): links one edge apart never reach the value at depth 2; inside one block they always do.
+    hop_rows = [r for r in results["results"] if r["task"] == "hops" and r["pattern"] == "block(8)"]
+    # block(8): links one edge apart never reach the value at depth 2; inside one block they always do.
     by_cell = {(c["hops"], c["crossings"]): c["reachable_fraction"] for c in hop_rows[0]["cells"]}
-    assert by_cell[(1, 1)] == 0.0 and by_cell[(2, 0)] == 1.0
+    assert by_cell[(1, 1)] == 0.0 and by_cell[(1, 0)] == 1.0
     bad = subprocess.run([*command[:3], "--config", "configs/boundary_tasks.py:tiny", "--out", str(tmp_path / "x"),
-                          "--config.copy.phases=(16,)"], cwd=REPO, capture_output=True, text=True, timeout=600)
-    assert bad.returncode != 0 and "copy.phases: must be < the block size 16" in bad.stderr
+                          "--config.copy.phases=(8,)"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "copy.phases: must be < the block size 8" in bad.stderr

@@ -163,76 +163,69 @@ def _pyplot():
     return plt
 
 
-def _panels(results: dict, task: str):
+def _cell_accuracy(cell: dict) -> float:
+    """Accuracy over all of a cell's probes, reachable or not."""
+    parts = (cell["reachable"], cell["unreachable"])
+    return sum(p["correct"] for p in parts) / max(sum(p["n"] for p in parts), 1)
+
+
+def _heatmap_grid(results: dict, task: str, y: tuple[str, str, list], x: tuple[str, str, list], *,
+                  panel_size: tuple[float, float], mark, colorbar_label: str):
+    """One accuracy heat-map per (pattern, depth) of `task`, rows: patterns, columns: depths.
+
+    y, x: (cell key, axis label, values); mark(ax, cells) draws each panel's overlay, cells[(y, x)]."""
+    plt = _pyplot()
     config = results["config"]
-    rows = [row for row in results["results"] if row["task"] == task]
-    patterns = [p for p in config["patterns"] if any(r["pattern"] == p for r in rows)]
-    depths = [d for d in config["depths"] if any(r["depth"] == d for r in rows)]
-    by_key = {(r["pattern"], r["depth"]): r for r in rows}
-    return patterns, depths, by_key
+    rows = {(r["pattern"], r["depth"]): r for r in results["results"] if r["task"] == task}
+    patterns = [p for p in config["patterns"] if any(key[0] == p for key in rows)]
+    depths = [d for d in config["depths"] if any(key[1] == d for key in rows)]
+    (y_key, y_label, y_values), (x_key, x_label, x_values) = y, x
+    figure, axes = plt.subplots(len(patterns), len(depths), squeeze=False, sharex=True, sharey=True,
+                                figsize=(panel_size[0] * len(depths), panel_size[1] * len(patterns)),
+                                layout="constrained")
+    image = None
+    for i, pattern in enumerate(patterns):
+        for j, depth in enumerate(depths):
+            ax = axes[i, j]
+            cells = {(c[y_key], c[x_key]): c for c in rows[(pattern, depth)]["cells"]}
+            accuracy = np.array([[_cell_accuracy(cells[a, b]) for b in x_values] for a in y_values])
+            image = ax.imshow(accuracy, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
+            mark(ax, cells)
+            ax.set_title(f"{pattern}, L={depth}", fontsize=8)
+            if j == 0:
+                ax.set_yticks(range(len(y_values)), [str(v) for v in y_values], fontsize=6)
+                ax.set_ylabel(y_label, fontsize=7)
+            if i == len(patterns) - 1:
+                ax.set_xticks(range(len(x_values)), [str(v) for v in x_values], fontsize=6)
+                ax.set_xlabel(x_label, fontsize=7)
+    figure.colorbar(image, ax=axes, shrink=0.5, label=colorbar_label)
+    return figure
 
 
 def plot_copy(results: dict):
-    plt = _pyplot()
-    config = results["config"]
-    patterns, depths, by_key = _panels(results, "copy")
-    distances, phases = config["distances"], config["phases"]
-    figure, axes = plt.subplots(len(patterns), len(depths), figsize=(3.2 * len(depths), 2.6 * len(patterns)),
-                                squeeze=False, sharex=True, sharey=True, layout="constrained")
-    image = None
-    for i, pattern in enumerate(patterns):
-        for j, depth in enumerate(depths):
-            ax = axes[i, j]
-            row = by_key[(pattern, depth)]
-            cells = {(c["distance"], c["phase"]): c for c in row["cells"]}
-            accuracy = np.array([[max(p["accuracy"] or 0 for p in (cells[d, ph]["reachable"], cells[d, ph]["unreachable"])
-                                      if p["n"]) for ph in phases] for d in distances])
-            unreachable = np.array([[cells[d, ph]["reachable_fraction"] < 1 for ph in phases] for d in distances])
-            image = ax.imshow(accuracy, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
-            ys, xs = np.nonzero(unreachable)
-            ax.scatter(xs, ys, s=4, c="white", marker=".", linewidths=0)
-            ax.set_title(f"{pattern}, L={depth}", fontsize=8)
-            if j == 0:
-                ax.set_yticks(range(len(distances)), [str(d) for d in distances], fontsize=6)
-                ax.set_ylabel("distance (tokens)", fontsize=7)
-            if i == len(patterns) - 1:
-                ax.set_xticks(range(len(phases)), [str(p) for p in phases], fontsize=6)
-                ax.set_xlabel("phase in block", fontsize=7)
-    figure.colorbar(image, ax=axes, shrink=0.5, label="top-1 accuracy (dots: key unreachable)")
-    return figure
+    distances, phases = results["config"]["distances"], results["config"]["phases"]
+
+    def dot_unreachable(ax, cells):
+        ys, xs = np.nonzero([[cells[d, p]["reachable_fraction"] < 1 for p in phases] for d in distances])
+        ax.scatter(xs, ys, s=4, c="white", marker=".", linewidths=0)
+
+    return _heatmap_grid(results, "copy", ("distance", "distance (tokens)", distances),
+                         ("phase", "phase in block", phases), panel_size=(3.2, 2.6), mark=dot_unreachable,
+                         colorbar_label="top-1 accuracy (dots: key unreachable)")
 
 
 def plot_hops(results: dict):
-    plt = _pyplot()
-    config = results["config"]
-    patterns, depths, by_key = _panels(results, "hops")
-    hops, crossings = config["hops"], config["crossings"]
-    figure, axes = plt.subplots(len(patterns), len(depths), figsize=(2.6 * len(depths), 2.2 * len(patterns)),
-                                squeeze=False, sharex=True, sharey=True, layout="constrained")
-    image = None
-    for i, pattern in enumerate(patterns):
-        for j, depth in enumerate(depths):
-            ax = axes[i, j]
-            cells = {(c["hops"], c["crossings"]): c for c in by_key[(pattern, depth)]["cells"]}
-            correct = np.array([[sum(p["correct"] for p in (cells[h, e]["reachable"], cells[h, e]["unreachable"]))
-                                 for e in crossings] for h in hops])
-            total = np.array([[sum(p["n"] for p in (cells[h, e]["reachable"], cells[h, e]["unreachable"]))
-                               for e in crossings] for h in hops])
-            reach = np.array([[cells[h, e]["reachable_fraction"] for e in crossings] for h in hops])
-            image = ax.imshow(correct / np.maximum(total, 1), vmin=0, vmax=1, cmap="viridis", aspect="auto",
-                              origin="lower")
-            for (y, x), fraction in np.ndenumerate(reach):
-                ax.text(x, y, f"{fraction:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if correct[y, x] / max(total[y, x], 1) < 0.6 else "black")
-            ax.set_title(f"{pattern}, L={depth}", fontsize=8)
-            if j == 0:
-                ax.set_yticks(range(len(hops)), [str(h) for h in hops], fontsize=7)
-                ax.set_ylabel("hops", fontsize=7)
-            if i == len(patterns) - 1:
-                ax.set_xticks(range(len(crossings)), [str(e) for e in crossings], fontsize=7)
-                ax.set_xlabel("block edges per link", fontsize=7)
-    figure.colorbar(image, ax=axes, shrink=0.5, label="accuracy (text: share of probes with the key reachable)")
-    return figure
+    hops, crossings = results["config"]["hops"], results["config"]["crossings"]
+
+    def write_reachable_share(ax, cells):
+        for y, h in enumerate(hops):
+            for x, e in enumerate(crossings):
+                ax.text(x, y, f"{cells[h, e]['reachable_fraction']:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if _cell_accuracy(cells[h, e]) < 0.6 else "black")
+
+    return _heatmap_grid(results, "hops", ("hops", "hops", hops), ("crossings", "block edges per link", crossings),
+                         panel_size=(2.6, 2.2), mark=write_reachable_share,
+                         colorbar_label="accuracy (text: share of probes with the key reachable)")
 
 
 def plot_agreement(results: dict):

@@ -2,7 +2,7 @@
 # The comparison run of results/ (issue 6): trains the seven variants of the `small` preset at one seed on
 # the code corpus with the same token budget, then evaluates them on the long code documents and the books.
 #
-#   bash results/run.sh SEED OUT_DIR [STEP ...]
+#   bash results/small_h100/run.sh SEED OUT_DIR [STEP ...]
 #
 # STEPs (default: all, in this order): dense block window window1024 bridge prefix shifted eval. A device
 # call is limited to 10 minutes, so a seed's runs may be split over calls on the same warm machine.

@@ -17,13 +17,14 @@ from sparse_attention.model import DecoderLM, attention_impl_summary
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 VARIANTS = ("dense", "block", "window", "repaired")
-PRESETS = ("tiny", "small", "base")
+PRESETS = ("tiny", "compare", "small", "base")
 EXPECTED_PATTERN = {
-    "dense": {"tiny": "dense", "small": "dense", "base": "dense"},
-    "block": {"tiny": "block(64)", "small": "block(512)", "base": "block(512)"},
-    "window": {"tiny": "window(32)", "small": "window(256)", "base": "window(256)"},
+    "dense": {"tiny": "dense", "compare": "dense", "small": "dense", "base": "dense"},
+    "block": {"tiny": "block(64)", "compare": "block(512)", "small": "block(512)", "base": "block(512)"},
+    "window": {"tiny": "window(32)", "compare": "window(256)", "small": "window(256)", "base": "window(256)"},
     "repaired": {
         "tiny": "repaired(64, 8, bridge)",
+        "compare": "repaired(512, 64, bridge)",
         "small": "repaired(512, 64, bridge)",
         "base": "repaired(512, 64, bridge)",
     },
@@ -53,13 +54,16 @@ def test_every_config_and_preset_builds_a_model(variant, preset):
         EXPECTED_PATTERN[variant][preset]
     ] * config.model.num_layers
     abstract = nnx.eval_shape(lambda: DecoderLM(config.model, config.attention, rngs=nnx.Rngs(0)))
-    expected_millions = {"tiny": (0.5, 1.5), "small": (60, 90), "base": (240, 300)}[preset]
+    expected_millions = {"tiny": (0.5, 1.5), "compare": (9, 11), "small": (60, 90), "base": (240, 300)}[preset]
     assert expected_millions[0] * 1e6 < param_count(abstract) < expected_millions[1] * 1e6
     assert "xla" in attention_impl_summary(config, config.train.seq_len)
 
 
 def test_presets_scale_as_documented():
-    tiny, small, base = (ExperimentConfig.from_config_dict(load_config(f"dense.py:{p}")) for p in PRESETS)
+    tiny, compare, small, base = (ExperimentConfig.from_config_dict(load_config(f"dense.py:{p}")) for p in PRESETS)
+    # The comparison's budget: at least 5 training tokens per parameter (docs/model.md).
+    parameters = param_count(nnx.eval_shape(lambda: DecoderLM(compare.model, compare.attention, rngs=nnx.Rngs(0))))
+    assert compare.train.steps * compare.train.global_batch * compare.train.seq_len >= 5 * parameters
     assert tiny.model.compute_dtype == "float32" and small.model.compute_dtype == "bfloat16"
     assert small.train.seq_len == 8192 and base.train.seq_len == 32768
     assert small.model.d_model == 768 and small.model.num_layers == 12
@@ -85,7 +89,7 @@ def test_repaired_takes_preset_and_mode():
     assert config.attention.layer_pattern(5).spec == "repaired(512, 64, prefix)"
     with pytest.raises(ValueError, match="mode must be one of bridge, prefix"):
         load_config("repaired.py:tiny,middle")
-    with pytest.raises(ValueError, match="preset must be one of tiny, small, base"):
+    with pytest.raises(ValueError, match="preset must be one of tiny, compare, small, base"):
         load_config("block.py:huge")
 
 

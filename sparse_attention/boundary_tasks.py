@@ -111,9 +111,10 @@ class BoundaryTaskConfig:
     def from_config_dict(cls, config) -> "BoundaryTaskConfig":
         c = config.to_dict() if hasattr(config, "to_dict") else dict(config)
         expected = {"seed", "tasks", "patterns", "depths", "sequence", "copy", "hops", "model", "train", "eval"}
-        unknown = sorted(set(c) - expected)
-        if unknown:
-            _fail(unknown[0], f"unknown key; valid keys: {', '.join(sorted(expected))}")
+        unknown, missing = sorted(set(c) - expected), sorted(expected - set(c))
+        if unknown or missing:
+            _fail((unknown or missing)[0], f"{'unknown' if unknown else 'missing'} key; the config needs exactly "
+                                           f"{', '.join(sorted(expected))}")
         sections = {
             "sequence": ("seq_len", "block_size", "symbols"),
             "copy": ("distances", "phases", "steps"),

@@ -59,10 +59,14 @@ def test_bad_settings_name_the_field(changes, message):
             config.make_task(task)
 
 
-def test_unknown_keys_are_refused():
+def test_unknown_and_missing_keys_are_refused():
     config = tiny_config()
     config.train.momentum = 0.9
     with pytest.raises(ValueError, match="train.momentum: unknown or missing key"):
+        BoundaryTaskConfig.from_config_dict(config)
+    config = tiny_config().to_dict()
+    del config["seed"]
+    with pytest.raises(ValueError, match="seed: missing key"):
         BoundaryTaskConfig.from_config_dict(config)
 
 

@@ -62,14 +62,14 @@ def _fail(field: str, problem: str):
     raise ValueError(f"{field}: {problem}")
 
 
-def _check_ints(field: str, values, *, minimum: int) -> tuple[int, ...]:
+def _check_ints(field: str, values, *, minimum: int) -> None:
+    """ValueError naming `field` unless `values` (an int or a sequence of them) are all ints >= minimum."""
     values = tuple(values) if isinstance(values, (list, tuple)) else (values,)
     if not values:
         _fail(field, "give at least one value")
     for value in values:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             _fail(field, f"must be integers >= {minimum}, got {value!r}")
-    return values
 
 
 # --------------------------------------------------------------------------------------------------
@@ -365,7 +365,7 @@ class PatternModels:
     """
 
     def __init__(self, config: BoundaryTaskConfig, specs: Sequence[str], depth: int, steps: int):
-        self.config, self.specs, self.depth = config, tuple(specs), depth
+        self.config, self.specs = config, tuple(specs)
         model_config = config.model_config(depth)
         attention = AttentionConfig(pattern="dense", schedule=(), impl="reference", interpret=False)
         abstract = nnx.eval_shape(lambda: DecoderLM(model_config, attention, rngs=nnx.Rngs(0)))

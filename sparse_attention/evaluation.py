@@ -49,6 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import scipy.stats
 from flax import nnx
 from tqdm import tqdm
 
@@ -749,6 +750,7 @@ def _training_facts(run: EvalRun) -> dict:
         "wall_time_s": summary.get("wall_time_s"),
         "seq_len": run.train_seq_len,
         "steps": summary.get("final_step", run.step),
+        "seed": run.config.seed,
     }
 
 
@@ -907,9 +909,9 @@ def paired_differences(models: Sequence[dict], settings: dict,
     same document names on the same block grid; otherwise it goes to `skipped` with the reason.
 
     differences: {variant, baseline, variant_runs, baseline_runs, eval_set, length, documents, overall,
-    block_start ({mean, low, high} each), per_run_overall ({run label: point difference of that run alone
-    against the pooled baseline})}. skipped: {variant, baseline, eval_set, length, reason}, None where the
-    reason holds for every eval set or length.
+    block_start ({mean, low, high} each), per_run_overall and per_run_block_start ({run label: point
+    difference of that run alone against the pooled baseline}), seed_matched (`_seed_matched`)}. skipped:
+    {variant, baseline, eval_set, length, reason}, None where the reason holds for every eval set or length.
     """
     groups: dict[str, list[dict]] = {}
     for model in models:
@@ -954,7 +956,7 @@ def paired_differences(models: Sequence[dict], settings: dict,
                         "baseline_runs": [m["label"] for m in baseline_runs],
                         "eval_set": eval_set,
                         "length": length,
-                        **_paired_numbers(variant_runs, variant_entries, baseline_entries, stats),
+                        **_paired_numbers(variant_runs, variant_entries, baseline_runs, baseline_entries, stats),
                     })
     return differences, skipped
 
@@ -1008,21 +1010,70 @@ def _pooled_sums(entries: Sequence[dict], prefix: str = "") -> tuple[np.ndarray,
     return nll, tokens
 
 
-def _paired_numbers(variant_runs: Sequence[dict], variant_entries: Sequence[dict],
+def _pooled_loss(entries: Sequence[dict], prefix: str = "") -> float:
+    """The pooled loss (nats per token) of the entries' per-document sums over all documents."""
+    nll, tokens = _pooled_sums(entries, prefix)
+    return _safe_ratio(nll.sum(), tokens.sum())
+
+
+def _paired_numbers(variant_runs: Sequence[dict], variant_entries: Sequence[dict], baseline_runs: Sequence[dict],
                     baseline_entries: Sequence[dict], stats: dict) -> dict:
     baseline_nll, baseline_tokens = _pooled_sums(baseline_entries)
-    baseline_loss = _safe_ratio(baseline_nll.sum(), baseline_tokens.sum())
-    per_run = {}
-    for model, entry in zip(variant_runs, variant_entries):
-        nll, tokens = _pooled_sums([entry])
-        per_run[model["label"]] = _number(bits_per_byte(_safe_ratio(nll.sum(), tokens.sum()) - baseline_loss))
-    return {
+    numbers = {
         "documents": len(baseline_nll),
         "overall": difference_interval(*_pooled_sums(variant_entries), baseline_nll, baseline_tokens, **stats),
         "block_start": difference_interval(*_pooled_sums(variant_entries, "start_"),
                                            *_pooled_sums(baseline_entries, "start_"), **stats),
-        "per_run_overall": per_run,
     }
+    for key, prefix in (("overall", ""), ("block_start", "start_")):
+        baseline_loss = _pooled_loss(baseline_entries, prefix)
+        numbers[f"per_run_{key}"] = {
+            model["label"]: _number(bits_per_byte(_pooled_loss([entry], prefix) - baseline_loss))
+            for model, entry in zip(variant_runs, variant_entries)}
+    numbers["seed_matched"] = _seed_matched(variant_runs, variant_entries, baseline_runs, baseline_entries,
+                                            stats["confidence"])
+    return numbers
+
+
+def _seed_matched(variant_runs: Sequence[dict], variant_entries: Sequence[dict], baseline_runs: Sequence[dict],
+                  baseline_entries: Sequence[dict], confidence: float) -> dict:
+    """Differences between runs trained with the same seed, and their mean over seeds with a Student t interval.
+
+    Runs of one seed see the same data order and, where the shapes agree, the same initial weights, so pairing
+    them removes that share of the seed-to-seed variation; the t interval over seeds covers the rest, which the
+    bootstrap over documents does not. {seeds, overall, block_start, reason}: seeds the sorted training seeds
+    both sides have; overall and block_start {per_seed: [bits per byte, one per seed], mean, low, high}, low
+    and high None with fewer than two seeds. Where a run's training seed is unknown (results written before it
+    was recorded) or no seed is on both sides: seeds [], the numbers None and the reason.
+    """
+    unknown = next((m["label"] for m in [*variant_runs, *baseline_runs] if m.get("training", {}).get("seed") is None),
+                   None)
+    empty = {"seeds": [], "overall": None, "block_start": None}
+    if unknown is not None:
+        return {**empty, "reason": f"{unknown} has no training seed (results written before it was recorded)"}
+
+    def by_seed(runs, entries):
+        grouped: dict[int, list[dict]] = {}
+        for model, entry in zip(runs, entries):
+            grouped.setdefault(model["training"]["seed"], []).append(entry)
+        return grouped
+
+    variant_seeds, baseline_seeds = by_seed(variant_runs, variant_entries), by_seed(baseline_runs, baseline_entries)
+    seeds = sorted(set(variant_seeds) & set(baseline_seeds))
+    if not seeds:
+        return {**empty, "reason": f"no training seed on both sides (variant {sorted(variant_seeds)}, "
+                                   f"baseline {sorted(baseline_seeds)})"}
+    matched = {"seeds": seeds, "reason": None}
+    for key, prefix in (("overall", ""), ("block_start", "start_")):
+        per_seed = np.array([bits_per_byte(_pooled_loss(variant_seeds[seed], prefix)
+                                           - _pooled_loss(baseline_seeds[seed], prefix)) for seed in seeds])
+        low = high = None
+        if len(seeds) > 1:
+            half_width = (scipy.stats.t.ppf(0.5 + confidence / 2, len(seeds) - 1) * per_seed.std(ddof=1)
+                          / math.sqrt(len(seeds)))
+            low, high = _number(per_seed.mean() - half_width), _number(per_seed.mean() + half_width)
+        matched[key] = {"per_seed": _numbers(per_seed), "mean": _number(per_seed.mean()), "low": low, "high": high}
+    return matched
 
 
 def merge_results(results_list: Sequence[dict], sources: Sequence[str] | None = None,

@@ -223,6 +223,18 @@ def _merged_lines(merged_from: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _seed_matched_text(entry: dict | None) -> str:
+    """"mean [low, high] (per seed) / ..." of a paired entry's seed-matched differences, overall then block start."""
+    matched = (entry or {}).get("seed_matched") or {}
+    if not matched.get("seeds"):
+        return "–"
+    parts = []
+    for key in ("overall", "block_start"):
+        per_seed = ", ".join(_number_text(value, "+.3f") for value in matched[key]["per_seed"])
+        parts.append(f"{_interval_text(matched[key])} ({per_seed})")
+    return " / ".join(parts)
+
+
 def _paired_lines(results: dict) -> list[str]:
     """The paired-differences section; nothing for results written before they existed or without pairs."""
     differences, skipped = results.get("paired", []), results.get("paired_skipped", [])
@@ -234,8 +246,10 @@ def _paired_lines(results: dict) -> list[str]:
              "negative: the variant has the lower loss. The runs of a variant (one eval pattern) are its seeds: "
              "their per-document sums are pooled, so each document's loss is the seed average. Intervals are 95 % "
              "paired percentile bootstrap intervals over documents (units: chunks where documents were cut), "
-             "one resample for both sides; they do not cover seed-to-seed variation, which the second table shows "
-             "(each run of the variant alone against the pooled baseline, overall).", ""]
+             "one resample for both sides; they do not cover seed-to-seed variation. The second table gives each "
+             "run of the variant alone against the pooled baseline. The third pairs runs trained with the same "
+             "seed: the mean over seeds of their differences with a 95 % Student t interval over seeds (none with "
+             "one seed), then each seed's difference; this interval does cover seed-to-seed variation.", ""]
     for eval_set in results["settings"]["eval_sets"]:
         entries = [entry for entry in differences if entry["eval_set"] == eval_set]
         if not entries:
@@ -243,7 +257,7 @@ def _paired_lines(results: dict) -> list[str]:
         lengths = sorted({entry["length"] for entry in entries})
         pairs = list(dict.fromkeys((entry["variant"], entry["baseline"]) for entry in entries))
         cells = {(entry["variant"], entry["baseline"], entry["length"]): entry for entry in entries}
-        rows, spread = [], []
+        rows, spread, matched = [], [], []
         for variant, baseline in pairs:
             found = [cells.get((variant, baseline, length)) for length in lengths]
             first = next(entry for entry in found if entry is not None)
@@ -251,11 +265,20 @@ def _paired_lines(results: dict) -> list[str]:
                     f"runs)")
             rows.append([name, *("–" if entry is None else f"{_interval_text(entry['overall'])} / "
                                  f"{_interval_text(entry['block_start'])}" for entry in found)])
-            spread.append([name, *("–" if entry is None else ", ".join(
-                _number_text(value, "+.3f") for value in entry["per_run_overall"].values()) for entry in found)])
+            spread.append([name, *("–" if entry is None else " / ".join(", ".join(
+                _number_text(value, "+.3f") for value in entry[f"per_run_{key}"].values())
+                for key in ("overall", "block_start")) for entry in found)])
+            seeds = (first.get("seed_matched") or {}).get("seeds")
+            if seeds:
+                matched.append([f"{variant} − {baseline} (seeds {', '.join(map(str, seeds))})",
+                                *(_seed_matched_text(entry) for entry in found)])
         lines += [f"### {eval_set} ({entries[0]['documents']} units)", ""]
         lines += _table(["variant − baseline", *(f"C={length}: overall / block start" for length in lengths)], rows)
-        lines += _table(["variant − baseline", *(f"C={length}: each run, overall" for length in lengths)], spread)
+        lines += _table(["variant − baseline",
+                         *(f"C={length}: each run, overall / block start" for length in lengths)], spread)
+        if matched:
+            lines += _table(["variant − baseline, same seeds",
+                             *(f"C={length}: overall / block start" for length in lengths)], matched)
     if skipped:
         lines += ["Pairs not compared:", ""]
         for entry in skipped:

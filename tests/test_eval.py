@@ -258,11 +258,14 @@ def test_documents_are_cut_into_named_chunks():
 NAMES = tuple(f"doc{i}" for i in range(40))
 
 
-def hand_made_model(label, pattern, nll, tokens, start_nll, start_tokens, *, names=NAMES, grid=(16, 0)) -> dict:
-    """A results["models"] entry that holds only what paired differences read: per-document sums at C=64."""
+def hand_made_model(label, pattern, nll, tokens, start_nll, start_tokens, *, names=NAMES, grid=(16, 0),
+                    seed=None) -> dict:
+    """A results["models"] entry that holds only what paired differences read: per-document sums at C=64 and,
+    unless seed is None, the training seed."""
     sums = {"start_offsets": 8, "nll_nats": list(nll), "tokens": list(tokens), "start_nll_nats": list(start_nll),
             "start_tokens": list(start_tokens)}
     return {"label": label, "eval_pattern": pattern, "overrides": {},
+            **({} if seed is None else {"training": {"seed": seed}}),
             "block_grid": {"size": grid[0], "offset": grid[1], "source": "pattern"},
             "language_model": {"books:long": {"document_names": list(names), "skipped": [],
                                               "lengths": [{"length": 64, "per_document": sums}]}}}
@@ -302,6 +305,9 @@ def test_paired_differences_of_hand_made_sums():
             assert entry[key][bound] == pytest.approx(nats / math.log(2)), (key, bound)
     assert entry["per_run_overall"] == {"window_s0": pytest.approx(0.1 / math.log(2)),
                                         "window_s1": pytest.approx(0.3 / math.log(2))}
+    assert entry["per_run_block_start"] == {"window_s0": pytest.approx(0.4 / math.log(2)),
+                                            "window_s1": pytest.approx(0.6 / math.log(2))}
+    assert entry["seed_matched"]["seeds"] == [] and "window_s0 has no training seed" in entry["seed_matched"]["reason"]
     json.dumps(differences, allow_nan=False)
 
     only_block, _ = evaluation.paired_differences(models, settings, baselines=("block(16, 0)",))
@@ -310,6 +316,34 @@ def test_paired_differences_of_hand_made_sums():
     assert missing[0]["baseline"] == "window(4)" and "no run" in missing[0]["reason"]
     with pytest.raises(ValueError, match="baselines: bad pattern spec 'blok"):
         evaluation.paired_differences(models, settings, baselines=("blok(16)",))
+
+
+def test_seed_matched_differences_pair_runs_of_one_seed():
+    run, _ = hand_made_runs()
+    # Seed 1 is harder for both variants (+0.5 nats everywhere): matched by seed, each pair's difference is the
+    # variant's own excess (0.1, 0.3, 0.2 over seeds 0-2 overall), which pooling across seeds would also give
+    # here; only seeds on both sides count (the baseline's seed 3 and the variant's seed 4 do not).
+    window = [run(f"window_s{seed}", "window(8)", excess + (0.5 if seed == 1 else 0.0), 0.4, seed=seed)
+              for seed, excess in ((0, 0.1), (1, 0.3), (2, 0.2), (4, 9.0))]
+    dense = [run(f"dense_s{seed}", "dense", 0.5 if seed == 1 else 0.0, 0.0, seed=seed) for seed in (0, 1, 2, 3)]
+    settings = {"eval_sets": {"books:long": {}}, "bootstrap_samples": 50, "seed": 0, "confidence": 0.95}
+    (entry,), _ = evaluation.paired_differences([*window, *dense], settings, ("dense",))
+    matched = entry["seed_matched"]
+    assert matched["seeds"] == [0, 1, 2] and matched["reason"] is None
+    assert matched["overall"]["per_seed"] == pytest.approx(np.array([0.1, 0.3, 0.2]) / math.log(2))
+    half_width = 4.302653 * 0.1 / math.sqrt(3) / math.log(2)  # t(0.975, 2 df) * sd over seeds / sqrt(3)
+    assert matched["overall"]["mean"] == pytest.approx(0.2 / math.log(2))
+    assert matched["overall"]["low"] == pytest.approx(0.2 / math.log(2) - half_width, rel=1e-5)
+    assert matched["overall"]["high"] == pytest.approx(0.2 / math.log(2) + half_width, rel=1e-5)
+    assert matched["block_start"]["per_seed"] == pytest.approx([0.4 / math.log(2)] * 3)
+    assert matched["block_start"]["low"] == pytest.approx(matched["block_start"]["high"])
+
+    (single,), _ = evaluation.paired_differences([window[0], dense[0]], settings, ("dense",))
+    assert single["seed_matched"]["seeds"] == [0] and single["seed_matched"]["overall"]["low"] is None
+    (apart,), _ = evaluation.paired_differences([window[3], dense[3]], settings, ("dense",))
+    assert apart["seed_matched"]["seeds"] == [] and "variant [4], baseline [3]" in apart["seed_matched"]["reason"]
+    text = "\n".join(report._paired_lines({"settings": settings, "paired": [entry], "paired_skipped": []}))
+    assert "window(8) − dense (seeds 0, 1, 2)" in text and "(+0.144, +0.433, +0.289)" in text
 
 
 def test_paired_differences_skip_what_cannot_be_paired():
@@ -416,6 +450,7 @@ def test_eval_of_a_trained_checkpoint_writes_every_output(trained_run, tmp_path)
     (model,) = results["models"]
     assert model["label"] == "tiny" and model["eval_pattern"] == "repaired(16, 2, bridge)" and model["step"] == 3
     assert set(model) >= {"training", "active_fraction", "language_model", "diagnostics", "reachability"}
+    assert model["training"]["seed"] == json.loads((trained_run / "config.json").read_text())["seed"]
     assert set(model["language_model"]) == {"code:long", "books:long"}
     for eval_set, entry in model["language_model"].items():
         assert [e["length"] for e in entry["lengths"]] == [32, 64, 128]

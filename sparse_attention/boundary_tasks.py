@@ -94,6 +94,7 @@ class BoundaryTaskConfig:
     crossings: tuple[int, ...]
     chains: int
     hops_steps: int
+    hops_curriculum: bool
     d_model: int
     num_heads: int
     mlp_hidden: int
@@ -118,7 +119,7 @@ class BoundaryTaskConfig:
         sections = {
             "sequence": ("seq_len", "block_size", "symbols"),
             "copy": ("distances", "phases", "steps"),
-            "hops": ("hops", "crossings", "chains", "steps"),
+            "hops": ("hops", "crossings", "chains", "steps", "curriculum"),
             "model": ("d_model", "num_heads", "mlp_hidden", "compute_dtype"),
             "train": ("batch", "learning_rate", "warmup_steps", "log_every"),
             "eval": ("samples_per_cell", "accuracy_bar", "confidence", "batch"),
@@ -134,6 +135,7 @@ class BoundaryTaskConfig:
             symbols=c["sequence"]["symbols"], distances=tuple(c["copy"]["distances"]),
             phases=tuple(c["copy"]["phases"]), copy_steps=c["copy"]["steps"], hops=tuple(c["hops"]["hops"]),
             crossings=tuple(c["hops"]["crossings"]), chains=c["hops"]["chains"], hops_steps=c["hops"]["steps"],
+            hops_curriculum=c["hops"]["curriculum"],
             d_model=c["model"]["d_model"], num_heads=c["model"]["num_heads"],
             mlp_hidden=c["model"]["mlp_hidden"], compute_dtype=c["model"]["compute_dtype"], batch=c["train"]["batch"],
             learning_rate=c["train"]["learning_rate"], warmup_steps=c["train"]["warmup_steps"],
@@ -170,6 +172,8 @@ class BoundaryTaskConfig:
         _check_ints("hops.hops", self.hops, minimum=1)
         _check_ints("hops.crossings", self.crossings, minimum=0)
         _check_ints("hops.chains", self.chains, minimum=2)
+        if not isinstance(self.hops_curriculum, bool):
+            _fail("hops.curriculum", f"must be True or False, got {self.hops_curriculum!r}")
         if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
             _fail("model.num_heads", f"must divide d_model={self.d_model} into an even head_dim, got {self.num_heads}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -192,7 +196,8 @@ class BoundaryTaskConfig:
     def make_task(self, task: str) -> "CopyTask | HopTask":
         if task == "copy":
             return CopyTask(self.seq_len, self.block_size, self.symbols, self.distances, self.phases)
-        return HopTask(self.seq_len, self.block_size, self.symbols, self.hops, self.crossings, self.chains)
+        return HopTask(self.seq_len, self.block_size, self.symbols, self.hops, self.crossings, self.chains,
+                       curriculum=self.hops_curriculum)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -235,8 +240,8 @@ class CopyTask:
         self.distances, self.phases = tuple(distances), tuple(phases)
         self.cells = [{"distance": d, "phase": p} for d in self.distances for p in self.phases]
 
-    def training_batch(self, rng: np.random.Generator, batch: int) -> TrainingBatch:
-        """The value at a uniform position; every later position is scored."""
+    def training_batch(self, rng: np.random.Generator, batch: int, progress: float = 0.0) -> TrainingBatch:
+        """The value at a uniform position; every later position is scored. The same at every `progress`."""
         tokens = rng.integers(FILLER, FILLER + FILLER_SYMBOLS, (batch, self.seq_len))
         key = rng.integers(0, self.seq_len - 1, batch)
         value = rng.integers(0, self.symbols, batch)
@@ -263,13 +268,18 @@ class CopyTask:
 
 class HopTask:
     """`chains` chains of h statements, every chain queried at the end; cell (hops h, crossings e): the links
-    of a chain sit e block edges apart (e = 0: all in one block). Probes score chain 0's query."""
+    of a chain sit e block edges apart (e = 0: all in one block). Probes score chain 0's query.
+
+    curriculum: training moves through the hop counts in stages of equal length, stage k drawing only cells
+    with h <= the k-th smallest hop count, so that longer chains come after the one-hop lookup they build on.
+    """
 
     name = "hops"
 
     def __init__(self, seq_len: int, block: int, symbols: int, hops: Sequence[int], crossings: Sequence[int],
-                 chains: int):
+                 chains: int, curriculum: bool = False):
         self.seq_len, self.block, self.symbols, self.chains = seq_len, block, symbols, chains
+        self.curriculum = curriculum
         self.blocks = seq_len // block
         self.name_token = VALUE + symbols
         self.query_token = self.name_token + NAME_SYMBOLS
@@ -332,9 +342,18 @@ class HopTask:
             targets[start + 1], weights[start + 1] = values[chain], 1.0
         return tokens, targets, weights, query, key, values[0]
 
-    def training_batch(self, rng: np.random.Generator, batch: int) -> TrainingBatch:
-        """Sequences of uniformly drawn cells."""
-        rows = [self.sequence(rng, **self.cells[c]) for c in rng.integers(0, len(self.cells), batch)]
+    def training_cells(self, progress: float) -> list[dict]:
+        """The cells training draws from once a share `progress` in [0, 1) of the steps is done."""
+        if not self.curriculum:
+            return self.cells
+        levels = sorted({cell["hops"] for cell in self.cells})
+        top = levels[min(int(progress * len(levels)), len(levels) - 1)]
+        return [cell for cell in self.cells if cell["hops"] <= top]
+
+    def training_batch(self, rng: np.random.Generator, batch: int, progress: float = 0.0) -> TrainingBatch:
+        """Sequences of cells drawn uniformly from `training_cells(progress)`."""
+        cells = self.training_cells(progress)
+        rows = [self.sequence(rng, **cells[c]) for c in rng.integers(0, len(cells), batch)]
         return TrainingBatch(np.stack([r[0] for r in rows]).astype(np.int32),
                              np.stack([r[1] for r in rows]).astype(np.int32), np.stack([r[2] for r in rows]))
 
@@ -425,7 +444,7 @@ class PatternModels:
         curve, done, started = [], 0, time.perf_counter()
         while done < steps:
             chunk = min(self.config.log_every, steps - done)
-            batches = [task.training_batch(rng, self.config.batch) for _ in range(chunk)]
+            batches = [task.training_batch(rng, self.config.batch, (done + i) / steps) for i in range(chunk)]
             stacked = [np.stack([getattr(b, field) for b in batches]) for field in ("tokens", "targets", "weights")]
             self.params, self.opt_state, losses = self._train(self.params, self.opt_state, self.masks, *stacked)
             done += chunk

@@ -21,7 +21,7 @@ def tiny_config(**changes) -> ml_collections.ConfigDict:
     config.depths = (1,)
     config.sequence = dict(seq_len=64, block_size=8, symbols=8)
     config.copy = dict(distances=(1, 2, 4, 7, 8, 9, 16, 40), phases=(0, 1, 7), steps=400)
-    config.hops = dict(hops=(1, 2), crossings=(0, 1), chains=2, steps=40)
+    config.hops = dict(hops=(1, 2), crossings=(0, 1), chains=2, steps=40, curriculum=False)
     config.model = dict(d_model=32, num_heads=2, mlp_hidden=64, compute_dtype="float32")
     config.train = dict(batch=32, learning_rate=3e-3, warmup_steps=20, log_every=100)
     config.eval = dict(samples_per_cell=48, accuracy_bar=0.9, confidence=0.95, batch=128)
@@ -114,6 +114,24 @@ def follow_chain(task: HopTask, tokens: np.ndarray, use: int) -> tuple[int, list
         if source < task.name_token:
             return source - VALUE, visited
         name, use = source, start + 1
+
+
+def test_hop_curriculum_adds_longer_chains_in_equal_stages():
+    task = HopTask(256, 32, 16, hops=(3, 1, 2), crossings=(0, 2), chains=4, curriculum=True)
+    drawn = {progress: {cell["hops"] for cell in task.training_cells(progress)}
+             for progress in (0.0, 0.33, 1 / 3, 0.5, 0.67, 0.99)}
+    assert drawn == {0.0: {1}, 0.33: {1}, 1 / 3: {1, 2}, 0.5: {1, 2}, 0.67: {1, 2, 3}, 0.99: {1, 2, 3}}
+    assert len(task.training_cells(0.0)) == 2  # both crossings of the 1-hop chains
+    rng = np.random.default_rng(0)
+    batch = task.training_batch(rng, 64, progress=0.1)
+    # A 1-hop chain scores its query and nothing else: one scored position per chain.
+    assert np.all(batch.weights.sum(axis=1) == 4)
+    plain = HopTask(256, 32, 16, hops=(1, 2, 3), crossings=(0, 2), chains=4)
+    assert plain.training_cells(0.0) == plain.cells
+    settings = tiny_config().to_dict()
+    settings["hops"]["curriculum"] = "yes"  # a plain dict: ml_collections would refuse the type itself
+    with pytest.raises(ValueError, match="hops.curriculum: must be True or False"):
+        BoundaryTaskConfig.from_config_dict(settings)
 
 
 @pytest.mark.parametrize("hops, crossings, chains", [(1, 0, 2), (3, 0, 2), (2, 1, 2), (2, 3, 2), (2, 1, 4)])

@@ -1,0 +1,124 @@
+"""Training step cost of each LM comparison variant, timed alone, and where a trained state's extra time goes.
+
+    python results/lm_compare/step_cost.py OUT_DIR [STEPS_TIMED [TRAIN_STEPS [SIZE]]]
+
+SIZE is the preset (default compare). For every variant of run.sh: compile the training step, then time
+STEPS_TIMED (default 30) steps from a fresh state on batches 0.., each step waited for on its own (median
+and tokens/s). step_time_probe.py showed that a step's time grows with the trained state, so these are
+the costs at the start of training; every variant is timed from the same point.
+
+Then, for block (block(512) in compare): the forward loss, the loss with its gradient, and the optimizer update, each jitted
+alone and timed on batches 0-9 with the fresh state and with the state after TRAIN_STEPS (default 150)
+updates. The part whose time grows is where the slowdown lives.
+
+Writes OUT_DIR/step_cost.json and prints both tables.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from sparse_attention import data, training
+from sparse_attention.atomic_io import write_json
+from sparse_attention.config import ExperimentConfig
+from sparse_attention.evaluation import config_file_dict
+
+VARIANTS = {  # run.sh's variants: config file and pattern
+    "dense": ("dense", None), "block": ("block", None), "window": ("window", None),
+    "window2b": ("window", "window(1024)"), "bridge": ("repaired", None), "prefix": ("repaired", None),
+    "shifted": ("block", "shifted(512)"),
+}
+
+
+def variant_config(name: str, size: str) -> ExperimentConfig:
+    file, pattern = VARIANTS[name]
+    settings = config_file_dict(f"configs/{file}.py:{size}{',prefix' if name == 'prefix' else ''}")
+    if pattern is not None:
+        settings["attention"]["pattern"] = pattern
+    return ExperimentConfig.from_config_dict(settings)
+
+
+def rows_of(config: ExperimentConfig, tokens: np.ndarray, step: int) -> np.ndarray:
+    return data.batch_for_step(tokens, seed=config.seed, step=step, process_index=0, process_count=1,
+                               global_batch=config.train.global_batch, seq_len=config.train.seq_len)
+
+
+def median_ms(function, batches) -> float:
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        jax.block_until_ready(function(batch))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def variant_costs(size: str, steps_timed: int) -> dict:
+    costs = {}
+    for name in VARIANTS:
+        config = variant_config(name, size)
+        trainer = training.Trainer(config, training.make_mesh(config.mesh))
+        tokens = training.training_tokens(config)
+        compile_s = trainer.compile()
+        batches = [jax.block_until_ready(trainer.make_batch(rows_of(config, tokens, i))) for i in range(steps_timed)]
+        state = [trainer.init_state()]
+
+        def one_step(batch):
+            state[0], metrics = trainer.step(state[0], batch)
+            return metrics
+
+        step_ms = median_ms(one_step, batches)
+        costs[name] = {"pattern": config.attention.pattern, "compile_s": compile_s, "median_step_ms": step_ms,
+                       "tokens_per_sec": trainer.tokens_per_step / step_ms * 1e3}
+        print(f"{name:9s} {config.attention.pattern:28s} {step_ms:7.1f} ms  {costs[name]['tokens_per_sec']:10,.0f} "
+              f"tokens/s  (compile {compile_s:.0f} s)", flush=True)
+    block = costs["block"]["median_step_ms"]
+    for cost in costs.values():
+        cost["time_vs_block"] = cost["median_step_ms"] / block
+    return costs
+
+
+def part_costs(size: str, train_steps: int) -> dict:
+    config = variant_config("block", size)
+    trainer = training.Trainer(config, training.make_mesh(config.mesh))
+    tokens = training.training_tokens(config)
+    batches = [jax.block_until_ready(trainer.make_batch(rows_of(config, tokens, i))) for i in range(10)]
+    loss = jax.jit(trainer.loss)
+    loss_and_grad = jax.jit(jax.value_and_grad(trainer.loss))
+    update = jax.jit(trainer.optimizer.update)
+    state = trainer.init_state()
+    parts = {}
+    for label in ("fresh", f"after {train_steps} steps"):
+        if label != "fresh":
+            for step in range(train_steps):
+                state, _ = trainer.step(state, trainer.make_batch(rows_of(config, tokens, step)))
+            jax.block_until_ready(state)
+        params, opt_state = state.params, state.opt_state
+        grads = loss_and_grad(params, batches[0])[1]
+        for function in (loss, loss_and_grad):  # compile outside the timing
+            jax.block_until_ready(function(params, batches[0]))
+        jax.block_until_ready(update(grads, opt_state, params))
+        parts[label] = {
+            "forward_ms": median_ms(lambda batch: loss(params, batch), batches),
+            "forward_backward_ms": median_ms(lambda batch: loss_and_grad(params, batch), batches),
+            "optimizer_update_ms": median_ms(lambda _: update(grads, opt_state, params), batches),
+        }
+        print(f"{config.attention.pattern} {label:18s} " + "  ".join(f"{key} {value:.1f}" for key, value in parts[label].items()),
+              flush=True)
+    return parts
+
+
+def main(out_dir: str, steps_timed: str = "30", train_steps: str = "150", size: str = "compare") -> None:
+    costs = variant_costs(size, int(steps_timed))
+    parts = part_costs(size, int(train_steps))
+    write_json(Path(out_dir) / "step_cost.json", {"size": size, "device": jax.devices()[0].device_kind,
+                                                  "jax": jax.__version__, "steps_timed": int(steps_timed),
+                                                  "variants": costs, "block_parts": parts})
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    main(*sys.argv[1:])

@@ -15,7 +15,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from sparse_attention import training
+from sparse_attention import training, workdir_lock
 from sparse_attention.config import ExperimentConfig
 
 PREEMPTED_EXIT_CODE = 75
@@ -30,6 +30,9 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", training.DISTRIBUTED_MODES,
     "join the processes of a multi-process job with jax.distributed.initialize: auto = when "
     "JAX_COORDINATOR_ADDRESS, a multi-task SLURM job, Open MPI or a multi-host TPU slice is detected")
+_OVERRIDE_CONFIG = flags.DEFINE_bool(
+    "override_config", False, "resume a workdir's checkpoints with a config that differs from the saved one "
+    "in more than train.steps and the mesh (the model and attention patterns must still match)")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -43,7 +46,10 @@ def main(argv):
         config = ExperimentConfig.from_config_dict(_CONFIG.value)
     except ValueError as error:
         raise app.UsageError(f"bad config: {error}") from error
-    result = training.train(config, _WORKDIR.value)
+    try:
+        result = training.train(config, _WORKDIR.value, override_config=_OVERRIDE_CONFIG.value)
+    except (training.WorkdirError, workdir_lock.WorkdirBusyError) as error:
+        sys.exit(f"train.py: {error}")
     if result.preempted:
         sys.exit(PREEMPTED_EXIT_CODE)
 

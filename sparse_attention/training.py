@@ -48,7 +48,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparse_attention import data
+from sparse_attention import data, workdir_lock
 from sparse_attention.checkpointing import Checkpoints, load_config, save_config
 from sparse_attention.config import ExperimentConfig, MeshConfig, TrainConfig
 from sparse_attention.model import DecoderLM, attention_impl_summary
@@ -61,6 +61,13 @@ MESH_AXES = ("data", "fsdp")
 BATCH_AXES = MESH_AXES  # the batch dimension is split over every device
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.95, 1e-8
 SUMMARY_FILE = "train_summary.json"
+# What a resume may change without --override_config: how long to train, and where (a checkpoint is
+# resharded onto any mesh; the result differs only in the order of float reductions).
+RESUME_MAY_CHANGE = ("train.steps:", "mesh.")
+
+
+class WorkdirError(ValueError):
+    """The workdir cannot take this run: missing parent, not a folder, or checkpoints of another config."""
 DISTRIBUTED_MODES = ("auto", "on", "off")
 
 
@@ -396,17 +403,19 @@ def _sigterm_requests_stop() -> Iterator[_StopRequest]:
 def _check_workdir(workdir: str | os.PathLike) -> Path:
     workdir = Path(workdir).absolute()
     if not workdir.parent.is_dir():
-        raise ValueError(f"workdir: parent folder {workdir.parent} does not exist; create it first "
-                         f"(the workdir itself, {workdir.name}, is created if missing)")
+        raise WorkdirError(f"workdir: parent folder {workdir.parent} does not exist; create it first "
+                           f"(the workdir itself, {workdir.name}, is created if missing)")
     if workdir.exists() and not workdir.is_dir():
-        raise ValueError(f"workdir: {workdir} exists and is not a folder")
+        raise WorkdirError(f"workdir: {workdir} exists and is not a folder")
     if jax.process_index() == 0:
         workdir.mkdir(exist_ok=True)
     return workdir
 
 
-def _check_resumable(workdir: Path, config: ExperimentConfig, has_checkpoints: bool) -> None:
-    """A workdir's checkpoints must belong to the same model and attention patterns."""
+def _check_resumable(workdir: Path, config: ExperimentConfig, has_checkpoints: bool,
+                     override_config: bool) -> None:
+    """A workdir's checkpoints must belong to the same model and attention patterns, and a resume must keep
+    the saved config but for RESUME_MAY_CHANGE, unless override_config."""
     saved = load_config(workdir)
     if saved is None:
         return
@@ -417,8 +426,13 @@ def _check_resumable(workdir: Path, config: ExperimentConfig, has_checkpoints: b
     changed += [f"seed: {before['seed']} -> {now['seed']}"] if before["seed"] != now["seed"] else []
     fixed = [c for c in changed if c.startswith(("model.", "attention.pattern", "attention.schedule"))]
     if has_checkpoints and fixed:
-        raise ValueError(f"workdir: {workdir} holds checkpoints of another model or attention pattern "
-                         f"({'; '.join(fixed)}); use a new workdir")
+        raise WorkdirError(f"workdir: {workdir} holds checkpoints of another model or attention pattern "
+                           f"({'; '.join(fixed)}); use a new workdir")
+    refused = [c for c in changed if not c.startswith(RESUME_MAY_CHANGE)]
+    if has_checkpoints and refused and not override_config:
+        raise WorkdirError(f"workdir: {workdir} holds checkpoints trained with another config "
+                           f"({'; '.join(refused)}); rerun with --override_config to resume with this one, or "
+                           f"use a new workdir")
     if changed:
         log.warning("config differs from the one saved in %s: %s", workdir, "; ".join(changed))
 
@@ -499,17 +513,26 @@ class _Progress:
 
 
 def train(config: ExperimentConfig, workdir: str | os.PathLike, *, until_step: int | None = None,
-          devices: Sequence[jax.Device] | None = None) -> TrainResult:
+          devices: Sequence[jax.Device] | None = None, override_config: bool = False) -> TrainResult:
     """Trains (or resumes training) in `workdir` until config.train.steps; returns what happened.
 
-    Resumes from the latest checkpoint in workdir/checkpoints if there is one. `until_step` stops
-    earlier, after saving a checkpoint there, as a preemption would (the schedule still runs to
-    train.steps); rerunning continues. SIGTERM makes the loop save a checkpoint at the next step and
-    return with `preempted=True`. A non-finite loss, gradient or state raises NonFiniteLossError before
-    anything from that step is saved. `devices` defaults to all devices of all processes.
+    Resumes from the latest checkpoint in workdir/checkpoints if there is one; a resume whose config
+    differs from the saved one in anything but train.steps and the mesh raises ValueError unless
+    `override_config`. `until_step` stops earlier, after saving a checkpoint there, as a preemption would
+    (the schedule still runs to train.steps); rerunning continues. SIGTERM makes the loop save a checkpoint
+    at the next step and return with `preempted=True`. A non-finite loss, gradient or state raises
+    NonFiniteLossError before anything from that step is saved. `devices` defaults to all devices of all
+    processes. Process 0 holds the workdir's lock throughout (`workdir_lock`): a second run on the same
+    workdir raises WorkdirBusyError before touching anything.
     """
     wall_start = time.perf_counter()
     workdir = _check_workdir(workdir)
+    with workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
+        return _train(config, workdir, until_step, devices, override_config, wall_start)
+
+
+def _train(config: ExperimentConfig, workdir: Path, until_step: int | None, devices: Sequence[jax.Device] | None,
+           override_config: bool, wall_start: float) -> TrainResult:
     train_config = config.train
     end_step = train_config.steps if until_step is None else min(until_step, train_config.steps)
     mesh = make_mesh(config.mesh, devices)
@@ -528,7 +551,7 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike, *, until_step: i
     run_log = None
     try:
         start_step = checkpoints.latest_step()
-        _check_resumable(workdir, config, start_step is not None)
+        _check_resumable(workdir, config, start_step is not None, override_config)
         save_config(workdir, config)
         if start_step is None:
             start_step = 0

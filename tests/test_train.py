@@ -9,6 +9,7 @@ milliseconds on CPU; compiling dominates. Multi-device and multi-process runs us
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ import pytest
 from flax import nnx
 from tensorboard.backend.event_processing import event_accumulator
 
-from sparse_attention import checkpointing, data, training
+from sparse_attention import checkpointing, data, training, workdir_lock
 from sparse_attention.config import ExperimentConfig
 from sparse_attention.model import DecoderLM
 from sparse_attention.run_log import read_metrics
@@ -332,7 +333,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
                           train__learning_rate=1e30, train__warmup_steps=0)
     with pytest.raises(training.NonFiniteLossError,
                        match=r"training diverged at step (7|8): loss=.*last good checkpoint is step [67] "):
-        training.train(absurd, tmp_path)
+        training.train(absurd, tmp_path, override_config=True)
     steps = checkpointing.Checkpoints(tmp_path, keep=5, async_save=False).all_steps()
     assert steps[:2] == [3, 6] and max(steps) <= 7
     after, _ = params_of(tmp_path, 6)
@@ -363,3 +364,48 @@ def test_bad_configs_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="holds checkpoints of another model or attention pattern "
                                          r"\(attention.pattern: 'repaired\(64, 8, bridge\)' -> 'dense'\)"):
         training.train(small_config(train__steps=2, attention__pattern="dense"), tmp_path / "c")
+
+
+LOCK_HOLDER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from sparse_attention import workdir_lock
+    with workdir_lock.hold(Path(sys.argv[1])):
+        print("held", flush=True)
+        time.sleep(600)
+""")
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused_before_it_writes(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(workdir)], cwd=REPO, env=cli_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        busy = f"workdir: {workdir} is in use by another training run (pid {holder.pid} on host {socket.gethostname()})"
+        with pytest.raises(workdir_lock.WorkdirBusyError, match=re.escape(busy)):
+            training.train(small_config(train__steps=1), workdir)
+        code, output = finish(train_cli("repaired.py:tiny", small_config(train__steps=1), workdir, env=cli_env()))
+        assert code == 1 and output.strip().splitlines()[-1].startswith(f"train.py: {busy}"), output
+        assert [path.name for path in workdir.iterdir()] == [workdir_lock.LOCK_FILE]  # nothing else written
+    finally:
+        holder.kill()
+        holder.wait()
+    training.train(small_config(train__steps=1), workdir)  # the lock died with its holder
+    assert (workdir / workdir_lock.LOCK_FILE).read_text() == ""
+
+
+def test_a_resume_with_another_config_needs_override(tmp_path):
+    training.train(small_config(train__steps=1), tmp_path)
+    changed = small_config(train__steps=2, train__learning_rate=1e-4)
+    with pytest.raises(training.WorkdirError, match=r"holds checkpoints trained with another config "
+                                                    r"\(train.learning_rate: 0.003 -> 0.0001\); rerun with "
+                                                    r"--override_config"):
+        training.train(changed, tmp_path)
+    assert checkpointing.Checkpoints(tmp_path, keep=1, async_save=False).all_steps() == [1]
+    result = training.train(changed, tmp_path, override_config=True)
+    assert (result.start_step, result.final_step) == (1, 2)
+    assert checkpointing.load_config(tmp_path).train.learning_rate == 1e-4
+    longer = training.train(small_config(train__steps=3, train__learning_rate=1e-4), tmp_path)  # steps may change
+    assert longer.final_step == 3

@@ -550,15 +550,16 @@ def _train(config: ExperimentConfig, workdir: Path, until_step: int | None, devi
                               async_save=train_config.async_checkpoint)
     run_log = None
     try:
-        start_step = checkpoints.latest_step()
-        _check_resumable(workdir, config, start_step is not None, override_config)
+        has_checkpoints = checkpoints.latest_step() is not None
+        _check_resumable(workdir, config, has_checkpoints, override_config)
+        restored = (checkpoints.restore_newest_valid(trainer.abstract_state.params, trainer.abstract_state.opt_state)
+                    if has_checkpoints else None)
         save_config(workdir, config)
-        if start_step is None:
+        if restored is None:
             start_step = 0
             state = trainer.init_state()
         else:
-            params, opt_state = checkpoints.restore(start_step, trainer.abstract_state.params,
-                                                    trainer.abstract_state.opt_state)
+            start_step, params, opt_state = restored
             state = trainer.state_at(start_step, params, opt_state)
             log.info("resumed from the checkpoint at step %d in %s", start_step, checkpoints.directory)
         compile_seconds = trainer.compile() if start_step < end_step else 0.0

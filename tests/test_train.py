@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -409,3 +410,55 @@ def test_a_resume_with_another_config_needs_override(tmp_path):
     assert checkpointing.load_config(tmp_path).train.learning_rate == 1e-4
     longer = training.train(small_config(train__steps=3, train__learning_rate=1e-4), tmp_path)  # steps may change
     assert longer.final_step == 3
+
+
+def damage(checkpoint: Path) -> Path:
+    """Overwrites 8 bytes in the middle of the largest parameter file of a checkpoint folder."""
+    target = max((path for path in (checkpoint / "params").rglob("*") if path.is_file()),
+                 key=lambda path: path.stat().st_size)
+    with open(target, "r+b") as handle:
+        handle.seek(target.stat().st_size // 2)
+        handle.write(b"\xff" * 8)
+    return target
+
+
+def test_array_sums_see_any_change_and_any_swap():
+    tree = {"w": jnp.arange(12, dtype=jnp.float32).reshape(3, 4), "b": jnp.ones(5, jnp.bfloat16),
+            "count": jnp.int32(7)}
+    sums = checkpointing.array_sums(tree)
+    assert set(sums) == {"['w']", "['b']", "['count']"} and sums == checkpointing.array_sums(dict(tree))
+    changed = dict(tree, w=tree["w"].at[1, 2].add(1e-6))
+    swapped = dict(tree, w=tree["w"].at[0, :2].set(jnp.array([1.0, 0.0])))
+    for other in (changed, swapped):
+        assert checkpointing.array_sums(other)["['w']"] != sums["['w']"]
+
+
+def test_damaged_checkpoints_are_refused_and_a_resume_falls_back(tmp_path, caplog):
+    config = small_config(train__steps=2, train__checkpoint_every=1, train__keep_checkpoints=5)
+    training.train(config, tmp_path)
+    directory = tmp_path / checkpointing.CHECKPOINT_DIR
+    damage(directory / "2")
+    with pytest.raises(checkpointing.CorruptCheckpointError,
+                       match=rf"checkpoint of step 2 in {re.escape(str(directory))}.*; evaluate an earlier step "
+                             rf"with --checkpoint {re.escape(str(directory / '1'))}"):
+        checkpointing.restore_model(tmp_path)
+    # Sums that disagree with readable arrays: the saved record of step 1 altered by one unit.
+    record = directory / "1" / checkpointing.INTEGRITY_ITEM / "metadata"  # orbax's JSON item file
+    saved = json.loads(record.read_text())
+    key = sorted(saved["params"])[0]
+    saved["params"][key][0] += 1
+    record.write_text(json.dumps(saved))
+    with pytest.raises(checkpointing.CorruptCheckpointError,
+                       match=rf"step 1 .*: params{re.escape(key)} differs from the array that was saved"):
+        checkpointing.restore_model(tmp_path, 1)
+    saved["params"][key][0] -= 1
+    record.write_text(json.dumps(saved))
+
+    with caplog.at_level("WARNING"):
+        resumed = training.train(small_config(train__steps=3, train__checkpoint_every=1,
+                                              train__keep_checkpoints=5), tmp_path)
+    assert (resumed.start_step, resumed.final_step) == (1, 3)
+    assert "skipped the checkpoint of step 2" in caplog.text
+    assert (directory / f"2{checkpointing.CORRUPT_SUFFIX}").is_dir()
+    assert checkpointing.Checkpoints(tmp_path, keep=5, async_save=False).all_steps() == [1, 2, 3]
+    checkpointing.restore_model(tmp_path)  # the new step 3 verifies

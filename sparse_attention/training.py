@@ -384,7 +384,8 @@ class _StopRequest:
 
 @contextlib.contextmanager
 def _sigterm_requests_stop() -> Iterator[_StopRequest]:
-    """While active, SIGTERM only sets `.requested`; the loop saves and stops at the next step."""
+    """While active, SIGTERM only sets `.requested`; the loop saves and stops at the next step (the first
+    step, if the signal came before the loop: every process must take part in that stop)."""
     request = _StopRequest()
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
         yield request
@@ -527,12 +528,15 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike, *, until_step: i
     """
     wall_start = time.perf_counter()
     workdir = _check_workdir(workdir)
-    with workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext():
-        return _train(config, workdir, until_step, devices, override_config, wall_start)
+    # SIGTERM is caught from here on, so that one arriving during start-up, restore or compilation also
+    # ends in a saved checkpoint and a preempted result (exit 75), not a killed process.
+    with (workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext(),
+          _sigterm_requests_stop() as sigterm):
+        return _train(config, workdir, until_step, devices, override_config, wall_start, sigterm)
 
 
 def _train(config: ExperimentConfig, workdir: Path, until_step: int | None, devices: Sequence[jax.Device] | None,
-           override_config: bool, wall_start: float) -> TrainResult:
+           override_config: bool, wall_start: float, sigterm: _StopRequest) -> TrainResult:
     train_config = config.train
     end_step = train_config.steps if until_step is None else min(until_step, train_config.steps)
     mesh = make_mesh(config.mesh, devices)
@@ -584,25 +588,24 @@ def _train(config: ExperimentConfig, workdir: Path, until_step: int | None, devi
             return bool(values["stop"])
 
         step, pending, stop = start_step, None, False
-        with _sigterm_requests_stop() as sigterm:
-            while step < end_step and not stop:
-                rows = data.batch_for_step(tokens, seed=config.seed, step=step, process_index=block,
-                                           process_count=blocks, global_batch=train_config.global_batch,
-                                           seq_len=train_config.seq_len)
-                state, metrics = trainer.step(state, trainer.make_batch(rows), stop=sigterm.requested)
-                step += 1
-                # The previous step's metrics arrive while this step runs: the host never waits idle.
-                if pending is not None:
-                    stop = fetch(*pending)
-                pending = (step, metrics)
-                every = train_config.checkpoint_every
-                if stop or step == end_step or (every and step % every == 0):
-                    stop = fetch(*pending) or stop  # a state is saved only once known finite
-                    pending = None
-                    checkpoints.save(step, state.params, state.opt_state)
+        while step < end_step and not stop:
+            rows = data.batch_for_step(tokens, seed=config.seed, step=step, process_index=block,
+                                       process_count=blocks, global_batch=train_config.global_batch,
+                                       seq_len=train_config.seq_len)
+            state, metrics = trainer.step(state, trainer.make_batch(rows), stop=sigterm.requested)
+            step += 1
+            # The previous step's metrics arrive while this step runs: the host never waits idle.
             if pending is not None:
-                fetch(*pending)
-            checkpoints.wait()
+                stop = fetch(*pending)
+            pending = (step, metrics)
+            every = train_config.checkpoint_every
+            if stop or step == end_step or (every and step % every == 0):
+                stop = fetch(*pending) or stop  # a state is saved only once known finite
+                pending = None
+                checkpoints.save(step, state.params, state.opt_state)
+        if pending is not None:
+            fetch(*pending)
+        checkpoints.wait()
     finally:
         checkpoints.close()
         if run_log is not None:

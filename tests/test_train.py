@@ -462,3 +462,29 @@ def test_damaged_checkpoints_are_refused_and_a_resume_falls_back(tmp_path, caplo
     assert (directory / f"2{checkpointing.CORRUPT_SUFFIX}").is_dir()
     assert checkpointing.Checkpoints(tmp_path, keep=5, async_save=False).all_steps() == [1, 2, 3]
     checkpointing.restore_model(tmp_path)  # the new step 3 verifies
+
+
+SIGTERM_IN_COMPILE = textwrap.dedent("""
+    import json, os, signal, sys
+    from sparse_attention import training
+    from sparse_attention.config import ExperimentConfig
+
+    compile_step = training.Trainer.compile
+
+    def compile_under_sigterm(self):
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would, while XLA compiles
+        return compile_step(self)
+
+    training.Trainer.compile = compile_under_sigterm
+    result = training.train(ExperimentConfig.from_config_dict(json.loads(sys.argv[1])), sys.argv[2])
+    sys.exit(75 if result.preempted else 0)
+""")
+
+
+def test_sigterm_during_compilation_saves_and_exits_75(tmp_path):
+    config = small_config(train__steps=50)
+    worker = subprocess.run([sys.executable, "-c", SIGTERM_IN_COMPILE, json.dumps(config.to_dict()), str(tmp_path)],
+                            cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=240)
+    assert worker.returncode == 75, worker.stderr[-4000:]
+    steps = checkpointing.Checkpoints(tmp_path, keep=1, async_save=False).all_steps()
+    assert len(steps) == 1 and 1 <= steps[0] <= 2  # stopped at the first steps, with a checkpoint

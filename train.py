@@ -16,6 +16,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from sparse_attention import training, workdir_lock
+from sparse_attention.attention import ImplUnavailableError
 from sparse_attention.config import ExperimentConfig
 
 PREEMPTED_EXIT_CODE = 75
@@ -48,7 +49,7 @@ def main(argv):
         raise app.UsageError(f"bad config: {error}") from error
     try:
         result = training.train(config, _WORKDIR.value, override_config=_OVERRIDE_CONFIG.value)
-    except (training.WorkdirError, workdir_lock.WorkdirBusyError) as error:
+    except (training.WorkdirError, workdir_lock.WorkdirBusyError, ImplUnavailableError) as error:
         sys.exit(f"train.py: {error}")
     if result.preempted:
         sys.exit(PREEMPTED_EXIT_CODE)

@@ -39,6 +39,10 @@ AUTO_ORDER = {
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
+class ImplUnavailableError(ValueError):
+    """No implementation that was asked for (or, with auto, none at all) can run this case here."""
+
+
 def _module(impl: str):
     """The implementation's module, or None if this checkout does not have it."""
     try:
@@ -66,7 +70,7 @@ def resolve_impl(impl: str, q, k, v, pattern: Pattern | str, *, interpret: bool 
     if impl != "auto":
         reason = unsupported_reason(impl, q, k, v, pattern, interpret=interpret)
         if reason is not None:
-            raise ValueError(f"impl={impl!r} cannot run here: {reason}")
+            raise ImplUnavailableError(f"impl={impl!r} cannot run here: {reason}")
         return impl, "requested"
     backend = jax.default_backend()
     skipped = []
@@ -76,7 +80,7 @@ def resolve_impl(impl: str, q, k, v, pattern: Pattern | str, *, interpret: bool 
             why = f"auto on {backend}" + (f" (skipped {'; '.join(skipped)})" if skipped else "")
             return candidate, why
         skipped.append(f"{candidate}: {reason}")
-    raise ValueError(f"no implementation supports this case on {backend}: {'; '.join(skipped)}")
+    raise ImplUnavailableError(f"no implementation supports this case on {backend}: {'; '.join(skipped)}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,11 @@ from sparse_attention.patterns import Pattern, as_pattern
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 HEAD_DIMS = (64, 128)
+# Pallas' GPU interpreter runs each simulated warpgroup as a computation on XLA's CPU thread pool, and the
+# warpgroups block on each other; with too few threads a training step deadlocks (on a 2-core CPU it hangs
+# with SIGTERM ignored). The pool has PJRT_NPROC threads, else one per core, fixed when JAX starts; 16 is
+# what the tests run the interpreter with.
+INTERPRETER_MIN_THREADS = 16
 WGMMA_ROWS = 64  # rows of one warpgroup's wgmma; every block is a multiple
 MAX_BLOCK = 256
 MAX_WARPGROUPS = 2
@@ -704,6 +710,11 @@ def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | N
     if q.shape[-1] not in HEAD_DIMS:
         return f"head_dim {q.shape[-1]} is not supported (64, 128)"
     if interpret:
+        threads = _cpu_pool_threads()
+        if jax.default_backend() == "cpu" and threads < INTERPRETER_MIN_THREADS:
+            return (f"interpret=True needs XLA's CPU thread pool to have >= {INTERPRETER_MIN_THREADS} threads, it "
+                    f"has {threads} (Pallas' GPU interpreter can deadlock with fewer); start Python with "
+                    f"PJRT_NPROC={INTERPRETER_MIN_THREADS}")
         return None
     if jax.default_backend() != "gpu":
         return "needs a CUDA GPU with compute capability >= 9.0 (Hopper) or interpret=True"
@@ -719,6 +730,12 @@ def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | N
         return (f"CUDA runtime {runtime} is in [{MISCOMPILING_CUDA[0]}, {MISCOMPILING_CUDA[1]}), whose ptxas "
                 "miscompiles masked Mosaic GPU attention (JAX's own causal kernel refuses it too)")
     return None
+
+
+def _cpu_pool_threads() -> int:
+    """The size of XLA's CPU thread pool: PJRT_NPROC if set, else the cores this process may run on."""
+    configured = os.environ.get("PJRT_NPROC", "")
+    return int(configured) if configured.isdigit() else len(os.sched_getaffinity(0))
 
 
 def _cuda_runtime_version() -> int | None:

@@ -13,7 +13,7 @@ import pytest
 from test_patterns import brute_force_mask, tree_spec
 
 from sparse_attention import mosaic_gpu, pallas_gpu, reference, xla
-from sparse_attention.attention import AUTO_ORDER, VALID_IMPLS, attention, resolve_impl
+from sparse_attention.attention import AUTO_ORDER, VALID_IMPLS, ImplUnavailableError, attention, resolve_impl
 from sparse_attention.patterns import parse
 
 dispatch = importlib.import_module("sparse_attention.attention")  # the package exports the function as `attention`
@@ -305,6 +305,18 @@ def test_explicit_impl_that_cannot_run_here_says_why(impl):
         attention(q, k, v, "block(8)", impl=impl)
     reason = str(error.value).split("cannot run here: ", 1)[1]
     assert reason.strip()
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the thread pool matters to the interpreter on CPU only")
+def test_mosaic_gpu_interpreter_refuses_a_thread_pool_it_could_deadlock(monkeypatch):
+    # On 2 cores a training step in the interpreter hung with SIGTERM ignored; 16 threads ran it in 12 s.
+    q, k, v = random_qkv(1, 128, 2, 1, jnp.bfloat16, head_dim=64)
+    monkeypatch.setenv("PJRT_NPROC", "2")
+    with pytest.raises(ImplUnavailableError, match=r"impl='mosaic_gpu' cannot run here: interpret=True needs XLA's "
+                                                   r"CPU thread pool to have >= 16 threads, it has 2 .*PJRT_NPROC=16"):
+        attention(q, k, v, "block(64)", impl="mosaic_gpu", interpret=True)
+    monkeypatch.setenv("PJRT_NPROC", "16")
+    assert resolve_impl("mosaic_gpu", q, k, v, "block(64)", interpret=True) == ("mosaic_gpu", "requested")
 
 
 def shaped(q_shape, kv_shape, dtype=jnp.float32, v_shape=None, k_dtype=None, v_dtype=None):

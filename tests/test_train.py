@@ -488,3 +488,14 @@ def test_sigterm_during_compilation_saves_and_exits_75(tmp_path):
     assert worker.returncode == 75, worker.stderr[-4000:]
     steps = checkpointing.Checkpoints(tmp_path, keep=1, async_save=False).all_steps()
     assert len(steps) == 1 and 1 <= steps[0] <= 2  # stopped at the first steps, with a checkpoint
+
+
+def test_an_interpreter_that_could_deadlock_is_refused_in_one_line(tmp_path):
+    # mosaic_gpu in Pallas' GPU interpreter with 2 CPU threads: a training step used to hang for good.
+    config = small_config(attention__impl="mosaic_gpu", attention__interpret=True, model__compute_dtype="bfloat16",
+                          model__d_model=128, model__num_heads=2, model__num_kv_heads=1, train__steps=1)
+    code, output = finish(train_cli("repaired.py:tiny", config, tmp_path / "run", env=cli_env(PJRT_NPROC="2")),
+                          timeout=120)
+    assert code == 1, output[-4000:]
+    assert output.strip().splitlines()[-1].startswith("train.py: impl='mosaic_gpu' cannot run here: interpret=True "
+                                                      "needs XLA's CPU thread pool to have >= 16 threads, it has 2")

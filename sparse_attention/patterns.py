@@ -715,7 +715,11 @@ PatternOrSchedule = Union[Pattern, Schedule]
 
 # ----------------------------------------------------------------------------------------------- parsing
 
-_TOKEN = re.compile(r"\s*(?:(?P<int>-?\d+)|(?P<name>[A-Za-z_]\w*)|(?P<op>[(),|&]))")
+# ASCII only: "\d" and "\w" would also take digits of other scripts, which int() then reads.
+_TOKEN = re.compile(r"\s*(?:(?P<int>-?[0-9]+)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<op>[(),|&]))")
+_NUMBER_LIKE = re.compile(r"-?[0-9][0-9A-Za-z_.+-]*")  # what a size written as 1e3 or 8.5 or 0x10 spans
+MAX_SPEC_INT = 2**31 - 1  # sizes beyond it overflow the layouts' int32 positions
+MAX_SPEC_NESTING = 32  # parentheses and schedules; deeper specs are surely not meant (and recurse)
 
 
 class _Parser:
@@ -729,9 +733,16 @@ class _Parser:
             if not match:
                 self.fail(f"unexpected character {stripped[pos:].lstrip()[:1]!r}")
             kind = match.lastgroup
+            if kind == "int":
+                word = _NUMBER_LIKE.match(stripped, match.start(kind)).group()
+                if word != match.group(kind):
+                    self.fail(f"sizes must be plain integers, got {word!r}")
+                if len(word.lstrip("-")) > len(str(MAX_SPEC_INT)) or abs(int(word)) > MAX_SPEC_INT:
+                    self.fail(f"{word} is out of range: integers must be at most {MAX_SPEC_INT} in size")
             self.tokens.append((kind, match.group(kind)))
             pos = match.end()
         self.pos = 0
+        self.depth = 0
 
     def fail(self, problem: str):
         raise ValueError(f"bad pattern spec {self.text!r}: {problem}\n{VALID_FORMS}")
@@ -773,11 +784,19 @@ class _Parser:
             self.fail("a schedule cannot be combined with | or &")
         return parts[0] if len(parts) == 1 else cls.of(parts)
 
+    def nested(self, parse_inner):
+        self.depth += 1
+        if self.depth > MAX_SPEC_NESTING:
+            self.fail(f"nested more than {MAX_SPEC_NESTING} levels deep")
+        inner = parse_inner()
+        self.depth -= 1
+        return inner
+
     def atom(self):
         kind, text = self.peek()
         if text == "(":
             self.take("(")
-            inner = self.union()
+            inner = self.nested(self.union)
             self.take(")")
             return inner
         if kind != "name":
@@ -788,10 +807,10 @@ class _Parser:
         if self.peek()[1] == "(":
             self.take("(")
             if name == "schedule":
-                args.append(self.union())
+                args.append(self.nested(self.union))
                 while self.peek()[1] == ",":
                     self.take(",")
-                    args.append(self.union())
+                    args.append(self.nested(self.union))
             elif self.peek()[1] != ")":
                 args.append(self.argument())
                 while self.peek()[1] == ",":

@@ -17,9 +17,15 @@ from ml_collections import config_flags
 
 from sparse_attention import training, workdir_lock
 from sparse_attention.attention import ImplUnavailableError
+from sparse_attention.checkpointing import CorruptCheckpointError
+from sparse_attention.data import DataError
 from sparse_attention.config import ExperimentConfig
 
 PREEMPTED_EXIT_CODE = 75
+# What a user can cause and fix (workdir, devices, data, kernels, divergence, damaged checkpoints): one line
+# on stderr and exit status 1. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (training.WorkdirError, workdir_lock.WorkdirBusyError, training.MeshError, ImplUnavailableError,
+               DataError, training.NonFiniteLossError, CorruptCheckpointError)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "config file and preset, e.g. configs/repaired.py:tiny; override keys with "
@@ -49,11 +55,24 @@ def main(argv):
         raise app.UsageError(f"bad config: {error}") from error
     try:
         result = training.train(config, _WORKDIR.value, override_config=_OVERRIDE_CONFIG.value)
-    except (training.WorkdirError, workdir_lock.WorkdirBusyError, ImplUnavailableError) as error:
+    except USER_ERRORS as error:
         sys.exit(f"train.py: {error}")
     if result.preempted:
         sys.exit(PREEMPTED_EXIT_CODE)
 
 
+def parse_flags(argv):
+    """absl's flag parsing, with a config override of a missing key as one line (ml_collections raises)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        sys.exit(f"train.py: {error}\nPass --helpshort or --helpfull to see help on flags.")
+    except (AttributeError, KeyError) as error:
+        while isinstance(error, BaseException) and error.args:  # ml_collections wraps a KeyError's message
+            error = error.args[0]
+        key = str(error).replace("\n", "; ")
+        sys.exit(f"train.py: a --config.* override names a key the config does not have: {key}")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

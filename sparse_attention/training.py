@@ -68,6 +68,10 @@ RESUME_MAY_CHANGE = ("train.steps:", "mesh.")
 
 class WorkdirError(ValueError):
     """The workdir cannot take this run: missing parent, not a folder, or checkpoints of another config."""
+
+
+class MeshError(ValueError):
+    """The mesh or the batch does not fit the devices there are."""
 DISTRIBUTED_MODES = ("auto", "on", "off")
 
 
@@ -132,11 +136,11 @@ def make_mesh(mesh: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
     for name, other in (("data", "fsdp"), ("fsdp", "data")):
         if sizes[name] == -1:
             if count % sizes[other]:
-                raise ValueError(f"mesh.{other}: must divide the number of devices ({count}), "
+                raise MeshError(f"mesh.{other}: must divide the number of devices ({count}), "
                                  f"got {sizes[other]}")
             sizes[name] = count // sizes[other]
     if sizes["data"] * sizes["fsdp"] != count:
-        raise ValueError(f"mesh: data x fsdp = {sizes['data']} x {sizes['fsdp']} must equal the number "
+        raise MeshError(f"mesh: data x fsdp = {sizes['data']} x {sizes['fsdp']} must equal the number "
                          f"of devices ({count}); set one axis to -1 to take all remaining devices")
     return jax.make_mesh((sizes["data"], sizes["fsdp"]), MESH_AXES,
                          axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
@@ -225,7 +229,7 @@ class Trainer:
         train = config.train
         devices = mesh.devices.size
         if train.global_batch % (devices * train.grad_accum):
-            raise ValueError(
+            raise MeshError(
                 f"train.global_batch: must be a multiple of train.grad_accum x devices = "
                 f"{train.grad_accum} x {devices} = {train.grad_accum * devices} (every device takes "
                 f"equal rows of every microbatch), got {train.global_batch}")
@@ -356,7 +360,7 @@ class Trainer:
         rows_per_device = self.batch_shape[0] // self.mesh.devices.size
         first, local_rows = starts[0], rows_per_device * len(starts)
         if starts != list(range(first, first + local_rows, rows_per_device)) or first % local_rows:
-            raise ValueError("mesh: this process's devices must hold one contiguous block of the batch; "
+            raise MeshError("mesh: this process's devices must hold one contiguous block of the batch; "
                              "order the devices process by process")
         return first // local_rows, self.batch_shape[0] // local_rows
 
@@ -527,12 +531,25 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike, *, until_step: i
     workdir raises WorkdirBusyError before touching anything.
     """
     wall_start = time.perf_counter()
+    created = not Path(workdir).exists()
     workdir = _check_workdir(workdir)
     # SIGTERM is caught from here on, so that one arriving during start-up, restore or compilation also
     # ends in a saved checkpoint and a preempted result (exit 75), not a killed process.
     with (workdir_lock.hold(workdir) if jax.process_index() == 0 else contextlib.nullcontext(),
           _sigterm_requests_stop() as sigterm):
-        return _train(config, workdir, until_step, devices, override_config, wall_start, sigterm)
+        try:
+            return _train(config, workdir, until_step, devices, override_config, wall_start, sigterm)
+        except BaseException:
+            if created and jax.process_index() == 0:  # under the lock: no other run is using the workdir
+                _remove_if_unused(workdir)
+            raise
+
+
+def _remove_if_unused(workdir: Path) -> None:
+    """Removes a workdir this run created if the run failed before writing anything but its lock file."""
+    if {path.name for path in workdir.iterdir()} <= {workdir_lock.LOCK_FILE}:
+        (workdir / workdir_lock.LOCK_FILE).unlink(missing_ok=True)
+        workdir.rmdir()
 
 
 def _train(config: ExperimentConfig, workdir: Path, until_step: int | None, devices: Sequence[jax.Device] | None,

@@ -87,13 +87,18 @@ def training_length_shown(results: dict, eval_set: str) -> int:
 def _interval_text(interval: dict | None, digits: int = 3) -> str:
     if not interval or interval.get("mean") is None:
         return "–"
+    mean = _number_text(interval["mean"], f".{digits}f")
     if interval.get("low") is None:
-        return f"{interval['mean']:.{digits}f}"
-    return f"{interval['mean']:.{digits}f} [{interval['low']:.{digits}f}, {interval['high']:.{digits}f}]"
+        return mean
+    return f"{mean} [{_number_text(interval['low'], f'.{digits}f')}, {_number_text(interval['high'], f'.{digits}f')}]"
 
 
 def _number_text(value, spec: str = ".3f") -> str:
-    return "–" if value is None else format(value, spec)
+    """value formatted by spec; one that rounds to zero loses its sign ("-0.000" would claim a direction)."""
+    if value is None:
+        return "–"
+    text = format(value, spec)
+    return text.lstrip("+-") if float(text.replace(",", "")) == 0 else text
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -152,7 +157,8 @@ def markdown(results: dict, plots: list[str]) -> str:
         lines += _diagnostics_lines(results)
     lines += _reachability_lines(results)
     lines += ["## Timing", ""]
-    lines += _table(["run", "eval seconds (incl. diagnostics)", "scoring tokens/s", "compile seconds"],
+    seconds = "eval seconds (incl. diagnostics)" if any("diagnostics" in m for m in models) else "eval seconds"
+    lines += _table(["run", seconds, "scoring tokens/s", "compile seconds"],
                     [[m["label"], f"{m['eval_seconds']:.0f}", _number_text(m["eval_tokens_per_sec"], ",.0f"),
                       f"{m['compile_seconds']:.1f}"] for m in models])
     if plots:

@@ -578,3 +578,9 @@ def test_runs_of_one_pattern_share_a_color_and_differ_in_line_style():
     styles = report.line_styles(models)
     assert styles["block_s0"][0] == styles["block_s1"][0] != styles["dense_s0"][0] == styles["dense_s1"][0]
     assert styles["block_s0"][1] == styles["dense_s0"][1] != styles["block_s1"][1] == styles["dense_s1"][1]
+
+
+def test_report_numbers_that_round_to_zero_carry_no_sign():
+    assert report._interval_text({"mean": -1e-9, "low": -0.0004, "high": 0.002}) == "0.000 [0.000, 0.002]"
+    assert report._number_text(-0.00001, "+.3f") == "0.000" and report._number_text(-0.012, "+.3f") == "-0.012"
+    assert report._number_text(1234.5, ",.0f") == "1,234"

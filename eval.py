@@ -122,6 +122,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
     try:
+        report.check_out_dir(args.out)
         results = _merged(args, rest, arguments) if args.merge else _evaluated(args, rest)
     except ValueError as error:
         print(f"eval.py: error: {error}", file=sys.stderr)

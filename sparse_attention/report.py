@@ -36,6 +36,16 @@ LINE_STYLES = ("-", "--", ":", "-.")
 BLOCK_START_ZOOM = 16
 
 
+def check_out_dir(out_dir: str | os.PathLike) -> None:
+    """ValueError naming --out unless out_dir is a folder or can be made one: checked before any work, so
+    that a long evaluation does not end in a path it cannot write."""
+    out = Path(out_dir)
+    existing = next(path for path in (out, *out.parents) if path.exists())
+    if not existing.is_dir():
+        where = "" if existing == out else f", so {out} cannot be created"
+        raise ValueError(f"--out: {existing} is a file, not a folder{where}")
+
+
 def write_report(results: dict, out_dir: str | os.PathLike) -> list[Path]:
     """Writes results.json, the plots and report.md into out_dir (created if missing); returns their paths."""
     out = Path(out_dir)

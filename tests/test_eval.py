@@ -584,3 +584,14 @@ def test_report_numbers_that_round_to_zero_carry_no_sign():
     assert report._interval_text({"mean": -1e-9, "low": -0.0004, "high": 0.002}) == "0.000 [0.000, 0.002]"
     assert report._number_text(-0.00001, "+.3f") == "0.000" and report._number_text(-0.012, "+.3f") == "-0.012"
     assert report._number_text(1234.5, ",.0f") == "1,234"
+
+
+def test_an_out_path_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("not a folder")
+    for out, message in ((taken, f"--out: {taken} is a file, not a folder"),
+                         (taken / "report", f"--out: {taken} is a file, not a folder, so {taken / 'report'} cannot")):
+        # A workdir that does not exist would fail later, in loading: the --out check must come first.
+        assert eval_cli.main(["--workdirs", str(tmp_path / "missing"), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+    report.check_out_dir(tmp_path / "new" / "deeper")  # creatable

@@ -115,7 +115,10 @@ def attention(q, k, v, pattern: Pattern | str, *, impl: str = "auto", scale: flo
     `pattern` is a Pattern or a spec string (a single layer's; pick a schedule's layer first).
     `scale` defaults to 1/sqrt(head_dim). `interpret=True` runs Pallas kernels in interpret mode (CPU tests).
     """
+    q, k, v = (x if isinstance(x, jax.Array) else jnp.asarray(x) for x in (q, k, v))  # lists, NumPy arrays
     check_inputs(q, k, v)
+    if scale is not None and not (math.isfinite(float(scale)) and float(scale) > 0):
+        raise ValueError(f"scale must be a finite number > 0 (or None for 1/sqrt(head_dim)), got {scale!r}")
     pattern = as_pattern(pattern)
     chosen, why = resolve_impl(impl, q, k, v, pattern, interpret=interpret)
     _log_choice(impl, chosen, why)

@@ -87,7 +87,14 @@ def load_config(workdir: str | os.PathLike) -> ExperimentConfig | None:
     path = Path(workdir) / CONFIG_FILE
     if not path.exists():
         return None
-    return ExperimentConfig.from_config_dict(json.loads(path.read_text()))
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); it is damaged or was cut short") from error
+    try:
+        return ExperimentConfig.from_config_dict(saved)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from error
 
 
 class Checkpoints:

@@ -703,12 +703,20 @@ _flash.defvjp(_flash_forward, _flash_backward)
 
 
 def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | None:
-    """None when these kernels can run the case here, else why not."""
+    """None when these kernels can run the case here, else every reason why not ("; "-joined)."""
     del k, v, pattern  # shapes and patterns are validated by attention.check_inputs / as_pattern
+    reasons = []
     if not any(q.dtype == d for d in SUPPORTED_DTYPES):
-        return f"dtype {q.dtype} is not supported (bfloat16, float16)"
+        reasons.append(f"dtype {q.dtype} is not supported (bfloat16, float16)")
     if q.shape[-1] not in HEAD_DIMS:
-        return f"head_dim {q.shape[-1]} is not supported (64, 128)"
+        reasons.append(f"head_dim {q.shape[-1]} is not supported (64, 128)")
+    platform = _platform_reason(interpret)
+    reasons += [platform] if platform else []
+    return "; ".join(reasons) or None
+
+
+def _platform_reason(interpret: bool) -> str | None:
+    """Why this process cannot run the kernels at all (compiled, or in the interpreter), or None."""
     if interpret:
         threads = _cpu_pool_threads()
         if jax.default_backend() == "cpu" and threads < INTERPRETER_MIN_THREADS:

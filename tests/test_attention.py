@@ -401,3 +401,21 @@ def test_gradients_respect_the_pattern(tree):
     assert (dq[~np.eye(seq_len, dtype=bool)] == 0).all()
     assert (dk[~mask] == 0).all()
     np.testing.assert_array_equal(dv > 0, mask)
+
+
+@pytest.mark.skipif(not ON_CPU, reason="needs a machine where mosaic_gpu cannot run compiled")
+def test_mosaic_gpu_gives_every_reason_at_once():
+    q, k, v = random_qkv(0, 16, 2, 2, jnp.float32, head_dim=32)
+    reason = mosaic_gpu.unsupported_reason(q, k, v, parse("block(8)"), interpret=False)
+    assert reason.split("; ") == ["dtype float32 is not supported (bfloat16, float16)",
+                                  "head_dim 32 is not supported (64, 128)",
+                                  "needs a CUDA GPU with compute capability >= 9.0 (Hopper) or interpret=True"]
+
+
+def test_inputs_as_lists_and_a_bad_scale():
+    q, k, v = random_qkv(3, 8, 2, 2, jnp.float32)
+    as_lists = attention(q.tolist(), k.tolist(), np.asarray(v), "block(4)", impl="reference")
+    np.testing.assert_array_equal(as_lists, attention(q, k, v, "block(4)", impl="reference"))
+    for scale in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(ValueError, match=r"scale must be a finite number > 0 \(or None for 1/sqrt\(head_dim\)\)"):
+            attention(q, k, v, "block(4)", impl="reference", scale=scale)

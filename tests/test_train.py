@@ -515,3 +515,9 @@ def test_user_errors_are_one_line_and_leave_no_workdir(tmp_path, override, messa
     last_line = result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr and last_line.startswith(message), result.stderr
     assert not workdir.exists()
+
+
+def test_a_damaged_config_json_is_named(tmp_path):
+    (tmp_path / checkpointing.CONFIG_FILE).write_text('{"seed": 0, "model": {"d_model"')
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / checkpointing.CONFIG_FILE))} is not valid JSON"):
+        checkpointing.load_config(tmp_path)

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from sparse_attention import evaluation, report
+from sparse_attention.data import DataError
 from sparse_attention.diagnostics import DiagnosticsOptions
 
 
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
     try:
         report.check_out_dir(args.out)
         results = _merged(args, rest, arguments) if args.merge else _evaluated(args, rest)
-    except ValueError as error:
+    except (ValueError, DataError) as error:
         print(f"eval.py: error: {error}", file=sys.stderr)
         return 2
     for path in report.write_report(results, args.out):

@@ -595,3 +595,13 @@ def test_an_out_path_that_is_a_file_is_refused_before_any_work(tmp_path, capsys)
         assert eval_cli.main(["--workdirs", str(tmp_path / "missing"), "--out", str(out)]) == 2
         assert message in capsys.readouterr().err
     report.check_out_dir(tmp_path / "new" / "deeper")  # creatable
+
+
+def test_bad_data_is_one_line(trained_run, tmp_path, capsys):
+    (tmp_path / "data" / "code").mkdir(parents=True)
+    (tmp_path / "data" / "code" / "manifest.json").write_text("{ cut short")
+    arguments = ["--workdirs", str(trained_run), "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "data"),
+                 "--eval-sets", "code:long", *FAST_EVAL]
+    assert eval_cli.main(arguments) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error[-1].startswith(f"eval.py: error: cannot read {tmp_path / 'data' / 'code' / 'manifest.json'}")

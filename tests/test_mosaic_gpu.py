@@ -287,7 +287,14 @@ def test_dense_plan_at_one_million_tokens_stores_first_tiles_only(by_key):
         assert list(plan.tiles[0]) == [0, seq_len // tile_k - 2]
 
 
-def test_block_sizes_validation_and_defaults():
+@pytest.fixture
+def interpreter_pool(monkeypatch):
+    """The thread pool the interpreter asks for, as these tests see it. They validate and trace only, never
+    run the interpreter, so this process's real pool size does not matter to them."""
+    monkeypatch.setenv("PJRT_NPROC", INTERPRETER_ENV["PJRT_NPROC"])
+
+
+def test_block_sizes_validation_and_defaults(interpreter_pool):
     with pytest.raises(ValueError, match="block_q"):
         mosaic_gpu.BlockSizes(block_q=32)
     with pytest.raises(ValueError, match="block_k_dkv"):
@@ -304,10 +311,14 @@ def test_block_sizes_validation_and_defaults():
         mosaic_gpu.attention(q, q, q, "dense", scale=1.0, interpret=True, block_sizes={"block_q": 64})
 
 
-def test_unsupported_reasons():
+def test_unsupported_reasons(interpreter_pool, monkeypatch):
     q = jnp.zeros((1, 16, 2, 64), jnp.bfloat16)
     pattern = parse("dense")
     assert mosaic_gpu.unsupported_reason(q, q, q, pattern, interpret=True) is None
+    if not ON_GPU:
+        monkeypatch.setenv("PJRT_NPROC", "4")
+        assert "PJRT_NPROC=16" in mosaic_gpu.unsupported_reason(q, q, q, pattern, interpret=True)
+        monkeypatch.setenv("PJRT_NPROC", INTERPRETER_ENV["PJRT_NPROC"])
     assert "dtype" in mosaic_gpu.unsupported_reason(q.astype(jnp.float32), q, q, pattern, interpret=True)
     assert "head_dim" in mosaic_gpu.unsupported_reason(q[..., :32], q, q, pattern, interpret=True)
     assert resolve_impl("mosaic_gpu", q, q, q, pattern, interpret=True) == ("mosaic_gpu", "requested")
@@ -340,7 +351,7 @@ def test_shard_map_types_check():
         """
     )
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-               JAX_PLATFORMS="cpu")
+               **INTERPRETER_ENV)
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
                             cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]

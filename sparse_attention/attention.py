@@ -94,6 +94,8 @@ def check_inputs(q, k, v):
         raise ValueError(
             f"q, k, v must be [batch, seq, heads, head_dim]; got shapes {q.shape}, {k.shape}, {v.shape}"
         )
+    if 0 in (*q.shape, *k.shape, *v.shape):
+        raise ValueError(f"q, k, v must have no dimension of size 0; got shapes {q.shape}, {k.shape}, {v.shape}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got {k.shape} and {v.shape}")
     if q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:

@@ -328,6 +328,8 @@ def shaped(q_shape, kv_shape, dtype=jnp.float32, v_shape=None, k_dtype=None, v_d
 
 
 BAD_INPUTS = [
+    ("no dimension of size 0", shaped((1, 8, 2, 0), (1, 8, 2, 0))),  # head_dim 0: 1/sqrt(0)
+    ("no dimension of size 0", shaped((1, 8, 2, 8), (1, 8, 0, 8))),  # kv_heads 0: q_heads % 0
     ("kv_heads=3 must divide q_heads=4", shaped((1, 8, 4, 8), (1, 8, 3, 8))),
     ("must share batch, seq and head_dim", shaped((1, 8, 2, 8), (1, 9, 2, 8))),
     ("must share batch, seq and head_dim", shaped((2, 8, 2, 8), (1, 8, 2, 8))),

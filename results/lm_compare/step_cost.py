@@ -1,17 +1,23 @@
 """Training step cost of each LM comparison variant, timed alone, and where a trained state's extra time goes.
 
-    python results/lm_compare/step_cost.py OUT_DIR [STEPS_TIMED [TRAIN_STEPS [SIZE]]]
+    python results/lm_compare/step_cost.py OUT_DIR [STEPS_TIMED [TRAIN_STEPS [SIZE [IMPL]]]]
 
-SIZE is the preset (default compare). For every variant of run.sh: compile the training step, then time
-STEPS_TIMED (default 30) steps from a fresh state on batches 0.., each step waited for on its own (median
-and tokens/s). step_time_probe.py showed that a step's time grows with the trained state, so these are
-the costs at the start of training; every variant is timed from the same point.
+SIZE is the preset (default compare); IMPL the attention implementation (default: the preset's, auto), so
+that the same measurement with another kernel shows whether the cost follows the kernel.
 
-Then, for block (block(512) in compare): the forward loss, the loss with its gradient, and the optimizer update, each jitted
-alone and timed on batches 0-9 with the fresh state and with the state after TRAIN_STEPS (default 150)
-updates. The part whose time grows is where the slowdown lives.
+For every variant of run.sh: compile the training step, then time STEPS_TIMED (default 30) steps from a
+fresh state on batches 0.., each step waited for on its own (median and tokens/s). step_time_probe.py
+showed that a step's time grows with the trained state, so these are the costs at the start of training;
+every variant is timed from the same point.
 
-Writes OUT_DIR/step_cost.json and prints both tables.
+Then, for block (block(512) in compare): the forward loss, the loss with its gradient, and the optimizer
+update, each jitted alone and timed on batches 0-9 with the fresh state and with the state after
+TRAIN_STEPS (default 150) updates. The part whose time grows is where the slowdown lives. Last, the
+gradient of an embedding lookup alone ([vocab, d_model] table, the batch's tokens) on batches 0-9 and on
+uniformly random tokens of the same shape: a scatter-add whose time follows the batch's byte frequencies
+would show there.
+
+Writes OUT_DIR/step_cost.json and prints the tables.
 """
 
 import sys
@@ -33,11 +39,13 @@ VARIANTS = {  # run.sh's variants: config file and pattern
 }
 
 
-def variant_config(name: str, size: str) -> ExperimentConfig:
+def variant_config(name: str, size: str, impl: str | None = None) -> ExperimentConfig:
     file, pattern = VARIANTS[name]
     settings = config_file_dict(f"configs/{file}.py:{size}{',prefix' if name == 'prefix' else ''}")
     if pattern is not None:
         settings["attention"]["pattern"] = pattern
+    if impl is not None:
+        settings["attention"]["impl"] = impl
     return ExperimentConfig.from_config_dict(settings)
 
 
@@ -55,10 +63,10 @@ def median_ms(function, batches) -> float:
     return float(np.median(times) * 1e3)
 
 
-def variant_costs(size: str, steps_timed: int) -> dict:
+def variant_costs(size: str, steps_timed: int, impl: str | None) -> dict:
     costs = {}
     for name in VARIANTS:
-        config = variant_config(name, size)
+        config = variant_config(name, size, impl)
         trainer = training.Trainer(config, training.make_mesh(config.mesh))
         tokens = training.training_tokens(config)
         compile_s = trainer.compile()
@@ -80,8 +88,8 @@ def variant_costs(size: str, steps_timed: int) -> dict:
     return costs
 
 
-def part_costs(size: str, train_steps: int) -> dict:
-    config = variant_config("block", size)
+def part_costs(size: str, train_steps: int, impl: str | None) -> dict:
+    config = variant_config("block", size, impl)
     trainer = training.Trainer(config, training.make_mesh(config.mesh))
     tokens = training.training_tokens(config)
     batches = [jax.block_until_ready(trainer.make_batch(rows_of(config, tokens, i))) for i in range(10)]
@@ -105,17 +113,36 @@ def part_costs(size: str, train_steps: int) -> dict:
             "forward_backward_ms": median_ms(lambda batch: loss_and_grad(params, batch), batches),
             "optimizer_update_ms": median_ms(lambda _: update(grads, opt_state, params), batches),
         }
-        print(f"{config.attention.pattern} {label:18s} " + "  ".join(f"{key} {value:.1f}" for key, value in parts[label].items()),
-              flush=True)
+        timings = "  ".join(f"{key} {value:.1f}" for key, value in parts[label].items())
+        print(f"{config.attention.pattern} {label:18s} {timings}", flush=True)
     return parts
 
 
-def main(out_dir: str, steps_timed: str = "30", train_steps: str = "150", size: str = "compare") -> None:
-    costs = variant_costs(size, int(steps_timed))
-    parts = part_costs(size, int(train_steps))
-    write_json(Path(out_dir) / "step_cost.json", {"size": size, "device": jax.devices()[0].device_kind,
+def embedding_costs(size: str) -> dict:
+    """ms per gradient of a lookup in a [vocab, d_model] table: the batches' tokens against uniform ones."""
+    config = variant_config("block", size)
+    tokens = training.training_tokens(config)
+    table = jax.numpy.zeros((config.model.vocab_size, config.model.d_model), jax.numpy.float32)
+    lookup_grad = jax.jit(jax.grad(lambda table, ids: table[ids].sum()))
+    corpus = [rows_of(config, tokens, i)[:, :-1] for i in range(10)]
+    uniform = [np.random.default_rng(i).integers(0, config.model.vocab_size, ids.shape, dtype=np.int32)
+               for i, ids in enumerate(corpus)]
+    jax.block_until_ready(lookup_grad(table, corpus[0]))
+    costs = {name: median_ms(lambda ids: lookup_grad(table, ids), batches)
+             for name, batches in (("corpus_tokens_ms", corpus), ("uniform_tokens_ms", uniform))}
+    print("embedding lookup gradient " + "  ".join(f"{key} {value:.2f}" for key, value in costs.items()), flush=True)
+    return costs
+
+
+def main(out_dir: str, steps_timed: str = "30", train_steps: str = "150", size: str = "compare",
+         impl: str | None = None) -> None:
+    costs = variant_costs(size, int(steps_timed), impl)
+    parts = part_costs(size, int(train_steps), impl)
+    embedding = embedding_costs(size)
+    write_json(Path(out_dir) / "step_cost.json", {"size": size, "impl": impl, "device": jax.devices()[0].device_kind,
                                                   "jax": jax.__version__, "steps_timed": int(steps_timed),
-                                                  "variants": costs, "block_parts": parts})
+                                                  "variants": costs, "block_parts": parts,
+                                                  "embedding_gradient": embedding})
 
 
 if __name__ == "__main__":

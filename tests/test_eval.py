@@ -605,3 +605,18 @@ def test_bad_data_is_one_line(trained_run, tmp_path, capsys):
     assert eval_cli.main(arguments) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error[-1].startswith(f"eval.py: error: cannot read {tmp_path / 'data' / 'code' / 'manifest.json'}")
+
+
+def test_a_users_own_long_documents_in_two_commands(trained_run, tmp_path):
+    books = tmp_path / "books"
+    books.mkdir()
+    for index in range(3):
+        (books / f"book{index}.txt").write_text(f"Chapter {index}. " + "It was a long night. " * 30)
+    data_dir = tmp_path / "data"
+    data.main(["prepare", "--corpus", "files", "--name", "mybooks", "--source", f"long={books}",
+               "--data-dir", str(data_dir)])
+    out = tmp_path / "report"
+    assert eval_cli.main(["--workdirs", str(trained_run), "--eval-sets", "mybooks:long", "--data-dir", str(data_dir),
+                          "--out", str(out), *FAST_EVAL, "--no-diagnostics"]) == 0
+    (model,) = json.loads((out / "results.json").read_text())["models"]
+    assert model["language_model"]["mybooks:long"]["lengths"][0]["documents"] == 2  # --max-documents 2

@@ -37,6 +37,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -298,13 +299,19 @@ def prepare_files(sources: str | os.PathLike | Mapping[str, str | os.PathLike], 
     if len(dtypes) > 1:
         raise ValueError(f"all splits must hold tokens of one dtype, got {', '.join(dtypes)}")
     data_dir = Path(data_dir)
+    corpus_dir = data_dir / name
     with _exclusive_lock(data_dir / f".{name}.lock"):
-        (data_dir / name / "manifest.json").unlink(missing_ok=True)
+        # Re-preparing replaces the corpus whole: no split file of an earlier preparation stays behind, and a
+        # preparation that fails leaves no folder.
+        shutil.rmtree(corpus_dir, ignore_errors=True)
         described = [{"split": split, "path": str(path.resolve())}
                      for split, path in split_sources.items()]
-        _write_corpus(data_dir / name, {split: docs for split, (_, docs) in typed.items()},
-                      described, dtypes[0])
-    return data_dir / name / "manifest.json"
+        try:
+            _write_corpus(corpus_dir, {split: docs for split, (_, docs) in typed.items()}, described, dtypes[0])
+        except BaseException:
+            shutil.rmtree(corpus_dir, ignore_errors=True)
+            raise
+    return corpus_dir / "manifest.json"
 
 
 def _fetch_source(source: Source, tmp: Path, source_dir: str | os.PathLike | None) -> Path:
@@ -558,7 +565,13 @@ def main(argv: list[str] | None = None) -> None:
                       help="files corpus: token type of .bin sources")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        _run(parser, args)
+    except (ValueError, DataError) as error:
+        sys.exit(f"python -m sparse_attention.data: {error}")
 
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.corpus != "files":
         if args.source:
             parser.error("--source is only for --corpus files")

@@ -121,9 +121,27 @@ def test_folder_of_text_files(tmp_path):
     assert loaded == texts
     assert 0 < manifest["splits"]["validation"]["num_documents"] < 15
 
+    # Re-prepared as one long split: nothing of the train / validation preparation stays behind.
+    data.prepare_files({"long": folder}, name="mine", data_dir=tmp_path / "data")
+    assert sorted(path.name for path in (tmp_path / "data" / "mine").iterdir()) == [
+        "long.bin", "long.offsets.npy", "manifest.json"]
+
     (folder / "latin1.txt").write_bytes("café".encode("latin-1"))
     with pytest.raises(ValueError, match="latin1.txt is not UTF-8"):
         data.prepare_files(folder, name="mine", data_dir=tmp_path / "data")
+
+
+def test_a_bad_source_is_one_line_and_leaves_no_folder(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("")
+    for source, message in ((tmp_path / "missing", f"source {tmp_path / 'missing'} does not exist"),
+                            (empty, "no documents found for mine")):
+        with pytest.raises(SystemExit) as stopped:
+            data.main(["prepare", "--corpus", "files", "--name", "mine", "--source", str(source),
+                       "--data-dir", str(tmp_path / "data")])
+        assert str(stopped.value) == f"python -m sparse_attention.data: {message}"
+        assert not (tmp_path / "data" / "mine").exists()
 
 
 def test_token_files(tmp_path):

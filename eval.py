@@ -57,7 +57,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--baselines", nargs="+", metavar="SPEC",
                    help="eval patterns of the paired differences' baselines (default: dense and every block(B))")
-    p.add_argument("--data-dir", help="data folder (default: the first run's data.data_dir)")
+    p.add_argument("--data-dir", help="data folder (default: the first run's data.data_dir); a relative one is "
+                   "relative to the current folder; eval.py never downloads: prepare corpora with "
+                   "python -m sparse_attention.data prepare")
     p.add_argument("--no-diagnostics", action="store_true", help="skip the synthetic diagnostics")
     d = DiagnosticsOptions()
     p.add_argument("--diag-seq-len", type=int, help="diagnostics sequence length (default: training length)")

@@ -1,7 +1,8 @@
 """Offline, reproducible byte-level data for the decoder LM.
 
-Corpora live under a data folder (``data/`` at the repository root by default), one sub-folder per
-corpus, each split stored as:
+Corpora live under a data folder, one sub-folder per corpus. One rule for where: a relative data folder
+(``--data-dir``, a config's ``data.data_dir``, the default ``data``) is relative to the folder the command
+runs in, like every other path on a command line. Each split is stored as:
 
   ``{split}.bin``          the split's documents concatenated as raw tokens (uint8 bytes; uint16
                            only for user corpora that say so), so training can memory-map it and
@@ -14,7 +15,7 @@ every split its files, sizes, sha256 and document names. A corpus counts as prep
 its manifest exists.
 
 Built-in corpora, pinned so every machine sees the same bytes (``python -m sparse_attention.data
-prepare``, or automatically on first load):
+prepare``, or by training on first use, which logs where it downloads to; evaluation never downloads):
 
   code   sympy 1.14.0's non-test Python sources. Files of >= 64 KiB form the held-out ``long``
          split (for long-context evaluation); the rest go to ``train`` / ``validation`` (~95% /
@@ -53,7 +54,7 @@ from sparse_attention.atomic_io import atomic_open, write_json
 log = logging.getLogger(__name__)
 
 VOCAB_SIZE = 256  # byte-level: every token is one byte
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DEFAULT_DATA_DIR = Path("data")  # relative to the current folder, as every relative data folder is
 BUILTIN_CORPORA = ("code", "books")
 FORMAT_VERSION = 1
 
@@ -109,7 +110,7 @@ def load_manifest(corpus: str, *, data_dir: str | os.PathLike = DEFAULT_DATA_DIR
     _check_corpus_name(corpus, data_dir)
     path = data_dir / corpus / "manifest.json"
     if not path.exists():  # only built-in corpora get here without a manifest
-        log.info("%s is not prepared yet; preparing it under %s", corpus, data_dir)
+        log.info("%s is not prepared yet; downloading and preparing it under %s", corpus, data_dir.absolute())
         prepare(corpus, data_dir=data_dir)
     try:
         manifest = json.loads(path.read_text())
@@ -190,6 +191,17 @@ def batch_for_step(split_tokens: np.ndarray, *, seed: int, step: int, process_in
     local_starts = starts[process_index * local_batch:(process_index + 1) * local_batch]
     windows = local_starts[:, None] + np.arange(seq_len + 1)  # [local_batch, seq_len + 1]
     return np.asarray(split_tokens[windows], dtype=np.int32)
+
+
+def require_prepared(corpus: str, *, data_dir: str | os.PathLike = DEFAULT_DATA_DIR) -> None:
+    """DataError unless `corpus` is prepared under data_dir: for readers that must not download (eval)."""
+    data_dir = Path(data_dir)
+    _check_corpus_name(corpus, data_dir)
+    if not (data_dir / corpus / "manifest.json").exists():
+        raise DataError(f"corpus {corpus!r} is not prepared under {data_dir.absolute()} (a relative data folder "
+                        f"is relative to the current folder); prepare it with `python -m sparse_attention.data "
+                        f"prepare --corpus {corpus} --data-dir {data_dir.absolute()}`, or point --data-dir at the "
+                        f"folder that holds it")
 
 
 def _check_corpus_name(corpus: str, data_dir: Path) -> None:
@@ -552,7 +564,8 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="download, verify and tokenize a corpus")
     prep.add_argument("--corpus", choices=(*BUILTIN_CORPORA, "files", "all"), default="all")
-    prep.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    prep.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                      help="data folder (default: data; relative to the current folder)")
     prep.add_argument("--source-dir", type=Path,
                       help="folder holding the pinned source files, instead of downloading them")
     prep.add_argument("--source", action="append", type=_parse_split_source, default=[],

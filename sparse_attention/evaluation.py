@@ -694,6 +694,7 @@ def _ablation(scorer, rows, owner, targets, nll, length, width, num_docs, option
 def select_documents(eval_set: str, options: EvalOptions, data_dir: str) -> tuple[list[np.ndarray], list[str], int]:
     """(documents, their names, documents in the split) of one eval set, subsampled as the options say."""
     corpus, _, split = eval_set.partition(":")
+    data.require_prepared(corpus, data_dir=data_dir)
     documents = data.load_documents(corpus, split, data_dir=data_dir)
     names = data.load_manifest(corpus, data_dir=data_dir)["splits"][split]["documents"]
     if documents and documents[0].dtype != np.uint8:

@@ -25,7 +25,7 @@ import sys
 from typing import Sequence
 
 from configs import boundary_tasks as boundary_config
-from sparse_attention import boundary_report, boundary_tasks, evaluation, reachability, report, training
+from sparse_attention import boundary_report, boundary_tasks, data, evaluation, reachability, report, training
 from sparse_attention.config import ExperimentConfig
 
 VARIANTS = ("dense", "block", "window", "repaired")
@@ -72,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         training.train(config, os.path.join(args.runs, variant))
 
     print("\n== evaluating")
+    data.prepare("all")  # the eval sets (code:long, books:long); evaluation itself never downloads
     runs = evaluation.load_runs([os.path.join(args.runs, variant) for variant in VARIANTS])
     results = evaluation.evaluate(runs, main_eval_options())
     paths = report.write_report(results, args.out)

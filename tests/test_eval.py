@@ -620,3 +620,13 @@ def test_a_users_own_long_documents_in_two_commands(trained_run, tmp_path):
                           "--out", str(out), *FAST_EVAL, "--no-diagnostics"]) == 0
     (model,) = json.loads((out / "results.json").read_text())["models"]
     assert model["language_model"]["mybooks:long"]["lengths"][0]["documents"] == 2  # --max-documents 2
+
+
+def test_eval_never_downloads_into_a_data_folder_it_was_not_given(trained_run, tmp_path, capsys):
+    typo = tmp_path / "dta"
+    arguments = ["--workdirs", str(trained_run), "--out", str(tmp_path / "out"), "--data-dir", str(typo),
+                 *FAST_EVAL]
+    assert eval_cli.main(arguments) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith(f"eval.py: error: corpus 'code' is not prepared under {typo}") and "prepare" in error
+    assert not typo.exists() and not (tmp_path / "out").exists()

@@ -49,10 +49,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sparse_attention import data, workdir_lock
-from sparse_attention.checkpointing import Checkpoints, load_config, save_config
+from sparse_attention.checkpointing import CONFIG_FILE, Checkpoints, load_config, save_config
 from sparse_attention.config import ExperimentConfig, MeshConfig, TrainConfig
 from sparse_attention.model import DecoderLM, attention_impl_summary
-from sparse_attention.atomic_io import write_json
+from sparse_attention.atomic_io import atomic_open, write_json
 from sparse_attention.run_log import RunLog
 
 log = logging.getLogger(__name__)
@@ -405,6 +405,21 @@ def _sigterm_requests_stop() -> Iterator[_StopRequest]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _record_divergence(workdir: Path, error: NonFiniteLossError, start_step: int, latest: int | None,
+                       previous_config: str | None, wall_start: float) -> None:
+    """After a divergence, leaves the workdir describing its checkpoints: config.json goes back to the
+    previous config if this run saved none, and train_summary.json says what happened (not the last
+    successful run's summary)."""
+    if latest == start_step and previous_config is not None:
+        with atomic_open(workdir / CONFIG_FILE, "w") as file:
+            file.write(previous_config)
+    write_json(workdir / SUMMARY_FILE, {
+        "final_step": latest, "start_step": start_step, "diverged": str(error).splitlines()[0],
+        "config_json": "restored to the previous run's" if latest == start_step and previous_config else "this run's",
+        "preempted": False, "wall_time_s": time.perf_counter() - wall_start,
+    })
+
+
 def _check_workdir(workdir: str | os.PathLike) -> Path:
     workdir = Path(workdir).absolute()
     if not workdir.parent.is_dir():
@@ -573,6 +588,8 @@ def _train(config: ExperimentConfig, workdir: Path, until_step: int | None, devi
     try:
         has_checkpoints = checkpoints.latest_step() is not None
         _check_resumable(workdir, config, has_checkpoints, override_config)
+        saved_config = workdir / CONFIG_FILE
+        previous_config = saved_config.read_text() if has_checkpoints and saved_config.exists() else None
         restored = (checkpoints.restore_newest_valid(trainer.abstract_state.params, trainer.abstract_state.opt_state)
                     if has_checkpoints else None)
         save_config(workdir, config)
@@ -623,6 +640,10 @@ def _train(config: ExperimentConfig, workdir: Path, until_step: int | None, devi
         if pending is not None:
             fetch(*pending)
         checkpoints.wait()
+    except NonFiniteLossError as error:
+        if is_main:
+            _record_divergence(workdir, error, start_step, checkpoints.latest_step(), previous_config, wall_start)
+        raise
     finally:
         checkpoints.close()
         if run_log is not None:

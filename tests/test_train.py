@@ -341,6 +341,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, before, after)
     for step in steps:
         assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params_of(tmp_path, step)[0]))
+    # The workdir describes its checkpoints: the diverged settings only if a checkpoint was saved with them.
+    summary = json.loads((tmp_path / training.SUMMARY_FILE).read_text())
+    assert summary["final_step"] == max(steps) and summary["diverged"].startswith("training diverged at step")
+    saved_rate = checkpointing.load_config(tmp_path).train.learning_rate
+    assert saved_rate == (1e30 if max(steps) == 7 else good.train.learning_rate)
 
 
 def test_bad_configs_give_clear_errors(tmp_path):

@@ -888,7 +888,8 @@ def as_schedule(value: PatternOrSchedule | str | Sequence[str]) -> PatternOrSche
     specs = list(value)
     layers = [parse(s) if isinstance(s, str) else s for s in specs]
     if any(isinstance(layer, Schedule) for layer in layers):
-        raise ValueError(f"schedule entries must be single patterns, got {specs!r}\n{VALID_FORMS}")
+        given = [s if isinstance(s, str) else s.spec for s in specs]
+        raise ValueError(f"schedule entries must be single patterns, got {given!r}\n{VALID_FORMS}")
     return layers[0] if len(layers) == 1 else Schedule(tuple(layers))
 
 

@@ -508,3 +508,9 @@ def test_traced_mask_at_large_positions(tree):
     traced = jax.jit(pattern.mask)(jnp.asarray(q, jnp.int32), jnp.asarray(k, jnp.int32))
     np.testing.assert_array_equal(np.asarray(traced), expected)
     np.testing.assert_array_equal(pattern.mask(q, k), expected)
+
+
+def test_a_schedule_inside_a_schedule_is_named_by_its_spec():
+    with pytest.raises(ValueError, match=r"schedule entries must be single patterns, got \['shifted\(8\)', "
+                                         r"'block\(8\)'\]"):
+        as_schedule([parse("shifted(8)"), "block(8)"])

@@ -459,7 +459,16 @@ def _check_resumable(workdir: Path, config: ExperimentConfig, has_checkpoints: b
 
 def training_tokens(config: ExperimentConfig) -> np.ndarray:
     """The train split of the configured corpus (memory-mapped), preparing a "files" corpus from
-    data.path on first use (process 0 prepares, the others wait)."""
+    data.path on first use (process 0 prepares, the others wait). Any problem with the data is a DataError
+    that names the config field."""
+    try:
+        return _training_tokens(config)
+    except ValueError as error:  # the data module's checks of names, splits and sources
+        raise data.DataError(f"data (corpus {config.data.corpus!r}, data_dir {config.data.data_dir!r}): "
+                             f"{str(error).splitlines()[0]}") from error
+
+
+def _training_tokens(config: ExperimentConfig) -> np.ndarray:
     data_dir = Path(config.data.data_dir)
     corpus = config.data.corpus
     if corpus == "files":
@@ -467,7 +476,7 @@ def training_tokens(config: ExperimentConfig) -> np.ndarray:
         manifest = data_dir / corpus / "manifest.json"
         prepared_from = (json.loads(manifest.read_text()).get("sources") if manifest.exists() else None)
         if prepared_from != [{"split": "auto", "path": source}] and jax.process_index() == 0:
-            log.info("preparing data.path %s as corpus 'files' under %s", source, data_dir)
+            log.info("preparing data.path %s as corpus 'files' under %s", source, data_dir.absolute())
             data.prepare_files(source, name=corpus, data_dir=data_dir)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("files corpus prepared")

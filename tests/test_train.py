@@ -511,11 +511,13 @@ def test_an_interpreter_that_could_deadlock_is_refused_in_one_line(tmp_path):
     ("--config.train.stepz=3", """train.py: a --config.* override names a key the config does not have: 'stepz'; """
                                """Did you mean "steps" instead of "stepz"?"""),
     ("--config.mesh.data=3", "train.py: mesh: data x fsdp = 3 x 1 must equal the number of devices (1)"),
+    ("--config.data.corpus=files --config.data.path=/no/such/folder",
+     "train.py: data (corpus 'files', data_dir 'data'): source /no/such/folder does not exist"),
 ])
 def test_user_errors_are_one_line_and_leave_no_workdir(tmp_path, override, message):
     workdir = tmp_path / "run"
     result = subprocess.run([sys.executable, "train.py", "--config=configs/repaired.py:tiny", f"--workdir={workdir}",
-                             override], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
+                             *override.split()], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     last_line = result.stderr.strip().splitlines()[-1]
     assert "Traceback" not in result.stderr and last_line.startswith(message), result.stderr

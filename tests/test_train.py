@@ -510,6 +510,8 @@ def test_an_interpreter_that_could_deadlock_is_refused_in_one_line(tmp_path):
     ("--config.foo=1", "train.py: a --config.* override names a key the config does not have: 'foo'"),
     ("--config.train.stepz=3", """train.py: a --config.* override names a key the config does not have: 'stepz'; """
                                """Did you mean "steps" instead of "stepz"?"""),
+    ("--config.nosection.x=1",
+     "train.py: a --config.* override names a key the config does not have: 'nosection'"),
     ("--config.mesh.data=3", "train.py: mesh: data x fsdp = 3 x 1 must equal the number of devices (1)"),
     ("--config.data.corpus=files --config.data.path=/no/such/folder",
      "train.py: data (corpus 'files', data_dir 'data'): source /no/such/folder does not exist"),
@@ -528,3 +530,11 @@ def test_a_damaged_config_json_is_named(tmp_path):
     (tmp_path / checkpointing.CONFIG_FILE).write_text('{"seed": 0, "model": {"d_model"')
     with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / checkpointing.CONFIG_FILE))} is not valid JSON"):
         checkpointing.load_config(tmp_path)
+
+
+def test_divergence_is_one_line_from_train_py(tmp_path):
+    config = small_config(train__learning_rate=1e30, train__warmup_steps=0, train__steps=3)
+    code, output = finish(train_cli("repaired.py:tiny", config, tmp_path / "run", env=cli_env()), timeout=120)
+    assert code == 1 and "Traceback" not in output, output[-4000:]
+    assert output.strip().splitlines()[-1].startswith("train.py: training diverged at step ")
+    assert json.loads((tmp_path / "run" / training.SUMMARY_FILE).read_text())["diverged"].startswith("training diverged")

@@ -537,4 +537,5 @@ def test_divergence_is_one_line_from_train_py(tmp_path):
     code, output = finish(train_cli("repaired.py:tiny", config, tmp_path / "run", env=cli_env()), timeout=120)
     assert code == 1 and "Traceback" not in output, output[-4000:]
     assert output.strip().splitlines()[-1].startswith("train.py: training diverged at step ")
-    assert json.loads((tmp_path / "run" / training.SUMMARY_FILE).read_text())["diverged"].startswith("training diverged")
+    summary = json.loads((tmp_path / "run" / training.SUMMARY_FILE).read_text())
+    assert summary["diverged"].startswith("training diverged")

@@ -61,6 +61,7 @@ MESH_AXES = ("data", "fsdp")
 BATCH_AXES = MESH_AXES  # the batch dimension is split over every device
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.95, 1e-8
 SUMMARY_FILE = "train_summary.json"
+DISTRIBUTED_MODES = ("auto", "on", "off")
 # What a resume may change without --override_config: how long to train, and where (a checkpoint is
 # resharded onto any mesh; the result differs only in the order of float reductions).
 RESUME_MAY_CHANGE = ("train.steps:", "mesh.")
@@ -72,7 +73,6 @@ class WorkdirError(ValueError):
 
 class MeshError(ValueError):
     """The mesh or the batch does not fit the devices there are."""
-DISTRIBUTED_MODES = ("auto", "on", "off")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -137,11 +137,11 @@ def make_mesh(mesh: MeshConfig, devices: Sequence[jax.Device] | None = None) -> 
         if sizes[name] == -1:
             if count % sizes[other]:
                 raise MeshError(f"mesh.{other}: must divide the number of devices ({count}), "
-                                 f"got {sizes[other]}")
+                                f"got {sizes[other]}")
             sizes[name] = count // sizes[other]
     if sizes["data"] * sizes["fsdp"] != count:
         raise MeshError(f"mesh: data x fsdp = {sizes['data']} x {sizes['fsdp']} must equal the number "
-                         f"of devices ({count}); set one axis to -1 to take all remaining devices")
+                        f"of devices ({count}); set one axis to -1 to take all remaining devices")
     return jax.make_mesh((sizes["data"], sizes["fsdp"]), MESH_AXES,
                          axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
@@ -361,7 +361,7 @@ class Trainer:
         first, local_rows = starts[0], rows_per_device * len(starts)
         if starts != list(range(first, first + local_rows, rows_per_device)) or first % local_rows:
             raise MeshError("mesh: this process's devices must hold one contiguous block of the batch; "
-                             "order the devices process by process")
+                            "order the devices process by process")
         return first // local_rows, self.batch_shape[0] // local_rows
 
     def make_batch(self, local_rows: np.ndarray) -> jax.Array:
@@ -410,12 +410,13 @@ def _record_divergence(workdir: Path, error: NonFiniteLossError, start_step: int
     """After a divergence, leaves the workdir describing its checkpoints: config.json goes back to the
     previous config if this run saved none, and train_summary.json says what happened (not the last
     successful run's summary)."""
-    if latest == start_step and previous_config is not None:
+    restore_config = latest == start_step and previous_config is not None
+    if restore_config:
         with atomic_open(workdir / CONFIG_FILE, "w") as file:
             file.write(previous_config)
     write_json(workdir / SUMMARY_FILE, {
         "final_step": latest, "start_step": start_step, "diverged": str(error).splitlines()[0],
-        "config_json": "restored to the previous run's" if latest == start_step and previous_config else "this run's",
+        "config_json": "restored to the previous run's" if restore_config else "this run's",
         "preempted": False, "wall_time_s": time.perf_counter() - wall_start,
     })
 
@@ -545,8 +546,8 @@ def train(config: ExperimentConfig, workdir: str | os.PathLike, *, until_step: i
           devices: Sequence[jax.Device] | None = None, override_config: bool = False) -> TrainResult:
     """Trains (or resumes training) in `workdir` until config.train.steps; returns what happened.
 
-    Resumes from the latest checkpoint in workdir/checkpoints if there is one; a resume whose config
-    differs from the saved one in anything but train.steps and the mesh raises ValueError unless
+    Resumes from the newest checkpoint in workdir/checkpoints that verifies; a resume whose config differs
+    from the saved one in anything but train.steps and the mesh raises WorkdirError unless
     `override_config`. `until_step` stops earlier, after saving a checkpoint there, as a preemption would
     (the schedule still runs to train.steps); rerunning continues. SIGTERM makes the loop save a checkpoint
     at the next step and return with `preempted=True`. A non-finite loss, gradient or state raises

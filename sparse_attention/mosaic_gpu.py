@@ -743,7 +743,9 @@ def _platform_reason(interpret: bool) -> str | None:
 def _cpu_pool_threads() -> int:
     """The size of XLA's CPU thread pool: PJRT_NPROC if set, else the cores this process may run on."""
     configured = os.environ.get("PJRT_NPROC", "")
-    return int(configured) if configured.isdigit() else len(os.sched_getaffinity(0))
+    if configured.isdigit():
+        return int(configured)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _cuda_runtime_version() -> int | None:

@@ -193,3 +193,21 @@ def test_attention_impl_summary():
     )
     requested = attention_impl_summary((SMALL_MODEL, attention_config("dense", impl="reference")), 64)
     assert requested.endswith("dense on all layers -> reference (requested)")
+
+
+def test_embedding_gradient_sums_in_float32():
+    # Many repeats of few tokens: a bfloat16 scatter-add of the rows' gradients was off by ~15 % here.
+    model_config = dataclasses.replace(SMALL_MODEL, compute_dtype="bfloat16")
+    model = DecoderLM(model_config, attention_config(), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, 4, (8, 4096)), jnp.int32)
+    cotangent = rng.normal(size=(8, 4096, model_config.d_model))
+    # The forward is nnx.Embed's: rows rounded to the compute dtype.
+    np.testing.assert_array_equal(model.embed_tokens(tokens), model.embed(tokens).astype(jnp.float32)
+                                  * math.sqrt(model_config.d_model))
+    grads = nnx.grad(lambda m: (m.embed_tokens(tokens) * jnp.asarray(cotangent, jnp.float32)).sum())(model)
+    # Each row's gradient is rounded to bfloat16, as the rows were; their sum is not.
+    row_gradients = np.asarray(jnp.asarray(cotangent * math.sqrt(model_config.d_model), jnp.bfloat16), np.float64)
+    exact = np.zeros(model.embed.embedding.shape)
+    np.add.at(exact, np.asarray(tokens), row_gradients)
+    np.testing.assert_allclose(grads.embed.embedding[...], exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())

@@ -13,9 +13,7 @@ every variant is timed from the same point.
 Then, for block (block(512) in compare): the forward loss, the loss with its gradient, and the optimizer
 update, each jitted alone and timed on batches 0-9 with the fresh state and with the state after
 TRAIN_STEPS (default 150) updates. The part whose time grows is where the slowdown lives. Last, the
-gradient of an embedding lookup alone ([vocab, d_model] table, the batch's tokens) on batches 0-9 and on
-uniformly random tokens of the same shape: a scatter-add whose time follows the batch's byte frequencies
-would show there.
+gradient of the embedding lookup alone, in three forms (`embedding_costs`).
 
 Writes OUT_DIR/step_cost.json and prints the tables.
 """
@@ -119,18 +117,36 @@ def part_costs(size: str, train_steps: int, impl: str | None) -> dict:
 
 
 def embedding_costs(size: str) -> dict:
-    """ms per gradient of a lookup in a [vocab, d_model] table: the batches' tokens against uniform ones."""
+    """ms per gradient of the model's embedding lookup ([vocab, d_model] float32 table, the batch's tokens),
+    in three forms: rows cast to bfloat16 before the gather (nnx.Embed, the model before the fix; the
+    scatter-add runs in bfloat16), rows gathered in float32 and cast after (the model since), and a one-hot
+    matmul. Each on the corpus's batches 0-9 and on uniformly random tokens of the same shape."""
     config = variant_config("block", size)
     tokens = training.training_tokens(config)
-    table = jax.numpy.zeros((config.model.vocab_size, config.model.d_model), jax.numpy.float32)
-    lookup_grad = jax.jit(jax.grad(lambda table, ids: table[ids].sum()))
+    shape = (config.model.vocab_size, config.model.d_model)
+    table = jax.random.normal(jax.random.key(0), shape, jax.numpy.float32)
+    bf16 = jax.numpy.bfloat16
+    lookups = {
+        "bfloat16_gather": lambda table, ids: table.astype(bf16)[ids],
+        "float32_gather": lambda table, ids: table[ids].astype(bf16),
+        "one_hot_matmul": lambda table, ids: jax.numpy.einsum(
+            "bsv,vd->bsd", jax.nn.one_hot(ids, shape[0], dtype=bf16), table.astype(bf16),
+            preferred_element_type=jax.numpy.float32),
+    }
     corpus = [rows_of(config, tokens, i)[:, :-1] for i in range(10)]
-    uniform = [np.random.default_rng(i).integers(0, config.model.vocab_size, ids.shape, dtype=np.int32)
+    uniform = [np.random.default_rng(i).integers(0, shape[0], ids.shape, dtype=np.int32)
                for i, ids in enumerate(corpus)]
-    jax.block_until_ready(lookup_grad(table, corpus[0]))
-    costs = {name: median_ms(lambda ids: lookup_grad(table, ids), batches)
-             for name, batches in (("corpus_tokens_ms", corpus), ("uniform_tokens_ms", uniform))}
-    print("embedding lookup gradient " + "  ".join(f"{key} {value:.2f}" for key, value in costs.items()), flush=True)
+    # Random rows' gradients: a scatter-add's speed may depend on the values it adds, not only where.
+    cotangent = jax.random.normal(jax.random.key(1), corpus[0].shape + shape[1:], jax.numpy.float32) * 1e-3
+    costs = {}
+    for form, lookup in lookups.items():
+        lookup_grad = jax.jit(jax.grad(lambda table, ids: (lookup(table, ids).astype(jax.numpy.float32)
+                                                            * cotangent).sum()))
+        jax.block_until_ready(lookup_grad(table, corpus[0]))
+        costs[form] = {name: median_ms(lambda ids: lookup_grad(table, ids), batches)
+                       for name, batches in (("corpus_tokens_ms", corpus), ("uniform_tokens_ms", uniform))}
+        print(f"embedding lookup gradient, {form:16s} " + "  ".join(f"{key} {value:.2f}"
+                                                              for key, value in costs[form].items()), flush=True)
     return costs
 
 

@@ -9,13 +9,19 @@ row and rewrites a JSON report (atomically, after every case, so an interrupted 
                is credited the same work and TFLOP/s ratios are time ratios
   active       active pairs / causal pairs
   memory_bytes compiled memory analysis: arguments + outputs + temporaries of the jitted call
+  floor_ms     the larger of the case's counted FLOPs over the measured matmul rate and its bytes moved over
+               the measured copy rate (`measure_ceilings`, in the same run); x_floor = ms / floor_ms.
+               Bytes moved: q, k, v read and out written (forward); forward+backward adds q, k, v, out and
+               d_out read again and dq, dk, dv written.
 
 Inputs are not rotated between timed calls: every kernel here re-reads each key/value tile from L2 many
 times within one call (once per query tile that attends it), so the little cross-call reuse a fixed input
 allows does not change the picture, and rotating would add allocation noise at 128k.
 
 Peers: cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) for dense causal and window(W)
-(`local_window_size=(W-1, 0)`); JAX's Pallas Triton attention (`ops.gpu.attention.mha`, dense causal);
+(`local_window_size=(W-1, 0)`); PyTorch FlexAttention (`flex`, every pattern, with a block mask compiled from the same
+pattern; it runs in a subprocess before JAX starts, see `flex_peer.py`, and is skipped with the reason where
+torch or a CUDA device is missing); JAX's Pallas Triton attention (`ops.gpu.attention.mha`, dense causal);
 JAX's Pallas Mosaic GPU attention (`ops.gpu.attention_mgpu`: dense causal, forward only as it has no causal
 backward, sm90+, float16 as it fails inside on bfloat16); this package's `xla` and `reference` paths where
 they fit in memory ("oom" otherwise).
@@ -28,9 +34,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -38,12 +46,16 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from sparse_attention import atomic_io, mosaic_gpu, pallas_gpu, pallas_tpu, reference, xla
+from sparse_attention import atomic_io, flex_peer, mosaic_gpu, pallas_gpu, pallas_tpu, reference, xla
 from sparse_attention.patterns import Dense, Pattern, Window, as_pattern
 
 DEFAULT_SEQ_LENS = (4096, 16384, 32768, 65536, 131072)
-DEFAULT_PATTERNS = ("dense", "block(512)", "window(1024)", "repaired(512, 64, bridge)", "repaired(512, 64, prefix)")
-IMPLS = ("mosaic_gpu", "pallas_gpu", "pallas_tpu", "cudnn", "mosaic_mha", "pallas_mha", "xla", "reference")
+DEFAULT_PATTERNS = ("dense", "block(512)", "window(1024)", "repaired(512, 64, bridge)", "repaired(512, 64, prefix)",
+                    "block(512, 256)", "random_blocks(512, 3, 0)", "sinks(64) | window(1024)")
+IMPLS = ("mosaic_gpu", "pallas_gpu", "pallas_tpu", "cudnn", "flex", "mosaic_mha", "pallas_mha", "xla", "reference")
+# This package's implementations, against which the peers' ratios are quoted.
+OWN_IMPLS = ("mosaic_gpu", "pallas_gpu", "pallas_tpu")
+RATIO_PEERS = ("flex", "cudnn")
 # The backend each Pallas kernel compiles for; on CPU they run in interpret mode.
 KERNEL_BACKENDS = {"mosaic_gpu": "gpu", "pallas_gpu": "gpu", "pallas_tpu": "tpu"}
 # JAX's Mosaic GPU attention: its own benchmark's tiles (block_q 64, block_kv 128, two stages).
@@ -54,6 +66,10 @@ FWD_BWD_FLOP_FACTOR = 3.5
 TIMED_SECONDS_CAP = 4.0
 MIN_RUNS = 5
 SMOKE = dict(seq_lens=(64, 100), batch=1, heads=2, kv_heads=1, head_dim=32, dtype="float32", runs=2, warmup=1)
+# Sizes of the ceiling measurements: a [n, n] @ [n, n] matmul and an elementwise pass over a buffer.
+CEILING_SIZES = dict(matmul=8192, copy_bytes=2**30)
+SMOKE_CEILING_SIZES = dict(matmul=256, copy_bytes=2**22)
+FLEX_TIMEOUT_S = 3600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,15 +207,53 @@ def measure(compiled, args, runs: int, warmup: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def run_case(impl: str, pattern: Pattern, mode: str, shape: Shape, inputs, *, runs: int, warmup: int,
-             interpret: bool, block_sizes) -> dict:
-    """One row of the report: status "ok" with timings, or "oom" / "unsupported: ..." / "error: ..."."""
+def measure_ceilings(dtype: str, sizes: dict) -> dict:
+    """The rates the floor divides by, measured now on this device: FLOP/s of a [n, n] @ [n, n] matmul and
+    bytes/s of an elementwise pass over a buffer (bytes read plus written)."""
+    n = sizes["matmul"]
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    matmul_ms = measure(jax.jit(lambda x, y: x @ y).lower(a, a).compile(), (a, a), runs=50, warmup=3)
+    del a
+    buffer = jnp.ones(sizes["copy_bytes"] // jnp.dtype(dtype).itemsize, dtype)
+    copy_ms = measure(jax.jit(lambda x: x * 2).lower(buffer).compile(), (buffer,), runs=50, warmup=3)
+    return dict(matmul_flops_per_s=2 * n**3 / (matmul_ms * 1e-3), copy_bytes_per_s=2 * buffer.nbytes / (copy_ms * 1e-3),
+                matmul_size=n, copy_bytes=buffer.nbytes)
+
+
+def case_work(pattern: Pattern, mode: str, shape: Shape) -> tuple[int, float, int]:
+    """(active pairs, counted FLOPs, bytes moved) of one case: what every implementation is credited."""
     active_pairs = pattern.count_active(shape.seq_len)
     flops = 4 * shape.batch * shape.heads * shape.head_dim * active_pairs
     flops *= FWD_BWD_FLOP_FACTOR if mode == "fwd_bwd" else 1
+    # In units of one head's [batch, seq, head_dim] tensor: forward q + out (heads) and k + v (kv heads);
+    # the backward reads q, out, d_out, k, v and writes dq, dk, dv.
+    heads_moved = 2 * shape.heads + 2 * shape.kv_heads
+    if mode == "fwd_bwd":
+        heads_moved += 4 * shape.heads + 4 * shape.kv_heads
+    head_bytes = shape.batch * shape.seq_len * shape.head_dim * jnp.dtype(shape.dtype).itemsize
+    return active_pairs, flops, heads_moved * head_bytes
+
+
+def floor_ms(flops: float, bytes_moved: int, ceilings: dict) -> float:
+    """The case's lower bound in ms: whichever of its FLOPs and its bytes takes longer at the measured rates."""
+    return 1e3 * max(flops / ceilings["matmul_flops_per_s"], bytes_moved / ceilings["copy_bytes_per_s"])
+
+
+def complete_row(row: dict, pattern: Pattern, shape: Shape, ceilings: dict) -> dict:
+    """Adds the counted work to a timed row: active_fraction, tflops, floor_ms and x_floor."""
+    active_pairs, flops, bytes_moved = case_work(pattern, row["mode"], shape)
+    floor = floor_ms(flops, bytes_moved, ceilings)
+    ok = row["status"] == "ok"
+    return row | dict(active_fraction=active_pairs / (shape.seq_len * (shape.seq_len + 1) / 2),
+                      tflops=flops / (row["ms"] * 1e-3) / 1e12 if ok else None, floor_ms=floor,
+                      x_floor=row["ms"] / floor if ok else None)
+
+
+def run_case(impl: str, pattern: Pattern, mode: str, shape: Shape, inputs, *, runs: int, warmup: int,
+             interpret: bool, block_sizes) -> dict:
+    """One timed row: status "ok" with ms, memory_bytes and runs, or "oom" / "unsupported: ..." / "error: ..."."""
     row = dict(seq_len=shape.seq_len, pattern=pattern.spec, impl=impl, mode=mode,
-               active_fraction=active_pairs / (shape.seq_len * (shape.seq_len + 1) / 2),
-               ms=None, tflops=None, memory_bytes=None, runs=None, status="ok")
+               ms=None, memory_bytes=None, runs=None, status="ok")
     try:
         forward = _peer_function(impl, pattern, shape, mode, interpret, block_sizes)
         args = inputs if mode == "fwd_bwd" else inputs[:3]
@@ -209,13 +263,47 @@ def run_case(impl: str, pattern: Pattern, mode: str, shape: Shape, inputs, *, ru
         if limit is not None and row["memory_bytes"] is not None and row["memory_bytes"] > limit:
             row["status"] = "oom"
             return row
-        ms = measure(compiled, args, runs, warmup)
-        row.update(ms=ms, tflops=flops / (ms * 1e-3) / 1e12, runs=runs)
+        row.update(ms=measure(compiled, args, runs, warmup), runs=runs)
     except Unsupported as reason:
         row["status"] = f"unsupported: {reason}"
     except Exception as error:  # a peer failing must not end the whole benchmark
         row["status"] = "oom" if is_oom(error) else f"error: {type(error).__name__}: {str(error)[:300]}"
     return row
+
+
+def flex_rows(seq_lens, patterns, modes, args, kv_heads) -> list[dict]:
+    """FlexAttention's timed rows, from `flex_peer` in a subprocess (call before JAX takes the GPU)."""
+    spec = dict(seq_lens=list(seq_lens), patterns=[p.spec for p in patterns], modes=list(modes),
+                batch=args.batch, heads=args.heads, kv_heads=kv_heads, head_dim=args.head_dim, dtype=args.dtype,
+                runs=args.runs, warmup=args.warmup, seed=0)
+    if importlib.util.find_spec("torch") is None:
+        return flex_peer.unavailable_rows(spec, "torch is not installed (it is not a requirement)")
+    try:
+        done = subprocess.run([sys.executable, "-m", "sparse_attention.flex_peer", json.dumps(spec)], check=False,
+                              stdout=subprocess.PIPE, text=True, timeout=FLEX_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return flex_peer.unavailable_rows(spec, f"the FlexAttention process ran past {FLEX_TIMEOUT_S} s")
+    if done.returncode != 0:
+        return [row | dict(status=f"error: the FlexAttention process exited with status {done.returncode}")
+                for row in flex_peer.unavailable_rows(spec, "")]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def peer_ratios(rows: list[dict]) -> list[dict]:
+    """For each case: the fastest of OWN_IMPLS and its time over each RATIO_PEERS peer's (below 1: ours is faster)."""
+    cases: dict[tuple, dict] = {}
+    for row in rows:
+        if row["status"] == "ok":
+            cases.setdefault((row["seq_len"], row["pattern"], row["mode"]), {})[row["impl"]] = row["ms"]
+    ratios = []
+    for (seq_len, pattern, mode), times in cases.items():
+        own = {impl: ms for impl, ms in times.items() if impl in OWN_IMPLS}
+        if not own:
+            continue
+        best = min(own, key=own.get)
+        ratio = dict(seq_len=seq_len, pattern=pattern, mode=mode, best=best, best_ms=own[best])
+        ratios.append(ratio | {f"vs_{peer}": own[best] / times[peer] for peer in RATIO_PEERS if peer in times})
+    return ratios
 
 
 def make_inputs(shape: Shape, seed: int = 0):
@@ -232,7 +320,14 @@ def format_row(row: dict) -> str:
         return f"{row['seq_len']:>7} {row['pattern']:<28} {row['mode']:<8} {row['impl']:<11} {cell}"
     memory = "" if row["memory_bytes"] is None else f"{row['memory_bytes'] / 2**30:8.2f} GiB"
     return (f"{row['seq_len']:>7} {row['pattern']:<28} {row['mode']:<8} {row['impl']:<11} "
-            f"{row['ms']:10.3f} ms {row['tflops']:8.1f} TFLOP/s  active {row['active_fraction']:.4f} {memory}")
+            f"{row['ms']:10.3f} ms {row['tflops']:8.1f} TFLOP/s {row['x_floor']:6.2f}x floor  "
+            f"active {row['active_fraction']:.4f} {memory}")
+
+
+def format_ratio(ratio: dict) -> str:
+    peers = "  ".join(f"/ {peer} {ratio[f'vs_{peer}']:.2f}" for peer in RATIO_PEERS if f"vs_{peer}" in ratio)
+    return (f"{ratio['seq_len']:>7} {ratio['pattern']:<28} {ratio['mode']:<8} {ratio['best']:<11} "
+            f"{ratio['best_ms']:10.3f} ms  {peers or 'no peer'}")
 
 
 def _parse_list(text: str, separator: str = ",") -> list[str]:
@@ -291,18 +386,24 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict:
     args, seq_lens, patterns, impls, modes, kv_heads, block_sizes = parse_args(argv)
+    # FlexAttention first, in its own process, before this one's JAX claims the GPU's memory.
+    peer_rows = flex_rows(seq_lens, patterns, modes, args, kv_heads) if "flex" in impls else []
     interpret = jax.default_backend() == "cpu"
     device = jax.devices()[0]
+    ceilings = measure_ceilings(args.dtype, SMOKE_CEILING_SIZES if args.smoke else CEILING_SIZES)
     report = dict(
         meta=dict(device=getattr(device, "device_kind", str(device)), backend=jax.default_backend(),
                   jax=jax.__version__, batch=args.batch, heads=args.heads, kv_heads=kv_heads,
                   head_dim=args.head_dim, dtype=args.dtype, runs=args.runs, warmup=args.warmup,
                   interpret=interpret, block_sizes=None if block_sizes is None else dataclasses.asdict(block_sizes),
+                  ceilings=ceilings, torch=_torch_version() if "flex" in impls else None,
                   started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
         results=[],
     )
     print(f"# {report['meta']['device']} jax {jax.__version__}  B={args.batch} H={args.heads} "
-          f"KV={kv_heads} D={args.head_dim} {args.dtype}", flush=True)
+          f"KV={kv_heads} D={args.head_dim} {args.dtype}  matmul {ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, "
+          f"copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+    by_spec = {pattern.spec: pattern for pattern in patterns}
     for seq_len in seq_lens:
         shape = Shape(args.batch, seq_len, args.heads, kv_heads, args.head_dim, args.dtype)
         inputs = make_inputs(shape)
@@ -311,17 +412,34 @@ def main(argv=None) -> dict:
         for impl in impls:
             for pattern in patterns:
                 for mode in modes:
-                    row = run_case(impl, pattern, mode, shape, inputs, runs=args.runs, warmup=args.warmup,
-                                   interpret=interpret, block_sizes=block_sizes)
-                    report["results"].append(row)
-                    print(format_row(row), flush=True)
+                    if impl == "flex":
+                        row = next(r for r in peer_rows if (r["seq_len"], r["pattern"], r["mode"])
+                                   == (seq_len, pattern.spec, mode))
+                    else:
+                        row = run_case(impl, pattern, mode, shape, inputs, runs=args.runs, warmup=args.warmup,
+                                       interpret=interpret, block_sizes=block_sizes)
+                    report["results"].append(complete_row(row, by_spec[row["pattern"]], shape, ceilings))
+                    print(format_row(report["results"][-1]), flush=True)
                     atomic_io.write_json(args.out, report)
         del inputs
+    report["ratios"] = peer_ratios(report["results"])
+    atomic_io.write_json(args.out, report)
     print("\n# summary", flush=True)
     order = {impl: index for index, impl in enumerate(impls)}
     for row in sorted(report["results"], key=lambda r: (r["seq_len"], r["pattern"], r["mode"], order[r["impl"]])):
         print(format_row(row))
+    print("\n# our fastest implementation's time over each peer's (below 1: ours is faster)")
+    for ratio in report["ratios"]:
+        print(format_ratio(ratio))
     return report
+
+
+def _torch_version() -> str | None:
+    if importlib.util.find_spec("torch") is None:
+        return None
+    from importlib.metadata import version
+
+    return version("torch")
 
 
 if __name__ == "__main__":

@@ -46,9 +46,14 @@ sizes are positive integers; every pattern is also intersected with causality (k
 
 
 def _xp(*arrays):
-    """NumPy for NumPy inputs, jax.numpy otherwise (traced arrays, inside kernels too)."""
+    """NumPy for NumPy inputs, torch for torch tensors (FlexAttention mask_mods, `torch_arrays`), jax.numpy
+    otherwise (traced arrays, inside kernels too)."""
     if all(isinstance(a, (np.ndarray, np.generic, int)) for a in arrays):
         return np
+    if any(type(a).__module__.startswith("torch") for a in arrays):
+        from sparse_attention import torch_arrays
+
+        return torch_arrays
     import jax.numpy as jnp
 
     return jnp
@@ -501,14 +506,18 @@ class RandomBlocks(Pattern):
     def _walk(self, q_block):
         """(start, stride) of the walk over earlier blocks, for int32 arrays of query blocks."""
         xp = _xp(q_block)
-        q_block = q_block.astype(xp.int32)
+
+        def int32(x):
+            return xp.asarray(x, dtype=xp.int32)
+
+        q_block = int32(q_block)
         earlier = xp.maximum(q_block, 1)
-        mixed = _hash32(_hash32(q_block + xp.int32(0x3C6EF372 % 2**31)) ^ xp.int32(self.seed))
+        mixed = _hash32(_hash32(q_block + int32(0x3C6EF372 % 2**31)) ^ int32(self.seed))
         start = mixed % earlier
         choice = (mixed >> 8) % len(_RANDOM_STRIDE_PRIMES)
-        prime = xp.int32(_RANDOM_STRIDE_PRIMES[0])
+        prime = int32(_RANDOM_STRIDE_PRIMES[0])
         for index, candidate in enumerate(_RANDOM_STRIDE_PRIMES[1:], start=1):
-            prime = xp.where(choice == index, xp.int32(candidate), prime)
+            prime = xp.where(choice == index, int32(candidate), prime)
         return start, prime % earlier
 
     def picked_blocks(self, q_blocks: np.ndarray) -> np.ndarray:

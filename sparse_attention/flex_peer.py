@@ -1,0 +1,177 @@
+"""PyTorch FlexAttention as a benchmark peer, in a process of its own.
+
+    python -m sparse_attention.flex_peer SPEC_JSON      # prints one JSON list of rows on stdout
+
+`bench.py` starts it before JAX touches the GPU, so the two frameworks never share a memory pool. SPEC_JSON
+holds seq_lens, patterns (specs), modes, batch, heads, kv_heads, head_dim, dtype, runs, warmup, seed.
+
+Each case's block mask is our layout at 128 x 128 tiles (`block_layout`: each query tile's full and partial
+key tiles) given to `BlockMask.from_kv_blocks`, with the pattern's exact mask as mask_mod for the partial
+tiles (`Pattern.mask` evaluated on torch tensors, see `torch_arrays.py`). So FlexAttention attends the pairs
+our kernels attend and skips the tiles they skip. (`create_block_mask` compiled would evaluate the mask on
+every pair itself; on PyTorch 2.14's CPU backend it got random_blocks' hashed block choice wrong, and
+eager it materializes [seq, seq].) The mask is built once per case, as our layouts are, and not timed. Before
+timing, each pattern is checked at CHECK_LEN tokens against attention with the dense mask, in float32
+arithmetic; a peer that attends other pairs would make the comparison meaningless, so its rows then say so. Timing follows `bench.measure`: warm-up calls, then up to `runs` calls, each
+followed by `torch.cuda.synchronize`, stopping after TIMED_SECONDS_CAP once MIN_RUNS are done; the median.
+fwd_bwd is the forward plus `torch.autograd.grad` of q, k and v given d_out, as the JAX side's vjp.
+memory_bytes is the peak of torch's allocator during one call, inputs included.
+
+Rows carry bench's keys (seq_len, pattern, impl "flex", mode, ms, memory_bytes, runs, status); bench adds
+the rest. Without torch or a CUDA device every row says why ("unsupported: ...").
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from sparse_attention.layout import block_layout
+from sparse_attention.patterns import as_pattern
+
+FLEX_TILE = 128
+CHECK_LEN = 1000  # not a multiple of the tile, so the last tile's padding is checked too
+CHECK_TOLERANCE = 0.05  # bfloat16 outputs of unit-variance values
+TIMED_SECONDS_CAP = 4.0
+MIN_RUNS = 5
+
+
+def _row(seq_len: int, pattern: str, mode: str, status: str = "ok", **timing) -> dict:
+    return dict(seq_len=seq_len, pattern=pattern, impl="flex", mode=mode, ms=None, memory_bytes=None, runs=None,
+                status=status) | timing
+
+
+def unavailable_rows(spec: dict, reason: str) -> list[dict]:
+    return [_row(seq_len, pattern, mode, f"unsupported: {reason}")
+            for seq_len in spec["seq_lens"] for pattern in spec["patterns"] for mode in spec["modes"]]
+
+
+def _measure(torch, call, runs: int, warmup: int) -> float:
+    for _ in range(warmup):
+        call()
+    torch.cuda.synchronize()
+    times = []
+    budget_end = time.perf_counter() + TIMED_SECONDS_CAP
+    for index in range(runs):
+        start = time.perf_counter()
+        call()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        if index + 1 >= MIN_RUNS and time.perf_counter() > budget_end:
+            break
+    return 1e3 * statistics.median(times)
+
+
+def _peak_bytes(torch, call) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    call()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated())
+
+
+def block_mask_from_layout(torch, BlockMask, pattern, seq_len: int, device: str = "cuda"):
+    """FlexAttention's BlockMask holding our layout's tiles, [1, 1, query tiles, key tiles] lists."""
+    lists = block_layout(pattern, seq_len, FLEX_TILE, FLEX_TILE).forward
+    width = -(-seq_len // FLEX_TILE)
+
+    def tiles(offsets, indices):
+        counts = np.diff(offsets)
+        table = np.zeros((len(counts), width), np.int32)
+        columns = np.arange(len(indices)) - np.repeat(offsets[:-1], counts)
+        table[np.repeat(np.arange(len(counts)), counts), columns] = indices
+        return (torch.as_tensor(counts.astype(np.int32), device=device)[None, None],
+                torch.as_tensor(table, device=device)[None, None])
+
+    partial_counts, partial = tiles(lists.partial_offsets, lists.partial_indices)
+    full_counts, full = tiles(lists.full_offsets, lists.full_indices)
+    return BlockMask.from_kv_blocks(partial_counts, partial, full_counts, full, BLOCK_SIZE=FLEX_TILE,
+                                    mask_mod=lambda b, h, q, k: pattern.mask(q, k), seq_lengths=(seq_len, seq_len))
+
+
+def check_error(torch, BlockMask, attend, pattern, device: str = "cuda") -> float:
+    """Max |FlexAttention - dense-mask attention| at CHECK_LEN tokens (bfloat16 inputs, float32 reference)."""
+    generator = torch.Generator(device=device).manual_seed(1)
+    q, k, v = (torch.randn(1, 2, CHECK_LEN, 64, device=device, dtype=torch.bfloat16, generator=generator)
+               for _ in range(3))
+    out = attend(q, k, v, block_mask=block_mask_from_layout(torch, BlockMask, pattern, CHECK_LEN, device))
+    positions = np.arange(CHECK_LEN)
+    mask = torch.as_tensor(np.broadcast_to(pattern.mask(positions[:, None], positions[None, :]),
+                                           (CHECK_LEN, CHECK_LEN)).copy(), device=device)
+    scores = (q.float() @ k.float().transpose(-1, -2) / 8.0).masked_fill(~mask, float("-inf"))
+    expected = torch.softmax(scores, dim=-1) @ v.float()
+    return float((out.float() - expected).abs().max())
+
+
+def run(spec: dict) -> list[dict]:
+    try:
+        import torch
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    except ImportError as error:
+        return unavailable_rows(spec, f"PyTorch FlexAttention is not importable ({error})")
+    if not torch.cuda.is_available():
+        return unavailable_rows(spec, "FlexAttention is timed on a CUDA device only")
+    # Every (pattern, length, mode) compiles its own kernel; the default limit would fall back to eager.
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 4096)
+    attend = torch.compile(flex_attention, fullgraph=True)
+    dtype = getattr(torch, spec["dtype"])
+    generator = torch.Generator(device="cuda").manual_seed(spec["seed"])
+    checks = {}
+    for pattern_spec in spec["patterns"]:
+        try:
+            checks[pattern_spec] = check_error(torch, BlockMask, attend, as_pattern(pattern_spec))
+        except Exception as error:  # recorded in every row of the pattern
+            checks[pattern_spec] = f"{type(error).__name__}: {str(error)[:300]}"
+    rows = []
+    for seq_len in spec["seq_lens"]:
+        def normal(heads):  # [batch, heads, seq, head_dim], FlexAttention's layout
+            return torch.randn(spec["batch"], heads, seq_len, spec["head_dim"], device="cuda", dtype=dtype,
+                               generator=generator)
+
+        q, d_out = normal(spec["heads"]), normal(spec["heads"])
+        k, v = normal(spec["kv_heads"]), normal(spec["kv_heads"])
+        gqa = spec["kv_heads"] != spec["heads"]
+        for pattern_spec in spec["patterns"]:
+            pattern, check = as_pattern(pattern_spec), checks[pattern_spec]
+            if isinstance(check, str) or check > CHECK_TOLERANCE:
+                problem = (f"the check at {CHECK_LEN} tokens failed: {check}" if isinstance(check, str) else
+                           f"FlexAttention differs from the reference by {check:.3g} at {CHECK_LEN} tokens")
+                rows += [_row(seq_len, pattern_spec, mode, f"error: {problem}") for mode in spec["modes"]]
+                continue
+            block_mask = block_mask_from_layout(torch, BlockMask, pattern, seq_len)
+            for mode in spec["modes"]:
+                if mode == "fwd":
+                    def call():
+                        return attend(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+                else:
+                    leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+
+                    def call():
+                        out = attend(*leaves, block_mask=block_mask, enable_gqa=gqa)
+                        return torch.autograd.grad(out, leaves, d_out)
+                try:
+                    ms = _measure(torch, call, spec["runs"], spec["warmup"])
+                    rows.append(_row(seq_len, pattern_spec, mode, ms=ms, runs=spec["runs"],
+                                     memory_bytes=_peak_bytes(torch, call), check_max_abs_error=check))
+                except Exception as error:  # as bench.run_case: record and go on
+                    oom = isinstance(error, torch.cuda.OutOfMemoryError)
+                    rows.append(_row(seq_len, pattern_spec, mode,
+                                     "oom" if oom else f"error: {type(error).__name__}: {str(error)[:300]}"))
+                print(f"flex {seq_len} {pattern_spec} {mode}: {rows[-1]['status']} {rows[-1]['ms']}", file=sys.stderr,
+                      flush=True)
+            del block_mask
+        del q, k, v, d_out
+        torch.cuda.empty_cache()
+    return rows
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    print(json.dumps(run(json.loads(sys.argv[1]))))

@@ -1,0 +1,111 @@
+"""The kernel benchmark's bookkeeping: floors, peer ratios, the FlexAttention peer and its masks.
+
+Timings themselves are not tested (they belong to `python -m sparse_attention.bench`); the smoke run checks
+the report's shape on CPU with the Pallas kernels in interpret mode.
+"""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+from sparse_attention import bench
+from sparse_attention.patterns import parse
+
+H200_CEILINGS = dict(matmul_flops_per_s=790e12, copy_bytes_per_s=4.3e12)
+
+
+def test_bench_smoke_writes_table_and_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    report = bench.main(["--smoke", "--seq", "48", "--patterns", "dense;window(16)", "--impls",
+                         "pallas_gpu,pallas_tpu,cudnn,flex,reference", "--modes", "fwd,fwd_bwd", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert len(saved["results"]) == 2 * 2 * 5
+    ceilings = saved["meta"]["ceilings"]
+    assert ceilings["matmul_flops_per_s"] > 0 and ceilings["copy_bytes_per_s"] > 0
+    for row in saved["results"]:
+        assert set(row) >= {"seq_len", "pattern", "impl", "mode", "ms", "tflops", "active_fraction",
+                            "memory_bytes", "status", "floor_ms", "x_floor"}
+        if row["impl"] in ("cudnn", "flex"):  # GPU peers: unsupported on CPU (cuDNN also rejects float32)
+            assert row["status"] == "ok" or row["status"].startswith(("unsupported", "error")), row
+        else:
+            assert row["status"] == "ok" and row["ms"] > 0 and row["tflops"] > 0, row
+            assert row["x_floor"] == pytest.approx(row["ms"] / row["floor_ms"])
+    # Ratios are quoted for our fastest implementation of each case, against the peers that ran.
+    assert {(r["pattern"], r["mode"]) for r in saved["ratios"]} == {(p, m) for p in ("dense", "window(16)")
+                                                                   for m in ("fwd", "fwd_bwd")}
+    for ratio in saved["ratios"]:
+        assert ratio["best"] in ("pallas_gpu", "pallas_tpu")
+    window = [r for r in saved["results"] if r["pattern"] == "window(16)"][0]
+    assert window["active_fraction"] == pytest.approx(parse("window(16)").count_active(48) / (48 * 49 / 2))
+    table = capsys.readouterr().out
+    assert "window(16)" in table and "fwd_bwd" in table and "x floor" in table
+
+
+def test_floor_of_block_forward_at_32k_is_the_bytes_moved():
+    # The kernel issue's example: q, k, v read and out written at 32k x 16 heads x 128 in bfloat16 is 512 MiB,
+    # 0.125 ms at 4.3 TB/s; block(512)'s 69 GFLOP take 0.087 ms at 790 TFLOP/s.
+    shape = bench.Shape(batch=1, seq_len=32768, heads=16, kv_heads=16, head_dim=128, dtype="bfloat16")
+    active, flops, bytes_moved = bench.case_work(parse("block(512)"), "fwd", shape)
+    assert active == 64 * (512 * 513 // 2)
+    assert flops == 4 * 16 * 128 * active
+    assert bytes_moved == 512 * 2**20
+    assert bench.floor_ms(flops, bytes_moved, H200_CEILINGS) == pytest.approx(512 * 2**20 / 4.3e12 * 1e3)
+    # Forward + backward moves q, k, v, out and d_out again and writes dq, dk, dv: 12 tensors in all; and
+    # with GQA the key and value tensors shrink.
+    _, _, bytes_fwd_bwd = bench.case_work(parse("block(512)"), "fwd_bwd", shape)
+    assert bytes_fwd_bwd == 12 * 128 * 2**20
+    gqa = bench.Shape(batch=1, seq_len=32768, heads=16, kv_heads=4, head_dim=128, dtype="bfloat16")
+    assert bench.case_work(parse("block(512)"), "fwd", gqa)[2] == (2 * 16 + 2 * 4) * 8 * 2**20
+    # Dense at 32k is compute-bound: its floor is the FLOPs.
+    _, flops, bytes_moved = bench.case_work(parse("dense"), "fwd", shape)
+    assert bench.floor_ms(flops, bytes_moved, H200_CEILINGS) == pytest.approx(flops / 790e12 * 1e3)
+
+
+def test_peer_ratios_take_our_fastest_implementation_against_each_peer():
+    def row(impl, ms, pattern="block(512)", mode="fwd", status="ok"):
+        return dict(seq_len=4096, pattern=pattern, mode=mode, impl=impl, ms=ms, status=status)
+
+    rows = [row("mosaic_gpu", 1.2), row("pallas_gpu", 1.0), row("flex", 2.0), row("xla", 0.1),
+            row("mosaic_gpu", 3.0, "dense"), row("cudnn", 2.0, "dense"), row("flex", 1.0, "dense", status="oom"),
+            row("flex", 1.0, "window(8)")]
+    ratios = {r["pattern"]: r for r in bench.peer_ratios(rows)}
+    # xla is not one of our kernels; a peer that did not run gives no ratio; a case without ours is left out.
+    assert ratios["block(512)"] == dict(seq_len=4096, pattern="block(512)", mode="fwd", best="pallas_gpu",
+                                        best_ms=1.0, vs_flex=0.5)
+    assert ratios["dense"] == dict(seq_len=4096, pattern="dense", mode="fwd", best="mosaic_gpu", best_ms=3.0,
+                                   vs_cudnn=1.5)
+    assert "window(8)" not in ratios
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed here")
+def test_flex_peer_without_torch_says_why(tmp_path):
+    args, seq_lens, patterns, _, modes, kv_heads, _ = bench.parse_args(
+        ["--smoke", "--seq", "48", "--patterns", "dense;block(16)", "--out", str(tmp_path / "b.json")])
+    rows = bench.flex_rows(seq_lens, patterns, modes, args, kv_heads)
+    assert len(rows) == 2 * 2
+    assert all(r["status"] == "unsupported: torch is not installed (it is not a requirement)" for r in rows)
+
+
+MASK_SPECS = ["dense", "block(512)", "window(1024)", "repaired(512, 64, bridge)", "repaired(512, 64, prefix)",
+              "block(512, 256)", "random_blocks(512, 3, 0)", "sinks(64) | window(1024)", "strided(64)",
+              "dilated(8, 3)", "random_blocks(16, 5, 7) & window(100)", "block(100) | sinks(3)"]
+
+
+@pytest.mark.parametrize("spec", MASK_SPECS)
+def test_pattern_masks_on_torch_tensors_match_numpy(spec):
+    # What the FlexAttention peer relies on: Pattern.mask evaluated on torch tensors, directly and as a
+    # mask_mod through FlexAttention's own vmapped evaluation, attends exactly the NumPy pairs.
+    torch = pytest.importorskip("torch", reason="torch is not installed (the FlexAttention peer's dependency)")
+    from torch.nn.attention.flex_attention import create_mask
+
+    pattern, seq_len = parse(spec), 1100
+    positions = np.arange(seq_len)
+    expected = np.broadcast_to(pattern.mask(positions[:, None], positions[None, :]), (seq_len, seq_len))
+    indices = torch.arange(seq_len, dtype=torch.int32)
+    direct = torch.broadcast_to(pattern.mask(indices[:, None], indices[None, :]), (seq_len, seq_len))
+    np.testing.assert_array_equal(direct.numpy(), expected)
+    as_mask_mod = create_mask(lambda b, h, q, k: pattern.mask(q, k), None, None, seq_len, seq_len, device="cpu")
+    np.testing.assert_array_equal(as_mask_mod[0, 0].numpy(), expected)

@@ -12,8 +12,10 @@ our kernels attend and skips the tiles they skip. (`create_block_mask` compiled 
 every pair itself; on PyTorch 2.14's CPU backend it got random_blocks' hashed block choice wrong, and
 eager it materializes [seq, seq].) The mask is built once per case, as our layouts are, and not timed. Before
 timing, each pattern is checked at CHECK_LEN tokens against attention with the dense mask, in float32
-arithmetic; a peer that attends other pairs would make the comparison meaningless, so its rows then say so. Timing follows `bench.measure`: warm-up calls, then up to `runs` calls, each
-followed by `torch.cuda.synchronize`, stopping after TIMED_SECONDS_CAP once MIN_RUNS are done; the median.
+arithmetic; a peer that attends other pairs would make the comparison meaningless, so its rows then say so.
+
+Timing follows `bench.measure`: warm-up calls, then up to `runs` calls, each followed by
+`torch.cuda.synchronize`, stopping after TIMED_SECONDS_CAP once MIN_RUNS are done; the median.
 fwd_bwd is the forward plus `torch.autograd.grad` of q, k and v given d_out, as the JAX side's vjp.
 memory_bytes is the peak of torch's allocator during one call, inputs included.
 

@@ -3,7 +3,9 @@
 For every sequence length, pattern, implementation and mode (forward, forward+backward) it prints a table
 row and rewrites a JSON report (atomically, after every case, so an interrupted run keeps what it has).
 
-  ms           median wall time of `runs` timed calls after `warmup` calls, each `jax.block_until_ready`
+  ms           time per call, `timing.median_ms`: rounds of back-to-back calls with one wait each, the
+               median over rounds, at most `runs` timed calls after `warmup` calls (the same rule for the
+               FlexAttention peer)
   tflops       counted on the active (unmasked) area: forward 4*B*H*D*active_pairs, forward+backward 3.5x
                that (the convention of ../shared/research/anchors.md), so every implementation of one case
                is credited the same work and TFLOP/s ratios are time ratios
@@ -37,16 +39,14 @@ import datetime
 import importlib.util
 import json
 import math
-import statistics
 import subprocess
 import sys
-import time
 import warnings
 
 import jax
 import jax.numpy as jnp
 
-from sparse_attention import atomic_io, flex_peer, mosaic_gpu, pallas_gpu, pallas_tpu, reference, xla
+from sparse_attention import atomic_io, flex_peer, mosaic_gpu, pallas_gpu, pallas_tpu, reference, timing, xla
 from sparse_attention.patterns import Dense, Pattern, Window, as_pattern
 
 DEFAULT_SEQ_LENS = (4096, 16384, 32768, 65536, 131072)
@@ -62,9 +62,6 @@ KERNEL_BACKENDS = {"mosaic_gpu": "gpu", "pallas_gpu": "gpu", "pallas_tpu": "tpu"
 MOSAIC_MHA_TILES = dict(block_q=64, block_kv=128, max_concurrent_steps=2)
 MODES = ("fwd", "fwd_bwd")
 FWD_BWD_FLOP_FACTOR = 3.5
-# Long cases stop after this much timed time (at least MIN_RUNS runs), so 128k fits in a session.
-TIMED_SECONDS_CAP = 4.0
-MIN_RUNS = 5
 SMOKE = dict(seq_lens=(64, 100), batch=1, heads=2, kv_heads=1, head_dim=32, dtype="float32", runs=2, warmup=1)
 # Sizes of the ceiling measurements: a [n, n] @ [n, n] matmul and an elementwise pass over a buffer.
 CEILING_SIZES = dict(matmul=8192, copy_bytes=2**30)
@@ -193,18 +190,8 @@ def is_oom(error: Exception) -> bool:
 
 
 def measure(compiled, args, runs: int, warmup: int) -> float:
-    """Median milliseconds of timed calls after warm-up calls, each followed by block_until_ready."""
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
-    times = []
-    budget_end = time.perf_counter() + TIMED_SECONDS_CAP
-    for index in range(runs):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-        if index + 1 >= MIN_RUNS and time.perf_counter() > budget_end:
-            break
-    return 1e3 * statistics.median(times)
+    """Milliseconds per call of compiled(*args) (`timing.median_ms`)."""
+    return timing.median_ms(lambda: compiled(*args), jax.block_until_ready, runs, warmup)
 
 
 def measure_ceilings(dtype: str, sizes: dict) -> dict:

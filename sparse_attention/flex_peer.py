@@ -14,8 +14,7 @@ eager it materializes [seq, seq].) The mask is built once per case, as our layou
 timing, each pattern is checked at CHECK_LEN tokens against attention with the dense mask, in float32
 arithmetic; a peer that attends other pairs would make the comparison meaningless, so its rows then say so.
 
-Timing follows `bench.measure`: warm-up calls, then up to `runs` calls, each followed by
-`torch.cuda.synchronize`, stopping after TIMED_SECONDS_CAP once MIN_RUNS are done; the median.
+Timing is `timing.median_ms`, as for the JAX implementations, with `torch.cuda.synchronize` as the wait.
 fwd_bwd is the forward plus `torch.autograd.grad` of q, k and v given d_out, as the JAX side's vjp.
 memory_bytes is the peak of torch's allocator during one call, inputs included.
 
@@ -26,20 +25,17 @@ the rest. Without torch or a CUDA device every row says why ("unsupported: ...")
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
 
 import numpy as np
 
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import as_pattern
+from sparse_attention.timing import median_ms
 
 FLEX_TILE = 128
 CHECK_LEN = 1000  # not a multiple of the tile, so the last tile's padding is checked too
 CHECK_TOLERANCE = 0.05  # bfloat16 outputs of unit-variance values
-TIMED_SECONDS_CAP = 4.0
-MIN_RUNS = 5
 
 
 def _row(seq_len: int, pattern: str, mode: str, status: str = "ok", **timing) -> dict:
@@ -50,22 +46,6 @@ def _row(seq_len: int, pattern: str, mode: str, status: str = "ok", **timing) ->
 def unavailable_rows(spec: dict, reason: str) -> list[dict]:
     return [_row(seq_len, pattern, mode, f"unsupported: {reason}")
             for seq_len in spec["seq_lens"] for pattern in spec["patterns"] for mode in spec["modes"]]
-
-
-def _measure(torch, call, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        call()
-    torch.cuda.synchronize()
-    times = []
-    budget_end = time.perf_counter() + TIMED_SECONDS_CAP
-    for index in range(runs):
-        start = time.perf_counter()
-        call()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        if index + 1 >= MIN_RUNS and time.perf_counter() > budget_end:
-            break
-    return 1e3 * statistics.median(times)
 
 
 def _peak_bytes(torch, call) -> int:
@@ -158,7 +138,7 @@ def run(spec: dict) -> list[dict]:
                         out = attend(*leaves, block_mask=block_mask, enable_gqa=gqa)
                         return torch.autograd.grad(out, leaves, d_out)
                 try:
-                    ms = _measure(torch, call, spec["runs"], spec["warmup"])
+                    ms = median_ms(call, lambda _: torch.cuda.synchronize(), spec["runs"], spec["warmup"])
                     rows.append(_row(seq_len, pattern_spec, mode, ms=ms, runs=spec["runs"],
                                      memory_bytes=_peak_bytes(torch, call), check_max_abs_error=check))
                 except Exception as error:  # as bench.run_case: record and go on

@@ -6,11 +6,12 @@ the report's shape on CPU with the Pallas kernels in interpret mode.
 
 import importlib.util
 import json
+import math
 
 import numpy as np
 import pytest
 
-from sparse_attention import bench
+from sparse_attention import bench, timing
 from sparse_attention.patterns import parse
 
 H200_CEILINGS = dict(matmul_flops_per_s=790e12, copy_bytes_per_s=4.3e12)
@@ -109,3 +110,21 @@ def test_pattern_masks_on_torch_tensors_match_numpy(spec):
     np.testing.assert_array_equal(direct.numpy(), expected)
     as_mask_mod = create_mask(lambda b, h, q, k: pattern.mask(q, k), None, None, seq_len, seq_len, device="cpu")
     np.testing.assert_array_equal(as_mask_mod[0, 0].numpy(), expected)
+
+
+def test_median_ms_times_rounds_of_back_to_back_calls(monkeypatch):
+    # A fake clock: each call costs 2 ms of host time and each wait 1 ms; a round of n calls costs 2n + 1.
+    clock = [0.0]
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def call():
+        clock[0] += 0.002
+
+    def wait(_):
+        clock[0] += 0.001
+
+    calls = []
+    ms = timing.median_ms(lambda: calls.append(call()), wait, runs=100, warmup=2)
+    per_round = math.ceil(timing.ROUND_SECONDS / 0.003)  # sized from one waited call, 3 ms
+    assert ms == pytest.approx((2 * per_round + 1) / per_round)
+    assert len(calls) == 2 + 1 + max(timing.MIN_ROUNDS, 100 // per_round) * per_round

@@ -57,7 +57,7 @@ from sparse_attention import data, diagnostics, reachability
 from sparse_attention.checkpointing import CHECKPOINT_DIR, CONFIG_FILE, restore_model
 from sparse_attention.config import ExperimentConfig
 from sparse_attention.model import DecoderLM
-from sparse_attention.patterns import Block, PatternOrSchedule, RandomBlocks, Repaired, as_schedule, parse
+from sparse_attention.patterns import Block, PatternOrSchedule, as_schedule, parse
 from sparse_attention.training import SUMMARY_FILE
 
 LN2 = math.log(2.0)
@@ -254,17 +254,8 @@ class BlockGrid:
 
 
 def pattern_block_grid(schedule: PatternOrSchedule) -> tuple[int, int] | None:
-    """(size, offset) of the block grid of the first layer's pattern (block, repaired, random_blocks,
-    or the first such part of a union or intersection), or None when it has no blocks."""
-    pending = [as_schedule(schedule).layer(0)]
-    while pending:
-        pattern = pending.pop(0)
-        if isinstance(pattern, Block):
-            return pattern.size, pattern.offset
-        if isinstance(pattern, (Repaired, RandomBlocks)):
-            return pattern.size, 0
-        pending.extend(getattr(pattern, "parts", ()))
-    return None
+    """(size, offset) of the block grid of the first layer's pattern (`Pattern.block_grid`), or None."""
+    return as_schedule(schedule).layer(0).block_grid()
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

@@ -159,6 +159,12 @@ class Pattern(abc.ABC):
         """Exact EMPTY / PARTIAL / FULL class of each tile. Subclasses override with closed forms."""
         return brute_force_classes(self, grid, q_tiles, k_tiles)
 
+    def block_grid(self) -> tuple[int, int] | None:
+        """(size, offset) of the block edges this pattern is built on: position p starts a block when
+        (p + offset) % size == 0. None for patterns without blocks. Evaluation measures loss by offset
+        within these blocks."""
+        return None
+
     def tile_ranges(self, grid: TileGrid):
         """Row-contiguous layouts: (first, last, full_first, full_last), int64 [num_q_tiles] each.
 
@@ -308,6 +314,9 @@ class Block(_IntervalPattern):
     def lo(self, q):
         return ((q + self.offset) // self.size) * self.size - self.offset
 
+    def block_grid(self):
+        return self.size, self.offset
+
 
 @dataclasses.dataclass(frozen=True)
 class Window(_IntervalPattern):
@@ -362,6 +371,9 @@ class Repaired(_IntervalPattern):
             return _xp(q).minimum(block_start, q - self.repair)
         # Queries of the first block have no previous block to see.
         return block_start - self.repair * (block_start > 0)
+
+    def block_grid(self):
+        return self.size, 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -520,6 +532,9 @@ class RandomBlocks(Pattern):
             prime = xp.where(choice == index, int32(candidate), prime)
         return start, prime % earlier
 
+    def block_grid(self):
+        return self.size, 0
+
     def picked_blocks(self, q_blocks: np.ndarray) -> np.ndarray:
         """[n, K] earlier key blocks seen by each query block; -1 where fewer than K exist."""
         q_blocks = np.asarray(q_blocks, np.int64)
@@ -604,6 +619,17 @@ class _Composite(Pattern):
 
     def _part_spec(self, part: Pattern) -> str:
         return f"({part.spec})" if isinstance(part, _Composite) else part.spec
+
+    def block_grid(self):
+        """The grid of the first blocky part, breadth first: direct parts before nested ones."""
+        pending = list(self.parts)
+        while pending:
+            part = pending.pop(0)
+            if isinstance(part, _Composite):
+                pending.extend(part.parts)
+            elif (grid := part.block_grid()) is not None:
+                return grid
+        return None
 
     def _combine_classes(self, grid, q_tiles, k_tiles, dominant: int, neutral: int) -> np.ndarray:
         """Union: dominant FULL, neutral EMPTY; intersection: dominant EMPTY, neutral FULL.

@@ -514,3 +514,23 @@ def test_a_schedule_inside_a_schedule_is_named_by_its_spec():
     with pytest.raises(ValueError, match=r"schedule entries must be single patterns, got \['shifted\(8\)', "
                                          r"'block\(8\)'\]"):
         as_schedule([parse("shifted(8)"), "block(8)"])
+
+
+@pytest.mark.parametrize("spec, grid", [
+    ("block(512)", (512, 0)), ("block(512, 256)", (512, 256)), ("repaired(64, 8, prefix)", (64, 0)),
+    ("random_blocks(128, 3, 0)", (128, 0)), ("dense", None), ("window(64)", None), ("sinks(4) | strided(8)", None),
+    ("window(64) | block(32)", (32, 0)), ("sinks(4) | (window(9) & block(16, 4))", (16, 4)),
+    # Breadth first: a direct blocky part before one nested in an intersection.
+    ("(window(9) & block(16)) | repaired(512, 64, bridge)", (512, 0)),
+])
+def test_block_grid_comes_from_the_pattern(spec, grid):
+    assert parse(spec).block_grid() == grid
+
+
+@pytest.mark.parametrize("spec", ["block(16)", "block(16, 5)", "block(7, 6)"])
+def test_block_grid_marks_where_block_attention_is_cut(spec):
+    # Position p starts a block exactly when (p + offset) % size == 0: there p cannot see p - 1.
+    pattern = parse(spec)
+    size, offset = pattern.block_grid()
+    for p in range(1, 4 * size):
+        assert bool(pattern.mask(p, p - 1)) == ((p + offset) % size != 0)

@@ -7,14 +7,19 @@ Patterns are frozen, hashable objects, and each one round-trips through a spec s
 
 Each pattern gives:
   * `mask(q, k)`: its token-level predicate, vectorized over broadcastable integer arrays. It is written
-    with array operators only, so the same code runs on NumPy arrays, on traced jnp arrays, and inside
-    Pallas kernels (the kernels evaluate it on partial tiles instead of reading a mask from memory).
+    with array operators only, so the same code runs on NumPy arrays, on traced jnp arrays, inside
+    Pallas kernels (the kernels evaluate it on partial tiles instead of reading a mask from memory), and
+    on torch tensors (the benchmark's FlexAttention mask_mod; `torch_arrays.py`).
   * `classify_tiles(grid, q_tiles, k_tiles)`: exact empty / partial / full classes of tiles, from the
     pattern's structure, without materialising S x S (see `layout.py`).
   * structure for the reachability analysis: `row_interval` (interval patterns) and `offsets`
     (translation-invariant patterns); see `reachability.py` and docs/reachability.md.
 
-Per-layer schedules (`Schedule`) cycle a list of patterns over layers; `shifted(B)` is one.
+  * `block_grid()`: where its block edges fall, if it has blocks (evaluation measures loss by block offset).
+
+Per-layer schedules (`Schedule`) cycle a list of patterns over layers; `shifted(B)` is one. The spec names,
+their arguments and the help text come from one registry, `PATTERN_KINDS` (`valid_forms()`): a new kind is a
+class plus its `pattern_kind(...)` decorator.
 """
 
 from __future__ import annotations
@@ -23,26 +28,47 @@ import abc
 import dataclasses
 import functools
 import re
-from typing import Iterable, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
 import numpy as np
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
-VALID_FORMS = """valid forms:
-  dense                        all k <= q
-  block(B[, offset])           k // B == q // B (offset shifts block edges: (q+offset)//B == (k+offset)//B)
-  window(W)                    q - k < W
-  repaired(B, R, bridge)       block(B) or q - k <= R   (R <= B)
-  repaired(B, R, prefix)       block(B) or the last R keys of the previous block   (R <= B)
-  shifted(B)                   schedule: even layers block(B), odd layers block(B, B//2)
-  strided(S)                   (q - k) % S == 0
-  dilated(W, D)                (q - k) % D == 0 and q - k < W * D
-  sinks(N)                     k < N
-  random_blocks(B, K, seed)    block(B) plus K earlier key blocks per query block, seeded and static
-  P | Q, P & Q, (P)            union and intersection
-  schedule(P1, P2, ...)        per-layer schedule, cycled over layers
-sizes are positive integers; every pattern is also intersected with causality (k <= q)"""
+@dataclasses.dataclass(frozen=True)
+class PatternKind:
+    """One name of the spec language: what builds it, its arguments, and its lines of the help text.
+
+    params: argument names in order, the first `required` of them mandatory; `choices` names the word-valued
+    ones (the rest are integer sizes) and their valid words; `forms`: (form, meaning) lines of `valid_forms()`.
+    """
+
+    name: str
+    build: Callable
+    params: tuple[str, ...]
+    required: int
+    forms: tuple[tuple[str, str], ...]
+    choices: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @property
+    def arities(self) -> tuple[int, ...]:
+        return tuple(range(self.required, len(self.params) + 1))
+
+
+# name -> kind, in the order of the help text; filled by `pattern_kind` next to each class.
+PATTERN_KINDS: dict[str, PatternKind] = {}
+
+
+def pattern_kind(name: str, params: tuple[str, ...], forms: tuple[tuple[str, str], ...], *,
+                 required: int | None = None, choices: tuple[tuple[str, tuple[str, ...]], ...] = ()):
+    """Registers the decorated class or function as the spec name `name` (a new pattern kind is a class plus
+    this decorator)."""
+
+    def register(build):
+        count = len(params) if required is None else required
+        PATTERN_KINDS[name] = PatternKind(name, build, params, count, forms, choices)
+        return build
+
+    return register
 
 
 def _xp(*arrays):
@@ -231,7 +257,7 @@ class Pattern(abc.ABC):
 def _check_positive(name: str, spec: str, **sizes: int):
     for field, value in sizes.items():
         if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{name}: {field} must be a positive integer, got {value!r} in {spec!r}\n{VALID_FORMS}")
+            raise ValueError(f"{name}: {field} must be a positive integer, got {value!r} in {spec!r}\n{valid_forms()}")
 
 
 class _IntervalPattern(Pattern):
@@ -282,6 +308,7 @@ class _IntervalPattern(Pattern):
         return self.lo, -1
 
 
+@pattern_kind("dense", (), (("dense", "all k <= q"),))
 @dataclasses.dataclass(frozen=True)
 class Dense(_IntervalPattern):
     @property
@@ -295,6 +322,9 @@ class Dense(_IntervalPattern):
         return np.ones(seq_len, bool)
 
 
+@pattern_kind("block", ("B", "offset"), (
+    ("block(B[, offset])", "k // B == q // B (offset shifts block edges: (q+offset)//B == (k+offset)//B)"),),
+    required=1)
 @dataclasses.dataclass(frozen=True)
 class Block(_IntervalPattern):
     """Fixed-block local attention; `offset` moves every block edge left by `offset` positions."""
@@ -305,7 +335,7 @@ class Block(_IntervalPattern):
     def __post_init__(self):
         _check_positive("block", self.spec, B=self.size)
         if not 0 <= self.offset < self.size:
-            raise ValueError(f"block: offset must be in [0, B), got {self.offset} in {self.spec!r}\n{VALID_FORMS}")
+            raise ValueError(f"block: offset must be in [0, B), got {self.offset} in {self.spec!r}\n{valid_forms()}")
 
     @property
     def spec(self):
@@ -318,6 +348,7 @@ class Block(_IntervalPattern):
         return self.size, self.offset
 
 
+@pattern_kind("window", ("W",), (("window(W)", "q - k < W"),))
 @dataclasses.dataclass(frozen=True)
 class Window(_IntervalPattern):
     size: int
@@ -339,6 +370,10 @@ class Window(_IntervalPattern):
 REPAIR_MODES = ("bridge", "prefix")
 
 
+@pattern_kind("repaired", ("B", "R", "mode"), (
+    ("repaired(B, R, bridge)", "block(B) or q - k <= R   (R <= B)"),
+    ("repaired(B, R, prefix)", "block(B) or the last R keys of the previous block   (R <= B)")),
+    choices=(("mode", REPAIR_MODES),))
 @dataclasses.dataclass(frozen=True)
 class Repaired(_IntervalPattern):
     """block(B) plus edges across block boundaries.
@@ -355,10 +390,10 @@ class Repaired(_IntervalPattern):
     def __post_init__(self):
         _check_positive("repaired", self.spec, B=self.size, R=self.repair)
         if self.repair > self.size:
-            raise ValueError(f"repaired: R={self.repair} must be <= B={self.size} in {self.spec!r}\n{VALID_FORMS}")
+            raise ValueError(f"repaired: R={self.repair} must be <= B={self.size} in {self.spec!r}\n{valid_forms()}")
         if self.mode not in REPAIR_MODES:
             raise ValueError(
-                f"repaired: mode must be one of {', '.join(REPAIR_MODES)}, got {self.mode!r}\n{VALID_FORMS}"
+                f"repaired: mode must be one of {', '.join(REPAIR_MODES)}, got {self.mode!r}\n{valid_forms()}"
             )
 
     @property
@@ -376,6 +411,7 @@ class Repaired(_IntervalPattern):
         return self.size, 0
 
 
+@pattern_kind("sinks", ("N",), (("sinks(N)", "k < N"),))
 @dataclasses.dataclass(frozen=True)
 class Sinks(_IntervalPattern):
     """Global first tokens: every query sees keys [0, N)."""
@@ -441,6 +477,7 @@ class _DifferencePattern(Pattern):
         return active & (d < limit) if limit else active
 
 
+@pattern_kind("strided", ("S",), (("strided(S)", "(q - k) % S == 0"),))
 @dataclasses.dataclass(frozen=True)
 class Strided(_DifferencePattern):
     stride: int
@@ -456,6 +493,7 @@ class Strided(_DifferencePattern):
         return self.stride, 0
 
 
+@pattern_kind("dilated", ("W", "D"), (("dilated(W, D)", "(q - k) % D == 0 and q - k < W * D"),))
 @dataclasses.dataclass(frozen=True)
 class Dilated(_DifferencePattern):
     width: int
@@ -492,6 +530,8 @@ def _hash32(x):
     return x & 0x7FFFFFFF
 
 
+@pattern_kind("random_blocks", ("B", "K", "seed"), (
+    ("random_blocks(B, K, seed)", "block(B) plus K earlier key blocks per query block, seeded and static"),))
 @dataclasses.dataclass(frozen=True)
 class RandomBlocks(Pattern):
     """BigBird-style: block(B), plus K earlier key blocks per query block, chosen at random.
@@ -507,9 +547,9 @@ class RandomBlocks(Pattern):
     def __post_init__(self):
         _check_positive("random_blocks", self.spec, B=self.size, K=self.count)
         if self.count > MAX_RANDOM_K:
-            raise ValueError(f"random_blocks: K must be <= {MAX_RANDOM_K}, got {self.count}\n{VALID_FORMS}")
+            raise ValueError(f"random_blocks: K must be <= {MAX_RANDOM_K}, got {self.count}\n{valid_forms()}")
         if not 0 <= self.seed < 2**31:
-            raise ValueError(f"random_blocks: seed must be in [0, 2**31), got {self.seed}\n{VALID_FORMS}")
+            raise ValueError(f"random_blocks: seed must be in [0, 2**31), got {self.seed}\n{valid_forms()}")
 
     @property
     def spec(self):
@@ -720,10 +760,10 @@ class Schedule:
 
     def __post_init__(self):
         if not self.patterns:
-            raise ValueError(f"a schedule needs at least one pattern\n{VALID_FORMS}")
+            raise ValueError(f"a schedule needs at least one pattern\n{valid_forms()}")
         for p in self.patterns:
             if not isinstance(p, Pattern):
-                raise ValueError(f"schedule entries must be patterns, got {p!r}\n{VALID_FORMS}")
+                raise ValueError(f"schedule entries must be patterns, got {p!r}\n{valid_forms()}")
 
     @property
     def spec(self) -> str:
@@ -740,12 +780,24 @@ class Schedule:
         return self.spec
 
 
+@pattern_kind("shifted", ("B",), (("shifted(B)", "schedule: even layers block(B), odd layers block(B, B//2)"),))
 def shifted(size: int) -> Schedule:
     _check_positive("shifted", f"shifted({size})", B=size)
     return Schedule((Block(size), Block(size, size // 2)), name=f"shifted({size})")
 
 
 PatternOrSchedule = Union[Pattern, Schedule]
+
+_COMBINATION_FORMS = (("P | Q, P & Q, (P)", "union and intersection"),
+                      ("schedule(P1, P2, ...)", "per-layer schedule, cycled over layers"))
+
+
+def valid_forms() -> str:
+    """The help text of the spec language, from the registry (so a kind registered later is in it too)."""
+    lines = [form_line for kind in PATTERN_KINDS.values() for form_line in kind.forms] + list(_COMBINATION_FORMS)
+    return "\n".join(["valid forms:", *(f"  {form:<28} {meaning}" for form, meaning in lines),
+                      "sizes are positive integers; every pattern is also intersected with causality (k <= q)"])
+
 
 
 # ----------------------------------------------------------------------------------------------- parsing
@@ -780,7 +832,7 @@ class _Parser:
         self.depth = 0
 
     def fail(self, problem: str):
-        raise ValueError(f"bad pattern spec {self.text!r}: {problem}\n{VALID_FORMS}")
+        raise ValueError(f"bad pattern spec {self.text!r}: {problem}\n{valid_forms()}")
 
     def peek(self):
         return self.tokens[self.pos] if self.pos < len(self.tokens) else (None, None)
@@ -863,49 +915,28 @@ class _Parser:
         self.fail(f"unexpected {text!r} in arguments")
 
     def build(self, name: str, args: list) -> PatternOrSchedule:
-        arity = {
-            "dense": (0,),
-            "block": (1, 2),
-            "window": (1,),
-            "repaired": (3,),
-            "shifted": (1,),
-            "strided": (1,),
-            "dilated": (2,),
-            "sinks": (1,),
-            "random_blocks": (3,),
-        }
         if name == "schedule":
             if not args:
                 self.fail("schedule(...) needs at least one pattern")
             return Schedule(tuple(args))
-        if name not in arity:
-            self.fail(f"unknown pattern {name!r}; known: {', '.join(sorted(arity) + ['schedule'])}")
-        if len(args) not in arity[name]:
-            self.fail(f"{name} takes {' or '.join(map(str, arity[name]))} arguments, got {len(args)}")
-        sizes = args[:2] if name == "repaired" else args
-        for value in sizes:
-            if not isinstance(value, int):
+        kind = PATTERN_KINDS.get(name)
+        if kind is None:
+            self.fail(f"unknown pattern {name!r}; known: {', '.join(sorted([*PATTERN_KINDS, 'schedule']))}")
+        if len(args) not in kind.arities:
+            self.fail(f"{name} takes {' or '.join(map(str, kind.arities))} arguments, got {len(args)}")
+        choices = dict(kind.choices)
+        for param, value in zip(kind.params, args):
+            if param in choices and not isinstance(value, str):
+                self.fail(f"{name}: {param} must be one of {', '.join(choices[param])}, got {value!r}")
+            if param not in choices and not isinstance(value, int):
                 self.fail(f"{name}: expected an integer size, got {value!r}")
-        if name == "repaired" and not isinstance(args[2], str):
-            self.fail(f"repaired: mode must be one of {', '.join(REPAIR_MODES)}, got {args[2]!r}")
-        constructors = {
-            "dense": Dense,
-            "block": Block,
-            "window": Window,
-            "repaired": Repaired,
-            "shifted": shifted,
-            "strided": Strided,
-            "dilated": Dilated,
-            "sinks": Sinks,
-            "random_blocks": RandomBlocks,
-        }
-        return constructors[name](*args)
+        return kind.build(*args)
 
 
 def parse(spec: str) -> PatternOrSchedule:
     """Pattern or schedule from a spec string, e.g. "repaired(512, 64, bridge)" or "window(64) | sinks(4)"."""
     if not isinstance(spec, str):
-        raise ValueError(f"pattern spec must be a string, got {type(spec).__name__}\n{VALID_FORMS}")
+        raise ValueError(f"pattern spec must be a string, got {type(spec).__name__}\n{valid_forms()}")
     return _parse_cached(spec)
 
 
@@ -924,7 +955,7 @@ def as_schedule(value: PatternOrSchedule | str | Sequence[str]) -> PatternOrSche
     layers = [parse(s) if isinstance(s, str) else s for s in specs]
     if any(isinstance(layer, Schedule) for layer in layers):
         given = [s if isinstance(s, str) else s.spec for s in specs]
-        raise ValueError(f"schedule entries must be single patterns, got {given!r}\n{VALID_FORMS}")
+        raise ValueError(f"schedule entries must be single patterns, got {given!r}\n{valid_forms()}")
     return layers[0] if len(layers) == 1 else Schedule(tuple(layers))
 
 
@@ -937,5 +968,5 @@ def as_pattern(value: Pattern | str) -> Pattern:
             f"(schedule.layer(index))"
         )
     if not isinstance(pattern, Pattern):
-        raise ValueError(f"expected a Pattern or a spec string, got {type(value).__name__}\n{VALID_FORMS}")
+        raise ValueError(f"expected a Pattern or a spec string, got {type(value).__name__}\n{valid_forms()}")
     return pattern

@@ -534,3 +534,49 @@ def test_block_grid_marks_where_block_attention_is_cut(spec):
     size, offset = pattern.block_grid()
     for p in range(1, 4 * size):
         assert bool(pattern.mask(p, p - 1)) == ((p + offset) % size != 0)
+
+
+def test_help_text_lists_every_registered_kind():
+    from sparse_attention.patterns import PATTERN_KINDS, valid_forms
+
+    for kind in PATTERN_KINDS.values():
+        for form, meaning in kind.forms:
+            assert form.startswith(f"{kind.name}(") or form == kind.name
+            assert f"  {form:<28} {meaning}" in valid_forms().splitlines()
+
+
+def test_a_new_kind_is_a_class_plus_its_registration():
+    import dataclasses
+
+    from sparse_attention import patterns
+
+    @patterns.pattern_kind("every_other", ("S",), (("every_other(S)", "k even, within q - k < S"),))
+    @dataclasses.dataclass(frozen=True)
+    class EveryOther(patterns.Pattern):
+        size: int
+
+        @property
+        def spec(self):
+            return f"every_other({self.size})"
+
+        def mask(self, q, k):
+            return (k <= q) & (q - k < self.size) & (k % 2 == 0)
+
+        def candidate_tiles(self, grid):
+            return patterns.Dense().candidate_tiles(grid)
+
+    try:
+        pattern = parse("every_other(6) | sinks(1)")
+        assert pattern.parts[0] == EveryOther(6)
+        positions = np.arange(12)
+        expected = (positions[None] <= positions[:, None]) & (positions[:, None] - positions[None] < 6) & (
+            positions[None] % 2 == 0) | ((positions[None] == 0) & (positions[:, None] >= 0))
+        np.testing.assert_array_equal(pattern.mask(positions[:, None], positions[None]), expected)
+        with pytest.raises(ValueError, match="every_other takes 1 arguments, got 2") as error:
+            parse("every_other(1, 2)")
+        assert "every_other(S)" in str(error.value)  # its help line is in every error's help text
+    finally:
+        del patterns.PATTERN_KINDS["every_other"]
+        patterns._parse_cached.cache_clear()
+    with pytest.raises(ValueError, match="unknown pattern 'every_other'"):
+        parse("every_other(6)")

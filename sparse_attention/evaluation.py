@@ -37,7 +37,6 @@ import ast
 import copy
 import dataclasses
 import datetime
-import importlib.util
 import json
 import math
 import sys
@@ -56,6 +55,7 @@ from tqdm import tqdm
 from sparse_attention import data, diagnostics, reachability
 from sparse_attention.checkpointing import CHECKPOINT_DIR, CONFIG_FILE, restore_model
 from sparse_attention.config import ExperimentConfig
+from sparse_attention.config_files import load_config_file
 from sparse_attention.model import DecoderLM
 from sparse_attention.patterns import Block, PatternOrSchedule, as_schedule, parse
 from sparse_attention.training import SUMMARY_FILE
@@ -311,17 +311,7 @@ def _apply_override(config: dict, key: str, value) -> None:
 
 def config_file_dict(location: str) -> dict:
     """The validated `to_dict()` of "path/to/config.py[:arg]" (the file's get_config(arg))."""
-    path, separator, arg = location.partition(".py:")
-    path = path + ".py" if separator else path
-    if not Path(path).is_file():
-        raise ValueError(f"--config: no such file {path!r} (expected path/to/config.py[:arg])")
-    spec = importlib.util.spec_from_file_location(f"_eval_config_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    repo_root = str(Path(path).resolve().parent.parent)
-    if repo_root not in sys.path:  # config files import their siblings as `configs.base`
-        sys.path.insert(0, repo_root)
-    spec.loader.exec_module(module)
-    return ExperimentConfig.from_config_dict(module.get_config(arg if separator else None)).to_dict()
+    return ExperimentConfig.from_config_dict(load_config_file(location)).to_dict()
 
 
 def _checkpoint_location(path: str) -> tuple[Path, int]:

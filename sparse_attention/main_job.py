@@ -18,15 +18,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import sys
 from typing import Sequence
 
-from configs import boundary_tasks as boundary_config
 from sparse_attention import boundary_report, boundary_tasks, data, evaluation, reachability, report, training
 from sparse_attention.config import ExperimentConfig
+from sparse_attention.config_files import load_config_file
 
 VARIANTS = ("dense", "block", "window", "repaired")
 REACH_SEQ_LEN = 1024
@@ -34,7 +33,7 @@ REACH_SEQ_LEN = 1024
 
 def variant_config(variant: str, preset: str) -> ExperimentConfig:
     """configs/<variant>.py:<preset> as a validated ExperimentConfig."""
-    return ExperimentConfig.from_config_dict(importlib.import_module(f"configs.{variant}").get_config(preset))
+    return ExperimentConfig.from_config_dict(load_config_file(f"configs/{variant}.py:{preset}"))
 
 
 def main_eval_options() -> evaluation.EvalOptions:
@@ -80,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(str(path) for path in paths))
 
     print("\n== boundary copy task, trained from scratch (configs/boundary_tasks.py:tiny)")
-    config = boundary_tasks.BoundaryTaskConfig.from_config_dict(boundary_config.get_config("tiny"))
+    config = boundary_tasks.BoundaryTaskConfig.from_config_dict(load_config_file("configs/boundary_tasks.py:tiny"))
     out = os.path.join(args.out, "boundary_tasks")
     results = boundary_tasks.run(config, on_progress=lambda partial: boundary_report.write(partial, out))
     paths = boundary_report.write(results, out)

@@ -23,14 +23,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
-import os
 import sys
 from typing import Sequence
 
 import numpy as np
 
 from sparse_attention import atomic_io
+from sparse_attention.config_files import load_config_file
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import Pattern, PatternOrSchedule, as_schedule
 
@@ -659,16 +658,7 @@ def load_config(location: str) -> tuple[PatternOrSchedule, int | None]:
     (a list of specs, one per layer, cycled; used when non-empty) or `attention.pattern` (a spec), and
     optionally `model.num_layers`.
     """
-    path, separator, arg = location.partition(".py:")
-    path = path + ".py" if separator else path
-    if not os.path.isfile(path):
-        raise ValueError(f"--config: no such file {path!r} (expected path/to/config.py[:arg])")
-    spec = importlib.util.spec_from_file_location(f"_reachability_config_{abs(hash(os.path.abspath(path)))}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"--config: {path!r} defines no get_config()")
-    config = module.get_config(arg) if separator else module.get_config()
+    config = load_config_file(location)
     attention = _config_field(config, "attention")
     schedule = _config_field(attention, "schedule")
     pattern = _config_field(attention, "pattern")

@@ -2,6 +2,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import jax
@@ -217,3 +218,23 @@ def test_every_key_is_read():
         ExperimentConfig.from_config_dict(missing)
     with pytest.raises(ValueError, match=r"^mesh: missing key"):
         ExperimentConfig.from_config_dict({k: v for k, v in cd.items() if k != "mesh"})
+
+
+def test_load_config_file_imports_siblings_from_any_working_directory(tmp_path, monkeypatch):
+    from sparse_attention.config_files import load_config_file
+
+    folder = tmp_path / "project" / "settings_for_test"
+    folder.mkdir(parents=True)
+    (folder / "__init__.py").write_text("")
+    (folder / "shared.py").write_text("WIDTH = 7\n")
+    (folder / "one.py").write_text("from settings_for_test import shared\n\n"
+                                   "def get_config(arg=None):\n    return {'width': shared.WIDTH, 'arg': arg}\n")
+    (folder / "none.py").write_text("X = 1\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    assert load_config_file(str(folder / "one.py")) == {"width": 7, "arg": None}
+    assert load_config_file(f"{folder / 'one.py'}:wide") == {"width": 7, "arg": "wide"}
+    with pytest.raises(ValueError, match="no such file"):
+        load_config_file(str(folder / "missing.py:tiny"))
+    with pytest.raises(ValueError, match="defines no get_config"):
+        load_config_file(str(folder / "none.py"))

@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: main test setup
 main: $(STAMP)
-	$(PY) -m sparse_attention.main_job
+	$(PY) -m lm_experiment.main_job
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto tests

@@ -18,9 +18,9 @@ import logging
 import sys
 from pathlib import Path
 
-from sparse_attention import evaluation, report
-from sparse_attention.data import DataError
-from sparse_attention.diagnostics import DiagnosticsOptions
+from lm_experiment import evaluation, report
+from lm_experiment.data import DataError
+from lm_experiment.diagnostics import DiagnosticsOptions
 
 
 # The flags --merge reads; every other flag configures an evaluation and is refused with --merge.
@@ -59,7 +59,7 @@ def parser() -> argparse.ArgumentParser:
                    help="eval patterns of the paired differences' baselines (default: dense and every block(B))")
     p.add_argument("--data-dir", help="data folder (default: the first run's data.data_dir); a relative one is "
                    "relative to the current folder; eval.py never downloads: prepare corpora with "
-                   "python -m sparse_attention.data prepare")
+                   "python -m lm_experiment.data prepare")
     p.add_argument("--no-diagnostics", action="store_true", help="skip the synthetic diagnostics")
     d = DiagnosticsOptions()
     p.add_argument("--diag-seq-len", type=int, help="diagnostics sequence length (default: training length)")

@@ -15,11 +15,11 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from sparse_attention import training, workdir_lock
+from lm_experiment import training, workdir_lock
+from lm_experiment.checkpointing import CorruptCheckpointError
+from lm_experiment.config import ExperimentConfig
+from lm_experiment.data import DataError
 from sparse_attention.attention import ImplUnavailableError
-from sparse_attention.checkpointing import CorruptCheckpointError
-from sparse_attention.data import DataError
-from sparse_attention.config import ExperimentConfig
 
 PREEMPTED_EXIT_CODE = 75
 # What a user can cause and fix (workdir, devices, data, kernels, divergence, damaged checkpoints): one line

@@ -2,7 +2,7 @@
 
     get_config("tiny" | "small" | "base") -> ml_collections.ConfigDict
 
-Every key is read by `sparse_attention.config.ExperimentConfig.from_config_dict`; docs/model.md lists
+Every key is read by `lm_experiment.config.ExperimentConfig.from_config_dict`; docs/model.md lists
 them. The presets:
 
   tiny   CPU, minutes: 4 layers x d_model 128 on 256-token sequences, float32 (XLA's CPU bfloat16 matmuls

@@ -1,6 +1,6 @@
-"""Boundary tasks trained from scratch (sparse_attention.boundary_tasks; docs/boundary_tasks.md).
+"""Boundary tasks trained from scratch (lm_experiment.boundary_tasks; docs/boundary_tasks.md).
 
-    python -m sparse_attention.boundary_tasks --config configs/boundary_tasks.py:full --out results/boundary_tasks
+    python -m lm_experiment.boundary_tasks --config configs/boundary_tasks.py:full --out results/boundary_tasks
 
 Presets:
   tiny  CPU, about 2 minutes: the README's main job runs it. The copy task only, 64-token sequences, blocks

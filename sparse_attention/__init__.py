@@ -1,4 +1,9 @@
-"""Block-sparse causal attention for JAX: patterns, layouts, kernels, reachability."""
+"""Block-sparse causal attention for JAX: patterns, layouts, the attention dispatch, kernels, reachability.
+
+What a user imports; it depends on jax and numpy only (torch only when a pattern's mask is evaluated on
+torch tensors). The LM experiment built on it (model, training, data, evaluation, reports, benchmark) is
+the `lm_experiment` package beside it.
+"""
 
 from sparse_attention.attention import attention, resolve_impl
 from sparse_attention.layout import BlockLayout, block_layout

@@ -5,6 +5,10 @@ import functools
 import importlib
 import logging
 import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -421,3 +425,18 @@ def test_inputs_as_lists_and_a_bad_scale():
     for scale in (float("nan"), float("inf"), 0.0, -1.0):
         with pytest.raises(ValueError, match=r"scale must be a finite number > 0 \(or None for 1/sqrt\(head_dim\)\)"):
             attention(q, k, v, "block(4)", impl="reference", scale=scale)
+
+
+def test_library_import_loads_no_experiment_dependency():
+    # A fresh interpreter: what importing the library (every module of it) pulls in.
+    code = textwrap.dedent("""
+        import sys
+        import sparse_attention
+        from sparse_attention import (atomic_io, attention, config_files, layout, mosaic_gpu, pallas_gpu,
+                                      pallas_tpu, patterns, reachability, reference, xla)
+        print(sorted({name.split(".")[0] for name in sys.modules}
+                     & {"lm_experiment", "orbax", "tensorboard", "matplotlib", "flax", "optax", "torch"}))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -1,6 +1,6 @@
 """The kernel benchmark's bookkeeping: floors, peer ratios, the FlexAttention peer and its masks.
 
-Timings themselves are not tested (they belong to `python -m sparse_attention.bench`); the smoke run checks
+Timings themselves are not tested (they belong to `python -m lm_experiment.bench`); the smoke run checks
 the report's shape on CPU with the Pallas kernels in interpret mode.
 """
 
@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pytest
 
-from sparse_attention import bench, timing
+from lm_experiment import bench, timing
 from sparse_attention.patterns import parse
 
 H200_CEILINGS = dict(matmul_flops_per_s=790e12, copy_bytes_per_s=4.3e12)

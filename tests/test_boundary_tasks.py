@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from configs import boundary_tasks as boundary_config
-from sparse_attention import boundary_report, boundary_tasks
-from sparse_attention.boundary_tasks import VALUE, BoundaryTaskConfig, CopyTask, HopTask
+from lm_experiment import boundary_report, boundary_tasks
+from lm_experiment.boundary_tasks import VALUE, BoundaryTaskConfig, CopyTask, HopTask
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -216,7 +216,7 @@ def test_cli_trains_both_tasks_and_writes_the_report(tmp_path):
     overrides = ["--config.tasks=('copy', 'hops')", "--config.patterns=('dense', 'block(8)')", "--config.copy.steps=5",
                  "--config.hops.steps=5", "--config.hops.chains=2", "--config.hops.crossings=(0, 1)",
                  "--config.eval.samples_per_cell=4", "--config.depths=(2,)"]
-    command = [sys.executable, "-m", "sparse_attention.boundary_tasks", "--config", "configs/boundary_tasks.py:tiny",
+    command = [sys.executable, "-m", "lm_experiment.boundary_tasks", "--config", "configs/boundary_tasks.py:tiny",
                "--out", str(tmp_path / "cli"), *overrides]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]

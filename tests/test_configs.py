@@ -13,8 +13,8 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
-from sparse_attention.config import ExperimentConfig
-from sparse_attention.model import DecoderLM, attention_impl_summary
+from lm_experiment.config import ExperimentConfig
+from lm_experiment.model import DecoderLM, attention_impl_summary
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 VARIANTS = ("dense", "block", "window", "repaired")

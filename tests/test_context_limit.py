@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sparse_attention import context_limit
+from lm_experiment import context_limit
 
 
 def test_probe_trains_each_length_and_skips_steps_past_the_time_cap(tmp_path):

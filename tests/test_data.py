@@ -4,7 +4,7 @@ import shutil
 import numpy as np
 import pytest
 
-from sparse_attention import data
+from lm_experiment import data
 
 
 @pytest.fixture(scope="session")
@@ -140,7 +140,7 @@ def test_a_bad_source_is_one_line_and_leaves_no_folder(tmp_path, capsys):
         with pytest.raises(SystemExit) as stopped:
             data.main(["prepare", "--corpus", "files", "--name", "mine", "--source", str(source),
                        "--data-dir", str(tmp_path / "data")])
-        assert str(stopped.value) == f"python -m sparse_attention.data: {message}"
+        assert str(stopped.value) == f"python -m lm_experiment.data: {message}"
         assert not (tmp_path / "data" / "mine").exists()
 
 

@@ -15,9 +15,10 @@ import pytest
 
 import eval as eval_cli
 from configs import repaired
-from sparse_attention import data, diagnostics, evaluation, reachability, report, training
-from sparse_attention.checkpointing import save_config
-from sparse_attention.config import ExperimentConfig
+from lm_experiment import data, diagnostics, evaluation, report, training
+from lm_experiment.checkpointing import save_config
+from lm_experiment.config import ExperimentConfig
+from sparse_attention import reachability
 from sparse_attention.patterns import parse
 
 TINY_RUN = {"model": {"d_model": 32, "num_layers": 2, "mlp_hidden": 64},

@@ -8,9 +8,9 @@ import optax
 import pytest
 from flax import nnx
 
+from lm_experiment.config import AttentionConfig, ModelConfig
+from lm_experiment.model import DecoderLM, SparseAttention, apply_rope, attention_impl_summary, rope_angles
 from sparse_attention import attention
-from sparse_attention.config import AttentionConfig, ModelConfig
-from sparse_attention.model import DecoderLM, SparseAttention, apply_rope, attention_impl_summary, rope_angles
 from sparse_attention.patterns import as_schedule, parse
 
 SMALL_MODEL = ModelConfig(

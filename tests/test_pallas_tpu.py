@@ -25,12 +25,12 @@ from jax.experimental.pallas import tpu as pltpu
 import optax
 from flax import nnx
 
+from lm_experiment.config import AttentionConfig, ModelConfig
+from lm_experiment.model import DecoderLM
 from sparse_attention import pallas_tpu, reference
 from sparse_attention.attention import attention as dispatch_attention
 from sparse_attention.attention import resolve_impl
-from sparse_attention.config import AttentionConfig, ModelConfig
 from sparse_attention.layout import block_layout
-from sparse_attention.model import DecoderLM
 from sparse_attention.patterns import EMPTY, FULL, PARTIAL, parse
 from kernel_oracle import assert_matches_reference_on, random_inputs, relative_error
 

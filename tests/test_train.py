@@ -25,10 +25,10 @@ import pytest
 from flax import nnx
 from tensorboard.backend.event_processing import event_accumulator
 
-from sparse_attention import checkpointing, data, training, workdir_lock
-from sparse_attention.config import ExperimentConfig
-from sparse_attention.model import DecoderLM
-from sparse_attention.run_log import read_metrics
+from lm_experiment import checkpointing, data, training, workdir_lock
+from lm_experiment.config import ExperimentConfig
+from lm_experiment.model import DecoderLM
+from lm_experiment.run_log import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = {
@@ -225,8 +225,8 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
 MESH_SCRIPT = textwrap.dedent("""
     import dataclasses, json, sys
     import jax, numpy as np
-    from sparse_attention import training
-    from sparse_attention.config import ExperimentConfig, MeshConfig
+    from lm_experiment import training
+    from lm_experiment.config import ExperimentConfig, MeshConfig
 
     config = ExperimentConfig.from_config_dict(json.loads(sys.argv[1]))
     batches = np.random.default_rng(0).integers(0, 256, (3, 16, 65), dtype=np.int32)
@@ -375,7 +375,7 @@ def test_bad_configs_give_clear_errors(tmp_path):
 LOCK_HOLDER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from sparse_attention import workdir_lock
+    from lm_experiment import workdir_lock
     with workdir_lock.hold(Path(sys.argv[1])):
         print("held", flush=True)
         time.sleep(600)
@@ -471,8 +471,8 @@ def test_damaged_checkpoints_are_refused_and_a_resume_falls_back(tmp_path, caplo
 
 SIGTERM_IN_COMPILE = textwrap.dedent("""
     import json, os, signal, sys
-    from sparse_attention import training
-    from sparse_attention.config import ExperimentConfig
+    from lm_experiment import training
+    from lm_experiment.config import ExperimentConfig
 
     compile_step = training.Trainer.compile
 

@@ -25,10 +25,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sparse_attention import data, training
+from lm_experiment import data, training
+from lm_experiment.config import ExperimentConfig
+from lm_experiment.evaluation import config_file_dict
 from sparse_attention.atomic_io import write_json
-from sparse_attention.config import ExperimentConfig
-from sparse_attention.evaluation import config_file_dict
 
 VARIANTS = {  # run.sh's variants: config file and pattern
     "dense": ("dense", None), "block": ("block", None), "window": ("window", None),

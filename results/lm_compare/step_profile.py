@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from jax.profiler import ProfileData
 
-from sparse_attention import training
+from lm_experiment import training
 from sparse_attention.atomic_io import write_json
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -34,9 +34,9 @@ import optax
 from flax import nnx
 from tqdm import tqdm
 
+from lm_experiment.config import ExperimentConfig
+from lm_experiment.model import DecoderLM
 from sparse_attention import reachability
-from sparse_attention.config import ExperimentConfig
-from sparse_attention.model import DecoderLM
 
 LOWERCASE = np.frombuffer(b"abcdefghijklmnopqrstuvwxyz", np.uint8).astype(np.int32)
 UPPERCASE = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8).astype(np.int32)

@@ -1,8 +1,8 @@
-"""The longest context a variant trains at on one device: `python -m sparse_attention.context_limit`.
+"""The longest context a variant trains at on one device: `python -m lm_experiment.context_limit`.
 
 For each variant (configs/<variant>.py at a preset, batch 1) and each sequence length in increasing order:
 
-1. compile the real train step (sparse_attention.training.Trainer) and read XLA's memory analysis;
+1. compile the real train step (lm_experiment.training.Trainer) and read XLA's memory analysis;
 2. if it fits in the device's memory, run `--steps` updates on random tokens and time the last one.
 
 A variant's probe stops at its first length that does not fit or fails at run time (an out-of-memory
@@ -12,7 +12,7 @@ checked for memory but not run: status "fits, not run"; `--compile-only` does th
 Memory is what JAX lets XLA use: by default 75% of the GPU (raise it with XLA_PYTHON_CLIENT_MEM_FRACTION).
 Prints a table and writes a JSON report (atomically, after every case).
 
-    python -m sparse_attention.context_limit --preset small --variants dense,repaired \\
+    python -m lm_experiment.context_limit --preset small --variants dense,repaired \\
         --seq-lens 65536,131072,262144,524288,1048576,2097152 --impl pallas_gpu
 """
 
@@ -28,9 +28,10 @@ import time
 import jax
 import numpy as np
 
-from sparse_attention import atomic_io, bench, training
-from sparse_attention.config import ExperimentConfig
-from sparse_attention.main_job import variant_config
+from lm_experiment import bench, training
+from lm_experiment.config import ExperimentConfig
+from lm_experiment.main_job import variant_config
+from sparse_attention import atomic_io
 
 
 def probe_config(variant: str, preset: str, seq_len: int, impl: str) -> ExperimentConfig:

@@ -1,4 +1,4 @@
-"""Benchmark of the sparse attention kernels against their peers: `python -m sparse_attention.bench`.
+"""Benchmark of the sparse attention kernels against their peers: `python -m lm_experiment.bench`.
 
 For every sequence length, pattern, implementation and mode (forward, forward+backward) it prints a table
 row and rewrites a JSON report (atomically, after every case, so an interrupted run keeps what it has).
@@ -46,7 +46,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from sparse_attention import atomic_io, flex_peer, mosaic_gpu, pallas_gpu, pallas_tpu, reference, timing, xla
+from lm_experiment import flex_peer, timing
+from sparse_attention import atomic_io, mosaic_gpu, pallas_gpu, pallas_tpu, reference, xla
 from sparse_attention.patterns import Dense, Pattern, Window, as_pattern
 
 DEFAULT_SEQ_LENS = (4096, 16384, 32768, 65536, 131072)
@@ -266,7 +267,7 @@ def flex_rows(seq_lens, patterns, modes, args, kv_heads) -> list[dict]:
     if importlib.util.find_spec("torch") is None:
         return flex_peer.unavailable_rows(spec, "torch is not installed (it is not a requirement)")
     try:
-        done = subprocess.run([sys.executable, "-m", "sparse_attention.flex_peer", json.dumps(spec)], check=False,
+        done = subprocess.run([sys.executable, "-m", "lm_experiment.flex_peer", json.dumps(spec)], check=False,
                               stdout=subprocess.PIPE, text=True, timeout=FLEX_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return flex_peer.unavailable_rows(spec, f"the FlexAttention process ran past {FLEX_TIMEOUT_S} s")

@@ -28,7 +28,7 @@ paired bootstrap interval over documents. A "document" is a unit: a whole docume
 `document_chunk_tokens`, a chunk of one.
 
 Forward passes are batched to about `batch_tokens` tokens and compiled once per (run, shape). The
-synthetic boundary diagnostics (`sparse_attention.diagnostics`) run after the language-model part.
+synthetic boundary diagnostics (`lm_experiment.diagnostics`) run after the language-model part.
 """
 
 from __future__ import annotations
@@ -52,13 +52,14 @@ import scipy.stats
 from flax import nnx
 from tqdm import tqdm
 
-from sparse_attention import data, diagnostics, reachability
-from sparse_attention.checkpointing import CHECKPOINT_DIR, CONFIG_FILE, restore_model
-from sparse_attention.config import ExperimentConfig
+from lm_experiment import data, diagnostics
+from lm_experiment.checkpointing import CHECKPOINT_DIR, CONFIG_FILE, restore_model
+from lm_experiment.config import ExperimentConfig
+from lm_experiment.model import DecoderLM
+from lm_experiment.training import SUMMARY_FILE
+from sparse_attention import reachability
 from sparse_attention.config_files import load_config_file
-from sparse_attention.model import DecoderLM
 from sparse_attention.patterns import Block, PatternOrSchedule, as_schedule, parse
-from sparse_attention.training import SUMMARY_FILE
 
 LN2 = math.log(2.0)
 DEFAULT_EVAL_SETS = ("code:long", "books:long")

@@ -14,7 +14,7 @@ plus ``manifest.json`` (written last, atomically) listing the sources with their
 every split its files, sizes, sha256 and document names. A corpus counts as prepared exactly when
 its manifest exists.
 
-Built-in corpora, pinned so every machine sees the same bytes (``python -m sparse_attention.data
+Built-in corpora, pinned so every machine sees the same bytes (``python -m lm_experiment.data
 prepare``, or by training on first use, which logs where it downloads to; evaluation never downloads):
 
   code   sympy 1.14.0's non-test Python sources. Files of >= 64 KiB form the held-out ``long``
@@ -199,7 +199,7 @@ def require_prepared(corpus: str, *, data_dir: str | os.PathLike = DEFAULT_DATA_
     _check_corpus_name(corpus, data_dir)
     if not (data_dir / corpus / "manifest.json").exists():
         raise DataError(f"corpus {corpus!r} is not prepared under {data_dir.absolute()} (a relative data folder "
-                        f"is relative to the current folder); prepare it with `python -m sparse_attention.data "
+                        f"is relative to the current folder); prepare it with `python -m lm_experiment.data "
                         f"prepare --corpus {corpus} --data-dir {data_dir.absolute()}`, or point --data-dir at the "
                         f"folder that holds it")
 
@@ -234,9 +234,9 @@ def _checked_file(data_dir: Path, corpus: str, name: str, sha256: str, size: int
 
 def _redo_hint(corpus: str, data_dir: Path) -> str:
     if corpus in BUILTIN_CORPORA:
-        return (f"delete {data_dir / corpus} and re-run `python -m sparse_attention.data prepare "
+        return (f"delete {data_dir / corpus} and re-run `python -m lm_experiment.data prepare "
                 f"--corpus {corpus} --data-dir {data_dir}`")
-    return (f"delete {data_dir / corpus} and re-run `python -m sparse_attention.data prepare "
+    return (f"delete {data_dir / corpus} and re-run `python -m lm_experiment.data prepare "
             f"--corpus files --name {corpus} --source ... --data-dir {data_dir}`")
 
 
@@ -559,7 +559,7 @@ def _parse_split_source(text: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sparse_attention.data", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m lm_experiment.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     prep = commands.add_parser("prepare", help="download, verify and tokenize a corpus")
@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         _run(parser, args)
     except (ValueError, DataError) as error:
-        sys.exit(f"python -m sparse_attention.data: {error}")
+        sys.exit(f"python -m lm_experiment.data: {error}")
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -1,6 +1,6 @@
 """PyTorch FlexAttention as a benchmark peer, in a process of its own.
 
-    python -m sparse_attention.flex_peer SPEC_JSON      # prints one JSON list of rows on stdout
+    python -m lm_experiment.flex_peer SPEC_JSON      # prints one JSON list of rows on stdout
 
 `bench.py` starts it before JAX touches the GPU, so the two frameworks never share a memory pool. SPEC_JSON
 holds seq_lens, patterns (specs), modes, batch, heads, kv_heads, head_dim, dtype, runs, warmup, seed.
@@ -29,9 +29,9 @@ import sys
 
 import numpy as np
 
+from lm_experiment.timing import median_ms
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import as_pattern
-from sparse_attention.timing import median_ms
 
 FLEX_TILE = 128
 CHECK_LEN = 1000  # not a multiple of the tile, so the last tile's padding is checked too

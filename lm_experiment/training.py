@@ -48,12 +48,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sparse_attention import data, workdir_lock
-from sparse_attention.checkpointing import CONFIG_FILE, Checkpoints, load_config, save_config
-from sparse_attention.config import ExperimentConfig, MeshConfig, TrainConfig
-from sparse_attention.model import DecoderLM, attention_impl_summary
+from lm_experiment import data, workdir_lock
+from lm_experiment.checkpointing import CONFIG_FILE, Checkpoints, load_config, save_config
+from lm_experiment.config import ExperimentConfig, MeshConfig, TrainConfig
+from lm_experiment.model import DecoderLM, attention_impl_summary
+from lm_experiment.run_log import RunLog
 from sparse_attention.atomic_io import atomic_open, write_json
-from sparse_attention.run_log import RunLog
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Boundary tasks trained from scratch: does a model learn exactly what reachability allows?
 
-    python -m sparse_attention.boundary_tasks --config configs/boundary_tasks.py:full --out results/boundary_tasks
+    python -m lm_experiment.boundary_tasks --config configs/boundary_tasks.py:full --out results/boundary_tasks
 
 For every task, depth L and pattern, a small decoder (`model.DecoderLM`) is trained from scratch on
 synthetic sequences, then scored on held-out probes grouped into cells. Each probe asks one query position
@@ -41,9 +41,9 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lm_experiment.config import COMPUTE_DTYPES, AttentionConfig, ModelConfig
+from lm_experiment.model import DecoderLM
 from sparse_attention import reachability
-from sparse_attention.config import COMPUTE_DTYPES, AttentionConfig, ModelConfig
-from sparse_attention.model import DecoderLM
 from sparse_attention.patterns import as_schedule
 
 log = logging.getLogger(__name__)
@@ -635,7 +635,7 @@ def main() -> None:
     from absl import app, flags
     from ml_collections import config_flags
 
-    from sparse_attention import boundary_report
+    from lm_experiment import boundary_report
 
     config_flag = config_flags.DEFINE_config_file(
         "config", None, "configs/boundary_tasks.py:PRESET (tiny or full); override keys with --config.x.y=z")

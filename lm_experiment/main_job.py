@@ -1,17 +1,17 @@
 """The README's main job: the four default variants, from reachability to trained and evaluated models.
 
-    python -m sparse_attention.main_job [--out reports/main] [--runs runs/main] [--preset tiny]
+    python -m lm_experiment.main_job [--out reports/main] [--runs runs/main] [--preset tiny]
 
 1. Reachability of each variant's attention pattern at its own depth (config.model.num_layers), at a
    sequence of REACH_SEQ_LEN: a table on the terminal, `reachability.json` and `reachability.png`.
 2. Trains each variant (configs/{dense,block,window,repaired}.py at the preset) on the embedded code
    corpus into runs/main/<variant>; rerunning resumes or skips finished runs.
-3. Evaluates the four runs (sparse_attention.evaluation) into the same folder: `report.md`,
+3. Evaluates the four runs (lm_experiment.evaluation) into the same folder: `report.md`,
    `results.json` and the plots. The evaluation is subsampled (`main_eval_options`) so that the whole job
    takes under 20 minutes on a 2-core CPU; the report states the subsampling. The fine-tuned synthetic
    diagnostics are left out (eval.py runs them).
 4. The boundary copy task trained from scratch at the `tiny` preset of configs/boundary_tasks.py (seven
-   patterns, depths 1 and 2; sparse_attention.boundary_tasks) into <out>/boundary_tasks/, and prints
+   patterns, depths 1 and 2; lm_experiment.boundary_tasks) into <out>/boundary_tasks/, and prints
    its bars and agreement with the reachability prediction.
 """
 
@@ -23,8 +23,9 @@ import os
 import sys
 from typing import Sequence
 
-from sparse_attention import boundary_report, boundary_tasks, data, evaluation, reachability, report, training
-from sparse_attention.config import ExperimentConfig
+from lm_experiment import boundary_report, boundary_tasks, data, evaluation, report, training
+from lm_experiment.config import ExperimentConfig
+from sparse_attention import reachability
 from sparse_attention.config_files import load_config_file
 
 VARIANTS = ("dense", "block", "window", "repaired")

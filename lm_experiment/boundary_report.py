@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparse_attention import boundary_tasks
+from lm_experiment import boundary_tasks
 from sparse_attention.atomic_io import atomic_open, write_json
 
 

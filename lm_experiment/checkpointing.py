@@ -33,8 +33,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from sparse_attention.config import ExperimentConfig
-from sparse_attention.model import DecoderLM
+from lm_experiment.config import ExperimentConfig
+from lm_experiment.model import DecoderLM
 from sparse_attention.atomic_io import write_json
 
 log = logging.getLogger(__name__)

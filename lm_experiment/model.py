@@ -23,9 +23,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm_experiment.config import AttentionConfig, ExperimentConfig, ModelConfig
 from sparse_attention import reference
 from sparse_attention.attention import attention, resolve_impl
-from sparse_attention.config import AttentionConfig, ExperimentConfig, ModelConfig
 from sparse_attention.patterns import Pattern, as_pattern
 
 

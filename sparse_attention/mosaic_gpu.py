@@ -43,8 +43,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from sparse_attention.kernel_common import (LOG2_E, ROW_MAX_INIT, KernelStatic, checked_block_sizes,
+                                            cuda_capability_reason, dtype_reason, padded_flash, refuse_unsupported)
 from sparse_attention.layout import block_layout
-from sparse_attention.pallas_gpu import LOG2_E
 from sparse_attention.patterns import Pattern, as_pattern
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
@@ -62,9 +63,6 @@ MAX_STAGES = 4
 # attention on them for a ptxas miscompilation; the partial tiles here are masked the same way.
 MISCOMPILING_CUDA = (12080, 12091)
 MEMORY_REGISTERS = 40  # per-thread registers left to the memory warpgroup, which only issues TMA
-# Initial running max: finite, so that a row whose first tiles are all masked (-inf logits) gives
-# exp2(-inf - m) = 0 instead of exp2(-inf + inf) = NaN, and below any finite scaled logit.
-_ROW_MAX_INIT = float(np.finfo(np.float32).min)
 _GRID_NAMES = ("tile", "head", "batch")
 _WARPGROUP = "warpgroup"
 # 128-byte swizzle with (8, 64) tiles: the SMEM layout wgmma reads without bank conflicts (16-bit data).
@@ -194,16 +192,6 @@ def _step_tile(tiles_ref, program, step, num_full, contiguous: bool):
 # ------------------------------------------------------------------------------------ kernel building blocks
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything the kernels specialise on (hashable: a custom_vjp non-differentiable argument)."""
-
-    pattern: Pattern
-    scale: float
-    interpret: bool | plgpu.InterpretGPUParams
-    block_sizes: BlockSizes
-
-
 def _matmul(a, b, *, while_running=None):
     """a @ b in float32 on the tensor cores (wgmma); a [m, k] and b [k, n] are SMEM refs.
 
@@ -305,7 +293,7 @@ def _stream(num_steps, stages: int, groups):
             plgpu.barrier_wait(consumed.at[_slot(step, stages)])
 
 
-def _kernel(body, out_type, scratch, *, grid, static: _Static, name: str, warpgroups: int):
+def _kernel(body, out_type, scratch, *, grid, static: KernelStatic, name: str, warpgroups: int):
     """plgpu.kernel over (row tiles, heads, batch) blocks of warpgroups + 1 warpgroups."""
     if isinstance(static.interpret, plgpu.InterpretGPUParams):
         interpret = static.interpret
@@ -353,7 +341,7 @@ def _store_results(copies):
 
 
 def _forward_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *,
-                    static: _Static, seq_len: int, group: int, contiguous: bool, q_smem, k_smem, v_smem, lse_smem,
+                    static: KernelStatic, seq_len: int, group: int, contiguous: bool, q_smem, k_smem, v_smem, lse_smem,
                     q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, schedule=None, stage=None):
     sizes = static.block_sizes
     warpgroups, block_q, block_k, stages = sizes.warpgroups, sizes.block_q, sizes.block_k, sizes.stages
@@ -416,7 +404,7 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, out_re
             plgpu.barrier_arrive(v_consumed.at[slot])
             return acc, new_max, row_sum
 
-        carry = (_zeros(q_tile.shape), _row_vector(_ROW_MAX_INIT, block_q), _row_vector(0.0, block_q))
+        carry = (_zeros(q_tile.shape), _row_vector(ROW_MAX_INIT, block_q), _row_vector(0.0, block_q))
         if schedule is not None:
             pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
         carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
@@ -432,7 +420,7 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, out_re
 
 
 def _dq_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_ref, *,
-               static: _Static, seq_len: int, group: int, contiguous: bool, q_smem, d_out_smem, lse_smem,
+               static: KernelStatic, seq_len: int, group: int, contiguous: bool, q_smem, d_out_smem, lse_smem,
                delta_smem, k_smem, v_smem, q_loaded, d_out_loaded, lse_loaded, delta_loaded, k_loaded, v_loaded,
                k_consumed, v_consumed, stage=None):
     sizes = static.block_sizes
@@ -493,7 +481,7 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref, 
 
 
 def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref,
-                 dv_ref, *, static: _Static, seq_len: int, group: int, contiguous: bool, k_smem, v_smem, q_smem,
+                 dv_ref, *, static: KernelStatic, seq_len: int, group: int, contiguous: bool, k_smem, v_smem, q_smem,
                  d_out_smem, lse_smem, delta_smem, k_loaded, v_loaded, q_loaded, d_out_loaded, lse_loaded,
                  delta_loaded, consumed, stage=None):
     sizes = static.block_sizes
@@ -586,7 +574,7 @@ def _barriers(count: int, arrivals: int = 1):
     return plgpu.Barrier(num_arrivals=arrivals, num_barriers=count)
 
 
-def _forward(q, k, v, static: _Static, seq_len: int):
+def _forward(q, k, v, static: KernelStatic, seq_len: int):
     """out [batch, padded_seq, q_heads, d], lse [batch, q_heads, padded_seq] (base 2, float32)."""
     batch, padded_len, q_heads, head_dim = q.shape
     sizes = static.block_sizes
@@ -612,7 +600,7 @@ def _forward(q, k, v, static: _Static, seq_len: int):
     return _varying_like(call(*plan.arrays, q, k, v), (q, k, v))
 
 
-def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
+def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int):
     batch, padded_len, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
@@ -667,36 +655,7 @@ def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
     return _varying_like((dq, dk, dv), inputs)
 
 
-def _pad(x, seq_len: int):
-    """Zero-pads [batch, seq, heads, d] to seq_len (a no-op when already there)."""
-    extra = seq_len - x.shape[1]
-    return x if extra == 0 else jnp.pad(x, ((0, 0), (0, extra), (0, 0), (0, 0)))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _flash(q, k, v, static: _Static):
-    return _flash_forward(q, k, v, static)[0]
-
-
-def _flash_forward(q, k, v, static: _Static):
-    seq_len = q.shape[1]
-    multiple = static.block_sizes.sequence_multiple
-    padded_len = -(-seq_len // multiple) * multiple
-    q_p, k_p, v_p = (_pad(x, padded_len) for x in (q, k, v))
-    out_p, lse = _forward(q_p, k_p, v_p, static, seq_len)
-    return out_p[:, :seq_len], (q_p, k_p, v_p, out_p, lse)
-
-
-def _flash_backward(static: _Static, residuals, d_out):
-    q_p, k_p, v_p, out_p, lse = residuals
-    seq_len = d_out.shape[1]
-    # Padded query rows get dO = 0, so they add nothing to dk and dv.
-    d_out_p = _pad(d_out.astype(q_p.dtype), q_p.shape[1])
-    dq, dk, dv = _backward(q_p, k_p, v_p, out_p, lse, d_out_p, static, seq_len)
-    return tuple(x[:, :seq_len] for x in (dq, dk, dv))
-
-
-_flash.defvjp(_flash_forward, _flash_backward)
+_flash = padded_flash(_forward, _backward, sequence_multiple=lambda static: static.block_sizes.sequence_multiple)
 
 
 # ------------------------------------------------------------------------------------------------- API
@@ -705,9 +664,7 @@ _flash.defvjp(_flash_forward, _flash_backward)
 def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | None:
     """None when these kernels can run the case here, else every reason why not ("; "-joined)."""
     del k, v, pattern  # shapes and patterns are validated by attention.check_inputs / as_pattern
-    reasons = []
-    if not any(q.dtype == d for d in SUPPORTED_DTYPES):
-        reasons.append(f"dtype {q.dtype} is not supported (bfloat16, float16)")
+    reasons = [reason] if (reason := dtype_reason(q.dtype, SUPPORTED_DTYPES)) else []
     if q.shape[-1] not in HEAD_DIMS:
         reasons.append(f"head_dim {q.shape[-1]} is not supported (64, 128)")
     platform = _platform_reason(interpret)
@@ -724,15 +681,8 @@ def _platform_reason(interpret: bool) -> str | None:
                     f"has {threads} (Pallas' GPU interpreter can deadlock with fewer); start Python with "
                     f"PJRT_NPROC={INTERPRETER_MIN_THREADS}")
         return None
-    if jax.default_backend() != "gpu":
-        return "needs a CUDA GPU with compute capability >= 9.0 (Hopper) or interpret=True"
-    capability = getattr(jax.devices()[0], "compute_capability", None)
-    try:
-        major = int(str(capability).split(".")[0])
-    except ValueError:
-        return f"needs a CUDA GPU with compute capability >= 9.0, found {capability!r}"
-    if major < 9:
-        return f"needs a CUDA GPU with compute capability >= 9.0 (Hopper), found {capability}"
+    if reason := cuda_capability_reason(9, "Hopper"):
+        return reason
     runtime = _cuda_runtime_version()
     if runtime is not None and MISCOMPILING_CUDA[0] <= runtime < MISCOMPILING_CUDA[1]:
         return (f"CUDA runtime {runtime} is in [{MISCOMPILING_CUDA[0]}, {MISCOMPILING_CUDA[1]}), whose ptxas "
@@ -764,13 +714,8 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float,
     an `InterpretGPUParams` instead of True sets its options (race detection, uninitialized memory).
     """
     pattern = as_pattern(pattern)
-    reason = unsupported_reason(q, k, v, pattern, interpret=interpret)
-    if reason is not None:
-        raise ValueError(f"mosaic_gpu cannot run this case: {reason}")
-    if block_sizes is None:
-        block_sizes = BlockSizes.for_head_dim(q.shape[-1])
-    elif not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}")
+    refuse_unsupported("mosaic_gpu", unsupported_reason(q, k, v, pattern, interpret=interpret))
+    block_sizes = checked_block_sizes(block_sizes, BlockSizes, lambda: BlockSizes.for_head_dim(q.shape[-1]))
     if not isinstance(interpret, plgpu.InterpretGPUParams):
         interpret = bool(interpret)
-    return _flash(q, k, v, _Static(pattern, float(scale), interpret, block_sizes))
+    return _flash(q, k, v, KernelStatic(pattern, float(scale), interpret, block_sizes))

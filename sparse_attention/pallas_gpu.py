@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 
 import jax
@@ -34,6 +33,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from sparse_attention.kernel_common import (LOG2_E, ROW_MAX_INIT, KernelStatic, checked_block_sizes,
+                                            cuda_capability_reason, dtype_reason, padded_flash, refuse_unsupported)
 from sparse_attention.layout import TileLists, block_layout, pad_rows
 from sparse_attention.patterns import EMPTY, Pattern, TileGrid, as_pattern
 
@@ -42,10 +43,6 @@ MAX_HEAD_DIM = 256
 MIN_BLOCK = 16  # smallest matrix-multiply tile Triton accepts
 # Rows attending fewer keys than this on average (block-local patterns) get the short-row forward tiles.
 SHORT_ROW_KEYS = 768
-LOG2_E = math.log2(math.e)
-# Initial running max: finite, so that a row whose first tiles are all masked (-inf logits) gives
-# exp2(-inf - m) = 0 instead of exp2(-inf + inf) = NaN, and below any finite scaled logit.
-_ROW_MAX_INIT = float(np.finfo(np.float32).min)
 # jax 0.11.2 warns on every lowering of a Triton pallas_call; the warning fires when the caller's jit
 # lowers, after `attention` has returned, so a scoped catch_warnings cannot reach it.
 _TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
@@ -213,16 +210,6 @@ def tile_plan(pattern: Pattern, seq_len: int, block_q: int, block_k: int, sub_bl
 # ---------------------------------------------------------------------------------------------- kernels
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything the kernels specialise on (hashable: a custom_vjp non-differentiable argument)."""
-
-    pattern: Pattern
-    scale: float
-    interpret: bool
-    block_sizes: BlockSizes
-
-
 def _iota(n: int):
     return lax.broadcasted_iota(jnp.int32, (n,), 0)
 
@@ -300,7 +287,7 @@ def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block
 
     init = (
         jnp.zeros((block_q, head_dim), jnp.float32),
-        jnp.full((block_q,), _ROW_MAX_INIT, jnp.float32),
+        jnp.full((block_q,), ROW_MAX_INIT, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
     acc, row_max, row_sum = _walk(plan_refs, program, init, step, block_k, block_k_partial, contiguous)
@@ -393,7 +380,7 @@ def _plan_specs(plan: TilePlan):
     return [pl.BlockSpec(a.shape, lambda r, bh, n=a.ndim: (0,) * n) for a in plan.arrays]
 
 
-def _forward(q, k, v, static: _Static, seq_len: int):
+def _forward(q, k, v, static: KernelStatic, seq_len: int):
     """out [batch, padded_seq, q_heads, d], lse [batch, q_heads, padded_seq] (base 2, float32)."""
     batch, padded_len, q_heads, head_dim = q.shape
     group = q_heads // k.shape[2]
@@ -420,7 +407,7 @@ def _forward(q, k, v, static: _Static, seq_len: int):
     )(*plan.arrays, q, k, v)
 
 
-def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
+def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int):
     batch, padded_len, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
@@ -473,46 +460,13 @@ def _backward(q, k, v, out, lse, d_out, static: _Static, seq_len: int):
     return dq, dk, dv
 
 
-def _pad(x, seq_len: int, head_dim: int):
-    """Zero-pads [batch, seq, heads, d] to seq_len and head_dim (a no-op when already there)."""
-    extra_seq, extra_dim = seq_len - x.shape[1], head_dim - x.shape[3]
-    if extra_seq == 0 and extra_dim == 0:
-        return x
-    return jnp.pad(x, ((0, 0), (0, extra_seq), (0, 0), (0, extra_dim)))
-
-
-def _padded_seq_len(seq_len: int, sizes: BlockSizes) -> int:
-    return -(-seq_len // sizes.largest_block) * sizes.largest_block
-
-
 def _padded_head_dim(head_dim: int) -> int:
     """The next power of two >= 16 (Triton tiles are powers of two)."""
     return max(MIN_BLOCK, 1 << (head_dim - 1).bit_length())
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _flash(q, k, v, static: _Static):
-    return _flash_forward(q, k, v, static)[0]
-
-
-def _flash_forward(q, k, v, static: _Static):
-    seq_len, head_dim = q.shape[1], q.shape[3]
-    padded_len, padded_dim = _padded_seq_len(seq_len, static.block_sizes), _padded_head_dim(head_dim)
-    q_p, k_p, v_p = (_pad(x, padded_len, padded_dim) for x in (q, k, v))
-    out_p, lse = _forward(q_p, k_p, v_p, static, seq_len)
-    return out_p[:, :seq_len, :, :head_dim], (q_p, k_p, v_p, out_p, lse)
-
-
-def _flash_backward(static: _Static, residuals, d_out):
-    q_p, k_p, v_p, out_p, lse = residuals
-    seq_len, head_dim = d_out.shape[1], d_out.shape[3]
-    # Padded query rows get dO = 0, so they add nothing to dk and dv.
-    d_out_p = _pad(d_out.astype(q_p.dtype), q_p.shape[1], q_p.shape[3])
-    dq, dk, dv = _backward(q_p, k_p, v_p, out_p, lse, d_out_p, static, seq_len)
-    return tuple(x[:, :seq_len, :, :head_dim] for x in (dq, dk, dv))
-
-
-_flash.defvjp(_flash_forward, _flash_backward)
+_flash = padded_flash(_forward, _backward, sequence_multiple=lambda static: static.block_sizes.largest_block,
+                      padded_head_dim=_padded_head_dim)
 
 
 # ------------------------------------------------------------------------------------------------- API
@@ -528,22 +482,11 @@ def keys_per_query(pattern: Pattern, seq_len: int) -> float:
 def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | None:
     """None when this kernel can run the case here, else why not."""
     del k, v, pattern  # shapes and patterns are validated by attention.check_inputs / as_pattern
-    if not any(q.dtype == d for d in SUPPORTED_DTYPES):
-        return f"dtype {q.dtype} is not supported (float32, bfloat16, float16)"
+    if reason := dtype_reason(q.dtype, SUPPORTED_DTYPES):
+        return reason
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head_dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported"
-    if interpret:
-        return None
-    if jax.default_backend() != "gpu":
-        return "needs a CUDA GPU (sm80+) or interpret=True"
-    capability = getattr(jax.devices()[0], "compute_capability", None)
-    try:
-        major = int(str(capability).split(".")[0])
-    except ValueError:
-        return "needs a CUDA GPU (sm80+) or interpret=True"
-    if major < 8:
-        return f"needs a CUDA GPU with compute capability >= 8.0, found {capability}"
-    return None
+    return None if interpret else cuda_capability_reason(8)
 
 
 def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool = False,
@@ -554,13 +497,9 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool 
     `BlockSizes.for_head_dim(d, keys_per_query(pattern, seq))`; blocks larger than the sequence are clipped.
     """
     pattern = as_pattern(pattern)
-    reason = unsupported_reason(q, k, v, pattern, interpret=interpret)
-    if reason is not None:
-        raise ValueError(f"pallas_gpu cannot run this case: {reason}")
-    if block_sizes is None:
-        block_sizes = BlockSizes.for_head_dim(_padded_head_dim(q.shape[3]), keys_per_query(pattern, q.shape[1]))
-    elif not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}")
+    refuse_unsupported("pallas_gpu", unsupported_reason(q, k, v, pattern, interpret=interpret))
+    block_sizes = checked_block_sizes(block_sizes, BlockSizes, lambda: BlockSizes.for_head_dim(
+        _padded_head_dim(q.shape[3]), keys_per_query(pattern, q.shape[1])))
     warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)
-    static = _Static(pattern, float(scale), bool(interpret), block_sizes.clipped(q.shape[1]))
+    static = KernelStatic(pattern, float(scale), bool(interpret), block_sizes.clipped(q.shape[1]))
     return _flash(q, k, v, static)

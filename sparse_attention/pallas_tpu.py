@@ -35,6 +35,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
+from sparse_attention.kernel_common import (ROW_MAX_INIT, KernelStatic, checked_block_sizes, dtype_reason,
+                                            padded_length, refuse_unsupported)
 from sparse_attention.layout import TileLists, block_layout
 from sparse_attention.patterns import EMPTY, FULL, PARTIAL, Pattern, as_pattern
 
@@ -48,9 +50,6 @@ _LAST = 8
 # The step lists live in SMEM (1 MiB per core on v4 and later) as three int32 arrays; longer lists ask
 # for larger blocks.
 SMEM_BUDGET_BYTES = 512 * 1024
-# Initial running max: finite, so that a row whose first tile is all masked (-inf logits) gives
-# exp(-inf - m) = 0 instead of exp(-inf + inf) = NaN, and below any finite logit.
-_ROW_MAX_INIT = float(np.finfo(np.float32).min)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +161,7 @@ def step_list(pattern: Pattern, seq_len: int, block_q: int, block_k: int, by_key
     return _step_list(layout.backward if by_key else layout.forward)
 
 
-def _kernel_steps(static: _Static, seq_len: int, block_q: int, block_k: int, by_key: bool) -> StepList:
+def _kernel_steps(static: KernelStatic, seq_len: int, block_q: int, block_k: int, by_key: bool) -> StepList:
     steps = step_list(static.pattern, seq_len, block_q, block_k, by_key)
     if not static.interpret and steps.smem_bytes > SMEM_BUDGET_BYTES:
         raise ValueError(
@@ -173,16 +172,6 @@ def _kernel_steps(static: _Static, seq_len: int, block_q: int, block_k: int, by_
 
 
 # ---------------------------------------------------------------------------------------------- kernels
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything the kernels specialise on (hashable: a custom_vjp non-differentiable argument)."""
-
-    pattern: Pattern
-    scale: float
-    interpret: bool | pltpu.InterpretParams
-    block_sizes: BlockSizes
 
 
 def _lanes(stats, width: int):
@@ -231,7 +220,7 @@ def _forward_kernel(rows_ref, cols_ref, flags_ref, q_ref, k_ref, v_ref, out_ref,
 
     @pl.when((flags & _FIRST) != 0)
     def _start_row():
-        row_max_ref[...] = jnp.full(row_max_ref.shape, _ROW_MAX_INIT, jnp.float32)
+        row_max_ref[...] = jnp.full(row_max_ref.shape, ROW_MAX_INIT, jnp.float32)
         row_sum_ref[...] = jnp.zeros(row_sum_ref.shape, jnp.float32)
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
@@ -349,7 +338,7 @@ def _compiler_params():
     return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"))
 
 
-def _forward(q, k, v, static: _Static, seq_len: int):
+def _forward(q, k, v, static: KernelStatic, seq_len: int):
     """out [batch, q_heads, padded_seq, d], lse [batch, q_heads, 1, padded_seq] (natural log, float32)."""
     batch, q_heads, padded_len, head_dim = q.shape
     group = q_heads // k.shape[1]
@@ -382,7 +371,7 @@ def _forward(q, k, v, static: _Static, seq_len: int):
     return out, lse[..., 0][:, :, None, :]
 
 
-def _backward(q, k, v, d_out, lse, delta, static: _Static, seq_len: int):
+def _backward(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int):
     batch, q_heads, padded_len, head_dim = q.shape
     kv_heads = k.shape[1]
     group = q_heads // kv_heads
@@ -455,17 +444,13 @@ def _valid_rows(padded_len: int, seq_len: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _flash(q, k, v, static: _Static):
+def _flash(q, k, v, static: KernelStatic):
     return _flash_forward(q, k, v, static)[0]
 
 
-def _padded_len(seq_len: int, sizes: BlockSizes) -> int:
-    return -(-seq_len // sizes.sequence_multiple) * sizes.sequence_multiple
-
-
-def _flash_forward(q, k, v, static: _Static):
+def _flash_forward(q, k, v, static: KernelStatic):
     seq_len = q.shape[1]
-    padded_len = _padded_len(seq_len, static.block_sizes)
+    padded_len = padded_length(seq_len, static.block_sizes.sequence_multiple)
     out_t, lse = _forward(*(_to_kernel_layout(x, padded_len) for x in (q, k, v)), static, seq_len)
     # Padded query rows (some never written when the passes' tiles differ) must not reach the backward:
     # +inf makes their probabilities 0 in every tile.
@@ -476,7 +461,7 @@ def _flash_forward(q, k, v, static: _Static):
     return out, (q, k, v, out, lse)
 
 
-def _flash_backward(static: _Static, residuals, d_out):
+def _flash_backward(static: KernelStatic, residuals, d_out):
     q, k, v, out, lse = residuals
     seq_len, padded_len = q.shape[1], lse.shape[-1]
     q_t, k_t, v_t, out_t, d_out_t = (_to_kernel_layout(x, padded_len) for x in (q, k, v, out, d_out.astype(q.dtype)))
@@ -495,8 +480,8 @@ _flash.defvjp(_flash_forward, _flash_backward)
 def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool | pltpu.InterpretParams) -> str | None:
     """None when this kernel can run the case here, else why not."""
     del k, v, pattern  # shapes and patterns are validated by attention.check_inputs / as_pattern
-    if not any(q.dtype == d for d in SUPPORTED_DTYPES):
-        return f"dtype {q.dtype} is not supported (float32, bfloat16)"
+    if reason := dtype_reason(q.dtype, SUPPORTED_DTYPES):
+        return reason
     if interpret or jax.default_backend() == "tpu":
         return None
     return "needs a TPU or interpret=True"
@@ -515,13 +500,8 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool 
     simulator (slower; raises on out-of-bounds reads and fills unwritten memory with NaN).
     """
     pattern = as_pattern(pattern)
-    reason = unsupported_reason(q, k, v, pattern, interpret=interpret)
-    if reason is not None:
-        raise ValueError(f"pallas_tpu cannot run this case: {reason}")
-    if block_sizes is None:
-        block_sizes = BlockSizes()
-    elif not isinstance(block_sizes, BlockSizes):
-        raise ValueError(f"block_sizes must be a BlockSizes or None, got {type(block_sizes).__name__}")
+    refuse_unsupported("pallas_tpu", unsupported_reason(q, k, v, pattern, interpret=interpret))
+    block_sizes = checked_block_sizes(block_sizes, BlockSizes, BlockSizes)
     if not interpret:
         block_sizes.check_hardware()
     batch_axes = _context_batch_axes()
@@ -529,7 +509,7 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool 
         return sharded_attention(q, k, v, pattern, jax.sharding.get_abstract_mesh(), batch_axes=batch_axes,
                                  scale=scale, interpret=interpret, block_sizes=block_sizes)
     block_sizes = block_sizes.clipped(q.shape[1], SUBLANES if interpret else LANES)
-    static = _Static(pattern, float(scale), interpret, block_sizes)
+    static = KernelStatic(pattern, float(scale), interpret, block_sizes)
     return _flash(q, k, v, static)
 
 

@@ -30,6 +30,7 @@ from lm_experiment.model import DecoderLM
 from sparse_attention import pallas_tpu, reference
 from sparse_attention.attention import attention as dispatch_attention
 from sparse_attention.attention import resolve_impl
+from sparse_attention.kernel_common import KernelStatic
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import EMPTY, FULL, PARTIAL, parse
 from kernel_oracle import assert_matches_reference_on, random_inputs, relative_error
@@ -281,7 +282,7 @@ def test_kernels_lower_to_mosaic(dtype, head_dim):
     q = jax.ShapeDtypeStruct((2, 1000, 4, head_dim), dtype)
     kv = jax.ShapeDtypeStruct((2, 1000, 2, head_dim), dtype)
     for spec in LOWERING_CASES:
-        static = pallas_tpu._Static(parse(spec), 0.125, False, pallas_tpu.BlockSizes(128, 128, 128, 128, 128, 128))
+        static = KernelStatic(parse(spec), 0.125, False, pallas_tpu.BlockSizes(128, 128, 128, 128, 128, 128))
         grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(pallas_tpu._flash(q, k, v, static).astype(jnp.float32)),
                                  argnums=(0, 1, 2)))
         with jax.sharding.use_abstract_mesh(mesh):
@@ -339,7 +340,7 @@ def test_block_sizes_validation_and_clipping():
 
 
 def test_step_lists_beyond_smem_are_refused():
-    static = pallas_tpu._Static(parse("dense"), 1.0, False, pallas_tpu.BlockSizes(128, 128, 128, 128, 128, 128))
+    static = KernelStatic(parse("dense"), 1.0, False, pallas_tpu.BlockSizes(128, 128, 128, 128, 128, 128))
     with pytest.raises(ValueError, match="SMEM"):
         pallas_tpu._kernel_steps(static, 300 * 128, 128, 128, False)
 

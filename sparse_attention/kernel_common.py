@@ -1,0 +1,123 @@
+"""What every Pallas kernel backend needs, written once: `pallas_gpu` (the Triton lowering), `mosaic_gpu`
+(Mosaic GPU, Hopper) and `pallas_tpu` (Mosaic TPU).
+
+  KernelStatic          everything a backend's kernels specialise on (a custom_vjp static argument)
+  LOG2_E, ROW_MAX_INIT  the constants of the base-2 online softmax
+  padded_flash          the custom-VJP wrapper: pad q, k, v to the kernels' multiple, run the forward and
+                        backward kernels, slice the padding off
+  checked_block_sizes   the `block_sizes` argument: the backend's default, or an instance of its class
+  dtype_reason, cuda_capability_reason, refuse_unsupported
+                        the pieces of each backend's `unsupported_reason` and the error that `attention`
+                        raises from it
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_attention.patterns import Pattern
+
+LOG2_E = math.log2(math.e)
+# Initial running max: finite, so that a row whose first tiles are all masked (-inf logits) gives
+# exp2(-inf - m) = 0 instead of exp2(-inf + inf) = NaN, and below any finite scaled logit.
+ROW_MAX_INIT = float(np.finfo(np.float32).min)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelStatic:
+    """Everything a backend's kernels specialise on (hashable: a custom_vjp non-differentiable argument).
+
+    interpret: False, True, or the backend's interpreter parameters; block_sizes: the backend's BlockSizes.
+    """
+
+    pattern: Pattern
+    scale: float
+    interpret: Any
+    block_sizes: Any
+
+
+def padded_length(seq_len: int, multiple: int) -> int:
+    return -(-seq_len // multiple) * multiple
+
+
+def pad_to(x, seq_len: int, head_dim: int | None = None):
+    """Zero-pads [batch, seq, heads, d] to seq_len (and head_dim); a no-op when already there."""
+    extra_seq = seq_len - x.shape[1]
+    extra_dim = 0 if head_dim is None else head_dim - x.shape[3]
+    if extra_seq == 0 and extra_dim == 0:
+        return x
+    return jnp.pad(x, ((0, 0), (0, extra_seq), (0, 0), (0, extra_dim)))
+
+
+def padded_flash(forward: Callable, backward: Callable, *, sequence_multiple: Callable[[KernelStatic], int],
+                 padded_head_dim: Callable[[int], int] | None = None) -> Callable:
+    """flash(q, k, v, static) -> out [batch, seq, q_heads, d], differentiable through the given kernels.
+
+    forward(q, k, v, static, seq_len) -> (out, lse) and backward(q, k, v, out, lse, d_out, static, seq_len)
+    -> (dq, dk, dv) see inputs padded to `sequence_multiple(static)` positions (and `padded_head_dim(d)`
+    features) and the true seq_len. Padded query rows get dO = 0, so they add nothing to dk and dv.
+    """
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+    def flash(q, k, v, static: KernelStatic):
+        return flash_forward(q, k, v, static)[0]
+
+    def flash_forward(q, k, v, static: KernelStatic):
+        seq_len, head_dim = q.shape[1], q.shape[3]
+        length = padded_length(seq_len, sequence_multiple(static))
+        width = None if padded_head_dim is None else padded_head_dim(head_dim)
+        q_p, k_p, v_p = (pad_to(x, length, width) for x in (q, k, v))
+        out_p, lse = forward(q_p, k_p, v_p, static, seq_len)
+        return out_p[:, :seq_len, :, :head_dim], (q_p, k_p, v_p, out_p, lse)
+
+    def flash_backward(static: KernelStatic, residuals, d_out):
+        q_p, k_p, v_p, out_p, lse = residuals
+        seq_len, head_dim = d_out.shape[1], d_out.shape[3]
+        width = None if padded_head_dim is None else q_p.shape[3]
+        d_out_p = pad_to(d_out.astype(q_p.dtype), q_p.shape[1], width)
+        dq, dk, dv = backward(q_p, k_p, v_p, out_p, lse, d_out_p, static, seq_len)
+        return tuple(x[:, :seq_len, :, :head_dim] for x in (dq, dk, dv))
+
+    flash.defvjp(flash_forward, flash_backward)
+    return flash
+
+
+def checked_block_sizes(block_sizes, cls: type, default: Callable[[], Any]):
+    """`block_sizes` if it is a `cls`, `default()` if it is None; anything else is refused."""
+    if block_sizes is None:
+        return default()
+    if not isinstance(block_sizes, cls):
+        raise ValueError(f"block_sizes must be a {cls.__name__} or None, got {type(block_sizes).__name__}")
+    return block_sizes
+
+
+def dtype_reason(dtype, supported: tuple) -> str | None:
+    """Why `dtype` is refused, or None when it is one of `supported`."""
+    if any(dtype == d for d in supported):
+        return None
+    return f"dtype {dtype} is not supported ({', '.join(jnp.dtype(d).name for d in supported)})"
+
+
+def cuda_capability_reason(minimum: int, label: str = "") -> str | None:
+    """Why this process's first device cannot run kernels for CUDA compute capability >= minimum.0, or None."""
+    needs = f"a CUDA GPU with compute capability >= {minimum}.0{f' ({label})' if label else ''}"
+    if jax.default_backend() != "gpu":
+        return f"needs {needs} or interpret=True"
+    capability = getattr(jax.devices()[0], "compute_capability", None)
+    try:
+        major = int(str(capability).split(".")[0])
+    except ValueError:
+        return f"needs {needs}, found {capability!r}"
+    return f"needs {needs}, found {capability}" if major < minimum else None
+
+
+def refuse_unsupported(backend: str, reason: str | None) -> None:
+    if reason is not None:
+        raise ValueError(f"{backend} cannot run this case: {reason}")

@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from lm_experiment import evaluation, report
+from lm_experiment import eval_options, eval_runs, evaluation, paired, report
 from lm_experiment.data import DataError
 from lm_experiment.diagnostics import DiagnosticsOptions
 
@@ -42,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE.py[:ARG]", help="config to evaluate with instead of the saved ones")
     p.add_argument("--pattern-override", metavar="SPEC", help="evaluate with this attention pattern (labelled)")
     p.add_argument("--out", required=True, help="report folder (created if missing)")
-    p.add_argument("--eval-sets", nargs="+", default=list(evaluation.DEFAULT_EVAL_SETS), metavar="CORPUS:SPLIT")
+    p.add_argument("--eval-sets", nargs="+", default=list(eval_options.DEFAULT_EVAL_SETS), metavar="CORPUS:SPLIT")
     p.add_argument("--lengths", nargs="+", type=int, metavar="C",
                    help="context lengths (default: T/4, T/2, T, 2T, 4T for the longest training length T)")
     p.add_argument("--max-documents", type=int, help="documents per eval set (evenly spaced; default all)")
@@ -78,21 +78,21 @@ def parser() -> argparse.ArgumentParser:
 
 def _evaluated(args, rest) -> dict:
     """The results of evaluating the runs the flags name."""
-    overrides = evaluation.parse_overrides(rest)
+    overrides = eval_runs.parse_overrides(rest)
     diagnostics = None if args.no_diagnostics else DiagnosticsOptions(
         seq_len=args.diag_seq_len, steps=args.diag_steps, tracking_steps=args.tracking_steps,
         batch_size=args.diag_batch, learning_rate=args.diag_lr, eval_samples=args.diag_samples,
         edge_offsets=_tuple(args.edge_offsets), query_offset=args.edge_query_offset,
         chain_lengths=_tuple(args.chain_lengths), depths=_tuple(args.diag_depths),
         seed=args.seed)
-    options = evaluation.EvalOptions(
+    options = eval_options.EvalOptions(
         eval_sets=tuple(args.eval_sets), lengths=tuple(args.lengths) if args.lengths else None,
         max_documents=args.max_documents, max_document_tokens=args.max_document_tokens,
         document_chunk_tokens=args.document_chunk_tokens, batch_tokens=args.batch_tokens,
         trailing_window=args.trailing_window, block_size=args.block_size, ablation_targets=args.ablation_targets,
         bootstrap_samples=args.bootstrap_samples, seed=args.seed, data_dir=args.data_dir, diagnostics=diagnostics,
         baselines=_tuple(args.baselines))
-    runs = evaluation.load_runs(args.workdirs, checkpoints=args.checkpoint, config_file=args.config,
+    runs = eval_runs.load_runs(args.workdirs, checkpoints=args.checkpoint, config_file=args.config,
                                 overrides=overrides, pattern_override=args.pattern_override)
     return evaluation.evaluate(runs, options)
 
@@ -116,7 +116,7 @@ def _merged(args, rest, arguments: argparse.ArgumentParser) -> dict:
         if not isinstance(results, dict) or not {"settings", "models"} <= set(results):
             raise ValueError(f"--merge: {file} is not an eval.py results.json (no settings and models)")
         results_list.append(results)
-    return evaluation.merge_results(results_list, [str(file.parent) for file in files], _tuple(args.baselines))
+    return paired.merge_results(results_list, [str(file.parent) for file in files], _tuple(args.baselines))
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,7 @@ import os
 import sys
 from typing import Sequence
 
-from lm_experiment import boundary_report, boundary_tasks, data, evaluation, report, training
+from lm_experiment import boundary_report, boundary_tasks, data, eval_options, eval_runs, evaluation, report, training
 from lm_experiment.config import ExperimentConfig
 from sparse_attention import reachability
 from sparse_attention.config_files import load_config_file
@@ -37,13 +37,13 @@ def variant_config(variant: str, preset: str) -> ExperimentConfig:
     return ExperimentConfig.from_config_dict(load_config_file(f"configs/{variant}.py:{preset}"))
 
 
-def main_eval_options() -> evaluation.EvalOptions:
+def main_eval_options() -> eval_options.EvalOptions:
     """The main job's evaluation, cut to a few minutes on a 2-core CPU at the tiny preset: the default
     lengths (T/4 .. 4T: 64 to 1024 for tiny), 8 documents per eval set (first 4096 tokens each), 8 ablation
     targets per window. Without the fine-tuned diagnostics: after short fine-tunes they stayed at chance for
     every sparse model, so they could not show what reachability predicts; the boundary tasks trained from
     scratch (step 4) do."""
-    return evaluation.EvalOptions(max_documents=8, max_document_tokens=4096, ablation_targets=8, diagnostics=None)
+    return eval_options.EvalOptions(max_documents=8, max_document_tokens=4096, ablation_targets=8, diagnostics=None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print("\n== evaluating")
     data.prepare("all")  # the eval sets (code:long, books:long); evaluation itself never downloads
-    runs = evaluation.load_runs([os.path.join(args.runs, variant) for variant in VARIANTS])
+    runs = eval_runs.load_runs([os.path.join(args.runs, variant) for variant in VARIANTS])
     results = evaluation.evaluate(runs, main_eval_options())
     paths = report.write_report(results, args.out)
     print(report.bits_per_byte_tables(results))

@@ -15,7 +15,8 @@ import pytest
 
 import eval as eval_cli
 from configs import repaired
-from lm_experiment import data, diagnostics, evaluation, report, training
+from lm_experiment import (data, diagnostics, eval_options, eval_runs, eval_statistics, evaluation, paired, report,
+                           scoring, training)
 from lm_experiment.checkpointing import save_config
 from lm_experiment.config import ExperimentConfig
 from sparse_attention import reachability
@@ -53,22 +54,22 @@ def trained_run(tmp_path_factory) -> Path:
 def test_bits_per_byte_and_perplexity_by_hand():
     # Document A: 3 bytes at ln 2 nats each; document B: 1 byte at ln 8 nats. Pooled: 6 ln 2 / 4 tokens.
     sums, counts = np.array([3 * math.log(2), math.log(8)]), np.array([3.0, 1.0])
-    bpb = evaluation.loss_interval(sums, counts, samples=10, seed=0)
-    ppl = evaluation.loss_interval(sums, counts, samples=10, seed=0, unit="perplexity")
-    nats = evaluation.loss_interval(sums, counts, samples=10, seed=0, unit="nats_per_token")
+    bpb = eval_statistics.loss_interval(sums, counts, samples=10, seed=0)
+    ppl = eval_statistics.loss_interval(sums, counts, samples=10, seed=0, unit="perplexity")
+    nats = eval_statistics.loss_interval(sums, counts, samples=10, seed=0, unit="nats_per_token")
     assert bpb["mean"] == pytest.approx(1.5)
     assert ppl["mean"] == pytest.approx(2 ** 1.5)
     assert nats["mean"] == pytest.approx(1.5 * math.log(2))
     # Resamples are only A's (1 bit) or only B's (3 bits) at the extremes.
     assert 1.0 - 1e-9 <= bpb["low"] <= bpb["mean"] <= bpb["high"] <= 3.0 + 1e-9
-    assert evaluation.bits_per_byte(math.log(2) * 8, bytes_per_token=2) == pytest.approx(4.0)
+    assert eval_statistics.bits_per_byte(math.log(2) * 8, bytes_per_token=2) == pytest.approx(4.0)
 
 
 def test_bootstrap_of_identical_documents_has_zero_width():
     rng = np.random.default_rng()
     tokens = float(rng.integers(1, 1000))
     mean = rng.uniform(0.5, 5)
-    point, low, high = evaluation.bootstrap_ratio(np.full(7, mean * tokens), np.full(7, tokens), samples=200,
+    point, low, high = eval_statistics.bootstrap_ratio(np.full(7, mean * tokens), np.full(7, tokens), samples=200,
                                                   seed=int(rng.integers(1000)))
     assert point == pytest.approx(mean) and low == pytest.approx(mean) and high == pytest.approx(mean)
 
@@ -81,10 +82,10 @@ def test_bootstrap_of_two_documents_matches_enumeration():
     sums, counts = rng.uniform(1, 100, 2), rng.integers(1, 50, 2).astype(float)
     means = sums / counts
     pooled = sums.sum() / counts.sum()
-    point, low, high = evaluation.bootstrap_ratio(sums, counts, samples=4000, seed=int(rng.integers(1000)))
+    point, low, high = eval_statistics.bootstrap_ratio(sums, counts, samples=4000, seed=int(rng.integers(1000)))
     assert point == pytest.approx(pooled)
     assert low == pytest.approx(means.min()) and high == pytest.approx(means.max())
-    _, low, high = evaluation.bootstrap_ratio(sums, counts, samples=4000, seed=1, confidence=0.2)
+    _, low, high = eval_statistics.bootstrap_ratio(sums, counts, samples=4000, seed=1, confidence=0.2)
     assert low == pytest.approx(pooled) and high == pytest.approx(pooled)
 
 
@@ -92,7 +93,7 @@ def test_bootstrap_interval_of_many_documents_matches_the_normal_limit():
     rng = np.random.default_rng()
     documents, tokens, sigma = 400, 100.0, 0.3
     means = rng.normal(2.0, sigma, documents)
-    point, low, high = evaluation.bootstrap_ratio(means * tokens, np.full(documents, tokens), samples=2000, seed=3)
+    point, low, high = eval_statistics.bootstrap_ratio(means * tokens, np.full(documents, tokens), samples=2000, seed=3)
     half_width = 1.96 * means.std() / math.sqrt(documents)
     assert point == pytest.approx(means.mean())
     assert (high - low) / 2 == pytest.approx(half_width, rel=0.15)
@@ -102,10 +103,10 @@ def test_bootstrap_interval_of_many_documents_matches_the_normal_limit():
 def test_bootstrap_leaves_out_entries_without_tokens():
     sums = np.array([[1.0, 0.0], [3.0, 0.0]])
     counts = np.array([[1.0, 0.0], [1.0, 0.0]])
-    point, low, high = evaluation.bootstrap_ratio(sums, counts, samples=100, seed=0)
+    point, low, high = eval_statistics.bootstrap_ratio(sums, counts, samples=100, seed=0)
     assert point[0] == pytest.approx(2.0) and np.isnan(point[1]) and np.isnan(low[1]) and np.isnan(high[1])
     with pytest.raises(ValueError, match="at least one document"):
-        evaluation.bootstrap_ratio(np.zeros(0), np.zeros(0), samples=10, seed=0)
+        eval_statistics.bootstrap_ratio(np.zeros(0), np.zeros(0), samples=10, seed=0)
 
 
 def test_paired_difference_cancels_what_documents_share():
@@ -118,15 +119,15 @@ def test_paired_difference_cancels_what_documents_share():
     tokens_b = 7 * tokens_a
     sums_a, sums_b = (difficulty + 0.25) * tokens_a, difficulty * tokens_b
     args = dict(samples=500, seed=2)
-    _, low_a, high_a = evaluation.bootstrap_ratio(sums_a, tokens_a, **args)
-    _, low_b, high_b = evaluation.bootstrap_ratio(sums_b, tokens_b, **args)
+    _, low_a, high_a = eval_statistics.bootstrap_ratio(sums_a, tokens_a, **args)
+    _, low_b, high_b = eval_statistics.bootstrap_ratio(sums_b, tokens_b, **args)
     assert low_a < high_b and low_b < high_a
-    point, low, high = evaluation.bootstrap_ratio_difference(sums_a, tokens_a, sums_b, tokens_b, **args)
+    point, low, high = eval_statistics.bootstrap_ratio_difference(sums_a, tokens_a, sums_b, tokens_b, **args)
     pooled = sums_a.sum() / tokens_a.sum() - sums_b.sum() / tokens_b.sum()
     assert point == pytest.approx(pooled) == pytest.approx(0.25)
     assert low == pytest.approx(0.25) and high == pytest.approx(0.25)
     with pytest.raises(ValueError, match="per-document vectors"):
-        evaluation.bootstrap_ratio_difference(sums_a, tokens_a, sums_b[:3], tokens_b[:3], **args)
+        eval_statistics.bootstrap_ratio_difference(sums_a, tokens_a, sums_b[:3], tokens_b[:3], **args)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -134,28 +135,28 @@ def test_paired_difference_cancels_what_documents_share():
 
 
 def test_log_position_edges_and_buckets():
-    assert evaluation.log_position_edges(64).tolist() == [0, 1, 2, 4, 8, 16, 32, 64]
-    assert evaluation.log_position_edges(100).tolist() == [0, 1, 2, 4, 8, 16, 32, 64, 100]
-    assert evaluation.log_position_edges(1).tolist() == [0, 1]
-    assert evaluation.log_position_edges(2).tolist() == [0, 1, 2]
+    assert eval_statistics.log_position_edges(64).tolist() == [0, 1, 2, 4, 8, 16, 32, 64]
+    assert eval_statistics.log_position_edges(100).tolist() == [0, 1, 2, 4, 8, 16, 32, 64, 100]
+    assert eval_statistics.log_position_edges(1).tolist() == [0, 1]
+    assert eval_statistics.log_position_edges(2).tolist() == [0, 1, 2]
     positions = np.arange(100)
-    buckets = evaluation.position_buckets(positions, 100)
-    edges = evaluation.log_position_edges(100)
+    buckets = eval_statistics.position_buckets(positions, 100)
+    edges = eval_statistics.log_position_edges(100)
     for position, bucket in zip(positions, buckets):
         assert edges[bucket] <= position < edges[bucket + 1]
 
 
 def test_block_offsets_on_own_and_shifted_grids():
     positions = np.arange(20)
-    assert evaluation.block_offsets(positions, 8).tolist() == [p % 8 for p in range(20)]
+    assert eval_statistics.block_offsets(positions, 8).tolist() == [p % 8 for p in range(20)]
     # block(8, 3): blocks start where (p + 3) % 8 == 0, i.e. at 5, 13; offset 0 there.
-    offsets = evaluation.block_offsets(positions, 8, grid_offset=3)
+    offsets = eval_statistics.block_offsets(positions, 8, grid_offset=3)
     assert offsets[5] == 0 and offsets[13] == 0 and offsets[4] == 7
     pattern = parse("block(8, 3)")
     for p in range(1, 20):  # offset 0 exactly where the pattern cuts the edge to the previous token
         assert (offsets[p] == 0) == (not pattern.mask(np.array(p), np.array(p - 1)))
     # The control grid's edges sit B/2 later.
-    shifted = evaluation.block_offsets(positions, 8, grid_offset=0, shift=4)
+    shifted = eval_statistics.block_offsets(positions, 8, grid_offset=0, shift=4)
     assert shifted[4] == 0 and shifted[12] == 0 and shifted[3] == 7
 
 
@@ -163,12 +164,12 @@ def test_document_windows_predict_every_token_once():
     rng = np.random.default_rng()
     documents = [rng.integers(0, 256, n).astype(np.uint8) for n in (1, 2, 17, 64, 65, 130)]
     for length in (1, 7, 64):
-        rows, owner, starts, targets = evaluation.document_windows(documents, length)
+        rows, owner, starts, targets = scoring.document_windows(documents, length)
         predicted = {(d, s + i + 1) for d, s, t in zip(owner, starts, targets) for i in range(t)}
         assert predicted == {(d, t) for d, doc in enumerate(documents) for t in range(1, len(doc))}
         for row, d, s, t in zip(rows, owner, starts, targets):
             assert np.array_equal(row[:t + 1], documents[d][s:s + t + 1])
-        assert evaluation.planned_tokens(documents, length, 10**9, 4) == len(rows) * length
+        assert scoring.planned_tokens(documents, length, 10**9, 4) == len(rows) * length
 
 
 class PositionScorer:
@@ -184,9 +185,9 @@ class PositionScorer:
 def test_measures_of_hand_made_losses():
     length, width, block = 32, 8, 8
     documents = [np.zeros(n, np.uint8) for n in (100, 45)]
-    grid = evaluation.BlockGrid(block, 0, "pattern")
-    options = evaluation.EvalOptions(bootstrap_samples=20, ablation_targets=3, diagnostics=None)
-    result = evaluation.evaluate_length(PositionScorer(lambda i: i.astype(np.float32)), documents, length, grid=grid,
+    grid = eval_runs.BlockGrid(block, 0, "pattern")
+    options = eval_options.EvalOptions(bootstrap_samples=20, ablation_targets=3, diagnostics=None)
+    result = scoring.evaluate_length(PositionScorer(lambda i: i.astype(np.float32)), documents, length, grid=grid,
                                         width=width, options=options)
     # Predicted window positions, by brute force from the definition.
     positions = [(t - 1) % length for n in (100, 45) for t in range(1, n)]
@@ -216,7 +217,7 @@ def test_measures_of_hand_made_losses():
     assert result["trailing_window"]["bits_per_byte"]["mean"] == pytest.approx(np.mean(trailing) / math.log(2))
     # The ablation re-scores trailing positions i >= width; truncated, each sits at position width - 1.
     ablation = result["distant_context_ablation"]
-    chosen = evaluation.ablation_positions(length, width, 3)
+    chosen = scoring.ablation_positions(length, width, 3)
     assert chosen.tolist() == [24, 28, 31]
     scored = [p for p in positions if p in set(chosen.tolist())]
     assert ablation["targets"] == len(scored)
@@ -227,12 +228,12 @@ def test_measures_of_hand_made_losses():
 
 def test_per_document_sums_add_up_to_the_pooled_loss():
     length, documents = 32, [np.zeros(n, np.uint8) for n in (100, 45, 2)]
-    grid = evaluation.BlockGrid(16, 3, "pattern")  # blocks start where (p + 3) % 16 == 0
-    options = evaluation.EvalOptions(bootstrap_samples=20, diagnostics=None)
-    result = evaluation.evaluate_length(PositionScorer(lambda i: (i + 1).astype(np.float32)), documents, length,
+    grid = eval_runs.BlockGrid(16, 3, "pattern")  # blocks start where (p + 3) % 16 == 0
+    options = eval_options.EvalOptions(bootstrap_samples=20, diagnostics=None)
+    result = scoring.evaluate_length(PositionScorer(lambda i: (i + 1).astype(np.float32)), documents, length,
                                         grid=grid, width=8, options=options)
     sums = result["per_document"]
-    assert sums["start_offsets"] == evaluation.PAIRED_START_OFFSETS == 8
+    assert sums["start_offsets"] == eval_options.PAIRED_START_OFFSETS == 8
     assert sums["tokens"] == [99, 44, 1] and sum(sums["tokens"]) == result["tokens"]
     assert sum(sums["nll_nats"]) / sum(sums["tokens"]) == pytest.approx(result["nats_per_token"]["mean"])
     for index, n in enumerate((100, 45, 2)):
@@ -253,7 +254,7 @@ def test_documents_are_cut_into_named_chunks():
     assert [len(chunk) for chunk in chunks[3:]] == [4, 4, 4]
     for bad in (0, 1, True, 2.5):
         with pytest.raises(ValueError, match="document_chunk_tokens"):
-            evaluation.EvalOptions(document_chunk_tokens=bad)
+            eval_options.EvalOptions(document_chunk_tokens=bad)
 
 
 NAMES = tuple(f"doc{i}" for i in range(40))
@@ -292,7 +293,7 @@ def hand_made_runs():
 def test_paired_differences_of_hand_made_sums():
     run, models = hand_made_runs()
     settings = {"eval_sets": {"books:long": {}}, "bootstrap_samples": 300, "seed": 1, "confidence": 0.95}
-    differences, skipped = evaluation.paired_differences(models, settings)
+    differences, skipped = paired.paired_differences(models, settings)
     assert skipped == []
     # Default baselines: dense and the plain block, not the shifted schedule.
     assert {(d["variant"], d["baseline"]) for d in differences} == {
@@ -311,12 +312,12 @@ def test_paired_differences_of_hand_made_sums():
     assert entry["seed_matched"]["seeds"] == [] and "window_s0 has no training seed" in entry["seed_matched"]["reason"]
     json.dumps(differences, allow_nan=False)
 
-    only_block, _ = evaluation.paired_differences(models, settings, baselines=("block(16, 0)",))
+    only_block, _ = paired.paired_differences(models, settings, baselines=("block(16, 0)",))
     assert {d["baseline"] for d in only_block} == {"block(16)"}
-    _, missing = evaluation.paired_differences(models, settings, baselines=("window(4)",))
+    _, missing = paired.paired_differences(models, settings, baselines=("window(4)",))
     assert missing[0]["baseline"] == "window(4)" and "no run" in missing[0]["reason"]
     with pytest.raises(ValueError, match="baselines: bad pattern spec 'blok"):
-        evaluation.paired_differences(models, settings, baselines=("blok(16)",))
+        paired.paired_differences(models, settings, baselines=("blok(16)",))
 
 
 def test_seed_matched_differences_pair_runs_of_one_seed():
@@ -328,7 +329,7 @@ def test_seed_matched_differences_pair_runs_of_one_seed():
               for seed, excess in ((0, 0.1), (1, 0.3), (2, 0.2), (4, 9.0))]
     dense = [run(f"dense_s{seed}", "dense", 0.5 if seed == 1 else 0.0, 0.0, seed=seed) for seed in (0, 1, 2, 3)]
     settings = {"eval_sets": {"books:long": {}}, "bootstrap_samples": 50, "seed": 0, "confidence": 0.95}
-    (entry,), _ = evaluation.paired_differences([*window, *dense], settings, ("dense",))
+    (entry,), _ = paired.paired_differences([*window, *dense], settings, ("dense",))
     matched = entry["seed_matched"]
     assert matched["seeds"] == [0, 1, 2] and matched["reason"] is None
     assert matched["overall"]["per_seed"] == pytest.approx(np.array([0.1, 0.3, 0.2]) / math.log(2))
@@ -339,9 +340,9 @@ def test_seed_matched_differences_pair_runs_of_one_seed():
     assert matched["block_start"]["per_seed"] == pytest.approx([0.4 / math.log(2)] * 3)
     assert matched["block_start"]["low"] == pytest.approx(matched["block_start"]["high"])
 
-    (single,), _ = evaluation.paired_differences([window[0], dense[0]], settings, ("dense",))
+    (single,), _ = paired.paired_differences([window[0], dense[0]], settings, ("dense",))
     assert single["seed_matched"]["seeds"] == [0] and single["seed_matched"]["overall"]["low"] is None
-    (apart,), _ = evaluation.paired_differences([window[3], dense[3]], settings, ("dense",))
+    (apart,), _ = paired.paired_differences([window[3], dense[3]], settings, ("dense",))
     assert apart["seed_matched"]["seeds"] == [] and "variant [4], baseline [3]" in apart["seed_matched"]["reason"]
     text = "\n".join(report._paired_lines({"settings": settings, "paired": [entry], "paired_skipped": []}))
     assert "window(8) − dense (seeds 0, 1, 2)" in text and "(+0.144, +0.433, +0.289)" in text
@@ -352,7 +353,7 @@ def test_paired_differences_skip_what_cannot_be_paired():
     renamed = run("window_s2", "window(8)", 0.2, 0.5, names=(*NAMES[:-1], "other"))
     coarse = run("repaired_s0", "repaired(32, 4, bridge)", 0.0, 0.0, grid=(32, 0))
     settings = {"eval_sets": {"books:long": {}}, "bootstrap_samples": 50, "seed": 0}
-    differences, skipped = evaluation.paired_differences([*models[:3], renamed, coarse], settings, ("dense",))
+    differences, skipped = paired.paired_differences([*models[:3], renamed, coarse], settings, ("dense",))
     assert differences == []
     reasons = {entry["variant"]: entry["reason"] for entry in skipped}
     assert "document names differ" in reasons["window(8)"] and "window_s2" in reasons["window(8)"]
@@ -367,7 +368,7 @@ def hand_made_results(models, **settings) -> dict:
 
 def test_merge_results_pools_runs_and_refuses_other_settings():
     _, (dense, window_s0, window_s1, block, _) = hand_made_runs()
-    merged = evaluation.merge_results(
+    merged = paired.merge_results(
         [hand_made_results([dense, window_s0]), hand_made_results([dense, window_s1, block], batch_tokens=4)],
         ["out/a", "out/b"])
     assert [m["label"] for m in merged["models"]] == ["dense_s0 (a)", "window_s0", "dense_s0 (b)", "window_s1",
@@ -378,19 +379,19 @@ def test_merge_results_pools_runs_and_refuses_other_settings():
     assert entry["overall"]["mean"] == pytest.approx(0.2 / math.log(2))
     assert merged["wall_time_s"] == 20.0 and [part["source"] for part in merged["merged_from"]] == ["out/a", "out/b"]
     with pytest.raises(ValueError, match=r"settings\.bootstrap_samples: 200 in out/a but 100 in out/b"):
-        evaluation.merge_results([hand_made_results([dense]), hand_made_results([block], bootstrap_samples=100)],
+        paired.merge_results([hand_made_results([dense]), hand_made_results([block], bootstrap_samples=100)],
                                  ["out/a", "out/b"])
     chunked = hand_made_results([block], document_chunk_tokens=4096)
     with pytest.raises(ValueError, match=r"settings\.document_chunk_tokens: None in .* but 4096"):
-        evaluation.merge_results([hand_made_results([dense]), chunked])
+        paired.merge_results([hand_made_results([dense]), chunked])
     with pytest.raises(ValueError, match="given twice"):
-        evaluation.merge_results([hand_made_results([dense])] * 2, ["out/a", "out/a"])
+        paired.merge_results([hand_made_results([dense])] * 2, ["out/a", "out/a"])
 
 
 def test_ablation_positions_need_more_context_than_the_width():
-    assert evaluation.ablation_positions(64, 64, 8).tolist() == []
-    assert evaluation.ablation_positions(100, 64, 100).tolist() == list(range(64, 100))
-    assert evaluation.ablation_positions(256, 64, 2).tolist() == [192, 255]
+    assert scoring.ablation_positions(64, 64, 8).tolist() == []
+    assert scoring.ablation_positions(100, 64, 100).tolist() == list(range(64, 100))
+    assert scoring.ablation_positions(256, 64, 2).tolist() == [192, 255]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,7 +493,7 @@ def test_pattern_override_is_labelled(trained_run, tmp_path):
     assert model["block_grid"]["source"] == "reference"
     assert "tiny [eval window(8)]" in (out / "report.md").read_text()
     # The same override through --config.KEY=VALUE.
-    runs = evaluation.load_runs([str(trained_run)], overrides=evaluation.parse_overrides(
+    runs = eval_runs.load_runs([str(trained_run)], overrides=eval_runs.parse_overrides(
         ["--config.attention.pattern=window(8)"]))
     assert runs[0].label == "tiny [eval window(8)]" and runs[0].schedule == parse("window(8)")
 
@@ -536,41 +537,42 @@ def test_merge_of_separately_evaluated_runs(trained_run, tmp_path, capsys):
 
 def test_missing_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        evaluation.load_runs([str(tmp_path / "nowhere")])
+        eval_runs.load_runs([str(tmp_path / "nowhere")])
     (tmp_path / "empty").mkdir()
     save_config(tmp_path / "empty", tiny_config())
     with pytest.raises(ValueError, match="has no checkpoints"):
-        evaluation.load_runs([str(tmp_path / "empty")])
+        eval_runs.load_runs([str(tmp_path / "empty")])
     with pytest.raises(ValueError, match="checkpoint"):
-        evaluation.load_runs(checkpoints=[str(tmp_path / "empty" / "checkpoints" / "7")])
+        eval_runs.load_runs(checkpoints=[str(tmp_path / "empty" / "checkpoints" / "7")])
     with pytest.raises(ValueError, match="nothing to evaluate"):
-        evaluation.load_runs([])
+        eval_runs.load_runs([])
 
 
 def test_mismatched_config_gives_a_clear_error(trained_run, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"model\.d_model: the eval config has 64 .* trained with 32"):
-        evaluation.load_runs([str(trained_run)], overrides=[("model.d_model", 64)])
+        eval_runs.load_runs([str(trained_run)], overrides=[("model.d_model", 64)])
     with pytest.raises(ValueError, match="unknown key 'patern'"):
-        evaluation.load_runs([str(trained_run)], overrides=[("attention.patern", "dense")])
+        eval_runs.load_runs([str(trained_run)], overrides=[("attention.patern", "dense")])
     with pytest.raises(ValueError, match="attention.pattern"):
-        evaluation.load_runs([str(trained_run)], pattern_override="blok(8)")
+        eval_runs.load_runs([str(trained_run)], pattern_override="blok(8)")
     argv = ["--workdirs", str(trained_run), "--out", str(tmp_path), "--config.model.num_layers=3"]
     assert eval_cli.main(argv) == 2
     assert "model.num_layers" in capsys.readouterr().err
 
 
 def test_empty_eval_set_gives_a_clear_error(trained_run):
-    runs = evaluation.load_runs([str(trained_run)])
-    for options in (evaluation.EvalOptions(max_documents=0, diagnostics=None),
-                    evaluation.EvalOptions(max_document_tokens=1, diagnostics=None)):
+    runs = eval_runs.load_runs([str(trained_run)])
+    for options in (eval_options.EvalOptions(max_documents=0, diagnostics=None),
+                    eval_options.EvalOptions(max_document_tokens=1, diagnostics=None)):
         with pytest.raises(ValueError, match="code:long is empty"):
             evaluation.evaluate(runs, options)
     with pytest.raises(ValueError, match="document_chunk_tokens: chunks of 64 tokens .* C = 64"):
-        evaluation.evaluate(runs, evaluation.EvalOptions(lengths=(32, 64), document_chunk_tokens=64, diagnostics=None))
+        evaluation.evaluate(runs, eval_options.EvalOptions(lengths=(32, 64), document_chunk_tokens=64,
+                                                           diagnostics=None))
     with pytest.raises(ValueError, match="eval_sets"):
-        evaluation.EvalOptions(eval_sets=("code",))
+        eval_options.EvalOptions(eval_sets=("code",))
     with pytest.raises(ValueError, match="lengths"):
-        evaluation.EvalOptions(lengths=(0,))
+        eval_options.EvalOptions(lengths=(0,))
 
 
 def test_runs_of_one_pattern_share_a_color_and_differ_in_line_style():

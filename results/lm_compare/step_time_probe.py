@@ -26,7 +26,7 @@ import numpy as np
 
 from lm_experiment import data, training
 from lm_experiment.config import ExperimentConfig
-from lm_experiment.evaluation import config_file_dict
+from lm_experiment.eval_runs import config_file_dict
 from sparse_attention.atomic_io import write_json
 
 REPLAY_STEPS = 50

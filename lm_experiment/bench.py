@@ -28,7 +28,7 @@ JAX's Pallas Mosaic GPU attention (`ops.gpu.attention_mgpu`: dense causal, forwa
 backward, sm90+, float16 as it fails inside on bfloat16); this package's `xla` and `reference` paths where
 they fit in memory ("oom" otherwise).
 `--smoke` runs tiny shapes on CPU with the Pallas kernels in interpret mode (for tests). On a GPU or TPU
-host each Pallas kernel runs only on its own backend (`pallas_tpu` is TPU only, `pallas_gpu` GPU only).
+host each Pallas kernel runs only on its own backend (`mosaic_tpu` is TPU only, `triton` GPU only).
 """
 
 from __future__ import annotations
@@ -47,18 +47,19 @@ import jax
 import jax.numpy as jnp
 
 from lm_experiment import flex_peer, timing
-from sparse_attention import atomic_io, mosaic_gpu, pallas_gpu, pallas_tpu, reference, xla
+from sparse_attention import atomic_io, reference, xla
+from sparse_attention.kernels import mosaic_gpu, triton, mosaic_tpu
 from sparse_attention.patterns import Dense, Pattern, Window, as_pattern
 
 DEFAULT_SEQ_LENS = (4096, 16384, 32768, 65536, 131072)
 DEFAULT_PATTERNS = ("dense", "block(512)", "window(1024)", "repaired(512, 64, bridge)", "repaired(512, 64, prefix)",
                     "block(512, 256)", "random_blocks(512, 3, 0)", "sinks(64) | window(1024)")
-IMPLS = ("mosaic_gpu", "pallas_gpu", "pallas_tpu", "cudnn", "flex", "mosaic_mha", "pallas_mha", "xla", "reference")
+IMPLS = ("mosaic_gpu", "triton", "mosaic_tpu", "cudnn", "flex", "mosaic_mha", "pallas_mha", "xla", "reference")
 # This package's implementations, against which the peers' ratios are quoted.
-OWN_IMPLS = ("mosaic_gpu", "pallas_gpu", "pallas_tpu")
+OWN_IMPLS = ("mosaic_gpu", "triton", "mosaic_tpu")
 RATIO_PEERS = ("flex", "cudnn")
 # The backend each Pallas kernel compiles for; on CPU they run in interpret mode.
-KERNEL_BACKENDS = {"mosaic_gpu": "gpu", "pallas_gpu": "gpu", "pallas_tpu": "tpu"}
+KERNEL_BACKENDS = {"mosaic_gpu": "gpu", "triton": "gpu", "mosaic_tpu": "tpu"}
 # JAX's Mosaic GPU attention: its own benchmark's tiles (block_q 64, block_kv 128, two stages).
 MOSAIC_MHA_TILES = dict(block_q=64, block_kv=128, max_concurrent_steps=2)
 MODES = ("fwd", "fwd_bwd")
@@ -89,8 +90,8 @@ def _peer_function(impl: str, pattern: Pattern, shape: Shape, mode: str, interpr
     scale = 1.0 / math.sqrt(shape.head_dim)
     if impl in KERNEL_BACKENDS and not interpret and jax.default_backend() != KERNEL_BACKENDS[impl]:
         raise Unsupported(f"{KERNEL_BACKENDS[impl].upper()} only")
-    if impl == "pallas_gpu":
-        return lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
+    if impl == "triton":
+        return lambda q, k, v: triton.attention(q, k, v, pattern, scale=scale, interpret=interpret,
                                                     block_sizes=block_sizes)
     if impl == "mosaic_gpu":
         reason = mosaic_gpu.unsupported_reason(*(jax.ShapeDtypeStruct(s, shape.dtype) for s in _shapes(shape)),
@@ -98,8 +99,8 @@ def _peer_function(impl: str, pattern: Pattern, shape: Shape, mode: str, interpr
         if reason is not None:
             raise Unsupported(reason)
         return lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=scale, interpret=interpret)
-    if impl == "pallas_tpu":
-        return lambda q, k, v: pallas_tpu.attention(q, k, v, pattern, scale=scale, interpret=interpret)
+    if impl == "mosaic_tpu":
+        return lambda q, k, v: mosaic_tpu.attention(q, k, v, pattern, scale=scale, interpret=interpret)
     if impl == "xla":
         return lambda q, k, v: xla.attention(q, k, v, pattern, scale=scale)
     if impl == "reference":
@@ -337,7 +338,7 @@ def parse_args(argv=None):
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--block-sizes", default=None,
-                        help="JSON object of pallas_gpu.BlockSizes fields overriding the defaults")
+                        help="JSON object of triton.BlockSizes fields overriding the defaults")
     parser.add_argument("--out", default="reports/bench.json")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny shapes on CPU (Pallas in interpret mode) to check the report's shape")
@@ -366,7 +367,7 @@ def parse_args(argv=None):
     block_sizes = None
     if args.block_sizes:
         try:
-            block_sizes = pallas_gpu.BlockSizes(**json.loads(args.block_sizes))
+            block_sizes = triton.BlockSizes(**json.loads(args.block_sizes))
         except (TypeError, ValueError) as error:
             parser.error(f"--block-sizes: {error}")
     return args, seq_lens, patterns, impls, modes, kv_heads, block_sizes

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import jax.numpy as jnp
 
-from sparse_attention.attention import VALID_IMPLS
+from sparse_attention.attention import check_impl
 from sparse_attention.patterns import Pattern, PatternOrSchedule, TileGrid, as_schedule
 
 COMPUTE_DTYPES = ("bfloat16", "float32")
@@ -140,7 +140,7 @@ class AttentionConfig:
                 as_schedule(self.schedule)
             except ValueError as error:
                 _fail("attention.schedule", str(error))
-        _check_choice("attention.impl", self.impl, VALID_IMPLS)
+        check_impl("attention.impl", self.impl)
         _check_bool("attention.interpret", self.interpret)
 
     @property

@@ -13,7 +13,7 @@ Memory is what JAX lets XLA use: by default 75% of the GPU (raise it with XLA_PY
 Prints a table and writes a JSON report (atomically, after every case).
 
     python -m lm_experiment.context_limit --preset small --variants dense,repaired \\
-        --seq-lens 65536,131072,262144,524288,1048576,2097152 --impl pallas_gpu
+        --seq-lens 65536,131072,262144,524288,1048576,2097152 --impl triton
 """
 
 from __future__ import annotations

@@ -325,7 +325,7 @@ class Trainer:
         votes = self._stop_votes[False]
         votes = jax.ShapeDtypeStruct(votes.shape, votes.dtype, sharding=self._stop_sharding)
         # The mesh as context while tracing: kernels that cannot be partitioned automatically (Mosaic TPU)
-        # shard themselves over it (see pallas_tpu.py).
+        # shard themselves over it (see mosaic_tpu.py).
         with jax.set_mesh(self.mesh):
             self._step_compiled = self._step_jit.lower(self.abstract_state, batch, votes).compile()
         return time.perf_counter() - start

@@ -2,9 +2,9 @@
 
   reference   dense masked softmax; the test oracle (O(S^2) memory)
   xla         blockwise over the layout's active tiles, plain JAX; every backend; CPU default
-  pallas_gpu  Pallas kernel lowered through Triton (sm80+)
+  triton  Pallas kernel lowered through Triton (sm80+)
   mosaic_gpu  Pallas Mosaic GPU kernel (sm90+)
-  pallas_tpu  Pallas TPU kernel
+  mosaic_tpu  Pallas TPU kernel
 
 An explicit `impl` that cannot run raises ValueError with the reason. `impl="auto"` takes the first
 implementation that supports the case on the current backend, logs what ran and why, and
@@ -25,15 +25,19 @@ from sparse_attention.patterns import Pattern, as_pattern
 
 log = logging.getLogger(__name__)
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "mosaic_gpu", "pallas_tpu")
+IMPLEMENTATIONS = ("reference", "xla", "triton", "mosaic_gpu", "mosaic_tpu")
 VALID_IMPLS = ("auto",) + IMPLEMENTATIONS
+# The Pallas kernels live in sparse_attention.kernels, named by their lowering and hardware.
+KERNEL_IMPLS = ("triton", "mosaic_gpu", "mosaic_tpu")
+# Names of earlier versions: refused with the new name rather than taken silently.
+RENAMED_IMPLS = {"pallas_gpu": "triton", "pallas_tpu": "mosaic_tpu"}
 # Preference order of `auto` per JAX backend. On GPUs mosaic_gpu comes first: validated on an H100 (CUDA 13.0)
-# and faster than pallas_gpu on dense and window there (docs/benchmarks.md). Its unsupported_reason declines
+# and faster than triton on dense and window there (docs/benchmarks.md). Its unsupported_reason declines
 # float32, head_dims other than 64 and 128, GPUs older than Hopper (sm90) and CUDA runtimes whose ptxas
-# miscompiles masked attention; auto then falls to pallas_gpu (sm80+, float32 too) and logs why.
+# miscompiles masked attention; auto then falls to triton (sm80+, float32 too) and logs why.
 AUTO_ORDER = {
-    "gpu": ("mosaic_gpu", "pallas_gpu", "xla"),
-    "tpu": ("pallas_tpu", "xla"),
+    "gpu": ("mosaic_gpu", "triton", "xla"),
+    "tpu": ("mosaic_tpu", "xla"),
     "cpu": ("xla",),
 }
 FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -45,12 +49,21 @@ class ImplUnavailableError(ValueError):
 
 def _module(impl: str):
     """The implementation's module, or None if this checkout does not have it."""
+    name = f"sparse_attention.kernels.{impl}" if impl in KERNEL_IMPLS else f"sparse_attention.{impl}"
     try:
-        return importlib.import_module(f"sparse_attention.{impl}")
+        return importlib.import_module(name)
     except ModuleNotFoundError as error:
-        if error.name == f"sparse_attention.{impl}":
+        if error.name == name:
             return None
         raise
+
+
+def check_impl(field: str, impl: str) -> None:
+    """ValueError naming `field` unless impl is one of VALID_IMPLS (a renamed one says its new name)."""
+    if impl in RENAMED_IMPLS:
+        raise ValueError(f"{field}: {impl!r} is now called {RENAMED_IMPLS[impl]!r}; valid: {', '.join(VALID_IMPLS)}")
+    if impl not in VALID_IMPLS:
+        raise ValueError(f"{field}: must be one of {', '.join(VALID_IMPLS)}; got {impl!r}")
 
 
 def unsupported_reason(impl: str, q, k, v, pattern: Pattern, *, interpret: bool = False) -> str | None:
@@ -64,8 +77,7 @@ def unsupported_reason(impl: str, q, k, v, pattern: Pattern, *, interpret: bool 
 
 def resolve_impl(impl: str, q, k, v, pattern: Pattern | str, *, interpret: bool = False) -> tuple[str, str]:
     """(implementation that would run, why). Raises ValueError for an explicit impl that cannot run."""
-    if impl not in VALID_IMPLS:
-        raise ValueError(f"impl must be one of {', '.join(VALID_IMPLS)}; got {impl!r}")
+    check_impl("impl", impl)
     pattern = as_pattern(pattern)
     if impl != "auto":
         reason = unsupported_reason(impl, q, k, v, pattern, interpret=interpret)

@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 from test_patterns import brute_force_mask, tree_spec
 
-from sparse_attention import mosaic_gpu, pallas_gpu, reference, xla
+from sparse_attention import reference, xla
+
+from sparse_attention.kernels import mosaic_gpu, triton
 from sparse_attention.attention import AUTO_ORDER, VALID_IMPLS, ImplUnavailableError, attention, resolve_impl
 from sparse_attention.patterns import parse
 
@@ -233,8 +235,8 @@ def test_auto_on_cpu_resolves_to_xla_and_matches_it():
     )
 
 
-def test_auto_order_on_gpu_prefers_mosaic_gpu_then_pallas_gpu():
-    assert AUTO_ORDER["gpu"] == ("mosaic_gpu", "pallas_gpu", "xla")
+def test_auto_order_on_gpu_prefers_mosaic_gpu_then_triton():
+    assert AUTO_ORDER["gpu"] == ("mosaic_gpu", "triton", "xla")
 
 
 class FakeGpu:
@@ -273,18 +275,18 @@ FALLBACKS = [  # (what differs from bf16 at head_dim 64 on sm90 with CUDA 13.0, 
 
 
 @pytest.mark.parametrize("inputs, gpu, reason", FALLBACKS, ids=["float32", "head_dim32", "sm80", "cuda12.8"])
-def test_auto_on_gpu_falls_back_to_pallas_gpu_and_says_why(fake_gpu, monkeypatch, caplog, inputs, gpu, reason):
+def test_auto_on_gpu_falls_back_to_triton_and_says_why(fake_gpu, monkeypatch, caplog, inputs, gpu, reason):
     q, k, v = random_qkv(13, 16, 4, 2, inputs.get("dtype", jnp.bfloat16), head_dim=inputs.get("head_dim", 64))
     fake_gpu(**gpu)
     chosen, why = resolve_impl("auto", q, k, v, "block(8)")
-    assert chosen == "pallas_gpu"
+    assert chosen == "triton"
     assert why.startswith("auto on gpu (skipped mosaic_gpu: ") and reason in why
-    # attention() logs the same choice and calls pallas_gpu (stubbed: there is no GPU to run it on).
-    monkeypatch.setattr(pallas_gpu, "attention", lambda q, k, v, pattern, **options: q)
+    # attention() logs the same choice and calls triton (stubbed: there is no GPU to run it on).
+    monkeypatch.setattr(triton, "attention", lambda q, k, v, pattern, **options: q)
     dispatch._log_choice.cache_clear()
     with caplog.at_level(logging.INFO, logger=dispatch.log.name):
         assert attention(q, k, v, "block(8)") is q
-    assert f"attention impl=auto ran pallas_gpu ({why})" in caplog.text
+    assert f"attention impl=auto ran triton ({why})" in caplog.text
 
 
 @pytest.mark.parametrize("impl", ["reference", "xla"])
@@ -295,14 +297,21 @@ def test_explicit_runnable_impl_resolves_to_itself(impl):
 
 def test_unknown_impl_lists_the_valid_ones():
     q, k, v = random_qkv(3, 9, 2, 2, jnp.float32)
-    for call in (lambda: attention(q, k, v, "dense", impl="triton"), lambda: resolve_impl("triton", q, k, v, "dense")):
-        with pytest.raises(ValueError, match="impl must be one of") as error:
+    for call in (lambda: attention(q, k, v, "dense", impl="cuda"), lambda: resolve_impl("cuda", q, k, v, "dense")):
+        with pytest.raises(ValueError, match="impl: must be one of") as error:
             call()
-        assert all(name in str(error.value) for name in VALID_IMPLS) and "'triton'" in str(error.value)
+        assert all(name in str(error.value) for name in VALID_IMPLS) and "'cuda'" in str(error.value)
+
+
+@pytest.mark.parametrize("old, new", [("pallas_gpu", "triton"), ("pallas_tpu", "mosaic_tpu")])
+def test_renamed_impl_says_its_new_name(old, new):
+    q, k, v = random_qkv(3, 9, 2, 2, jnp.float32)
+    with pytest.raises(ValueError, match=f"impl: '{old}' is now called '{new}'"):
+        resolve_impl(old, q, k, v, "dense")
 
 
 @pytest.mark.skipif(not ON_CPU, reason="these kernels may run on an accelerator")
-@pytest.mark.parametrize("impl", ["mosaic_gpu", "pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("impl", ["mosaic_gpu", "mosaic_tpu", "triton"])
 def test_explicit_impl_that_cannot_run_here_says_why(impl):
     q, k, v = random_qkv(4, 16, 2, 2, jnp.float32)
     with pytest.raises(ValueError, match=f"impl={impl!r} cannot run here: ") as error:
@@ -432,8 +441,8 @@ def test_library_import_loads_no_experiment_dependency():
     code = textwrap.dedent("""
         import sys
         import sparse_attention
-        from sparse_attention import (atomic_io, attention, config_files, layout, mosaic_gpu, pallas_gpu,
-                                      pallas_tpu, patterns, reachability, reference, xla)
+        from sparse_attention import atomic_io, attention, config_files, layout, patterns, reachability, reference, xla
+        from sparse_attention.kernels import common, mosaic_gpu, mosaic_tpu, triton
         print(sorted({name.split(".")[0] for name in sys.modules}
                      & {"lm_experiment", "orbax", "tensorboard", "matplotlib", "flax", "optax", "torch"}))
     """)

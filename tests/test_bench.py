@@ -20,7 +20,7 @@ H200_CEILINGS = dict(matmul_flops_per_s=790e12, copy_bytes_per_s=4.3e12)
 def test_bench_smoke_writes_table_and_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     report = bench.main(["--smoke", "--seq", "48", "--patterns", "dense;window(16)", "--impls",
-                         "pallas_gpu,pallas_tpu,cudnn,flex,reference", "--modes", "fwd,fwd_bwd", "--out", str(out)])
+                         "triton,mosaic_tpu,cudnn,flex,reference", "--modes", "fwd,fwd_bwd", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved == json.loads(json.dumps(report))
     assert len(saved["results"]) == 2 * 2 * 5
@@ -38,7 +38,7 @@ def test_bench_smoke_writes_table_and_json(tmp_path, capsys):
     assert {(r["pattern"], r["mode"]) for r in saved["ratios"]} == {(p, m) for p in ("dense", "window(16)")
                                                                    for m in ("fwd", "fwd_bwd")}
     for ratio in saved["ratios"]:
-        assert ratio["best"] in ("pallas_gpu", "pallas_tpu")
+        assert ratio["best"] in ("triton", "mosaic_tpu")
     window = [r for r in saved["results"] if r["pattern"] == "window(16)"][0]
     assert window["active_fraction"] == pytest.approx(parse("window(16)").count_active(48) / (48 * 49 / 2))
     table = capsys.readouterr().out
@@ -69,12 +69,12 @@ def test_peer_ratios_take_our_fastest_implementation_against_each_peer():
     def row(impl, ms, pattern="block(512)", mode="fwd", status="ok"):
         return dict(seq_len=4096, pattern=pattern, mode=mode, impl=impl, ms=ms, status=status)
 
-    rows = [row("mosaic_gpu", 1.2), row("pallas_gpu", 1.0), row("flex", 2.0), row("xla", 0.1),
+    rows = [row("mosaic_gpu", 1.2), row("triton", 1.0), row("flex", 2.0), row("xla", 0.1),
             row("mosaic_gpu", 3.0, "dense"), row("cudnn", 2.0, "dense"), row("flex", 1.0, "dense", status="oom"),
             row("flex", 1.0, "window(8)")]
     ratios = {r["pattern"]: r for r in bench.peer_ratios(rows)}
     # xla is not one of our kernels; a peer that did not run gives no ratio; a case without ours is left out.
-    assert ratios["block(512)"] == dict(seq_len=4096, pattern="block(512)", mode="fwd", best="pallas_gpu",
+    assert ratios["block(512)"] == dict(seq_len=4096, pattern="block(512)", mode="fwd", best="triton",
                                         best_ms=1.0, vs_flex=0.5)
     assert ratios["dense"] == dict(seq_len=4096, pattern="dense", mode="fwd", best="mosaic_gpu", best_ms=3.0,
                                    vs_cudnn=1.5)

@@ -25,7 +25,9 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sparse_attention import mosaic_gpu, reference
+from sparse_attention import reference
+
+from sparse_attention.kernels import mosaic_gpu
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
 from kernel_oracle import (assert_matches_reference_on, assert_plan_covers_pattern, assert_shard_map_matches_reference,
@@ -197,7 +199,7 @@ LOWERING_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import jax, jax.export, jax.numpy as jnp
-    from sparse_attention import mosaic_gpu
+    from sparse_attention.kernels import mosaic_gpu
     from sparse_attention.patterns import parse
     # Lowering needs no GPU: skip the device check so that the hardware kernels (not interpret mode) lower.
     mosaic_gpu.unsupported_reason = lambda *args, **kwargs: None
@@ -337,7 +339,7 @@ def test_shard_map_types_check():
         import json
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh, PartitionSpec as P
-        from sparse_attention import mosaic_gpu
+        from sparse_attention.kernels import mosaic_gpu
         mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "heads"))
         spec = P("data", None, "heads", None)
         attend = lambda q, k, v: mosaic_gpu.attention(q, k, v, "window(70)", scale=0.1, interpret=True)

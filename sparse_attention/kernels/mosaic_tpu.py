@@ -14,7 +14,7 @@ in-kernel on int32 iotas. A row with no active tile gets one EMPTY step that wri
 steps that name the same block reuse it without a new DMA.
 
 Backward is a custom VJP from the saved logsumexp: a dq kernel over the forward layout and a dk/dv kernel
-over the backward layout. docs/pallas_tpu.md gives the design choices, the defaults and what ran where.
+over the backward layout. docs/mosaic_tpu.md gives the design choices, the defaults and what ran where.
 
 Shapes: q [batch, seq, q_heads, head_dim], k/v [batch, seq, kv_heads, head_dim] outside; the kernels see
 [batch, heads, padded_seq, head_dim] (sequences padded to a tile multiple inside, sliced outside).
@@ -35,7 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from sparse_attention.kernel_common import (ROW_MAX_INIT, KernelStatic, checked_block_sizes, dtype_reason,
+from sparse_attention.kernels.common import (ROW_MAX_INIT, KernelStatic, checked_block_sizes, dtype_reason,
                                             padded_length, refuse_unsupported)
 from sparse_attention.layout import TileLists, block_layout
 from sparse_attention.patterns import EMPTY, FULL, PARTIAL, Pattern, as_pattern
@@ -500,7 +500,7 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool 
     simulator (slower; raises on out-of-bounds reads and fills unwritten memory with NaN).
     """
     pattern = as_pattern(pattern)
-    refuse_unsupported("pallas_tpu", unsupported_reason(q, k, v, pattern, interpret=interpret))
+    refuse_unsupported("mosaic_tpu", unsupported_reason(q, k, v, pattern, interpret=interpret))
     block_sizes = checked_block_sizes(block_sizes, BlockSizes, BlockSizes)
     if not interpret:
         block_sizes.check_hardware()

@@ -1,12 +1,12 @@
-"""The parts every kernel backend shares (sparse_attention.kernel_common)."""
+"""The parts every kernel backend shares (sparse_attention.kernels.common)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_attention import kernel_common
-from sparse_attention.kernel_common import KernelStatic
+from sparse_attention.kernels import common
+from sparse_attention.kernels.common import KernelStatic
 from sparse_attention.patterns import parse
 
 
@@ -25,7 +25,7 @@ def test_padded_flash_pads_for_the_kernels_and_slices_for_the_caller():
         seen["backward"] = (q.shape, d_out.shape, seq_len, float(jnp.abs(d_out[:, seq_len:]).sum()))
         return d_out * 2.0, jnp.zeros_like(k), d_out
 
-    flash = kernel_common.padded_flash(forward, backward, sequence_multiple=lambda static: static.block_sizes.multiple,
+    flash = common.padded_flash(forward, backward, sequence_multiple=lambda static: static.block_sizes.multiple,
                                        padded_head_dim=lambda d: 16)
     static = KernelStatic(parse("dense"), 1.0, False, Sizes())
     q, k, v = (jax.random.normal(jax.random.key(i), (2, 20, 3, 12)) for i in range(3))
@@ -42,20 +42,20 @@ def test_padded_flash_pads_for_the_kernels_and_slices_for_the_caller():
 
 
 def test_checked_block_sizes_takes_the_default_or_the_class_only():
-    assert kernel_common.checked_block_sizes(None, Sizes, Sizes).multiple == 16
+    assert common.checked_block_sizes(None, Sizes, Sizes).multiple == 16
     given = Sizes()
-    assert kernel_common.checked_block_sizes(given, Sizes, Sizes) is given
+    assert common.checked_block_sizes(given, Sizes, Sizes) is given
     with pytest.raises(ValueError, match="block_sizes must be a Sizes or None, got dict"):
-        kernel_common.checked_block_sizes({"multiple": 8}, Sizes, Sizes)
+        common.checked_block_sizes({"multiple": 8}, Sizes, Sizes)
 
 
 def test_reasons_name_what_is_missing():
-    assert kernel_common.dtype_reason(jnp.dtype(jnp.bfloat16), (jnp.bfloat16, jnp.float16)) is None
-    assert (kernel_common.dtype_reason(jnp.dtype(jnp.float32), (jnp.bfloat16, jnp.float16))
+    assert common.dtype_reason(jnp.dtype(jnp.bfloat16), (jnp.bfloat16, jnp.float16)) is None
+    assert (common.dtype_reason(jnp.dtype(jnp.float32), (jnp.bfloat16, jnp.float16))
             == "dtype float32 is not supported (bfloat16, float16)")
     if jax.default_backend() != "gpu":
-        assert (kernel_common.cuda_capability_reason(9, "Hopper")
+        assert (common.cuda_capability_reason(9, "Hopper")
                 == "needs a CUDA GPU with compute capability >= 9.0 (Hopper) or interpret=True")
     with pytest.raises(ValueError, match="mosaic_gpu cannot run this case: because"):
-        kernel_common.refuse_unsupported("mosaic_gpu", "because")
-    kernel_common.refuse_unsupported("mosaic_gpu", None)
+        common.refuse_unsupported("mosaic_gpu", "because")
+    common.refuse_unsupported("mosaic_gpu", None)

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_attention import pallas_gpu, reference
+from sparse_attention import reference
+
+from sparse_attention.kernels import triton
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
 from kernel_oracle import (assert_matches_reference_on, assert_plan_covers_pattern, assert_shard_map_matches_reference,
@@ -34,9 +36,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 5e-3}
 
 
-def tiles(block_q, block_k, sub_k, block_k_dkv=None, block_q_dkv=None, sub_q_dkv=None) -> pallas_gpu.BlockSizes:
+def tiles(block_q, block_k, sub_k, block_k_dkv=None, block_q_dkv=None, sub_q_dkv=None) -> triton.BlockSizes:
     """Small tiles for interpret mode; the dq pass shares the forward's tiles."""
-    return pallas_gpu.BlockSizes(
+    return triton.BlockSizes(
         block_q=block_q, block_k=block_k, block_k_partial=sub_k,
         block_q_dq=block_q, block_k_dq=block_k, block_k_partial_dq=sub_k,
         block_k_dkv=block_k_dkv or block_k, block_q_dkv=block_q_dkv or block_q,
@@ -50,17 +52,17 @@ def assert_matches_reference(spec, *, seq_len, heads=2, kv_heads=1, head_dim=32,
     q, k, v, d_out = random_inputs(seed, batch, seq_len, heads, kv_heads, head_dim, dtype)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     return assert_matches_reference_on(
-        lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
+        lambda q, k, v: triton.attention(q, k, v, pattern, scale=scale, interpret=interpret,
                                              block_sizes=block_sizes),
         pattern, (q, k, v, d_out), scale=scale, rtol=RTOL[dtype], label=spec)
 
 
-def plan_kinds(spec, seq_len, sizes: pallas_gpu.BlockSizes) -> tuple[bool, bool]:
+def plan_kinds(spec, seq_len, sizes: triton.BlockSizes) -> tuple[bool, bool]:
     """Whether the forward plan (and the dk/dv plan) has full tiles and partial sub-tiles."""
     pattern = parse(spec)
     sizes = sizes.clipped(seq_len)
-    forward = pallas_gpu.tile_plan(pattern, seq_len, sizes.block_q, sizes.block_k, sizes.block_k_partial, False)
-    dkdv = pallas_gpu.tile_plan(pattern, seq_len, sizes.block_q_dkv, sizes.block_k_dkv,
+    forward = triton.tile_plan(pattern, seq_len, sizes.block_q, sizes.block_k, sizes.block_k_partial, False)
+    dkdv = triton.tile_plan(pattern, seq_len, sizes.block_q_dkv, sizes.block_k_dkv,
                                 sizes.block_q_partial_dkv, True)
     has_full = forward.num_full.sum() > 0 and dkdv.num_full.sum() > 0
     has_partial = forward.num_partial.sum() > 0 and dkdv.num_partial.sum() > 0
@@ -91,9 +93,9 @@ def test_pattern_cases_walk_both_list_forms():
     forms = set()
     for spec, seq_len, sizes, *_ in PATTERN_CASES:
         sizes = sizes.clipped(seq_len)
-        forward = pallas_gpu.tile_plan(parse(spec), seq_len, sizes.block_q, sizes.block_k, sizes.block_k_partial,
+        forward = triton.tile_plan(parse(spec), seq_len, sizes.block_q, sizes.block_k, sizes.block_k_partial,
                                        False)
-        dkdv = pallas_gpu.tile_plan(parse(spec), seq_len, sizes.block_q_dkv, sizes.block_k_dkv,
+        dkdv = triton.tile_plan(parse(spec), seq_len, sizes.block_q_dkv, sizes.block_k_dkv,
                                     sizes.block_q_partial_dkv, True)
         forms |= {(name, kind, contiguous) for name, plan in (("forward", forward), ("dkdv", dkdv))
                   for kind, contiguous in zip(("full", "partial"), plan.contiguous)}
@@ -157,7 +159,7 @@ def test_jit_vmap_grad():
         batched = jax.vmap(lambda q, k, v: attend(q[None], k[None], v[None])[0])
         return lambda q, k, v: jnp.sum(batched(q, k, v) * weights)
 
-    ours = loss(lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, scale=0.25, interpret=INTERPRET,
+    ours = loss(lambda q, k, v: triton.attention(q, k, v, pattern, scale=0.25, interpret=INTERPRET,
                                                      block_sizes=sizes))
     oracle = loss(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.25))
     got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
@@ -171,7 +173,8 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
     import json, sys, warnings
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, PartitionSpec as P
-    from sparse_attention import pallas_gpu, reference
+    from sparse_attention import reference
+    from sparse_attention.kernels import triton
     from sparse_attention.patterns import parse
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     interpret = True
@@ -180,12 +183,12 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
     keys = jax.random.split(jax.random.key(int(sys.argv[1])), 4)
     q = jax.random.normal(keys[0], (2, 40, 4, 16)); d_out = jax.random.normal(keys[3], q.shape)
     k, v = (jax.random.normal(key, (2, 40, 2, 16)) for key in keys[1:3])
-    sizes = pallas_gpu.BlockSizes(**json.loads(sys.argv[2]))
+    sizes = triton.BlockSizes(**json.loads(sys.argv[2]))
     spec = P("data", None, "heads", None)
     # Interpret mode slices blocks with unvarying grid indices, which check_vma rejects; the compiled
     # kernel runs with check_vma on (TestGpu.test_shard_map_checks_vma).
     sharded = jax.shard_map(
-        lambda q, k, v: pallas_gpu.attention(q, k, v, pattern, scale=0.25, interpret=interpret, block_sizes=sizes),
+        lambda q, k, v: triton.attention(q, k, v, pattern, scale=0.25, interpret=interpret, block_sizes=sizes),
         mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
     def run(attend):
         out, vjp = jax.vjp(attend, q, k, v)
@@ -220,7 +223,7 @@ def test_shard_map_over_batch_and_heads():
 def test_plan_covers_each_active_pair_once(spec, by_key):
     """Full tiles hold only active pairs; full tiles plus partial sub-tiles cover every active pair once."""
     pattern, seq_len, tile, sub = parse(spec), 200, 64, 16
-    plan = pallas_gpu.tile_plan(pattern, seq_len, tile, tile, sub, by_key)
+    plan = triton.tile_plan(pattern, seq_len, tile, tile, sub, by_key)
     padded = -(-seq_len // tile) * tile
     covered = np.zeros((padded, padded), np.int32)  # [row position, column position] in the plan's frame
     full_only = np.zeros_like(covered, dtype=bool)
@@ -243,7 +246,7 @@ def walked_tiles(tiles, counts, contiguous: bool, program: int) -> np.ndarray:
 @pytest.mark.parametrize("by_key", [False, True])
 def test_dense_plan_at_one_million_tokens_stores_first_tiles_only(by_key):
     seq_len, tile, sub = 1 << 20, 128, 32
-    plan = pallas_gpu.tile_plan(parse("dense"), seq_len, tile, tile, sub, by_key)
+    plan = triton.tile_plan(parse("dense"), seq_len, tile, tile, sub, by_key)
     # As explicit padded lists the full tiles alone were [8192, 8191] int32 (256 MiB) of kernel inputs.
     assert plan.contiguous == (True, True)
     assert plan.full.shape == plan.partial.shape == (seq_len // tile, 1)
@@ -256,27 +259,27 @@ def test_dense_plan_at_one_million_tokens_stores_first_tiles_only(by_key):
 
 def test_block_sizes_validation_and_defaults():
     with pytest.raises(ValueError, match="block_q"):
-        pallas_gpu.BlockSizes(block_q=48)
+        triton.BlockSizes(block_q=48)
     with pytest.raises(ValueError, match="block_k_partial"):
-        pallas_gpu.BlockSizes(block_k=32, block_k_partial=64)
+        triton.BlockSizes(block_k=32, block_k_partial=64)
     with pytest.raises(ValueError, match="num_warps"):
-        pallas_gpu.BlockSizes(num_warps=0)
-    long_rows = pallas_gpu.BlockSizes.for_head_dim(128, pallas_gpu.keys_per_query(parse("dense"), 32768))
-    short_rows = pallas_gpu.BlockSizes.for_head_dim(128, pallas_gpu.keys_per_query(parse("block(512)"), 32768))
+        triton.BlockSizes(num_warps=0)
+    long_rows = triton.BlockSizes.for_head_dim(128, triton.keys_per_query(parse("dense"), 32768))
+    short_rows = triton.BlockSizes.for_head_dim(128, triton.keys_per_query(parse("block(512)"), 32768))
     assert short_rows.block_q < long_rows.block_q
-    assert pallas_gpu.BlockSizes().clipped(40).largest_block == 64
+    assert triton.BlockSizes().clipped(40).largest_block == 64
 
 
 def test_unsupported_reasons():
     q = jnp.zeros((1, 16, 2, 16), jnp.float32)
     pattern = parse("dense")
-    assert pallas_gpu.unsupported_reason(q, q, q, pattern, interpret=True) is None
-    assert "dtype" in pallas_gpu.unsupported_reason(q.astype(jnp.int32), q, q, pattern, interpret=True)
+    assert triton.unsupported_reason(q, q, q, pattern, interpret=True) is None
+    assert "dtype" in triton.unsupported_reason(q.astype(jnp.int32), q, q, pattern, interpret=True)
     if not ON_GPU:
-        assert "GPU" in pallas_gpu.unsupported_reason(q, q, q, pattern, interpret=False)
-        with pytest.raises(ValueError, match="pallas_gpu"):
-            resolve_impl("pallas_gpu", q, q, q, pattern)
-    assert resolve_impl("pallas_gpu", q, q, q, pattern, interpret=True) == ("pallas_gpu", "requested")
+        assert "GPU" in triton.unsupported_reason(q, q, q, pattern, interpret=False)
+        with pytest.raises(ValueError, match="triton"):
+            resolve_impl("triton", q, q, q, pattern)
+    assert resolve_impl("triton", q, q, q, pattern, interpret=True) == ("triton", "requested")
 
 
 # ---------------------------------------------------------------------------------------------- GPU
@@ -319,4 +322,4 @@ class TestGpu:
         test_jit_vmap_grad()
 
     def test_shard_map_checks_vma(self):
-        assert_shard_map_matches_reference(pallas_gpu.attention)
+        assert_shard_map_matches_reference(triton.attention)

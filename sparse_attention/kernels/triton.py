@@ -14,7 +14,7 @@ Partial tiles are walked in sub-tiles (`block_k_partial`, `block_q_partial_dkv`)
 skipped, so a mostly-empty partial tile (a repair bridge, a window edge) costs a fraction of a full tile.
 Rows are launched heaviest first so that short rows fill the tail of the launch. Tile lists are int32
 kernel inputs, read one entry per iteration; a list of consecutive tiles in every row (dense, block,
-window) is stored as its first tiles and walked as first + j. docs/pallas_gpu.md explains the choices.
+window) is stored as its first tiles and walked as first + j. docs/triton.md explains the choices.
 
 Shapes: q [batch, seq, q_heads, head_dim], k/v [batch, seq, kv_heads, head_dim]. Sequences are padded to a
 tile multiple inside and sliced outside; head_dim 64 and 128 run natively, others are zero-padded.
@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from sparse_attention.kernel_common import (LOG2_E, ROW_MAX_INIT, KernelStatic, checked_block_sizes,
+from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, checked_block_sizes,
                                             cuda_capability_reason, dtype_reason, padded_flash, refuse_unsupported)
 from sparse_attention.layout import TileLists, block_layout, pad_rows
 from sparse_attention.patterns import EMPTY, Pattern, TileGrid, as_pattern
@@ -54,7 +54,7 @@ def _power_of_two(value: int) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes, warps and pipeline stages of the three kernels; docs/pallas_gpu.md gives the reasons.
+    """Tile sizes, warps and pipeline stages of the three kernels; docs/triton.md gives the reasons.
 
     Forward and dq walk query-tile rows: [block_q, block_k] full tiles, [block_q, block_k_partial]
     sub-tiles of partial tiles. dk/dv walks key-tile rows: [block_q_dkv, block_k_dkv] full tiles,
@@ -95,7 +95,7 @@ class BlockSizes:
     @classmethod
     def for_head_dim(cls, head_dim: int, keys_per_query: float | None = None) -> "BlockSizes":
         """Defaults for a (padded) head_dim. `keys_per_query`, the mean number of keys a query row attends
-        (None: long rows), picks smaller forward tiles for short rows. Reasons: docs/pallas_gpu.md."""
+        (None: long rows), picks smaller forward tiles for short rows. Reasons: docs/triton.md."""
         short_rows = keys_per_query is not None and keys_per_query < SHORT_ROW_KEYS
         if head_dim <= 64:
             if short_rows:
@@ -497,7 +497,7 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool 
     `BlockSizes.for_head_dim(d, keys_per_query(pattern, seq))`; blocks larger than the sequence are clipped.
     """
     pattern = as_pattern(pattern)
-    refuse_unsupported("pallas_gpu", unsupported_reason(q, k, v, pattern, interpret=interpret))
+    refuse_unsupported("triton", unsupported_reason(q, k, v, pattern, interpret=interpret))
     block_sizes = checked_block_sizes(block_sizes, BlockSizes, lambda: BlockSizes.for_head_dim(
         _padded_head_dim(q.shape[3]), keys_per_query(pattern, q.shape[1])))
     warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)

@@ -27,10 +27,11 @@ from flax import nnx
 
 from lm_experiment.config import AttentionConfig, ModelConfig
 from lm_experiment.model import DecoderLM
-from sparse_attention import pallas_tpu, reference
+from sparse_attention import reference
+from sparse_attention.kernels import mosaic_tpu
 from sparse_attention.attention import attention as dispatch_attention
 from sparse_attention.attention import resolve_impl
-from sparse_attention.kernel_common import KernelStatic
+from sparse_attention.kernels.common import KernelStatic
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import EMPTY, FULL, PARTIAL, parse
 from kernel_oracle import assert_matches_reference_on, random_inputs, relative_error
@@ -43,7 +44,7 @@ RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 def tiles(block_q, block_k, block_q_dkv=None, block_k_dkv=None, block_q_dq=None, block_k_dq=None):
     """Small tiles for interpret mode; the dq pass shares the forward's unless given."""
-    return pallas_tpu.BlockSizes(
+    return mosaic_tpu.BlockSizes(
         block_q=block_q, block_k=block_k, block_q_dq=block_q_dq or block_q, block_k_dq=block_k_dq or block_k,
         block_q_dkv=block_q_dkv or block_q, block_k_dkv=block_k_dkv or block_k,
     )
@@ -55,18 +56,18 @@ def assert_matches_reference(spec, *, seq_len, heads=2, kv_heads=1, head_dim=16,
     q, k, v, d_out = random_inputs(seed, batch, seq_len, heads, kv_heads, head_dim, dtype)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     return assert_matches_reference_on(
-        lambda q, k, v: pallas_tpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
+        lambda q, k, v: mosaic_tpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
                                              block_sizes=block_sizes),
         pattern, (q, k, v, d_out), scale=scale, rtol=RTOL[dtype], label=spec)
 
 
-def step_kinds(spec, seq_len, sizes: pallas_tpu.BlockSizes) -> set[int]:
+def step_kinds(spec, seq_len, sizes: mosaic_tpu.BlockSizes) -> set[int]:
     """Tile kinds that every one of the three kernels visits (forward, dq, dk/dv)."""
     pattern = parse(spec)
-    sizes = sizes.clipped(seq_len, pallas_tpu.SUBLANES)
-    lists = [pallas_tpu.step_list(pattern, seq_len, sizes.block_q, sizes.block_k, False),
-             pallas_tpu.step_list(pattern, seq_len, sizes.block_q_dq, sizes.block_k_dq, False),
-             pallas_tpu.step_list(pattern, seq_len, sizes.block_q_dkv, sizes.block_k_dkv, True)]
+    sizes = sizes.clipped(seq_len, mosaic_tpu.SUBLANES)
+    lists = [mosaic_tpu.step_list(pattern, seq_len, sizes.block_q, sizes.block_k, False),
+             mosaic_tpu.step_list(pattern, seq_len, sizes.block_q_dq, sizes.block_k_dq, False),
+             mosaic_tpu.step_list(pattern, seq_len, sizes.block_q_dkv, sizes.block_k_dkv, True)]
     return set.intersection(*(set(steps.kinds.tolist()) for steps in lists))
 
 
@@ -131,7 +132,7 @@ def test_rows_without_keys_give_zero_and_finite_grads():
     out, dq, _, _ = assert_matches_reference("sinks(4) & window(2)", seq_len=40, block_sizes=tiles(8, 8), seed=11)
     np.testing.assert_array_equal(np.asarray(out[:, 5:]), 0.0)
     np.testing.assert_array_equal(np.asarray(dq[:, 5:]), 0.0)
-    steps = pallas_tpu.step_list(parse("sinks(4) & window(2)"), 40, 8, 8, False)
+    steps = mosaic_tpu.step_list(parse("sinks(4) & window(2)"), 40, 8, 8, False)
     assert EMPTY in steps.kinds.tolist()
 
 
@@ -144,7 +145,7 @@ def test_custom_scale(scale):
 def test_dispatch_through_attention():
     pattern = parse("repaired(16, 4, bridge)")
     q, k, v, _ = random_inputs(4, 1, 40, 2, 1, 16, jnp.float32)
-    got = dispatch_attention(q, k, v, pattern, impl="pallas_tpu", interpret=True)
+    got = dispatch_attention(q, k, v, pattern, impl="mosaic_tpu", interpret=True)
     want = reference.attention(q, k, v, pattern, scale=0.25)
     assert relative_error(got, want) < 1e-5
 
@@ -158,7 +159,7 @@ def test_decoder_lm_loss_and_grads_match_xla():
 
     def loss_and_grads(impl):
         attention = AttentionConfig(pattern="dense", schedule=("repaired(16, 4, bridge)", "block(16, 8)"), impl=impl,
-                                    interpret=impl == "pallas_tpu")
+                                    interpret=impl == "mosaic_tpu")
         model = DecoderLM(model_config, attention, rngs=nnx.Rngs(3))
 
         def loss_fn(m):
@@ -168,7 +169,7 @@ def test_decoder_lm_loss_and_grads_match_xla():
         loss, grads = nnx.jit(nnx.value_and_grad(loss_fn))(model)
         return loss, nnx.to_pure_dict(grads)
 
-    loss, grads = loss_and_grads("pallas_tpu")
+    loss, grads = loss_and_grads("mosaic_tpu")
     want_loss, want_grads = loss_and_grads("xla")
     np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
     jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6), grads, want_grads)
@@ -184,7 +185,7 @@ def test_jit_vmap_grad():
         batched = jax.vmap(lambda q, k, v: attend(q[None], k[None], v[None])[0])
         return lambda q, k, v: jnp.sum(batched(q, k, v) * weights)
 
-    ours = loss(lambda q, k, v: pallas_tpu.attention(q, k, v, pattern, scale=0.25, interpret=INTERPRET,
+    ours = loss(lambda q, k, v: mosaic_tpu.attention(q, k, v, pattern, scale=0.25, interpret=INTERPRET,
                                                      block_sizes=sizes))
     oracle = loss(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.25))
     got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
@@ -198,10 +199,11 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh
-    from sparse_attention import pallas_tpu, reference
+    from sparse_attention import reference
+    from sparse_attention.kernels import mosaic_tpu
     from sparse_attention.patterns import parse
     pattern = parse("window(12) | sinks(2)")
-    sizes = pallas_tpu.BlockSizes(8, 8, 8, 8, 8, 8)
+    sizes = mosaic_tpu.BlockSizes(8, 8, 8, 8, 8, 8)
     devices = np.array(jax.devices()[:4]).reshape(2, 2)
     seed = int(sys.argv[1])
 
@@ -224,12 +226,12 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
     for name, axes, batch_axes, head_axis, batch in [("data_fsdp", ("data", "fsdp"), ("data", "fsdp"), None, 4),
                                                      ("data_heads", ("data", "heads"), "data", "heads", 2)]:
         mesh = Mesh(devices, axes)
-        errors[name] = errors_against_reference(lambda q, k, v: pallas_tpu.sharded_attention(
+        errors[name] = errors_against_reference(lambda q, k, v: mosaic_tpu.sharded_attention(
             q, k, v, pattern, mesh, batch_axes=batch_axes, head_axis=head_axis, scale=0.25, interpret=True,
             block_sizes=sizes), *inputs(batch))
     # Under a context mesh, plain `attention` (what the model calls) splits the batch over every axis.
     mesh = Mesh(devices, ("data", "fsdp"))
-    attend = lambda q, k, v: pallas_tpu.attention(q, k, v, pattern, scale=0.25, interpret=True, block_sizes=sizes)
+    attend = lambda q, k, v: mosaic_tpu.attention(q, k, v, pattern, scale=0.25, interpret=True, block_sizes=sizes)
     q, k, v, d_out = inputs(4)
 
     def under_mesh(f):
@@ -239,7 +241,7 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
     errors["uses_shard_map"] = under_mesh(lambda: "shard_map" in str(jax.make_jaxpr(attend)(q, k, v)))
     errors["context_mesh"] = errors_against_reference(attend, q, k, v, d_out, under_mesh)
     try:
-        pallas_tpu.sharded_attention(q[:, :, :3], k[:, :, :1], v[:, :, :1], pattern, Mesh(devices, ("data", "heads")),
+        mosaic_tpu.sharded_attention(q[:, :, :3], k[:, :, :1], v[:, :, :1], pattern, Mesh(devices, ("data", "heads")),
                                      batch_axes="data", head_axis="heads", interpret=True)
     except ValueError as error:
         errors["refused"] = str(error)
@@ -282,8 +284,8 @@ def test_kernels_lower_to_mosaic(dtype, head_dim):
     q = jax.ShapeDtypeStruct((2, 1000, 4, head_dim), dtype)
     kv = jax.ShapeDtypeStruct((2, 1000, 2, head_dim), dtype)
     for spec in LOWERING_CASES:
-        static = KernelStatic(parse(spec), 0.125, False, pallas_tpu.BlockSizes(128, 128, 128, 128, 128, 128))
-        grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(pallas_tpu._flash(q, k, v, static).astype(jnp.float32)),
+        static = KernelStatic(parse(spec), 0.125, False, mosaic_tpu.BlockSizes(128, 128, 128, 128, 128, 128))
+        grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(mosaic_tpu._flash(q, k, v, static).astype(jnp.float32)),
                                  argnums=(0, 1, 2)))
         with jax.sharding.use_abstract_mesh(mesh):
             text = grads.trace(q, kv, kv).lower(lowering_platforms=("tpu",)).as_text()
@@ -298,7 +300,7 @@ def test_kernels_lower_to_mosaic(dtype, head_dim):
 @pytest.mark.parametrize("by_key", [False, True])
 def test_step_list_visits_each_active_tile_once(spec, by_key):
     pattern, seq_len, block_q, block_k = parse(spec), 200, 32, 16
-    steps = pallas_tpu.step_list(pattern, seq_len, block_q, block_k, by_key)
+    steps = mosaic_tpu.step_list(pattern, seq_len, block_q, block_k, by_key)
     classes = block_layout(pattern, seq_len, block_q, block_k).dense_tile_classes()
     if by_key:
         classes = classes.T
@@ -326,38 +328,38 @@ def test_step_list_visits_each_active_tile_once(spec, by_key):
 
 def test_block_sizes_validation_and_clipping():
     with pytest.raises(ValueError, match="block_q"):
-        pallas_tpu.BlockSizes(block_q=12)
+        mosaic_tpu.BlockSizes(block_q=12)
     with pytest.raises(ValueError, match="block_k_dkv"):
-        pallas_tpu.BlockSizes(block_k_dkv=0)
+        mosaic_tpu.BlockSizes(block_k_dkv=0)
     with pytest.raises(ValueError, match="block_k"):
-        pallas_tpu.BlockSizes(block_k=True)
+        mosaic_tpu.BlockSizes(block_k=True)
     with pytest.raises(ValueError, match="multiple of 128"):
-        pallas_tpu.BlockSizes(block_q=64).check_hardware()
-    pallas_tpu.BlockSizes().check_hardware()
-    clipped = pallas_tpu.BlockSizes().clipped(130, 128)
-    assert clipped.block_q == 256 and pallas_tpu.BlockSizes().clipped(100, 128).block_q == 128
+        mosaic_tpu.BlockSizes(block_q=64).check_hardware()
+    mosaic_tpu.BlockSizes().check_hardware()
+    clipped = mosaic_tpu.BlockSizes().clipped(130, 128)
+    assert clipped.block_q == 256 and mosaic_tpu.BlockSizes().clipped(100, 128).block_q == 128
     assert tiles(16, 8, 24).clipped(20, 8).sequence_multiple == 48
 
 
 def test_step_lists_beyond_smem_are_refused():
-    static = KernelStatic(parse("dense"), 1.0, False, pallas_tpu.BlockSizes(128, 128, 128, 128, 128, 128))
+    static = KernelStatic(parse("dense"), 1.0, False, mosaic_tpu.BlockSizes(128, 128, 128, 128, 128, 128))
     with pytest.raises(ValueError, match="SMEM"):
-        pallas_tpu._kernel_steps(static, 300 * 128, 128, 128, False)
+        mosaic_tpu._kernel_steps(static, 300 * 128, 128, 128, False)
 
 
 def test_unsupported_reasons():
     q = jnp.zeros((1, 16, 2, 16), jnp.float32)
     pattern = parse("dense")
-    assert pallas_tpu.unsupported_reason(q, q, q, pattern, interpret=True) is None
-    assert pallas_tpu.unsupported_reason(q, q, q, pattern, interpret=pltpu.InterpretParams()) is None
-    assert "float16" in pallas_tpu.unsupported_reason(q.astype(jnp.float16), q, q, pattern, interpret=True)
+    assert mosaic_tpu.unsupported_reason(q, q, q, pattern, interpret=True) is None
+    assert mosaic_tpu.unsupported_reason(q, q, q, pattern, interpret=pltpu.InterpretParams()) is None
+    assert "float16" in mosaic_tpu.unsupported_reason(q.astype(jnp.float16), q, q, pattern, interpret=True)
     if not ON_TPU:
-        assert "TPU" in pallas_tpu.unsupported_reason(q, q, q, pattern, interpret=False)
-        with pytest.raises(ValueError, match="pallas_tpu"):
-            resolve_impl("pallas_tpu", q, q, q, pattern)
-    assert resolve_impl("pallas_tpu", q, q, q, pattern, interpret=True) == ("pallas_tpu", "requested")
+        assert "TPU" in mosaic_tpu.unsupported_reason(q, q, q, pattern, interpret=False)
+        with pytest.raises(ValueError, match="mosaic_tpu"):
+            resolve_impl("mosaic_tpu", q, q, q, pattern)
+    assert resolve_impl("mosaic_tpu", q, q, q, pattern, interpret=True) == ("mosaic_tpu", "requested")
     with pytest.raises(ValueError, match="block_sizes"):
-        pallas_tpu.attention(q, q, q, pattern, scale=1.0, interpret=True, block_sizes=(8, 8))
+        mosaic_tpu.attention(q, q, q, pattern, scale=1.0, interpret=True, block_sizes=(8, 8))
 
 
 # ---------------------------------------------------------------------------------------------- TPU

@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sparse_attention.kernel_common import (LOG2_E, ROW_MAX_INIT, KernelStatic, checked_block_sizes,
+from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, checked_block_sizes,
                                             cuda_capability_reason, dtype_reason, padded_flash, refuse_unsupported)
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import Pattern, as_pattern

@@ -1,5 +1,5 @@
-"""What every Pallas kernel backend needs, written once: `pallas_gpu` (the Triton lowering), `mosaic_gpu`
-(Mosaic GPU, Hopper) and `pallas_tpu` (Mosaic TPU).
+"""What every Pallas kernel backend needs, written once: `triton` (the Triton lowering), `mosaic_gpu`
+(Mosaic GPU, Hopper) and `mosaic_tpu` (Mosaic TPU).
 
   KernelStatic          everything a backend's kernels specialise on (a custom_vjp static argument)
   LOG2_E, ROW_MAX_INIT  the constants of the base-2 online softmax

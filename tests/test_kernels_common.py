@@ -59,3 +59,25 @@ def test_reasons_name_what_is_missing():
     with pytest.raises(ValueError, match="mosaic_gpu cannot run this case: because"):
         common.refuse_unsupported("mosaic_gpu", "because")
     common.refuse_unsupported("mosaic_gpu", None)
+
+
+def test_check_block_fields_names_the_field_and_its_rule():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Tiles:
+        block_q: int = 64
+        stages: int = 2
+
+        def __post_init__(self):
+            common.check_block_fields(self, {"block_": (lambda b: b % 64 == 0, "a multiple of 64"),
+                                             "stages": (lambda s: s <= 4, "1 to 4")})
+
+    Tiles()
+    for fields, message in [(dict(block_q=0), "Tiles.block_q must be a positive integer, got 0"),
+                            (dict(block_q=2.0), "Tiles.block_q must be a positive integer, got 2.0"),
+                            (dict(stages=True), "Tiles.stages must be a positive integer, got True"),
+                            (dict(block_q=96), "Tiles.block_q must be a multiple of 64, got 96"),
+                            (dict(stages=5), "Tiles.stages must be 1 to 4, got 5")]:
+        with pytest.raises(ValueError, match=f"^{message}$"):
+            Tiles(**fields)

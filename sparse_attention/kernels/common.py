@@ -5,6 +5,7 @@
   LOG2_E, ROW_MAX_INIT  the constants of the base-2 online softmax
   padded_flash          the custom-VJP wrapper: pad q, k, v to the kernels' multiple, run the forward and
                         backward kernels, slice the padding off
+  check_block_fields    a BlockSizes dataclass's validation: positive integers, blocks by the backend's rule
   checked_block_sizes   the `block_sizes` argument: the backend's default, or an instance of its class
   dtype_reason, cuda_capability_reason, refuse_unsupported
                         the pieces of each backend's `unsupported_reason` and the error that `attention`
@@ -87,6 +88,19 @@ def padded_flash(forward: Callable, backward: Callable, *, sequence_multiple: Ca
 
     flash.defvjp(flash_forward, flash_backward)
     return flash
+
+
+def check_block_fields(sizes, rules: dict[str, tuple[Callable[[int], bool], str]]) -> None:
+    """ValueError unless every field of the BlockSizes dataclass `sizes` is a positive integer and every field
+    whose name starts with a key of `rules` passes its (predicate, requirement), e.g. {"block_": (lambda b:
+    b % 64 == 0, "a multiple of 64")}."""
+    for field in dataclasses.fields(sizes):
+        value = getattr(sizes, field.name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{type(sizes).__name__}.{field.name} must be a positive integer, got {value!r}")
+        for prefix, (valid, requirement) in rules.items():
+            if field.name.startswith(prefix) and not valid(value):
+                raise ValueError(f"{type(sizes).__name__}.{field.name} must be {requirement}, got {value}")
 
 
 def checked_block_sizes(block_sizes, cls: type, default: Callable[[], Any]):

@@ -43,8 +43,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, checked_block_sizes,
-                                            cuda_capability_reason, dtype_reason, padded_flash, refuse_unsupported)
+from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, check_block_fields,
+                                            checked_block_sizes, cuda_capability_reason, dtype_reason, padded_flash,
+                                            refuse_unsupported)
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import Pattern, as_pattern
 
@@ -95,18 +96,12 @@ class BlockSizes:
     stages_dkv: int = 2
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"BlockSizes.{field.name} must be a positive integer, got {value!r}")
-            if field.name.startswith("block_") and (value % WGMMA_ROWS or value > MAX_BLOCK):
-                raise ValueError(
-                    f"BlockSizes.{field.name} must be a multiple of {WGMMA_ROWS} up to {MAX_BLOCK}, got {value}"
-                )
-            if field.name.startswith("warpgroups") and value > MAX_WARPGROUPS:
-                raise ValueError(f"BlockSizes.{field.name} must be 1 or 2, got {value}")
-            if field.name.startswith("stages") and value > MAX_STAGES:
-                raise ValueError(f"BlockSizes.{field.name} must be 1 to {MAX_STAGES}, got {value}")
+        check_block_fields(self, {
+            "block_": (lambda block: block % WGMMA_ROWS == 0 and block <= MAX_BLOCK,
+                       f"a multiple of {WGMMA_ROWS} up to {MAX_BLOCK}"),
+            "warpgroups": (lambda count: count <= MAX_WARPGROUPS, f"1 to {MAX_WARPGROUPS}"),
+            "stages": (lambda count: count <= MAX_STAGES, f"1 to {MAX_STAGES}"),
+        })
 
     @classmethod
     def for_head_dim(cls, head_dim: int) -> "BlockSizes":

@@ -35,8 +35,8 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from sparse_attention.kernels.common import (ROW_MAX_INIT, KernelStatic, checked_block_sizes, dtype_reason,
-                                            padded_length, refuse_unsupported)
+from sparse_attention.kernels.common import (ROW_MAX_INIT, KernelStatic, check_block_fields, checked_block_sizes,
+                                            dtype_reason, padded_length, refuse_unsupported)
 from sparse_attention.layout import TileLists, block_layout
 from sparse_attention.patterns import EMPTY, FULL, PARTIAL, Pattern, as_pattern
 
@@ -69,10 +69,7 @@ class BlockSizes:
     block_k_dkv: int = 256
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0 or value % SUBLANES:
-                raise ValueError(f"BlockSizes.{field.name} must be a positive multiple of {SUBLANES}, got {value!r}")
+        check_block_fields(self, {"block_": (lambda block: block % SUBLANES == 0, f"a multiple of {SUBLANES}")})
 
     def check_hardware(self):
         """Raises ValueError unless every block is a multiple of the lane width (compiled kernels)."""

@@ -33,8 +33,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, checked_block_sizes,
-                                            cuda_capability_reason, dtype_reason, padded_flash, refuse_unsupported)
+from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, check_block_fields,
+                                            checked_block_sizes, cuda_capability_reason, dtype_reason, padded_flash,
+                                            refuse_unsupported)
 from sparse_attention.layout import TileLists, block_layout, pad_rows
 from sparse_attention.patterns import EMPTY, Pattern, TileGrid, as_pattern
 
@@ -81,12 +82,8 @@ class BlockSizes:
     num_stages_dkv: int = 2
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"BlockSizes.{field.name} must be a positive integer, got {value!r}")
-            if field.name.startswith("block_") and (value < MIN_BLOCK or not _power_of_two(value)):
-                raise ValueError(f"BlockSizes.{field.name} must be a power of two >= {MIN_BLOCK}, got {value}")
+        check_block_fields(self, {"block_": (lambda block: block >= MIN_BLOCK and _power_of_two(block),
+                                             f"a power of two >= {MIN_BLOCK}")})
         for tile, sub in (("block_k", "block_k_partial"), ("block_k_dq", "block_k_partial_dq"),
                           ("block_q_dkv", "block_q_partial_dkv")):
             if getattr(self, sub) > getattr(self, tile):

@@ -520,7 +520,7 @@ def _context_batch_axes() -> tuple[str, ...]:
 
 
 def sharded_attention(q, k, v, pattern: Pattern | str, mesh: jax.sharding.Mesh, *,
-                      batch_axes: str | tuple[str, ...] | None = ("data", "fsdp"), head_axis: str | None = None,
+                      batch_axes: str | tuple[str, ...] | None, head_axis: str | None = None,
                       scale: float | None = None, interpret: bool | pltpu.InterpretParams = False,
                       block_sizes: BlockSizes | None = None):
     """`attention` with the batch split over `batch_axes` and the heads over `head_axis` of `mesh`.
@@ -528,7 +528,9 @@ def sharded_attention(q, k, v, pattern: Pattern | str, mesh: jax.sharding.Mesh, 
     XLA cannot partition a Mosaic kernel (a plain jit over sharded inputs fails to compile on TPU);
     shard_map runs it on each device's own rows and heads. The product of the batch axes' sizes must
     divide the batch, and the head axis's size must divide kv_heads (each shard then holds whole GQA
-    groups). The training mesh's batch axes are ("data", "fsdp"). `mesh` may be abstract.
+    groups). `batch_axes` has no default: the library does not know the caller's axis names (the LM's
+    training mesh splits the batch over ("data", "fsdp")); None leaves the batch whole. `mesh` may be
+    abstract.
     """
     pattern = as_pattern(pattern)
     axes = () if batch_axes is None else (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)

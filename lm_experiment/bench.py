@@ -21,10 +21,10 @@ times within one call (once per query tile that attends it), so the little cross
 allows does not change the picture, and rotating would add allocation noise at 128k.
 
 Peers: cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) for dense causal and window(W)
-(`local_window_size=(W-1, 0)`); PyTorch FlexAttention (`flex`, every pattern, with a block mask compiled from the same
-pattern; it runs in a subprocess before JAX starts, see `flex_peer.py`, and is skipped with the reason where
-torch or a CUDA device is missing); JAX's Pallas Triton attention (`ops.gpu.attention.mha`, dense causal);
-JAX's Pallas Mosaic GPU attention (`ops.gpu.attention_mgpu`: dense causal, forward only as it has no causal
+(`local_window_size=(W-1, 0)`); PyTorch FlexAttention (`flex`, every pattern, given our layout as its block
+mask and the pattern's mask as its mask_mod; it runs in a subprocess before JAX starts, see `flex_peer.py`,
+and is skipped with the reason where torch or a CUDA device is missing); JAX's Pallas Triton attention
+(`ops.gpu.attention.mha`, dense causal); JAX's Pallas Mosaic GPU attention (`ops.gpu.attention_mgpu`: dense causal, forward only as it has no causal
 backward, sm90+, float16 as it fails inside on bfloat16); this package's `xla` and `reference` paths where
 they fit in memory ("oom" otherwise).
 `--smoke` runs tiny shapes on CPU with the Pallas kernels in interpret mode (for tests). On a GPU or TPU
@@ -48,7 +48,7 @@ import jax.numpy as jnp
 
 from lm_experiment import flex_peer, timing
 from sparse_attention import atomic_io, reference, xla
-from sparse_attention.kernels import mosaic_gpu, triton, mosaic_tpu
+from sparse_attention.kernels import mosaic_gpu, mosaic_tpu, triton
 from sparse_attention.patterns import Dense, Pattern, Window, as_pattern
 
 DEFAULT_SEQ_LENS = (4096, 16384, 32768, 65536, 131072)
@@ -92,7 +92,7 @@ def _peer_function(impl: str, pattern: Pattern, shape: Shape, mode: str, interpr
         raise Unsupported(f"{KERNEL_BACKENDS[impl].upper()} only")
     if impl == "triton":
         return lambda q, k, v: triton.attention(q, k, v, pattern, scale=scale, interpret=interpret,
-                                                    block_sizes=block_sizes)
+                                                block_sizes=block_sizes)
     if impl == "mosaic_gpu":
         reason = mosaic_gpu.unsupported_reason(*(jax.ShapeDtypeStruct(s, shape.dtype) for s in _shapes(shape)),
                                                pattern, interpret=interpret)

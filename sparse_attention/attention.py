@@ -2,9 +2,9 @@
 
   reference   dense masked softmax; the test oracle (O(S^2) memory)
   xla         blockwise over the layout's active tiles, plain JAX; every backend; CPU default
-  triton  Pallas kernel lowered through Triton (sm80+)
-  mosaic_gpu  Pallas Mosaic GPU kernel (sm90+)
-  mosaic_tpu  Pallas TPU kernel
+  triton      Pallas kernel lowered through Triton (sm80+), sparse_attention/kernels/triton.py
+  mosaic_gpu  Pallas Mosaic GPU kernel (sm90+), sparse_attention/kernels/mosaic_gpu.py
+  mosaic_tpu  Pallas Mosaic TPU kernel, sparse_attention/kernels/mosaic_tpu.py
 
 An explicit `impl` that cannot run raises ValueError with the reason. `impl="auto"` takes the first
 implementation that supports the case on the current backend, logs what ran and why, and

@@ -34,6 +34,7 @@ import numpy as np
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 
+
 @dataclasses.dataclass(frozen=True)
 class PatternKind:
     """One name of the spec language: what builds it, its arguments, and its lines of the help text.
@@ -797,7 +798,6 @@ def valid_forms() -> str:
     lines = [form_line for kind in PATTERN_KINDS.values() for form_line in kind.forms] + list(_COMBINATION_FORMS)
     return "\n".join(["valid forms:", *(f"  {form:<28} {meaning}" for form, meaning in lines),
                       "sizes are positive integers; every pattern is also intersected with causality (k <= q)"])
-
 
 
 # ----------------------------------------------------------------------------------------------- parsing

@@ -25,8 +25,8 @@ Peers: cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) for dense 
 mask and the pattern's mask as its mask_mod; it runs in a subprocess before JAX starts, see `flex_peer.py`,
 and is skipped with the reason where torch or a CUDA device is missing); JAX's Pallas Triton attention
 (`ops.gpu.attention.mha`, dense causal); JAX's Pallas Mosaic GPU attention (`ops.gpu.attention_mgpu`:
-dense causal, forward only as it has no causal backward, sm90+, float16 as it fails inside on bfloat16); this package's `xla` and `reference` paths where
-they fit in memory ("oom" otherwise).
+dense causal, forward only as it has no causal backward, sm90+, float16 as it fails inside on bfloat16);
+this package's `xla` and `reference` paths where they fit in memory ("oom" otherwise).
 `--smoke` runs tiny shapes on CPU with the Pallas kernels in interpret mode (for tests). On a GPU or TPU
 host each Pallas kernel runs only on its own backend (`mosaic_tpu` is TPU only, `triton` GPU only).
 """

@@ -266,15 +266,14 @@ def flex_rows(seq_lens, patterns, modes, args, kv_heads) -> list[dict]:
                 batch=args.batch, heads=args.heads, kv_heads=kv_heads, head_dim=args.head_dim, dtype=args.dtype,
                 runs=args.runs, warmup=args.warmup, seed=0)
     if importlib.util.find_spec("torch") is None:
-        return flex_peer.unavailable_rows(spec, "torch is not installed (it is not a requirement)")
+        return flex_peer.rows_saying(spec, "unsupported: torch is not installed (it is not a requirement)")
     try:
         done = subprocess.run([sys.executable, "-m", "lm_experiment.flex_peer", json.dumps(spec)], check=False,
                               stdout=subprocess.PIPE, text=True, timeout=FLEX_TIMEOUT_S)
     except subprocess.TimeoutExpired:
-        return flex_peer.unavailable_rows(spec, f"the FlexAttention process ran past {FLEX_TIMEOUT_S} s")
+        return flex_peer.rows_saying(spec, f"error: the FlexAttention process ran past {FLEX_TIMEOUT_S} s")
     if done.returncode != 0:
-        return [row | dict(status=f"error: the FlexAttention process exited with status {done.returncode}")
-                for row in flex_peer.unavailable_rows(spec, "")]
+        return flex_peer.rows_saying(spec, f"error: the FlexAttention process exited with status {done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -43,8 +43,9 @@ def _row(seq_len: int, pattern: str, mode: str, status: str = "ok", **timing) ->
                 status=status) | timing
 
 
-def unavailable_rows(spec: dict, reason: str) -> list[dict]:
-    return [_row(seq_len, pattern, mode, f"unsupported: {reason}")
+def rows_saying(spec: dict, status: str) -> list[dict]:
+    """One untimed row per case of `spec`, each with `status` ("unsupported: ..." or "error: ...")."""
+    return [_row(seq_len, pattern, mode, status)
             for seq_len in spec["seq_lens"] for pattern in spec["patterns"] for mode in spec["modes"]]
 
 
@@ -58,20 +59,16 @@ def _peak_bytes(torch, call) -> int:
 
 def block_mask_from_layout(torch, BlockMask, pattern, seq_len: int, device: str = "cuda"):
     """FlexAttention's BlockMask holding our layout's tiles, [1, 1, query tiles, key tiles] lists."""
-    lists = block_layout(pattern, seq_len, FLEX_TILE, FLEX_TILE).forward
-    width = -(-seq_len // FLEX_TILE)
+    layout = block_layout(pattern, seq_len, FLEX_TILE, FLEX_TILE)
+    full, num_full, partial, num_partial = layout.forward.padded
 
-    def tiles(offsets, indices):
-        counts = np.diff(offsets)
-        table = np.zeros((len(counts), width), np.int32)
-        columns = np.arange(len(indices)) - np.repeat(offsets[:-1], counts)
-        table[np.repeat(np.arange(len(counts)), counts), columns] = indices
-        return (torch.as_tensor(counts.astype(np.int32), device=device)[None, None],
-                torch.as_tensor(table, device=device)[None, None])
+    def on_device(x):
+        # FlexAttention transposes the lists through a [rows, width] table, so a row is as wide as the keys.
+        if x.ndim == 2:
+            x = np.pad(x, ((0, 0), (0, layout.num_k_tiles - x.shape[1])))
+        return torch.as_tensor(x, device=device)[None, None]
 
-    partial_counts, partial = tiles(lists.partial_offsets, lists.partial_indices)
-    full_counts, full = tiles(lists.full_offsets, lists.full_indices)
-    return BlockMask.from_kv_blocks(partial_counts, partial, full_counts, full, BLOCK_SIZE=FLEX_TILE,
+    return BlockMask.from_kv_blocks(*map(on_device, (num_partial, partial, num_full, full)), BLOCK_SIZE=FLEX_TILE,
                                     mask_mod=lambda b, h, q, k: pattern.mask(q, k), seq_lengths=(seq_len, seq_len))
 
 
@@ -103,9 +100,9 @@ def run(spec: dict) -> list[dict]:
         import torch
         from torch.nn.attention.flex_attention import BlockMask, flex_attention
     except ImportError as error:
-        return unavailable_rows(spec, f"PyTorch FlexAttention is not importable ({error})")
+        return rows_saying(spec, f"unsupported: PyTorch FlexAttention is not importable ({error})")
     if not torch.cuda.is_available():
-        return unavailable_rows(spec, "FlexAttention is timed on a CUDA device only")
+        return rows_saying(spec, "unsupported: FlexAttention is timed on a CUDA device only")
     # Every (pattern, length, mode) compiles its own kernel; the default limit would fall back to eager.
     for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
         if hasattr(torch._dynamo.config, name):

@@ -327,7 +327,8 @@ def variable_tracking(model: DecoderLM, config: ExperimentConfig, seq_len: int, 
         tuning.append({"depth": depth, "steps": options.tracking_steps, **_loss_summary(losses)})
     fraction, longest = [], {}
     for depth in range(1, layers + 1):
-        hit = reachability.reachable(config.attention.layers, seq_len, depth, held_out.queries[:, 0], held_out.keys[:, 0])
+        hit = reachability.reachable(config.attention.layers, seq_len, depth, held_out.queries[:, 0],
+                                     held_out.keys[:, 0])
         per_length = hit.reshape(len(lengths), options.eval_samples).mean(axis=1)
         fraction.append(per_length.tolist())
         always = [h for h, f in zip(lengths, per_length) if f == 1.0]

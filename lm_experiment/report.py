@@ -347,8 +347,8 @@ def _block_offset_lines(results: dict) -> list[str]:
              "Bits per byte of the first max(1, B / 8) offsets of each block (\"block start\") and of the rest, on the "
              "run's own block grid and on the grid shifted by B / 2 (the control: a boundary effect shows on the own "
              "grid only). Runs without blocks use the reference grid. \"start - rest\" is their difference with a "
-             "paired interval: the documents are resampled once for both, so that how hard a document is cancels (\"–\" in "
-             "results written before it existed).", ""]
+             "paired interval: the documents are resampled once for both, so that how hard a document is cancels "
+             "(\"–\" in results written before it existed).", ""]
     for eval_set in results["settings"]["eval_sets"]:
         length = training_length_shown(results, eval_set)
         rows = []

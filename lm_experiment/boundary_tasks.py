@@ -99,6 +99,7 @@ class BoundaryTaskConfig:
     num_heads: int
     mlp_hidden: int
     compute_dtype: str
+    shared_layers: bool
     batch: int
     learning_rate: float
     warmup_steps: int
@@ -120,7 +121,7 @@ class BoundaryTaskConfig:
             "sequence": ("seq_len", "block_size", "symbols"),
             "copy": ("distances", "phases", "steps"),
             "hops": ("hops", "crossings", "chains", "steps", "curriculum"),
-            "model": ("d_model", "num_heads", "mlp_hidden", "compute_dtype"),
+            "model": ("d_model", "num_heads", "mlp_hidden", "compute_dtype", "shared_layers"),
             "train": ("batch", "learning_rate", "warmup_steps", "log_every"),
             "eval": ("samples_per_cell", "accuracy_bar", "confidence", "batch"),
         }
@@ -137,7 +138,8 @@ class BoundaryTaskConfig:
             crossings=tuple(c["hops"]["crossings"]), chains=c["hops"]["chains"], hops_steps=c["hops"]["steps"],
             hops_curriculum=c["hops"]["curriculum"],
             d_model=c["model"]["d_model"], num_heads=c["model"]["num_heads"],
-            mlp_hidden=c["model"]["mlp_hidden"], compute_dtype=c["model"]["compute_dtype"], batch=c["train"]["batch"],
+            mlp_hidden=c["model"]["mlp_hidden"], compute_dtype=c["model"]["compute_dtype"],
+            shared_layers=c["model"]["shared_layers"], batch=c["train"]["batch"],
             learning_rate=c["train"]["learning_rate"], warmup_steps=c["train"]["warmup_steps"],
             log_every=c["train"]["log_every"], samples_per_cell=c["eval"]["samples_per_cell"],
             accuracy_bar=c["eval"]["accuracy_bar"], confidence=c["eval"]["confidence"],
@@ -174,6 +176,8 @@ class BoundaryTaskConfig:
         _check_ints("hops.chains", self.chains, minimum=2)
         if not isinstance(self.hops_curriculum, bool):
             _fail("hops.curriculum", f"must be True or False, got {self.hops_curriculum!r}")
+        if not isinstance(self.shared_layers, bool):
+            _fail("model.shared_layers", f"must be True or False, got {self.shared_layers!r}")
         if self.d_model % self.num_heads or (self.d_model // self.num_heads) % 2:
             _fail("model.num_heads", f"must divide d_model={self.d_model} into an even head_dim, got {self.num_heads}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -189,8 +193,10 @@ class BoundaryTaskConfig:
         return self.copy_steps if task == "copy" else self.hops_steps
 
     def model_config(self, depth: int) -> ModelConfig:
-        return ModelConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, num_layers=depth, num_heads=self.num_heads,
-                           num_kv_heads=self.num_heads, mlp_hidden=self.mlp_hidden, tie_embeddings=False,
+        """The decoder of one model at `depth`; with shared_layers it has one block, applied depth times."""
+        return ModelConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, num_layers=1 if self.shared_layers else depth,
+                           num_heads=self.num_heads, num_kv_heads=self.num_heads, mlp_hidden=self.mlp_hidden,
+                           tie_embeddings=False,
                            remat=False, rope_base=10000.0, compute_dtype=self.compute_dtype, param_dtype="float32")
 
     def make_task(self, task: str) -> "CopyTask | HopTask":
@@ -386,6 +392,7 @@ class PatternModels:
     def __init__(self, config: BoundaryTaskConfig, specs: Sequence[str], depth: int, steps: int):
         self.config, self.specs = config, tuple(specs)
         model_config = config.model_config(depth)
+        self.repeats = depth // model_config.num_layers
         attention = AttentionConfig(pattern="dense", schedule=(), impl="reference", interpret=False)
         abstract = nnx.eval_shape(lambda: DecoderLM(model_config, attention, rngs=nnx.Rngs(0)))
         self.graphdef, _ = nnx.split(abstract, nnx.Param)
@@ -408,7 +415,7 @@ class PatternModels:
         self.parameters = int(sum(x[0].size for x in jax.tree.leaves(self.params)))
 
     def _value_logits(self, params, masks, tokens):
-        logits = nnx.merge(self.graphdef, params)(tokens, masks)  # [batch, seq, vocab]
+        logits = nnx.merge(self.graphdef, params)(tokens, masks, self.repeats)  # [batch, seq, vocab]
         return logits[..., VALUE:VALUE + self.config.symbols]
 
     def _loss(self, params, masks, tokens, targets, weights):

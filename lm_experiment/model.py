@@ -203,10 +203,15 @@ class DecoderLM(nnx.Module):
         rows = jnp.take(self.embed.embedding[...], tokens, axis=0).astype(self.model_config.compute_jnp_dtype)
         return rows.astype(jnp.float32) * math.sqrt(self.model_config.d_model)
 
-    def logits_from_embeddings(self, x, masks=None):
-        """Residual stream input x [batch, seq, d_model] -> logits float32 [batch, seq, vocab_size]."""
+    def logits_from_embeddings(self, x, masks=None, repeats: int = 1):
+        """Residual stream input x [batch, seq, d_model] -> logits float32 [batch, seq, vocab_size].
+
+        repeats > 1 runs the stack of blocks that many times with the same weights (a looped model of depth
+        repeats * num_layers); masks, when given, then holds one mask per block application.
+        """
         apply_block = _apply_block_remat if self.model_config.remat else _apply_block
-        for index, block in enumerate(self.blocks):
+        applications = [block for _ in range(repeats) for block in self.blocks]
+        for index, block in enumerate(applications):
             x = apply_block(block, x, None if masks is None else masks[index])
         h = self.final_norm(x)
         if self.lm_head is not None:
@@ -218,8 +223,8 @@ class DecoderLM(nnx.Module):
         )
         return logits / math.sqrt(self.model_config.d_model)
 
-    def __call__(self, tokens, masks=None):
-        return self.logits_from_embeddings(self.embed_tokens(tokens), masks)
+    def __call__(self, tokens, masks=None, repeats: int = 1):
+        return self.logits_from_embeddings(self.embed_tokens(tokens), masks, repeats)
 
 
 def attention_impl_summary(model_or_configs, seq_len: int) -> str:

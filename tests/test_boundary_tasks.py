@@ -22,7 +22,7 @@ def tiny_config(**changes) -> ml_collections.ConfigDict:
     config.sequence = dict(seq_len=64, block_size=8, symbols=8)
     config.copy = dict(distances=(1, 2, 4, 7, 8, 9, 16, 40), phases=(0, 1, 7), steps=400)
     config.hops = dict(hops=(1, 2), crossings=(0, 1), chains=2, steps=40, curriculum=False)
-    config.model = dict(d_model=32, num_heads=2, mlp_hidden=64, compute_dtype="float32")
+    config.model = dict(d_model=32, num_heads=2, mlp_hidden=64, compute_dtype="float32", shared_layers=False)
     config.train = dict(batch=32, learning_rate=3e-3, warmup_steps=20, log_every=100)
     config.eval = dict(samples_per_cell=48, accuracy_bar=0.9, confidence=0.95, batch=128)
     for key, value in changes.items():

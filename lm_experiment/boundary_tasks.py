@@ -448,13 +448,19 @@ class PatternModels:
 
     def train(self, task, steps: int, rng: np.random.Generator, label: str) -> list[dict]:
         """`steps` updates on fresh batches; returns the loss curve (mean of each pattern over log_every steps)."""
+
+        def batches(first: int, count: int) -> list[np.ndarray]:
+            drawn = [task.training_batch(rng, self.config.batch, (first + i) / steps) for i in range(count)]
+            return [np.stack([getattr(b, field) for b in drawn]) for field in ("tokens", "targets", "weights")]
+
         curve, done, started = [], 0, time.perf_counter()
+        upcoming = batches(0, min(self.config.log_every, steps))
         while done < steps:
-            chunk = min(self.config.log_every, steps - done)
-            batches = [task.training_batch(rng, self.config.batch, (done + i) / steps) for i in range(chunk)]
-            stacked = [np.stack([getattr(b, field) for b in batches]) for field in ("tokens", "targets", "weights")]
-            self.params, self.opt_state, losses = self._train(self.params, self.opt_state, self.masks, *stacked)
+            chunk = len(upcoming[0])
+            self.params, self.opt_state, losses = self._train(self.params, self.opt_state, self.masks, *upcoming)
             done += chunk
+            # Drawn while the device runs the chunk just dispatched (in the same order as before).
+            upcoming = batches(done, min(self.config.log_every, steps - done)) if done < steps else None
             losses = np.asarray(losses).tolist()
             curve.append({"step": done, "loss": dict(zip(self.specs, losses))})
             log.info("%s step %d/%d (%.0f s): loss %s", label, done, steps, time.perf_counter() - started,

@@ -59,10 +59,14 @@ def test_bad_settings_name_the_field(changes, message):
             config.make_task(task)
 
 
-def test_unknown_and_missing_keys_are_refused():
+def test_unknown_missing_and_mistyped_keys_are_refused():
     config = tiny_config()
     config.train.momentum = 0.9
     with pytest.raises(ValueError, match="train.momentum: unknown or missing key"):
+        BoundaryTaskConfig.from_config_dict(config)
+    config = tiny_config().to_dict()
+    config["model"]["shared_layers"] = 1
+    with pytest.raises(ValueError, match="model.shared_layers: must be True or False, got 1"):
         BoundaryTaskConfig.from_config_dict(config)
     config = tiny_config().to_dict()
     del config["seed"]
@@ -175,6 +179,44 @@ def test_chance_check_is_family_wise_over_the_task():
     assert rows[1]["cells"][1]["unreachable"]["at_chance"] is False
 
 
+def test_shared_layers_train_one_block_applied_depth_times():
+    config = BoundaryTaskConfig.from_config_dict(tiny_config(**{"model.shared_layers": True}))
+    assert config.model_config(4).num_layers == 1
+    looped = boundary_tasks.PatternModels(config, ("dense",), depth=4, steps=10)
+    unshared = boundary_tasks.PatternModels(
+        BoundaryTaskConfig.from_config_dict(tiny_config()), ("dense",), depth=4, steps=10)
+    assert looped.repeats == 4 and unshared.repeats == 1
+    blocks = {"looped": looped.params["blocks"], "unshared": unshared.params["blocks"]}
+    assert len(blocks["looped"]) == 1 and len(blocks["unshared"]) == 4
+    assert looped.parameters < unshared.parameters
+
+
+def test_hop_bars_count_only_cells_within_depth():
+    """A chain of h links needs h + 1 layers: a depth-2 model is held to its one-hop cells only, a depth-3 one
+    to two hops as well; the chance bar counts every unreachable cell."""
+    def part(accuracy, n=200):
+        return {"accuracy": accuracy, "n": n, "correct": round(accuracy * n), "at_chance": True}
+
+    def row(depth, two_hop_accuracy, pattern="dense"):
+        cells = [{"hops": 1, "crossings": 0, "reachable": part(1.0), "unreachable": part(0, n=0)},
+                 {"hops": 2, "crossings": 0, "reachable": part(two_hop_accuracy), "unreachable": part(0, n=0)}]
+        return {"task": "hops", "pattern": pattern, "depth": depth, "cells": cells}
+
+    def bars(rows):
+        return [check["holds"] for check in boundary_tasks.bar_checks({"config": {"accuracy_bar": 0.9},
+                                                                       "results": rows})]
+
+    assert bars([row(2, 0.3)]) == [True, True, True]
+    assert bars([row(3, 0.3)]) == [False, True, False]
+    assert boundary_tasks.agreement_within_depth(row(2, 0.3), 0.9) == 1.0
+    assert boundary_tasks.agreement_within_depth(row(3, 0.3), 0.9) == 0.5
+    assert boundary_tasks.agreement_within_depth(row(1, 0.3), 0.9) is None
+    off_chance = row(2, 0.3, pattern="block(8)")
+    off_chance["cells"][1]["unreachable"] = {**part(0.3), "at_chance": False}
+    checks = boundary_tasks.bar_checks({"config": {"accuracy_bar": 0.9}, "results": [row(2, 0.3), off_chance]})
+    assert not checks[1]["holds"] and "block(8) depth 2 h=2 e=0" in checks[1]["detail"]
+
+
 @pytest.fixture(scope="module")
 def tiny_results():
     return boundary_tasks.run(BoundaryTaskConfig.from_config_dict(tiny_config()))
@@ -206,7 +248,7 @@ def test_outputs_and_summary_rows(tiny_results, tmp_path):
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| dense reaches >= 0.95 on every cell | yes |" in report
     text = boundary_report.summary_text(tiny_results).splitlines()
-    assert text[0].startswith("holds: dense reaches >= 0.95") and len(text) == 3 + 1 + 2
+    assert text[0].startswith("holds: copy: dense reaches >= 0.95") and len(text) == 3 + 1 + 2
     assert text[-1].split()[:4] == ["copy", "block(8)", "1", "1.000"]
     with pytest.raises(ValueError, match="exists and is not a folder"):
         boundary_report.check_out_dir(tmp_path / "out" / "report.md")

@@ -133,6 +133,24 @@ def test_masks_replace_the_layers_patterns(spec):
     assert not np.allclose(dense(tokens), built(tokens), atol=1e-3)
 
 
+def test_repeats_apply_the_same_blocks_again():
+    """repeats=3 on a one-block model is that block applied three times (a looped model of depth 3), each
+    application with its own mask."""
+    model_config = dataclasses.replace(SMALL_MODEL, num_layers=1)
+    model = DecoderLM(model_config, attention_config(impl="reference"), rngs=nnx.Rngs(4))
+    seq_len = 16
+    positions = np.arange(seq_len)
+    masks = jnp.stack([as_schedule(spec).layer(0).mask(positions[:, None], positions[None, :])
+                       for spec in ("block(4)", "window(3)", "dense")])
+    tokens = jax.random.randint(jax.random.key(5), (2, seq_len), 0, 256)
+    x = model.embed_tokens(tokens)
+    for mask in masks:
+        x = model.blocks[0](x, mask)
+    expected = model.lm_head(model.final_norm(x))
+    np.testing.assert_allclose(model(tokens, masks, repeats=3), expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(model(tokens, masks[:1]), expected, atol=1e-3)
+
+
 def test_gqa_and_tied_embedding_shapes():
     for tie in (False, True):
         model_config = dataclasses.replace(SMALL_MODEL, num_heads=8, num_kv_heads=2, tie_embeddings=tie)

@@ -4,9 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sparse_attention.kernels import common
 from sparse_attention.kernels.common import KernelStatic
+from sparse_attention.layout import TileLists
 from sparse_attention.patterns import parse
 
 
@@ -81,3 +84,51 @@ def test_check_block_fields_names_the_field_and_its_rule():
                             (dict(stages=5), "Tiles.stages must be 1 to 4, got 5")]:
         with pytest.raises(ValueError, match=f"^{message}$"):
             Tiles(**fields)
+
+
+def _csr(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    return offsets, np.array([t for r in rows for t in r], np.int32)
+
+
+def _tile_rows(runs: bool):
+    """Strategy: one row's tiles, sorted and distinct; with `runs`, consecutive (first, first + 1, ...)."""
+    if runs:
+        return st.builds(lambda first, n: list(range(first, first + n)), st.integers(0, 20), st.integers(0, 6))
+    return st.lists(st.integers(0, 40), max_size=6, unique=True).map(sorted)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.booleans(), st.booleans(), st.data())
+def test_row_plan_walks_every_row_heaviest_first(full_runs, partial_runs, data):
+    """Walking a RowPlan (each list as first + j when contiguous, else as listed) and walking its `steps`
+    both give back every row's FULL and then PARTIAL tiles; rows come in order of work."""
+    num_rows = data.draw(st.integers(1, 8))
+    full_rows = [data.draw(_tile_rows(full_runs)) for _ in range(num_rows)]
+    partial_rows = [data.draw(_tile_rows(partial_runs)) for _ in range(num_rows)]
+    tile, sub = data.draw(st.sampled_from([(64, 64), (128, 32)]))
+    plan = common.row_plan(TileLists(*_csr(full_rows), *_csr(partial_rows)), tile, sub)
+
+    def walk(tiles, count, consecutive):
+        return [int(tiles[0]) + j if consecutive else int(tiles[j]) for j in range(count)]
+
+    tiles, counts = plan.steps
+    assert sorted(plan.rows.tolist()) == list(range(num_rows))
+    work = [len(full_rows[r]) * tile + len(partial_rows[r]) * sub for r in plan.rows]
+    assert work == sorted(work, reverse=True)
+    for program, row in enumerate(plan.rows):
+        full = walk(plan.full[program], plan.num_full[program], plan.contiguous[0])
+        partial = walk(plan.partial[program], plan.num_partial[program], plan.contiguous[1])
+        assert (full, partial) == (full_rows[row], partial_rows[row])
+        num_full, num_steps = counts[program]
+        if all(plan.contiguous):
+            steps = [int(tiles[program, 0]) + i if i < num_full else int(tiles[program, 1]) + i - num_full
+                     for i in range(num_steps)]
+        else:
+            steps = tiles[program, :num_steps].tolist()
+        assert steps == full_rows[row] + partial_rows[row]
+    # Runs of consecutive tiles are stored as first tiles only: O(rows), whatever the rows' lengths.
+    for runs, consecutive, stored in ((full_runs, plan.contiguous[0], plan.full),
+                                      (partial_runs, plan.contiguous[1], plan.partial)):
+        if runs:
+            assert consecutive and stored.shape == (num_rows, 1)

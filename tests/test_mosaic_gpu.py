@@ -124,8 +124,8 @@ def plan_kinds(spec, seq_len, sizes: mosaic_gpu.BlockSizes) -> tuple[bool, bool]
     plans = [mosaic_gpu.step_plan(pattern, seq_len, *sizes.forward_tile, False),
              mosaic_gpu.step_plan(pattern, seq_len, *sizes.dq_tile, False),
              mosaic_gpu.step_plan(pattern, seq_len, *sizes.dkdv_tile, True)]
-    has_full = all(plan.counts[:, 0].sum() > 0 for plan in plans)
-    has_partial = all((plan.counts[:, 1] > plan.counts[:, 0]).any() for plan in plans)
+    has_full = all(plan.num_full.sum() > 0 for plan in plans)
+    has_partial = all(plan.num_partial.any() for plan in plans)
     return bool(has_full), bool(has_partial)
 
 
@@ -246,18 +246,19 @@ def test_hardware_path_lowers_for_sm90():
 def test_step_plan_lists_full_then_partial_tiles_covering_each_pair_once(spec, by_key):
     pattern, seq_len, tile_q, tile_k = parse(spec), 300, 128, 64
     plan = mosaic_gpu.step_plan(pattern, seq_len, tile_q, tile_k, by_key)
+    tiles, counts = plan.steps
     row_tile, col_tile = (tile_k, tile_q) if by_key else (tile_q, tile_k)
     padded = -(-seq_len // 128) * 128
     covered = np.zeros((padded, padded), np.int32)  # [row position, column position] in the plan's frame
     full_only = np.zeros_like(covered, dtype=bool)
     for block, row in enumerate(plan.rows):
         rows = slice(row * row_tile, (row + 1) * row_tile)
-        num_full, num_steps = plan.counts[block]
-        if plan.contiguous:
-            first_full, first_partial = plan.tiles[block]
+        num_full, num_steps = counts[block]
+        if all(plan.contiguous):
+            first_full, first_partial = tiles[block]
             steps = np.concatenate([first_full + np.arange(num_full), first_partial + np.arange(num_steps - num_full)])
         else:
-            steps = plan.tiles[block, :num_steps]
+            steps = tiles[block, :num_steps]
         for step, col in enumerate(steps):
             covered[rows, col * col_tile : (col + 1) * col_tile] += 1
             if step < num_full:
@@ -267,7 +268,7 @@ def test_step_plan_lists_full_then_partial_tiles_covering_each_pair_once(spec, b
 
 def test_pattern_cases_walk_both_plan_forms():
     """Some kernel case below has contiguous plans (first tiles only) and some explicit tile lists."""
-    forms = {mosaic_gpu.step_plan(parse(spec), seq_len, *tile, by_key).contiguous
+    forms = {all(mosaic_gpu.step_plan(parse(spec), seq_len, *tile, by_key).contiguous)
              for spec, seq_len, *_ in PATTERN_CASES
              for tile, by_key in ((SMALL.forward_tile, False), (SMALL.dq_tile, False), (SMALL.dkdv_tile, True))}
     assert forms == {False, True}
@@ -277,16 +278,17 @@ def test_pattern_cases_walk_both_plan_forms():
 def test_dense_plan_at_one_million_tokens_stores_first_tiles_only(by_key):
     seq_len, tile_q, tile_k = 1 << 20, 128, 64
     plan = mosaic_gpu.step_plan(parse("dense"), seq_len, tile_q, tile_k, by_key)
-    assert plan.contiguous and plan.tiles.shape == (len(plan.rows), 2)
+    tiles, counts = plan.steps
+    assert all(plan.contiguous) and tiles.shape == (len(plan.rows), 2)
     # Heaviest row first: the last query tile sees every key tile (the diagonal's two are partial); the
     # first key tile is seen by every query tile (the diagonal one partially).
     if by_key:
-        assert plan.rows[0] == 0 and list(plan.counts[0]) == [seq_len // tile_q - 1, seq_len // tile_q]
-        assert list(plan.tiles[0]) == [1, 0]
+        assert plan.rows[0] == 0 and list(counts[0]) == [seq_len // tile_q - 1, seq_len // tile_q]
+        assert list(tiles[0]) == [1, 0]
     else:
         assert plan.rows[0] == seq_len // tile_q - 1
-        assert list(plan.counts[0]) == [seq_len // tile_k - 2, seq_len // tile_k]
-        assert list(plan.tiles[0]) == [0, seq_len // tile_k - 2]
+        assert list(counts[0]) == [seq_len // tile_k - 2, seq_len // tile_k]
+        assert list(tiles[0]) == [0, seq_len // tile_k - 2]
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 (Mosaic GPU, Hopper) and `mosaic_tpu` (Mosaic TPU).
 
   KernelStatic          everything a backend's kernels specialise on (a custom_vjp static argument)
+  RowPlan, row_plan     what each program of a GPU kernel walks: its row tile and that row's FULL and
+                        PARTIAL column tiles, from a layout's CSR lists, heaviest rows first
   LOG2_E, ROW_MAX_INIT  the constants of the base-2 online softmax
   padded_flash          the custom-VJP wrapper: pad q, k, v to the kernels' multiple, run the forward and
                         backward kernels, slice the padding off
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sparse_attention.layout import TileLists, pad_rows
 from sparse_attention.patterns import Pattern
 
 LOG2_E = math.log2(math.e)
@@ -42,6 +45,82 @@ class KernelStatic:
     scale: float
     interpret: Any
     block_sizes: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class RowPlan:
+    """What each program of a GPU kernel walks, one entry per program in launch order (most work first).
+
+    rows:        int32 [programs]; the row tile of program i (a query tile for forward and dq, a key tile
+                 for dk/dv)
+    full:        int32 [programs, width]; its FULL column tiles
+    num_full:    int32 [programs]
+    partial:     int32 [programs, width]; its PARTIAL column tiles, or their non-empty sub-tiles (in units
+                 of the sub-tile) where the backend splits them
+    num_partial: int32 [programs]
+    contiguous:  (full, partial), static: whether each list holds consecutive tiles in every row. Such a
+                 list stores only each row's first tile (width 1) and is walked as first + j; any other
+                 list is explicit, padded by repeating its row's last entry (0 for an empty row). As
+                 explicit lists, the plans of dense causal attention at 1M tokens are 1.25-1.75 GiB of int32
+                 kernel inputs.
+
+    Indexing everything by program id (not by row) lets a program issue its loads of the row id, the counts
+    and the first tile index at once instead of one after another.
+    """
+
+    rows: np.ndarray
+    full: np.ndarray
+    num_full: np.ndarray
+    partial: np.ndarray
+    num_partial: np.ndarray
+    contiguous: tuple[bool, bool]
+
+    @property
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        return self.rows, self.full, self.num_full, self.partial, self.num_partial
+
+    @functools.cached_property
+    def steps(self) -> tuple[np.ndarray, np.ndarray]:
+        """(tiles, counts) for a kernel that walks each program's FULL and then PARTIAL tiles as one
+        sequence of steps. counts: int32 [programs, 2], (num_full, num_full + num_partial). tiles: when
+        both lists are contiguous, int32 [programs, 2], the first FULL and first PARTIAL tile (step i is
+        tiles[p, 0] + i for i < num_full, else tiles[p, 1] + i - num_full); otherwise int32
+        [programs, width], every step's tile, padded by repetition."""
+        num_full, num_partial = self.num_full.astype(np.int64), self.num_partial.astype(np.int64)
+        counts = np.stack([num_full, num_full + num_partial], axis=1).astype(np.int32)
+        if all(self.contiguous):
+            return np.concatenate([self.full, self.partial], axis=1), counts
+        full, partial = (_explicit(tiles, count) if consecutive else tiles
+                         for tiles, count, consecutive in ((self.full, num_full, self.contiguous[0]),
+                                                           (self.partial, num_partial, self.contiguous[1])))
+        width = max(1, int(counts[:, 1].max(initial=0)))
+        column = np.arange(width)[None, :]
+        from_full = np.take_along_axis(full, np.minimum(column, full.shape[1] - 1), axis=1)
+        from_partial = np.take_along_axis(partial, np.clip(column - num_full[:, None], 0, partial.shape[1] - 1),
+                                          axis=1)
+        return np.where(column < num_full[:, None], from_full, from_partial).astype(np.int32), counts
+
+
+def _explicit(first: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """A contiguous list ([rows, 1] first tiles) written out as `pad_rows` writes an explicit one."""
+    width = max(int(count.max(initial=0)), 1)
+    return (first + np.maximum(np.minimum(np.arange(width)[None, :], count[:, None] - 1), 0)).astype(np.int32)
+
+
+def row_plan(lists: TileLists, tile: int, sub: int) -> RowPlan:
+    """The plan of one kernel from a layout's CSR lists whose FULL tiles are `tile` positions wide and whose
+    PARTIAL entries are `sub` wide (sub-tiles, or whole tiles with sub = tile). Rows that walk the most
+    positions launch first, so the longest programs do not start last."""
+    (first_full, first_partial), (full_consecutive, partial_consecutive) = lists.first_tiles, lists.contiguous
+    # A consecutive list keeps only each row's first tile: padding it would be O(rows x tiles) for dense rows.
+    full = first_full[:, None] if full_consecutive else pad_rows(lists.full_offsets, lists.full_indices)[0]
+    partial = (first_partial[:, None] if partial_consecutive
+               else pad_rows(lists.partial_offsets, lists.partial_indices)[0])
+    num_full, num_partial = lists.num_full, lists.num_partial
+    work = num_full.astype(np.int64) * tile + num_partial.astype(np.int64) * sub
+    order = np.argsort(-work, kind="stable")
+    return RowPlan(order.astype(np.int32), full[order], num_full[order], partial[order], num_partial[order],
+                   lists.contiguous)
 
 
 def padded_length(seq_len: int, multiple: int) -> int:

@@ -38,14 +38,13 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, check_block_fields,
+from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, RowPlan, check_block_fields,
                                             checked_block_sizes, cuda_capability_reason, dtype_reason, padded_flash,
-                                            refuse_unsupported)
+                                            refuse_unsupported, row_plan)
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import Pattern, as_pattern
 
@@ -127,58 +126,22 @@ class BlockSizes:
         return math.lcm(*self.forward_tile, *self.dq_tile, *self.dkdv_tile)
 
 
-# ------------------------------------------------------------------------------------------- step plans
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class StepPlan:
-    """What each thread block walks, one entry per block in launch order (heaviest rows first).
-
-    rows:       int32 [blocks]; the row tile block i owns
-    tiles:      int32 [blocks, width]; its FULL tiles, then its PARTIAL tiles (padded by repetition)
-    counts:     int32 [blocks, 2]; (number of FULL tiles, number of FULL + PARTIAL tiles)
-    contiguous: static; whether every block's FULL tiles are consecutive, and its PARTIAL ones too (dense,
-                block, repair). Then `tiles` holds only the first of each, [blocks, 2], and step i is tile
-                tiles[block, 0] + i for i < num_full, else tiles[block, 1] + i - num_full. As explicit
-                lists, the plans of dense causal attention at 1M tokens are 1.25 GiB of int32 kernel inputs.
-    """
-
-    rows: np.ndarray
-    tiles: np.ndarray
-    counts: np.ndarray
-    contiguous: bool
-
-    @property
-    def arrays(self) -> tuple[np.ndarray, ...]:
-        return self.rows, self.tiles, self.counts
+# ------------------------------------------------------------------------------------------------ plans
 
 
 @functools.lru_cache(maxsize=128)
-def step_plan(pattern: Pattern, seq_len: int, block_q: int, block_k: int, by_key: bool) -> StepPlan:
+def step_plan(pattern: Pattern, seq_len: int, block_q: int, block_k: int, by_key: bool) -> RowPlan:
     """The plan of the forward/dq pass (by_key=False: rows are [block_q] query tiles over [block_k] key
     tiles) or of the dk/dv pass (by_key=True: rows are [block_k] key tiles over [block_q] query tiles),
-    from `block_layout` with whole tiles, rows with the most tiles first."""
+    from `block_layout` with whole tiles, rows with the most tiles first. The kernels walk each row's
+    tiles as one sequence of steps: they read `RowPlan.steps`."""
     layout = block_layout(pattern, seq_len, block_q, block_k)
-    lists = layout.backward if by_key else layout.forward
-    num_full, num_partial = lists.num_full.astype(np.int64), lists.num_partial.astype(np.int64)
-    contiguous = all(lists.contiguous)
-    if contiguous:  # skips `padded`, which is O(rows x tiles) for dense-like rows
-        tiles = np.stack(lists.first_tiles, axis=1)
-    else:
-        full, _, partial, _ = lists.padded
-        width = max(1, int((num_full + num_partial).max(initial=0)))
-        column = np.arange(width)[None, :]
-        from_full = np.take_along_axis(full, np.minimum(column, full.shape[1] - 1), axis=1)
-        from_partial = np.take_along_axis(partial, np.clip(column - num_full[:, None], 0, partial.shape[1] - 1),
-                                          axis=1)
-        tiles = np.where(column < num_full[:, None], from_full, from_partial).astype(np.int32)
-    counts = np.stack([num_full, num_full + num_partial], axis=1).astype(np.int32)
-    order = np.argsort(-counts[:, 1], kind="stable")
-    return StepPlan(order.astype(np.int32), tiles[order], counts[order], contiguous)
+    column_tile = block_q if by_key else block_k
+    return row_plan(layout.backward if by_key else layout.forward, column_tile, column_tile)
 
 
 def _step_tile(tiles_ref, program, step, num_full, contiguous: bool):
-    """The tile of one of the block's steps (see `StepPlan`)."""
+    """The tile of one of the block's steps (see `RowPlan.steps`)."""
     if not contiguous:
         return tiles_ref[program, step]
     return jnp.where(step < num_full, tiles_ref[program, 0] + step, tiles_ref[program, 1] + (step - num_full))
@@ -588,11 +551,11 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int):
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_q, block_k), q.dtype, swizzled=False)
     body = functools.partial(_forward_kernel, static=static, seq_len=seq_len, group=q_heads // k.shape[2],
-                             contiguous=plan.contiguous)
+                             contiguous=all(plan.contiguous))
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32))
     call = _kernel(body, out_type, scratch, grid=(len(plan.rows), q_heads, batch), static=static,
                    name="sparse_attention_forward", warpgroups=warpgroups)
-    return _varying_like(call(*plan.arrays, q, k, v), (q, k, v))
+    return _varying_like(call(plan.rows, *plan.steps, q, k, v), (q, k, v))
 
 
 def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int):
@@ -620,11 +583,12 @@ def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int):
     )
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_q, block_k), dtype, swizzled=False)
-    body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=group, contiguous=plan.contiguous)
+    body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=group,
+                             contiguous=all(plan.contiguous))
     inputs = (q, k, v, d_out, lse, delta)
     dq = _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=(len(plan.rows), q_heads, batch),
                  static=static, name="sparse_attention_dq", warpgroups=warpgroups)(
-        *plan.arrays, q, k, v, d_out, lse, delta)
+        plan.rows, *plan.steps, q, k, v, d_out, lse, delta)
 
     warpgroups, block_k, block_q, stages = (sizes.warpgroups_dkv, sizes.block_k_dkv, sizes.block_q_dkv,
                                             sizes.stages_dkv)
@@ -643,10 +607,10 @@ def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int):
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_k, block_q), dtype, swizzled=False)
     body = functools.partial(_dkdv_kernel, static=static, seq_len=seq_len, group=group,
-                             contiguous=plan.contiguous)
+                             contiguous=all(plan.contiguous))
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     dk, dv = _kernel(body, out_type, scratch, grid=(len(plan.rows), kv_heads, batch), static=static,
-                     name="sparse_attention_dkdv", warpgroups=warpgroups)(*plan.arrays, *inputs)
+                     name="sparse_attention_dkdv", warpgroups=warpgroups)(plan.rows, *plan.steps, *inputs)
     return _varying_like((dq, dk, dv), inputs)
 
 

@@ -33,10 +33,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, check_block_fields,
+from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, RowPlan, check_block_fields,
                                             checked_block_sizes, cuda_capability_reason, dtype_reason, padded_flash,
-                                            refuse_unsupported)
-from sparse_attention.layout import TileLists, block_layout, pad_rows
+                                            refuse_unsupported, row_plan)
+from sparse_attention.layout import TileLists, block_layout
 from sparse_attention.patterns import EMPTY, Pattern, TileGrid, as_pattern
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -119,37 +119,7 @@ class BlockSizes:
         return max(getattr(self, f.name) for f in dataclasses.fields(self) if f.name.startswith("block_"))
 
 
-# ------------------------------------------------------------------------------------------- tile plans
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class TilePlan:
-    """What one kernel walks, one entry per program in launch order (heaviest rows first).
-
-    rows:        int32 [programs]; the row tile program i handles
-    full:        int32 [programs, width]; its full tiles (units of the tile)
-    num_full:    int32 [programs]
-    partial:     int32 [programs, width]; the non-empty sub-tiles of its partial tiles (units of the sub-tile)
-    num_partial: int32 [programs]
-    contiguous:  (full, partial), static: whether each list holds consecutive tiles in every row. Such a
-                 list stores only each row's first tile (width 1) and is walked as first + j; any other list
-                 is explicit, padded by repetition. As explicit lists, the plans of dense causal attention
-                 at 1M tokens are 1.75 GiB of int32 kernel inputs (and a compile that does not finish).
-
-    Indexing everything by program id (not by row) lets a program issue its loads of the row id, the counts
-    and the first tile index at once instead of one after another.
-    """
-
-    rows: np.ndarray
-    full: np.ndarray
-    num_full: np.ndarray
-    partial: np.ndarray
-    num_partial: np.ndarray
-    contiguous: tuple[bool, bool]
-
-    @property
-    def arrays(self) -> tuple[np.ndarray, ...]:
-        return self.rows, self.full, self.num_full, self.partial, self.num_partial
+# ------------------------------------------------------------------------------------------------ plans
 
 
 def _split_partial(coarse: TileLists, pattern: Pattern, fine: TileGrid, ratio: int, by_key: bool) -> TileLists:
@@ -173,15 +143,9 @@ def _split_partial(coarse: TileLists, pattern: Pattern, fine: TileGrid, ratio: i
     return TileLists(coarse.full_offsets, coarse.full_indices, offsets, cols[nonempty].astype(np.int32))
 
 
-def _walked_list(offsets, indices, first, consecutive: bool) -> np.ndarray:
-    """int32 [rows, width] as a kernel reads one CSR list: each row's first tile alone when the tiles are
-    consecutive (padding them would be O(rows x tiles) for dense-like rows), else every tile, padded."""
-    return first[:, None] if consecutive else pad_rows(offsets, indices)[0]
-
-
 @functools.lru_cache(maxsize=128)
 def tile_plan(pattern: Pattern, seq_len: int, block_q: int, block_k: int, sub_block: int,
-              by_key: bool) -> TilePlan:
+              by_key: bool) -> RowPlan:
     """The plan of the forward/dq pass (by_key=False: rows are [block_q] query tiles, partial tiles split
     into [sub_block] key sub-tiles) or of the dk/dv pass (by_key=True: rows are [block_k] key tiles,
     partial tiles split into [sub_block] query sub-tiles)."""
@@ -194,14 +158,7 @@ def tile_plan(pattern: Pattern, seq_len: int, block_q: int, block_k: int, sub_bl
         fine = TileGrid(seq_len, block_q, sub_block)
         lists = _split_partial(layout.forward, pattern, fine, block_k // sub_block, by_key)
         tile, sub = block_k, sub_block
-    (first_full, first_partial), (full_consecutive, partial_consecutive) = lists.first_tiles, lists.contiguous
-    full = _walked_list(lists.full_offsets, lists.full_indices, first_full, full_consecutive)
-    partial = _walked_list(lists.partial_offsets, lists.partial_indices, first_partial, partial_consecutive)
-    num_full, num_partial = lists.num_full, lists.num_partial
-    work = num_full.astype(np.int64) * tile + num_partial.astype(np.int64) * sub
-    order = np.argsort(-work, kind="stable")
-    return TilePlan(order.astype(np.int32), full[order], num_full[order], partial[order], num_partial[order],
-                    lists.contiguous)
+    return row_plan(lists, tile, sub)
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -372,7 +329,7 @@ def _result(shape, dtype, *inputs) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=varying))
 
 
-def _plan_specs(plan: TilePlan):
+def _plan_specs(plan: RowPlan):
     """BlockSpecs handing each program the whole plan (tiny int32 arrays, read a scalar at a time)."""
     return [pl.BlockSpec(a.shape, lambda r, bh, n=a.ndim: (0,) * n) for a in plan.arrays]
 

@@ -27,6 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lm_experiment.measures import MEASURES, Interval, totals
+from lm_experiment.measures.block_offset import ByBlockOffset
+from lm_experiment.measures.by_position import ByPosition
+from lm_experiment.report_text import (common_lengths, interval_text, length_entries, number_text, table,
+                                       training_length_shown)
 from sparse_attention.atomic_io import atomic_open, write_json
 
 PLOTS = ("loss_vs_position.png", "loss_vs_block_offset.png", "loss_at_block_start.png", "edge_pair_recall.png",
@@ -72,52 +77,6 @@ def write_report(results: dict, out_dir: str | os.PathLike) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------------
-# Choosing what to show
-
-
-def _entries(model: dict, eval_set: str) -> dict[int, dict]:
-    return {entry["length"]: entry for entry in model["language_model"][eval_set]["lengths"]}
-
-
-def common_lengths(results: dict, eval_set: str) -> list[int]:
-    """Lengths every run was evaluated at on eval_set, ascending."""
-    sets = [set(_entries(model, eval_set)) for model in results["models"]]
-    return sorted(set.intersection(*sets))
-
-
-def training_length_shown(results: dict, eval_set: str) -> int:
-    """The length of the block-offset plot and table: the longest training length if every run was evaluated
-    there, else the longest common length at or below it, else the shortest common length."""
-    common = common_lengths(results, eval_set)
-    longest_train = max(model["training"]["seq_len"] for model in results["models"])
-    at_or_below = [length for length in common if length <= longest_train]
-    return at_or_below[-1] if at_or_below else common[0]
-
-
-def _interval_text(interval: dict | None, digits: int = 3) -> str:
-    if not interval or interval.get("mean") is None:
-        return "–"
-    mean = _number_text(interval["mean"], f".{digits}f")
-    if interval.get("low") is None:
-        return mean
-    return f"{mean} [{_number_text(interval['low'], f'.{digits}f')}, {_number_text(interval['high'], f'.{digits}f')}]"
-
-
-def _number_text(value, spec: str = ".3f") -> str:
-    """value formatted by spec; one that rounds to zero loses its sign ("-0.000" would claim a direction)."""
-    if value is None:
-        return "–"
-    text = format(value, spec)
-    return text.lstrip("+-") if float(text.replace(",", "")) == 0 else text
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines + [""]
-
-
-# --------------------------------------------------------------------------------------------------
 # report.md
 
 
@@ -137,11 +96,11 @@ def markdown(results: dict, plots: list[str]) -> str:
         training = m["training"]
         rows.append([m["label"], f"`{m['workdir']}`", str(m["step"]), f"`{m['trained_pattern']}`",
                      f"`{m['eval_pattern']}`", str(m["num_layers"]), f"{m['parameters']:,}",
-                     str(training["seq_len"]), _number_text(training["active_fraction"]),
-                     _number_text(training["tokens_per_sec"], ",.0f"),
-                     _number_text(None if training["final_loss_avg"] is None
+                     str(training["seq_len"]), number_text(training["active_fraction"]),
+                     number_text(training["tokens_per_sec"], ",.0f"),
+                     number_text(None if training["final_loss_avg"] is None
                                   else training["final_loss_avg"] / math.log(2))])
-    lines += _table(["run", "workdir", "step", "trained pattern", "eval pattern", "layers", "parameters",
+    lines += table(["run", "workdir", "step", "trained pattern", "eval pattern", "layers", "parameters",
                      "train length", "active fraction (trained pattern, train length)", "train tokens/s",
                      "final train loss (bits/byte)"], rows)
     lines += _settings_lines(settings)
@@ -149,27 +108,26 @@ def markdown(results: dict, plots: list[str]) -> str:
         lines += _merged_lines(results["merged_from"])
 
     lines += _paired_lines(results)
-    lines += bits_per_byte_tables(results).splitlines() + [""]
-    lines += _measure_tables(results, "perplexity", "Perplexity", "per-byte perplexity")
     lines += _skipped_lines(models)
 
     lengths = sorted({int(length) for m in models for length in m["active_fraction"]})
     lines += ["## Active-area fraction", "",
               "Attended (query, key) pairs over the C (C + 1) / 2 causal pairs, mean over layers, at each evaluated "
               "length (dense = 1).", ""]
-    lines += _table(["run", *(f"C={length}" for length in lengths)],
-                    [[m["label"], *(_number_text(m["active_fraction"].get(str(length))) for length in lengths)]
+    lines += table(["run", *(f"C={length}" for length in lengths)],
+                    [[m["label"], *(number_text(m["active_fraction"].get(str(length))) for length in lengths)]
                      for m in models])
 
-    lines += _ablation_lines(results)
-    lines += _block_offset_lines(results)
+    for measure in MEASURES:
+        if measure.report is not None:
+            lines += measure.report(results)
     if all("diagnostics" in m for m in models):
         lines += _diagnostics_lines(results)
     lines += _reachability_lines(results)
     lines += ["## Timing", ""]
     seconds = "eval seconds (incl. diagnostics)" if any("diagnostics" in m for m in models) else "eval seconds"
-    lines += _table(["run", seconds, "scoring tokens/s", "compile seconds"],
-                    [[m["label"], f"{m['eval_seconds']:.0f}", _number_text(m["eval_tokens_per_sec"], ",.0f"),
+    lines += table(["run", seconds, "scoring tokens/s", "compile seconds"],
+                    [[m["label"], f"{m['eval_seconds']:.0f}", number_text(m["eval_tokens_per_sec"], ",.0f"),
                       f"{m['compile_seconds']:.1f}"] for m in models])
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
@@ -178,21 +136,7 @@ def markdown(results: dict, plots: list[str]) -> str:
 
 def bits_per_byte_tables(results: dict) -> str:
     """The report's bits-per-byte section (markdown), one table per eval set."""
-    return "\n".join(_measure_tables(results, "bits_per_byte", "Bits per byte", "bits per byte"))
-
-
-def _measure_tables(results: dict, measure: str, title: str, unit: str) -> list[str]:
-    models = results["models"]
-    lines = [f"## {title}", "",
-             f"{unit.capitalize()}, token-weighted over all predicted tokens, with 95 % bootstrap intervals over "
-             "documents; C is the context length (window).", ""]
-    for eval_set in results["settings"]["eval_sets"]:
-        lengths = sorted({length for m in models for length in _entries(m, eval_set)})
-        rows = [[m["label"], *(_interval_text(_entries(m, eval_set)[length][measure])
-                               if length in _entries(m, eval_set) else "skipped" for length in lengths)]
-                for m in models]
-        lines += [f"### {eval_set}", ""] + _table(["run", *(f"C={length}" for length in lengths)], rows)
-    return lines
+    return "\n".join(totals.unit_tables(results, "bits_per_byte", "Bits per byte", "bits per byte"))
 
 
 def _settings_lines(settings: dict) -> list[str]:
@@ -246,8 +190,8 @@ def _seed_matched_text(entry: dict | None) -> str:
         return "–"
     parts = []
     for key in ("overall", "block_start"):
-        per_seed = ", ".join(_number_text(value, "+.3f") for value in matched[key]["per_seed"])
-        parts.append(f"{_interval_text(matched[key])} ({per_seed})")
+        per_seed = ", ".join(number_text(value, "+.3f") for value in matched[key]["per_seed"])
+        parts.append(f"{interval_text(Interval.from_json(matched[key]))} ({per_seed})")
     return " / ".join(parts)
 
 
@@ -279,21 +223,21 @@ def _paired_lines(results: dict) -> list[str]:
             first = next(entry for entry in found if entry is not None)
             name = (f"{variant} − {baseline} ({len(first['variant_runs'])} vs {len(first['baseline_runs'])} "
                     f"runs)")
-            rows.append([name, *("–" if entry is None else f"{_interval_text(entry['overall'])} / "
-                                 f"{_interval_text(entry['block_start'])}" for entry in found)])
+            rows.append([name, *("–" if entry is None else f"{interval_text(Interval.from_json(entry['overall']))} / "
+                                 f"{interval_text(Interval.from_json(entry['block_start']))}" for entry in found)])
             spread.append([name, *("–" if entry is None else " / ".join(", ".join(
-                _number_text(value, "+.3f") for value in entry[f"per_run_{key}"].values())
+                number_text(value, "+.3f") for value in entry[f"per_run_{key}"].values())
                 for key in ("overall", "block_start")) for entry in found)])
             seeds = (first.get("seed_matched") or {}).get("seeds")
             if seeds:
                 matched.append([f"{variant} − {baseline} (seeds {', '.join(map(str, seeds))})",
                                 *(_seed_matched_text(entry) for entry in found)])
         lines += [f"### {eval_set} ({entries[0]['documents']} units)", ""]
-        lines += _table(["variant − baseline", *(f"C={length}: overall / block start" for length in lengths)], rows)
-        lines += _table(["variant − baseline",
+        lines += table(["variant − baseline", *(f"C={length}: overall / block start" for length in lengths)], rows)
+        lines += table(["variant − baseline",
                          *(f"C={length}: each run, overall / block start" for length in lengths)], spread)
         if matched:
-            lines += _table(["variant − baseline, same seeds",
+            lines += table(["variant − baseline, same seeds",
                              *(f"C={length}: overall / block start" for length in lengths)], matched)
     if skipped:
         lines += ["Pairs not compared:", ""]
@@ -315,60 +259,6 @@ def _skipped_lines(models: list[dict]) -> list[str]:
     return (["Lengths a pattern cannot lay out:", "", *lines, ""]) if lines else []
 
 
-def _ablation_lines(results: dict) -> list[str]:
-    settings, models = results["settings"], results["models"]
-    width = settings["trailing_window"]
-    lines = ["## Trailing window and distant-context ablation", "",
-             f"Trailing window: window positions i >= C - {width} (the last {width} positions of each window). "
-             f"Ablation: trailing targets with more than {width} tokens of context, scored again with the context "
-             f"cut to exactly their last {width} tokens; delta = truncated - full (bits per byte; > 0: the model "
-             "uses context beyond W).", ""]
-    for eval_set in settings["eval_sets"]:
-        rows = []
-        for m in models:
-            for length, entry in _entries(m, eval_set).items():
-                ablation, trailing = entry["distant_context_ablation"], entry["trailing_window"]
-                if trailing is None:
-                    continue
-                rows.append([m["label"], str(length), _interval_text(trailing["bits_per_byte"]),
-                             str(ablation["targets"]) if ablation else "0",
-                             _interval_text(ablation and ablation["full_bits_per_byte"]),
-                             _interval_text(ablation and ablation["truncated_bits_per_byte"]),
-                             _interval_text(ablation and ablation["delta_bits_per_byte"], 4)])
-        lines += [f"### {eval_set}", ""]
-        lines += _table(["run", "C", "trailing window", "ablation targets", "full context", f"last {width} only",
-                         "delta"], rows) if rows else [f"No length exceeds W = {width}.", ""]
-    return lines
-
-
-def _block_offset_lines(results: dict) -> list[str]:
-    models = results["models"]
-    lines = ["## Loss by offset within the block", "",
-             "Bits per byte of the first max(1, B / 8) offsets of each block (\"block start\") and of the rest, on the "
-             "run's own block grid and on the grid shifted by B / 2 (the control: a boundary effect shows on the own "
-             "grid only). Runs without blocks use the reference grid. \"start - rest\" is their difference with a "
-             "paired interval: the documents are resampled once for both, so that how hard a document is cancels "
-             "(\"–\" in results written before it existed).", ""]
-    for eval_set in results["settings"]["eval_sets"]:
-        length = training_length_shown(results, eval_set)
-        rows = []
-        for m in models:
-            offsets = _entries(m, eval_set)[length]["by_block_offset"]
-            grid = offsets["grid"]
-            own, shifted = offsets["own"], offsets["shifted"]
-            rows.append([m["label"], f"{grid['size']} ({grid['source']})",
-                         _interval_text(own["block_start_bits_per_byte"]),
-                         _interval_text(own["block_rest_bits_per_byte"]),
-                         _interval_text(own.get("block_start_excess_bits_per_byte")),
-                         _interval_text(shifted["block_start_bits_per_byte"]),
-                         _interval_text(shifted["block_rest_bits_per_byte"]),
-                         _interval_text(shifted.get("block_start_excess_bits_per_byte"))])
-        lines += [f"### {eval_set}, C={length}", ""]
-        lines += _table(["run", "grid B", "own: block start", "own: rest", "own: start - rest",
-                         "shifted: block start", "shifted: rest", "shifted: start - rest"], rows)
-    return lines
-
-
 def _diagnostics_lines(results: dict) -> list[str]:
     models = results["models"]
     first = models[0]["diagnostics"]
@@ -385,10 +275,10 @@ def _diagnostics_lines(results: dict) -> list[str]:
     for m in models:
         edge = m["diagnostics"]["edge_pair"]
         cells = np.array(edge["reachable"])
-        rows.append([m["label"], f"{cells.sum()} / {cells.size}", _number_text(edge["accuracy_where_reachable"]),
-                     _number_text(edge["accuracy_where_unreachable"]),
+        rows.append([m["label"], f"{cells.sum()} / {cells.size}", number_text(edge["accuracy_where_reachable"]),
+                     number_text(edge["accuracy_where_unreachable"]),
                      f"{edge['fine_tune']['first_loss']:.2f} → {edge['fine_tune']['last_loss']:.2f}"])
-    lines += _table(["run", "reachable cells", "accuracy (reachable)", "accuracy (unreachable)",
+    lines += table(["run", "reachable cells", "accuracy (reachable)", "accuracy (unreachable)",
                      "fine-tune loss (nats)"], rows)
     lines += ["### Cross-block variable tracking", "",
               "A chain of h assignments, one per block, with a decoy chain; the query follows in the next block. "
@@ -403,7 +293,7 @@ def _diagnostics_lines(results: dict) -> list[str]:
         reach = ", ".join(f"d={d}: {h if h is not None else 'none'}"
                           for d, h in tracking["reachable_chain_length"].items())
         lines += [f"**{m['label']}** (longest chain with every value reachable: {reach})", ""]
-        lines += _table(["depth", *(f"h={h}" for h in tracking["chain_lengths"])], rows)
+        lines += table(["depth", *(f"h={h}" for h in tracking["chain_lengths"])], rows)
     return lines
 
 
@@ -417,7 +307,7 @@ def _reachability_lines(results: dict) -> list[str]:
                      f"{reach['coverage']:.4f}", str(full), f"{reach['reach_distance']['mean']:.1f}"])
     return ["## Reachability of the eval patterns", "",
             "Share of causal pairs (i, j <= i) with j in R_L(i) at the model's depth L and the longest evaluated "
-            "length (sparse_attention.reachability).", ""] + _table(
+            "length (sparse_attention.reachability).", ""] + table(
         ["run", "pattern", "S", "L", "coverage", "full coverage depth", "mean reach distance"], rows)
 
 
@@ -461,10 +351,10 @@ def plot_loss_vs_position(results: dict):
     for ax, eval_set in zip(axes[0], eval_sets):
         length = common_lengths(results, eval_set)[-1]
         for m in results["models"]:
-            curve = _entries(m, eval_set)[length]["by_position"]
-            edges = np.array(curve["edges"], float)
+            by_position = ByPosition.from_json(length_entries(m, eval_set)[length])
+            edges = np.array(by_position.edges, float)
             centers = np.sqrt(np.maximum(edges[:-1], 0.5) * edges[1:])
-            mean, low, high = _curve_arrays(curve)
+            mean, low, high = by_position.curve.arrays()
             color, style = styles[m["label"]]
             ax.plot(centers, mean, marker="o", markersize=3, color=color, linestyle=style, label=m["label"])
             ax.fill_between(centers, low, high, color=color, alpha=0.2)
@@ -478,11 +368,6 @@ def plot_loss_vs_position(results: dict):
     return figure
 
 
-def _curve_arrays(curve: dict):
-    """(mean, low, high) float arrays of a stored curve, None as NaN."""
-    return tuple(np.array([np.nan if v is None else v for v in curve[k]], float) for k in ("mean", "low", "high"))
-
-
 def _block_offset_figure(results: dict, *, zoom: bool):
     """Loss against offset within the block, own grid and B/2-shifted control; `zoom`: the first
     BLOCK_START_ZOOM offsets only, with markers and without bands."""
@@ -494,16 +379,15 @@ def _block_offset_figure(results: dict, *, zoom: bool):
         length = training_length_shown(results, eval_set)
         for ax, grid_name in zip(row, ("own", "shifted")):
             for m in results["models"]:
-                offsets = _entries(m, eval_set)[length]["by_block_offset"]
-                curve = offsets[grid_name]
-                mean, low, high = _curve_arrays(curve)
+                offsets = ByBlockOffset.from_json(length_entries(m, eval_set)[length])
+                mean, low, high = getattr(offsets, grid_name).curve.arrays()
                 shown = min(BLOCK_START_ZOOM, len(mean)) if zoom else len(mean)
                 x = np.arange(shown)
-                source = "" if offsets["grid"]["source"] == "pattern" else ", reference grid"
+                source = "" if offsets.grid.source == "pattern" else ", reference grid"
                 color, style = styles[m["label"]]
                 ax.plot(x, mean[:shown], linewidth=1.2, color=color, linestyle=style,
                         marker="o" if zoom else None, markersize=3,
-                        label=f"{m['label']} (B={offsets['grid']['size']}{source})")
+                        label=f"{m['label']} (B={offsets.grid.size}{source})")
                 if not zoom:
                     ax.fill_between(x, low, high, color=color, alpha=0.15)
             title = "own block grid" if grid_name == "own" else "grid shifted by B/2 (control)"

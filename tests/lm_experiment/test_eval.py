@@ -16,7 +16,8 @@ import pytest
 import eval as eval_cli
 from configs import repaired
 from lm_experiment import (data, diagnostics, eval_options, eval_runs, eval_statistics, evaluation, paired, report,
-                           scoring, training)
+                           report_text, scoring, training)
+from lm_experiment.measures import Interval
 from lm_experiment.checkpointing import save_config
 from lm_experiment.config import ExperimentConfig
 from sparse_attention import reachability
@@ -172,79 +173,6 @@ def test_document_windows_predict_every_token_once():
         assert scoring.planned_tokens(documents, length, 10**9, 4) == len(rows) * length
 
 
-class PositionScorer:
-    """Stands in for the model: the NLL of the token predicted at window position i is `value(i)` nats."""
-
-    def __init__(self, value):
-        self.value = value
-
-    def score_rows(self, rows, batch_size, bar=None):
-        return np.broadcast_to(self.value(np.arange(rows.shape[1] - 1)), (len(rows), rows.shape[1] - 1)).copy()
-
-
-def test_measures_of_hand_made_losses():
-    length, width, block = 32, 8, 8
-    documents = [np.zeros(n, np.uint8) for n in (100, 45)]
-    grid = eval_runs.BlockGrid(block, 0, "pattern")
-    options = eval_options.EvalOptions(bootstrap_samples=20, ablation_targets=3, diagnostics=None)
-    result = scoring.evaluate_length(PositionScorer(lambda i: i.astype(np.float32)), documents, length, grid=grid,
-                                        width=width, options=options)
-    # Predicted window positions, by brute force from the definition.
-    positions = [(t - 1) % length for n in (100, 45) for t in range(1, n)]
-    assert result["tokens"] == len(positions)
-    assert result["nats_per_token"]["mean"] == pytest.approx(np.mean(positions))
-    assert result["bits_per_byte"]["mean"] == pytest.approx(np.mean(positions) / math.log(2))
-
-    curve, edges = result["by_position"], result["by_position"]["edges"]
-    for bucket, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
-        inside = [p for p in positions if lo <= p < hi]
-        assert curve["tokens"][bucket] == len(inside)
-        assert curve["mean"][bucket] == pytest.approx(np.mean(inside) / math.log(2))
-
-    for name, shift in (("own", 0), ("shifted", block // 2)):
-        offsets = result["by_block_offset"][name]
-        for offset in range(block):
-            inside = [p for p in positions if (p - shift) % block == offset]
-            assert offsets["mean"][offset] == pytest.approx(np.mean(inside) / math.log(2))
-        start = [p for p in positions if (p - shift) % block < 1]
-        assert offsets["block_start_bits_per_byte"]["mean"] == pytest.approx(np.mean(start) / math.log(2))
-        rest = [p for p in positions if (p - shift) % block >= 1]
-        excess = offsets["block_start_excess_bits_per_byte"]
-        assert excess["mean"] == pytest.approx((np.mean(start) - np.mean(rest)) / math.log(2))
-        assert excess["low"] <= excess["mean"] <= excess["high"]
-
-    trailing = [p for p in positions if p >= length - width]
-    assert result["trailing_window"]["bits_per_byte"]["mean"] == pytest.approx(np.mean(trailing) / math.log(2))
-    # The ablation re-scores trailing positions i >= width; truncated, each sits at position width - 1.
-    ablation = result["distant_context_ablation"]
-    chosen = scoring.ablation_positions(length, width, 3)
-    assert chosen.tolist() == [24, 28, 31]
-    scored = [p for p in positions if p in set(chosen.tolist())]
-    assert ablation["targets"] == len(scored)
-    assert ablation["full_bits_per_byte"]["mean"] == pytest.approx(np.mean(scored) / math.log(2))
-    delta = np.mean([width - 1 - p for p in scored]) / math.log(2)
-    assert ablation["delta_bits_per_byte"]["mean"] == pytest.approx(delta)
-
-
-def test_per_document_sums_add_up_to_the_pooled_loss():
-    length, documents = 32, [np.zeros(n, np.uint8) for n in (100, 45, 2)]
-    grid = eval_runs.BlockGrid(16, 3, "pattern")  # blocks start where (p + 3) % 16 == 0
-    options = eval_options.EvalOptions(bootstrap_samples=20, diagnostics=None)
-    result = scoring.evaluate_length(PositionScorer(lambda i: (i + 1).astype(np.float32)), documents, length,
-                                        grid=grid, width=8, options=options)
-    sums = result["per_document"]
-    assert sums["start_offsets"] == eval_options.PAIRED_START_OFFSETS == 8
-    assert sums["tokens"] == [99, 44, 1] and sum(sums["tokens"]) == result["tokens"]
-    assert sum(sums["nll_nats"]) / sum(sums["tokens"]) == pytest.approx(result["nats_per_token"]["mean"])
-    for index, n in enumerate((100, 45, 2)):
-        positions = [(t - 1) % length for t in range(1, n)]
-        start = [p for p in positions if (p + 3) % 16 < 8]
-        assert sums["nll_nats"][index] == pytest.approx(sum(p + 1 for p in positions))
-        assert sums["start_tokens"][index] == len(start)
-        assert sums["start_nll_nats"][index] == pytest.approx(sum(p + 1 for p in start))
-    json.dumps(sums, allow_nan=False)
-
-
 def test_documents_are_cut_into_named_chunks():
     documents = [np.arange(n, dtype=np.uint8) for n in (10, 9, 1, 4)]
     chunks, names = evaluation.chunk_documents(documents, ["a", "b", "c", "d"], 4)
@@ -386,12 +314,6 @@ def test_merge_results_pools_runs_and_refuses_other_settings():
         paired.merge_results([hand_made_results([dense]), chunked])
     with pytest.raises(ValueError, match="given twice"):
         paired.merge_results([hand_made_results([dense])] * 2, ["out/a", "out/a"])
-
-
-def test_ablation_positions_need_more_context_than_the_width():
-    assert scoring.ablation_positions(64, 64, 8).tolist() == []
-    assert scoring.ablation_positions(100, 64, 100).tolist() == list(range(64, 100))
-    assert scoring.ablation_positions(256, 64, 2).tolist() == [192, 255]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -584,9 +506,9 @@ def test_runs_of_one_pattern_share_a_color_and_differ_in_line_style():
 
 
 def test_report_numbers_that_round_to_zero_carry_no_sign():
-    assert report._interval_text({"mean": -1e-9, "low": -0.0004, "high": 0.002}) == "0.000 [0.000, 0.002]"
-    assert report._number_text(-0.00001, "+.3f") == "0.000" and report._number_text(-0.012, "+.3f") == "-0.012"
-    assert report._number_text(1234.5, ",.0f") == "1,234"
+    assert report_text.interval_text(Interval(-1e-9, -0.0004, 0.002)) == "0.000 [0.000, 0.002]"
+    assert report_text.number_text(-0.00001, "+.3f") == "0.000" and report_text.number_text(-0.012, "+.3f") == "-0.012"
+    assert report_text.number_text(1234.5, ",.0f") == "1,234"
 
 
 def test_an_out_path_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):

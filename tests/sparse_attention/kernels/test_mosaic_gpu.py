@@ -38,7 +38,7 @@ ON_HOPPER = ON_GPU and mosaic_gpu.unsupported_reason(
     jnp.zeros((1, 1, 1, 64), jnp.bfloat16), None, None, parse("dense"), interpret=False) is None
 INTERPRET = not ON_GPU
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_ROOT = os.path.dirname(TESTS_DIR)
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 RTOL = {"bfloat16": 2e-2, "float16": 1e-2}
 # Smallest tiles: forward and dq blocks own 2 x 64 query rows and stream 64-key tiles; dk/dv blocks own
 # 2 x 64 keys and stream 64-query tiles. Two stages, so the SMEM rings wrap within a row.

@@ -11,7 +11,7 @@ from configs import boundary_tasks as boundary_config
 from lm_experiment import boundary_report, boundary_tasks
 from lm_experiment.boundary_tasks import VALUE, BoundaryTaskConfig, CopyTask, HopTask
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_config(**changes) -> ml_collections.ConfigDict:

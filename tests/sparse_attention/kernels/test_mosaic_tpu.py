@@ -38,7 +38,7 @@ from kernel_oracle import assert_matches_reference_on, random_inputs, relative_e
 
 ON_TPU = jax.default_backend() == "tpu"
 INTERPRET = not ON_TPU
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 
 

@@ -30,7 +30,7 @@ from lm_experiment.config import ExperimentConfig
 from lm_experiment.model import DecoderLM
 from lm_experiment.run_log import read_metrics
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SMALL = {
     "model.d_model": 32, "model.num_layers": 2, "model.mlp_hidden": 64,
     "train.seq_len": 64, "train.global_batch": 4, "train.steps": 10, "train.warmup_steps": 1,
@@ -43,7 +43,7 @@ CONSTANT_LR = {"train__warmup_steps": 0, "train__end_lr_ratio": 1.0}
 
 @pytest.fixture(scope="module", autouse=True)
 def code_corpus():
-    data.prepare("code")  # downloaded once into the repository's data/ (as tests/test_data.py does)
+    data.prepare("code")  # downloaded once into the repository's data/ (as tests/lm_experiment/test_data.py does)
 
 
 def config_dict(argument: str, overrides: dict):

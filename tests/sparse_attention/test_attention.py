@@ -447,5 +447,5 @@ def test_library_import_loads_no_experiment_dependency():
                      & {"lm_experiment", "orbax", "tensorboard", "matplotlib", "flax", "optax", "torch"}))
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            cwd=Path(__file__).resolve().parent.parent)
+                            cwd=Path(__file__).resolve().parents[2])
     assert result.stdout.strip().splitlines()[-1] == "[]"

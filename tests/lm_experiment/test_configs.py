@@ -16,7 +16,7 @@ from ml_collections import config_flags
 from lm_experiment.config import ExperimentConfig
 from lm_experiment.model import DecoderLM, attention_impl_summary
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 VARIANTS = ("dense", "block", "window", "repaired")
 PRESETS = ("tiny", "compare", "small", "base")
 EXPECTED_PATTERN = {

@@ -1,5 +1,6 @@
 """Shared by the kernel test files: fresh random inputs, one jitted forward + VJP, the error measure, the
-comparison with the reference, and the check that a kernel's tile plan covers the pattern."""
+comparison with the reference, the check that a kernel's tile plan covers the pattern, and the cases every
+backend runs on real hardware."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +8,25 @@ import numpy as np
 
 from sparse_attention import reference
 from sparse_attention.patterns import parse
+
+# (spec, seq_len, head_dim) that every backend's hardware test class runs with its default tiles: each kind
+# of pattern at real sizes, lengths that are not multiples of the tiles, head_dim 64 and 128.
+HARDWARE_CASES = [
+    ("dense", 2048, 128),
+    ("block(512)", 4096, 128),
+    ("block(512, 256)", 2048, 64),
+    ("window(1024)", 4000, 128),
+    ("repaired(512, 64, bridge)", 4096, 128),
+    ("repaired(512, 64, prefix)", 3000, 64),
+    ("strided(64)", 1024, 64),
+    ("dilated(128, 8)", 2048, 128),
+    ("sinks(16)", 1500, 64),
+    ("sinks(4) & window(2)", 1024, 64),
+    ("random_blocks(256, 2, 5)", 4096, 64),
+    ("window(1024) | sinks(16)", 2500, 128),
+    ("block(512) & strided(3)", 2048, 64),
+    ("repaired(512, 64, bridge) | strided(256)", 4096, 128),
+]
 
 
 def random_inputs(seed, batch, seq_len, heads, kv_heads, head_dim, dtype):

@@ -30,8 +30,8 @@ from sparse_attention import reference
 from sparse_attention.kernels import mosaic_gpu
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
-from kernel_oracle import (assert_matches_reference_on, assert_plan_covers_pattern, assert_shard_map_matches_reference,
-                           random_inputs, relative_error)
+from kernel_oracle import (HARDWARE_CASES, assert_matches_reference_on, assert_plan_covers_pattern,
+                           assert_shard_map_matches_reference, random_inputs, relative_error)
 
 ON_GPU = jax.default_backend() == "gpu"
 ON_HOPPER = ON_GPU and mosaic_gpu.unsupported_reason(
@@ -366,27 +366,10 @@ def test_shard_map_types_check():
 # ---------------------------------------------------------------------------------------------- GPU
 
 
-GPU_CASES = [
-    ("dense", 2048, 128),
-    ("block(512)", 4096, 128),
-    ("block(512, 256)", 2048, 64),
-    ("window(1024)", 4000, 128),
-    ("repaired(512, 64, bridge)", 4096, 128),
-    ("repaired(512, 64, prefix)", 3000, 64),
-    ("strided(64)", 1024, 64),
-    ("dilated(128, 8)", 2048, 128),
-    ("sinks(16)", 1500, 64),
-    ("sinks(4) & window(2)", 1024, 64),
-    ("random_blocks(256, 2, 5)", 4096, 64),
-    ("window(1024) | sinks(16)", 2500, 128),
-    ("block(512) & strided(3)", 2048, 64),
-]
-
-
 @pytest.mark.skipif(not ON_HOPPER, reason="needs a CUDA GPU with compute capability >= 9.0: the compiled "
                                           "Mosaic GPU kernels at real sizes")
 class TestGpu:
-    @pytest.mark.parametrize("spec, seq_len, head_dim", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+    @pytest.mark.parametrize("spec, seq_len, head_dim", HARDWARE_CASES, ids=[c[0] for c in HARDWARE_CASES])
     @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
     def test_default_tiles(self, spec, seq_len, head_dim, dtype):
         check_against_reference(spec, seq_len=seq_len, heads=4, kv_heads=2, head_dim=head_dim, dtype=dtype,

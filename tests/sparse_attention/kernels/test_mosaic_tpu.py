@@ -34,7 +34,7 @@ from sparse_attention.attention import resolve_impl
 from sparse_attention.kernels.common import KernelStatic
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import EMPTY, FULL, PARTIAL, parse
-from kernel_oracle import assert_matches_reference_on, random_inputs, relative_error
+from kernel_oracle import HARDWARE_CASES, assert_matches_reference_on, random_inputs, relative_error
 
 ON_TPU = jax.default_backend() == "tpu"
 INTERPRET = not ON_TPU
@@ -365,25 +365,9 @@ def test_unsupported_reasons():
 # ---------------------------------------------------------------------------------------------- TPU
 
 
-TPU_CASES = [
-    ("dense", 2048, 128),
-    ("block(512)", 4096, 128),
-    ("block(512, 256)", 2048, 128),
-    ("window(1024)", 4096, 128),
-    ("repaired(512, 64, bridge)", 4096, 128),
-    ("repaired(512, 64, prefix)", 3000, 128),
-    ("strided(64)", 1024, 128),
-    ("dilated(128, 8)", 2048, 128),
-    ("sinks(4) & window(2)", 1024, 128),
-    ("random_blocks(256, 2, 5)", 4096, 128),
-    ("window(1024) | sinks(16)", 2500, 64),
-    ("block(512) & strided(3)", 2048, 128),
-]
-
-
 @pytest.mark.skipif(not ON_TPU, reason="needs a TPU: the compiled Mosaic kernels at real sizes")
 class TestTpu:
-    @pytest.mark.parametrize("spec, seq_len, head_dim", TPU_CASES, ids=[c[0] for c in TPU_CASES])
+    @pytest.mark.parametrize("spec, seq_len, head_dim", HARDWARE_CASES, ids=[c[0] for c in HARDWARE_CASES])
     def test_bf16_default_tiles(self, spec, seq_len, head_dim):
         assert_matches_reference(spec, seq_len=seq_len, heads=4, kv_heads=2, head_dim=head_dim,
                                  dtype=jnp.bfloat16, seed=seq_len + head_dim, interpret=False)

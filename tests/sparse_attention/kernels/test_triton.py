@@ -25,8 +25,8 @@ from sparse_attention import reference
 from sparse_attention.kernels import triton
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
-from kernel_oracle import (assert_matches_reference_on, assert_plan_covers_pattern, assert_shard_map_matches_reference,
-                           random_inputs, relative_error)
+from kernel_oracle import (HARDWARE_CASES, assert_matches_reference_on, assert_plan_covers_pattern,
+                           assert_shard_map_matches_reference, random_inputs, relative_error)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
@@ -285,26 +285,9 @@ def test_unsupported_reasons():
 # ---------------------------------------------------------------------------------------------- GPU
 
 
-GPU_CASES = [
-    ("dense", 2048, 128),
-    ("block(512)", 4096, 128),
-    ("window(1024)", 4096, 128),
-    ("repaired(512, 64, bridge)", 4096, 128),
-    ("repaired(512, 64, prefix)", 3000, 128),
-    ("block(512, 256)", 2048, 64),
-    ("strided(64)", 1024, 64),
-    ("dilated(128, 8)", 2048, 128),
-    ("sinks(4) & window(2)", 1024, 64),
-    ("random_blocks(256, 2, 5)", 4096, 64),
-    ("window(1024) | sinks(16)", 2500, 128),
-    ("block(512) & strided(3)", 2048, 64),
-    ("repaired(512, 64, bridge) | strided(256)", 4096, 128),
-]
-
-
 @pytest.mark.skipif(not ON_GPU, reason="needs a GPU: the compiled Triton kernels at real sizes")
 class TestGpu:
-    @pytest.mark.parametrize("spec, seq_len, head_dim", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+    @pytest.mark.parametrize("spec, seq_len, head_dim", HARDWARE_CASES, ids=[c[0] for c in HARDWARE_CASES])
     def test_bf16_default_tiles(self, spec, seq_len, head_dim):
         assert_matches_reference(spec, seq_len=seq_len, heads=4, kv_heads=2, head_dim=head_dim,
                                  dtype=jnp.bfloat16, seed=seq_len + head_dim, interpret=False)

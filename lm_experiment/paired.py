@@ -15,6 +15,7 @@ import scipy.stats
 from lm_experiment.eval_options import PAIRED_START_OFFSETS, baseline_specs
 from lm_experiment.eval_runs import run_labels
 from lm_experiment.eval_statistics import bits_per_byte, difference_interval, json_number, json_numbers, safe_ratio
+from lm_experiment.measures.per_document import PerDocument
 from sparse_attention.patterns import Block, parse
 
 # Settings two results files must share to be merged: everything that changes which tokens are scored or
@@ -136,22 +137,23 @@ def _names_problem(runs: Sequence[dict], eval_set: str) -> str | None:
 def _sums_problem(runs: Sequence[dict], entries: Sequence[dict], eval_set: str) -> str | None:
     for model, entry in zip(runs, entries):
         documents = len(model["language_model"][eval_set]["document_names"])
-        sums = entry.get("per_document")
+        sums = PerDocument.from_json(entry)
         if sums is None:
             return f"{model['label']} has no per-document sums (results written before they existed)"
-        if any(len(sums[key]) != documents for key in ("nll_nats", "tokens", "start_nll_nats", "start_tokens")):
+        if any(len(values) != documents for values in (sums.nll_nats, sums.tokens, sums.start_nll_nats,
+                                                       sums.start_tokens)):
             return f"{model['label']}: per-document sums of another length than its {documents} document names"
-        if sums["start_offsets"] != PAIRED_START_OFFSETS:
-            return (f"{model['label']}: block start is offsets < {sums['start_offsets']}, not < "
-                    f"{PAIRED_START_OFFSETS}")
+        if sums.start_offsets != PAIRED_START_OFFSETS:
+            return f"{model['label']}: block start is offsets < {sums.start_offsets}, not < {PAIRED_START_OFFSETS}"
     return None
 
 
 def _pooled_sums(entries: Sequence[dict], prefix: str = "") -> tuple[np.ndarray, np.ndarray]:
     """(NLL nats, tokens) float64 [documents] added over the runs' entries: every run scores the same tokens,
     so their ratio per document is the runs' average loss there."""
-    nll = np.sum([entry["per_document"][prefix + "nll_nats"] for entry in entries], axis=0, dtype=np.float64)
-    tokens = np.sum([entry["per_document"][prefix + "tokens"] for entry in entries], axis=0, dtype=np.float64)
+    sums = [PerDocument.from_json(entry) for entry in entries]
+    nll = np.sum([getattr(s, prefix + "nll_nats") for s in sums], axis=0, dtype=np.float64)
+    tokens = np.sum([getattr(s, prefix + "tokens") for s in sums], axis=0, dtype=np.float64)
     return nll, tokens
 
 

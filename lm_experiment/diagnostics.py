@@ -258,9 +258,95 @@ def predictions(model: DecoderLM, batch: TaskBatch, batch_size: int) -> np.ndarr
     return np.concatenate(out)[:count]
 
 
-def _loss_summary(losses: Sequence[float]) -> dict:
+@dataclasses.dataclass(frozen=True)
+class FineTune:
+    steps: int
+    first_loss: float  # mean of the first few steps' losses (nats)
+    last_loss: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DepthFineTune:
+    depth: int
+    steps: int
+    first_loss: float
+    last_loss: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EdgePairRecall:
+    """Accuracy [offsets][blocks_later] of recalling the value at offset o of a block k blocks later, beside
+    whether its position is reachable at the model's depth."""
+
+    query_offset: int
+    offsets: list[int]
+    blocks_later: list[int]
+    key_positions: list[int]
+    query_positions: list[int]
+    samples_per_cell: int
+    accuracy: list[list[float]]
+    reachable: list[list[bool]]
+    accuracy_where_reachable: float | None
+    accuracy_where_unreachable: float | None
+    chance: float
+    fine_tune: FineTune
+
+    @classmethod
+    def from_json(cls, value: dict) -> EdgePairRecall:
+        return cls(**{**value, "fine_tune": FineTune(**value["fine_tune"])})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingChance:
+    any_value: float
+    one_of_two_values: float
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableTracking:
+    """Accuracy [depths][chain_lengths] of the truncated models, beside the share of samples whose value is
+    reachable at each depth 1..L ([predicted_depths][chain_lengths])."""
+
+    chain_lengths: list[int]
+    depths: list[int]
+    samples_per_length: int
+    accuracy: list[list[float]]
+    predicted_depths: list[int]
+    value_reachable_fraction: list[list[float]]
+    reachable_chain_length: dict[str, int | None]  # depth -> longest chain with every value reachable
+    chance: TrackingChance
+    fine_tune: list[DepthFineTune]
+
+    @classmethod
+    def from_json(cls, value: dict) -> VariableTracking:
+        return cls(**{**value, "chance": TrackingChance(**value["chance"]),
+                      "fine_tune": [DepthFineTune(**entry) for entry in value["fine_tune"]]})
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnostics:
+    """Both tasks' results for one run, as results.json holds them under the run's "diagnostics"."""
+
+    seq_len: int
+    grid: dict  # {"size", "offset"}: the block grid the tasks were laid on
+    learning_rate: float
+    batch_size: int
+    edge_pair: EdgePairRecall
+    variable_tracking: VariableTracking
+
+    @classmethod
+    def from_json(cls, value: dict) -> Diagnostics:
+        return cls(**{**value, "edge_pair": EdgePairRecall.from_json(value["edge_pair"]),
+                      "variable_tracking": VariableTracking.from_json(value["variable_tracking"])})
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _loss_summary(losses: Sequence[float]) -> tuple[float, float]:
+    """(first, last): the mean loss of the first and of the last few steps."""
     head = max(1, min(5, len(losses) // 4))
-    return {"first_loss": float(np.mean(losses[:head])), "last_loss": float(np.mean(losses[-head:]))}
+    return float(np.mean(losses[:head])), float(np.mean(losses[-head:]))
 
 
 def default_edge_offsets(block: int) -> tuple[int, ...]:
@@ -272,7 +358,7 @@ def _mean_or_none(values: np.ndarray) -> float | None:
 
 
 def edge_pair_recall(model: DecoderLM, config: ExperimentConfig, seq_len: int, block: int, grid_offset: int,
-                     options: DiagnosticsOptions, label: str) -> dict:
+                     options: DiagnosticsOptions, label: str) -> EdgePairRecall:
     task = EdgePairTask(seq_len, block, grid_offset, options.query_offset)
     offsets = options.edge_offsets or default_edge_offsets(block)
     if max(offsets) >= block:
@@ -287,24 +373,17 @@ def edge_pair_recall(model: DecoderLM, config: ExperimentConfig, seq_len: int, b
     layers = config.model.num_layers
     predicted = reachability.reachable(config.attention.layers, seq_len, layers, task.query_positions[None, :],
                           task.key_block_start + np.asarray(offsets)[:, None])  # [offsets, K]
-    return {
-        "query_offset": options.query_offset,
-        "offsets": list(offsets),
-        "blocks_later": task.blocks_later.tolist(),
-        "key_positions": [task.key_block_start + o for o in offsets],
-        "query_positions": task.query_positions.tolist(),
-        "samples_per_cell": options.eval_samples,
-        "accuracy": accuracy.tolist(),
-        "reachable": predicted.tolist(),
-        "accuracy_where_reachable": _mean_or_none(accuracy[predicted]),
-        "accuracy_where_unreachable": _mean_or_none(accuracy[~predicted]),
-        "chance": 1 / len(UPPERCASE),
-        "fine_tune": {"steps": options.steps, **_loss_summary(losses)},
-    }
+    return EdgePairRecall(
+        query_offset=options.query_offset, offsets=list(offsets), blocks_later=task.blocks_later.tolist(),
+        key_positions=[task.key_block_start + o for o in offsets], query_positions=task.query_positions.tolist(),
+        samples_per_cell=options.eval_samples, accuracy=accuracy.tolist(), reachable=predicted.tolist(),
+        accuracy_where_reachable=_mean_or_none(accuracy[predicted]),
+        accuracy_where_unreachable=_mean_or_none(accuracy[~predicted]), chance=1 / len(UPPERCASE),
+        fine_tune=FineTune(options.steps, *_loss_summary(losses)))
 
 
 def variable_tracking(model: DecoderLM, config: ExperimentConfig, seq_len: int, block: int, grid_offset: int,
-                      options: DiagnosticsOptions, label: str) -> dict:
+                      options: DiagnosticsOptions, label: str) -> VariableTracking:
     task = VariableTrackingTask(seq_len, block, grid_offset)
     lengths = options.chain_lengths or tuple(range(1, task.max_chain + 1))
     if max(lengths) > task.max_chain:
@@ -324,7 +403,7 @@ def variable_tracking(model: DecoderLM, config: ExperimentConfig, seq_len: int, 
             description=f"{label} tracking fine-tune, depth {depth}")
         correct = predictions(tuned, held_out, options.batch_size)[:, 0] == held_out.answers[:, 0]
         accuracy.append(correct.reshape(len(lengths), options.eval_samples).mean(axis=1).tolist())
-        tuning.append({"depth": depth, "steps": options.tracking_steps, **_loss_summary(losses)})
+        tuning.append(DepthFineTune(depth, options.tracking_steps, *_loss_summary(losses)))
     fraction, longest = [], {}
     for depth in range(1, layers + 1):
         hit = reachability.reachable(config.attention.layers, seq_len, depth, held_out.queries[:, 0],
@@ -333,29 +412,20 @@ def variable_tracking(model: DecoderLM, config: ExperimentConfig, seq_len: int, 
         fraction.append(per_length.tolist())
         always = [h for h, f in zip(lengths, per_length) if f == 1.0]
         longest[str(depth)] = max(always) if always else None
-    return {
-        "chain_lengths": list(lengths),
-        "depths": list(depths),
-        "samples_per_length": options.eval_samples,
-        "accuracy": accuracy,
-        "predicted_depths": list(range(1, layers + 1)),
-        "value_reachable_fraction": fraction,
-        "reachable_chain_length": longest,
-        "chance": {"any_value": 1 / len(UPPERCASE), "one_of_two_values": 0.5},
-        "fine_tune": tuning,
-    }
+    return VariableTracking(
+        chain_lengths=list(lengths), depths=list(depths), samples_per_length=options.eval_samples,
+        accuracy=accuracy, predicted_depths=list(range(1, layers + 1)), value_reachable_fraction=fraction,
+        reachable_chain_length=longest, chance=TrackingChance(any_value=1 / len(UPPERCASE), one_of_two_values=0.5),
+        fine_tune=tuning)
 
 
 def run_diagnostics(model: DecoderLM, config: ExperimentConfig, block: int, grid_offset: int,
-                    options: DiagnosticsOptions, *, label: str, train_seq_len: int) -> dict:
+                    options: DiagnosticsOptions, *, label: str, train_seq_len: int) -> Diagnostics:
     """Both tasks on one model, on the block grid (block, grid_offset); see the module docstring."""
     seq_len = options.seq_len or train_seq_len
     config.attention.check_seq_len(seq_len, field="diagnostics.seq_len")
-    return {
-        "seq_len": seq_len,
-        "grid": {"size": block, "offset": grid_offset},
-        "learning_rate": options.learning_rate,
-        "batch_size": options.batch_size,
-        "edge_pair": edge_pair_recall(model, config, seq_len, block, grid_offset, options, label),
-        "variable_tracking": variable_tracking(model, config, seq_len, block, grid_offset, options, label),
-    }
+    return Diagnostics(
+        seq_len=seq_len, grid={"size": block, "offset": grid_offset}, learning_rate=options.learning_rate,
+        batch_size=options.batch_size,
+        edge_pair=edge_pair_recall(model, config, seq_len, block, grid_offset, options, label),
+        variable_tracking=variable_tracking(model, config, seq_len, block, grid_offset, options, label))

@@ -190,7 +190,7 @@ def evaluate(runs: Sequence[EvalRun], options: EvalOptions) -> dict:
         if options.diagnostics is not None:
             entry["diagnostics"] = diagnostics.run_diagnostics(run.model, run.config, grid.size, grid.offset,
                                                                options.diagnostics, label=run.label,
-                                                               train_seq_len=run.train_seq_len)
+                                                               train_seq_len=run.train_seq_len).to_json()
         entry["eval_seconds"] = time.perf_counter() - run_started
         models.append(entry)
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lm_experiment.diagnostics import Diagnostics
 from lm_experiment.measures import MEASURES, Interval, totals
 from lm_experiment.measures.block_offset import ByBlockOffset
 from lm_experiment.measures.by_position import ByPosition
@@ -115,7 +116,7 @@ def markdown(results: dict, plots: list[str]) -> str:
               "Attended (query, key) pairs over the C (C + 1) / 2 causal pairs, mean over layers, at each evaluated "
               "length (dense = 1).", ""]
     lines += table(["run", *(f"C={length}" for length in lengths)],
-                    [[m["label"], *(number_text(m["active_fraction"].get(str(length))) for length in lengths)]
+                   [[m["label"], *(number_text(m["active_fraction"].get(str(length))) for length in lengths)]
                      for m in models])
 
     for measure in MEASURES:
@@ -127,7 +128,7 @@ def markdown(results: dict, plots: list[str]) -> str:
     lines += ["## Timing", ""]
     seconds = "eval seconds (incl. diagnostics)" if any("diagnostics" in m for m in models) else "eval seconds"
     lines += table(["run", seconds, "scoring tokens/s", "compile seconds"],
-                    [[m["label"], f"{m['eval_seconds']:.0f}", number_text(m["eval_tokens_per_sec"], ",.0f"),
+                   [[m["label"], f"{m['eval_seconds']:.0f}", number_text(m["eval_tokens_per_sec"], ",.0f"),
                       f"{m['compile_seconds']:.1f}"] for m in models])
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
@@ -235,10 +236,10 @@ def _paired_lines(results: dict) -> list[str]:
         lines += [f"### {eval_set} ({entries[0]['documents']} units)", ""]
         lines += table(["variant − baseline", *(f"C={length}: overall / block start" for length in lengths)], rows)
         lines += table(["variant − baseline",
-                         *(f"C={length}: each run, overall / block start" for length in lengths)], spread)
+                        *(f"C={length}: each run, overall / block start" for length in lengths)], spread)
         if matched:
             lines += table(["variant − baseline, same seeds",
-                             *(f"C={length}: overall / block start" for length in lengths)], matched)
+                            *(f"C={length}: overall / block start" for length in lengths)], matched)
     if skipped:
         lines += ["Pairs not compared:", ""]
         for entry in skipped:
@@ -260,40 +261,40 @@ def _skipped_lines(models: list[dict]) -> list[str]:
 
 
 def _diagnostics_lines(results: dict) -> list[str]:
-    models = results["models"]
-    first = models[0]["diagnostics"]
+    runs = [(m["label"], Diagnostics.from_json(m["diagnostics"])) for m in results["models"]]
+    first = runs[0][1]
     lines = ["## Synthetic boundary diagnostics", "",
              f"Both tasks are fine-tuned per run (and per depth) from the checkpoint, with the run's own pattern, "
-             f"then scored on held-out sequences of {first['seq_len']} bytes shared by all runs; neither format "
+             f"then scored on held-out sequences of {first.seq_len} bytes shared by all runs; neither format "
              "occurs in training, so zero-shot scores would only measure the format. Accuracy near chance is an "
              "honest result for tiny byte models after a short fine-tune.", ""]
     lines += ["### Edge-pair recall", "",
               "A value at offset o of a block, queried k blocks later (query at offset "
-              f"{first['edge_pair']['query_offset']} of its block). Reachable: the value's position is in R_L(query) "
-              f"for the eval pattern at depth L. Chance: {first['edge_pair']['chance']:.3f}.", ""]
+              f"{first.edge_pair.query_offset} of its block). Reachable: the value's position is in R_L(query) "
+              f"for the eval pattern at depth L. Chance: {first.edge_pair.chance:.3f}.", ""]
     rows = []
-    for m in models:
-        edge = m["diagnostics"]["edge_pair"]
-        cells = np.array(edge["reachable"])
-        rows.append([m["label"], f"{cells.sum()} / {cells.size}", number_text(edge["accuracy_where_reachable"]),
-                     number_text(edge["accuracy_where_unreachable"]),
-                     f"{edge['fine_tune']['first_loss']:.2f} → {edge['fine_tune']['last_loss']:.2f}"])
+    for label, diagnostics in runs:
+        edge = diagnostics.edge_pair
+        cells = np.array(edge.reachable)
+        rows.append([label, f"{cells.sum()} / {cells.size}", number_text(edge.accuracy_where_reachable),
+                     number_text(edge.accuracy_where_unreachable),
+                     f"{edge.fine_tune.first_loss:.2f} → {edge.fine_tune.last_loss:.2f}"])
     lines += table(["run", "reachable cells", "accuracy (reachable)", "accuracy (unreachable)",
-                     "fine-tune loss (nats)"], rows)
+                   "fine-tune loss (nats)"], rows)
     lines += ["### Cross-block variable tracking", "",
               "A chain of h assignments, one per block, with a decoy chain; the query follows in the next block. "
               "Cells: accuracy (share of samples whose value is reachable at that depth). Blind choice between the "
               "two values scores 0.5, any uppercase letter 1/26.", ""]
-    for m in models:
-        tracking = m["diagnostics"]["variable_tracking"]
+    for label, diagnostics in runs:
+        tracking = diagnostics.variable_tracking
         rows = []
-        for depth, accuracy in zip(tracking["depths"], tracking["accuracy"]):
-            fraction = tracking["value_reachable_fraction"][tracking["predicted_depths"].index(depth)]
+        for depth, accuracy in zip(tracking.depths, tracking.accuracy):
+            fraction = tracking.value_reachable_fraction[tracking.predicted_depths.index(depth)]
             rows.append([str(depth), *(f"{a:.2f} ({f:.2f})" for a, f in zip(accuracy, fraction))])
         reach = ", ".join(f"d={d}: {h if h is not None else 'none'}"
-                          for d, h in tracking["reachable_chain_length"].items())
-        lines += [f"**{m['label']}** (longest chain with every value reachable: {reach})", ""]
-        lines += table(["depth", *(f"h={h}" for h in tracking["chain_lengths"])], rows)
+                          for d, h in tracking.reachable_chain_length.items())
+        lines += [f"**{label}** (longest chain with every value reachable: {reach})", ""]
+        lines += table(["depth", *(f"h={h}" for h in tracking.chain_lengths)], rows)
     return lines
 
 
@@ -415,23 +416,23 @@ def plot_edge_pair_recall(results: dict):
                                 layout="constrained")
     image = None
     for column, m in enumerate(models):
-        edge = m["diagnostics"]["edge_pair"]
+        edge = Diagnostics.from_json(m["diagnostics"]).edge_pair
         for row, (key, title) in enumerate((("accuracy", "measured accuracy"), ("reachable", "reachable (predicted)"))):
             ax = axes[row, column]
-            values = np.array(edge[key], float)
+            values = np.array(getattr(edge, key), float)
             image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto", origin="lower")
             for (i, j), value in np.ndenumerate(values):
                 ax.text(j, i, f"{value:.2f}" if key == "accuracy" else ("yes" if value else "no"), ha="center",
                         va="center", fontsize=7, color="white" if value < 0.5 else "black")
-            ax.set_xticks(range(len(edge["blocks_later"])), edge["blocks_later"])
-            ax.set_yticks(range(len(edge["offsets"])), edge["offsets"])
+            ax.set_xticks(range(len(edge.blocks_later)), edge.blocks_later)
+            ax.set_yticks(range(len(edge.offsets)), edge.offsets)
             ax.set_title(f"{m['label']}: {title}", fontsize="medium")
             if row == 1:
                 ax.set_xlabel("blocks later (k)")
             if column == 0:
                 ax.set_ylabel("key offset in block (o)")
     figure.colorbar(image, ax=axes, shrink=0.6, label="accuracy / reachable")
-    figure.suptitle(f"edge-pair recall (chance {models[0]['diagnostics']['edge_pair']['chance']:.3f})")
+    figure.suptitle(f"edge-pair recall (chance {Diagnostics.from_json(models[0]['diagnostics']).edge_pair.chance:.3f})")
     return figure
 
 
@@ -440,16 +441,16 @@ def plot_variable_tracking(results: dict):
     models = results["models"]
     figure, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 4.2), squeeze=False, sharey=True)
     for ax, m in zip(axes[0], models):
-        tracking = m["diagnostics"]["variable_tracking"]
-        lengths = tracking["chain_lengths"]
+        tracking = Diagnostics.from_json(m["diagnostics"]).variable_tracking
+        lengths = tracking.chain_lengths
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        for index, (depth, accuracy) in enumerate(zip(tracking["depths"], tracking["accuracy"])):
+        for index, (depth, accuracy) in enumerate(zip(tracking.depths, tracking.accuracy)):
             color = colors[index % len(colors)]
-            fraction = tracking["value_reachable_fraction"][tracking["predicted_depths"].index(depth)]
+            fraction = tracking.value_reachable_fraction[tracking.predicted_depths.index(depth)]
             ax.plot(lengths, accuracy, marker="o", color=color, label=f"depth {depth}: accuracy")
             ax.plot(lengths, fraction, linestyle="--", color=color, alpha=0.7, label=f"depth {depth}: reachable")
         ax.axhline(0.5, color="gray", linestyle=":", linewidth=1)
-        ax.axhline(tracking["chance"]["any_value"], color="gray", linestyle=":", linewidth=1)
+        ax.axhline(tracking.chance.any_value, color="gray", linestyle=":", linewidth=1)
         ax.set(xlabel="chain length h (blocks)", title=m["label"], ylim=(-0.03, 1.03))
         ax.set_xticks(lengths)
         ax.grid(alpha=0.3)

@@ -386,10 +386,13 @@ def test_eval_of_a_trained_checkpoint_writes_every_output(trained_run, tmp_path)
             assert e["perplexity"]["mean"] == pytest.approx(math.exp(e["nats_per_token"]["mean"]))
             assert e["by_block_offset"]["grid"] == {"size": 16, "offset": 0, "source": "pattern"}
             assert (e["distant_context_ablation"] is None) == (e["length"] <= 16)
-    edge = model["diagnostics"]["edge_pair"]
-    assert np.array(edge["accuracy"]).shape == np.array(edge["reachable"]).shape == (len(edge["offsets"]), 3)
-    tracking = model["diagnostics"]["variable_tracking"]
-    assert tracking["depths"] == [1, 2] and np.array(tracking["accuracy"]).shape == (2, 3)
+    found = diagnostics.Diagnostics.from_json(model["diagnostics"])
+    assert found.to_json() == model["diagnostics"]  # the typed result reads back what was written
+    edge = found.edge_pair
+    assert np.array(edge.accuracy).shape == np.array(edge.reachable).shape == (len(edge.offsets), 3)
+    tracking = found.variable_tracking
+    assert tracking.depths == [1, 2] and np.array(tracking.accuracy).shape == (2, 3)
+    assert [tune.depth for tune in tracking.fine_tune] == [1, 2]
 
     def numbers(node):
         if isinstance(node, dict):

@@ -414,9 +414,9 @@ def plot_edge_pair_recall(results: dict):
     models = results["models"]
     figure, axes = plt.subplots(2, len(models), figsize=(3.2 * len(models) + 1.5, 7.5), squeeze=False,
                                 layout="constrained")
+    edges = [Diagnostics.from_json(m["diagnostics"]).edge_pair for m in models]
     image = None
-    for column, m in enumerate(models):
-        edge = Diagnostics.from_json(m["diagnostics"]).edge_pair
+    for column, (m, edge) in enumerate(zip(models, edges)):
         for row, (key, title) in enumerate((("accuracy", "measured accuracy"), ("reachable", "reachable (predicted)"))):
             ax = axes[row, column]
             values = np.array(getattr(edge, key), float)
@@ -432,7 +432,7 @@ def plot_edge_pair_recall(results: dict):
             if column == 0:
                 ax.set_ylabel("key offset in block (o)")
     figure.colorbar(image, ax=axes, shrink=0.6, label="accuracy / reachable")
-    figure.suptitle(f"edge-pair recall (chance {Diagnostics.from_json(models[0]['diagnostics']).edge_pair.chance:.3f})")
+    figure.suptitle(f"edge-pair recall (chance {edges[0].chance:.3f})")
     return figure
 
 

@@ -98,14 +98,14 @@ def evaluate_length(scorer: Scorer, documents: Sequence[np.ndarray], length: int
     batch = max(1, options.batch_tokens // length)
     nll = scorer.score_rows(rows, batch, bar)  # [windows, length]
     positions = np.broadcast_to(np.arange(length), nll.shape)
-    scored = positions < targets[:, None]
-    tokens = ScoredLength(
+    predicted = positions < targets[:, None]  # [windows, length]; False on the padding
+    scored = ScoredLength(
         length=length, num_docs=len(documents), grid=grid, width=width, samples=options.bootstrap_samples,
         seed=options.seed, ablation_targets=options.ablation_targets,
-        doc=np.broadcast_to(owner[:, None], nll.shape)[scored], position=positions[scored],
-        loss=nll[scored].astype(np.float64), rows=rows, owner=owner, targets=targets, nll=nll,
+        doc=np.broadcast_to(owner[:, None], nll.shape)[predicted], position=positions[predicted],
+        loss=nll[predicted].astype(np.float64), rows=rows, owner=owner, targets=targets, nll=nll,
         rescore=lambda cut: scorer.score_rows(cut, max(1, options.batch_tokens // width), bar))
-    result = {"length": length, "documents": len(documents), "windows": len(rows), "tokens": int(scored.sum())}
+    result = {"length": length, "documents": len(documents), "windows": len(rows), "tokens": int(predicted.sum())}
     for measure in MEASURES:
-        result.update(measure.entry(tokens))
+        result.update(measure.entry(scored))
     return result

@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 
 from lm_experiment.eval_runs import BlockGrid
+from lm_experiment.eval_statistics import bucket_sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +78,12 @@ class ScoredLength:
     targets: np.ndarray
     nll: np.ndarray
     rescore: Callable[[np.ndarray], np.ndarray]
+
+    @functools.cached_property
+    def document_sums(self) -> tuple[np.ndarray, np.ndarray]:
+        """(NLL nats, tokens) [documents, 1]: each document's loss sum and token count, for every measure that
+        pools over documents."""
+        return bucket_sums(self.doc, np.zeros_like(self.doc), self.loss, self.num_docs, 1)
 
     @property
     def stats(self) -> dict:

@@ -30,7 +30,7 @@ class PerDocument:
 
 
 def compute(scored: ScoredLength) -> PerDocument:
-    sums, counts = bucket_sums(scored.doc, np.zeros_like(scored.doc), scored.loss, scored.num_docs, 1)
+    sums, counts = scored.document_sums
     start = block_offsets(scored.position, scored.grid.size, scored.grid.offset) < PAIRED_START_OFFSETS
     start_sums, start_counts = bucket_sums(scored.doc[start], np.zeros(start.sum(), np.int64), scored.loss[start],
                                            scored.num_docs, 1)

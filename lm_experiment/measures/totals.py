@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-
-from lm_experiment.eval_statistics import bucket_sums, loss_interval
+from lm_experiment.eval_statistics import loss_interval
 from lm_experiment.measures.base import Interval, Measure, ScoredLength
 from lm_experiment.report_text import interval_text, length_entries, table
 
@@ -29,7 +27,7 @@ class Totals:
 
 
 def compute(scored: ScoredLength) -> Totals:
-    sums, counts = bucket_sums(scored.doc, np.zeros_like(scored.doc), scored.loss, scored.num_docs, 1)
+    sums, counts = scored.document_sums
     return Totals(*(Interval.from_json(loss_interval(sums[:, 0], counts[:, 0], unit=unit, **scored.stats))
                     for unit in UNITS))
 

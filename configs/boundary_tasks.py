@@ -53,8 +53,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         # pattern except window(64) at depth 4 (results/boundary_tasks/hops_4chains/).
         config.hops = dict(hops=(1, 2, 3), crossings=(0, 1, 2), chains=4, steps=6000, curriculum=True)
         # One block applied `depth` times (the same reachable sets): with a block per layer no model got past
-        # one hop in eight trials (results/boundary_tasks/hops_trials/); the looped model of cpu_small learned
-        # two hops in the same 4,000 steps (hops_trials/cpu_looped/).
+        # one hop in seven runs (results/boundary_tasks/README.md); the looped model of the cpu_small trial
+        # learned two hops in the same 4,000 steps (hops_trials/cpu_looped/).
         config.model = dict(d_model=128, num_heads=4, mlp_hidden=256, compute_dtype="bfloat16", shared_layers=True)
         config.train = dict(batch=64, learning_rate=1e-3, warmup_steps=100, log_every=100)
         config.eval = dict(samples_per_cell=200, accuracy_bar=0.9, confidence=0.95, batch=512)

@@ -196,8 +196,8 @@ class BoundaryTaskConfig:
         """The decoder of one model at `depth`; with shared_layers it has one block, applied depth times."""
         return ModelConfig(vocab_size=VOCAB_SIZE, d_model=self.d_model, num_layers=1 if self.shared_layers else depth,
                            num_heads=self.num_heads, num_kv_heads=self.num_heads, mlp_hidden=self.mlp_hidden,
-                           tie_embeddings=False,
-                           remat=False, rope_base=10000.0, compute_dtype=self.compute_dtype, param_dtype="float32")
+                           tie_embeddings=False, remat=False, rope_base=10000.0, compute_dtype=self.compute_dtype,
+                           param_dtype="float32")
 
     def make_task(self, task: str) -> "CopyTask | HopTask":
         if task == "copy":

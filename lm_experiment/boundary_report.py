@@ -87,8 +87,7 @@ def markdown(results: dict) -> str:
     ]
     checks = boundary_tasks.bar_checks(results)
     for task in dict.fromkeys(c["task"] for c in checks):
-        scope = " (cells within depth: a chain of h links needs h + 1 layers)" if task == "hops" else ""
-        lines += [f"## The bars: {task}{scope}", ""]
+        lines += [f"## The bars: {task}", ""]
         lines += _table(["bar", "holds", "detail"], [[c["bar"], "yes" if c["holds"] else "**no**", c["detail"]]
                                                      for c in checks if c["task"] == task])
         lines.append("")
@@ -96,7 +95,9 @@ def markdown(results: dict) -> str:
         "## Agreement with the reachability prediction",
         "",
         f"agreement_reachable: share of reachable cells at accuracy >= {config['accuracy_bar']}; within depth: the "
-        "same over the cells a model of that depth has the layers for (hops: h + 1 <= depth). "
+        "same over the cells a model of that depth has the layers for (hops: h + 1 <= depth); in order: the same "
+        "over each cell's probes whose route (key, each statement of the chain, query) fits in the layers one "
+        "link after another (`reachability.layers_in_order`; for copy the same as reachable). "
         "agreement_unreachable: share of unreachable cells whose family-wise interval (Bonferroni over every "
         "unreachable cell of the task, all patterns and depths) holds chance. Pooled: every unreachable probe of "
         "the row together, with its 95 % interval.",
@@ -108,14 +109,16 @@ def markdown(results: dict) -> str:
         rows.append([row["task"], row["pattern"], str(row["depth"]),
                      f"{_fraction(row['agreement_reachable'])} of {row['reachable_parts']}",
                      _fraction(boundary_tasks.agreement_within_depth(row, config["accuracy_bar"])),
+                     f"{_fraction(row['agreement_in_order'])} of {row['in_order_parts']}",
                      f"{_fraction(row['agreement_unreachable'])} of {row['unreachable_parts']}",
                      _fraction(row["min_accuracy_reachable"]), _part(pooled) or "-", f"{row['final_loss']:.3f}"])
-    lines += _table(["task", "pattern", "depth", "agreement reachable", "within depth", "agreement unreachable",
-                     "min accuracy reachable", "pooled unreachable accuracy", "final loss"], rows)
+    lines += _table(["task", "pattern", "depth", "agreement reachable", "within depth", "in order",
+                     "agreement unreachable", "min accuracy reachable", "pooled unreachable accuracy", "final loss"],
+                    rows)
     lines.append("")
     for row in results["results"]:
         lines += [f"### {row['task']}: {row['pattern']}, depth {row['depth']}", ""]
-        lines += _copy_table(row, config) if row["task"] == "copy" else _hops_table(row)
+        lines += _copy_table(row, config) if row["task"] == "copy" else _hops_table(row, config["confidence"])
         lines.append("")
     return "\n".join(lines)
 
@@ -147,10 +150,19 @@ def _copy_table(row: dict, config: dict) -> list[str]:
             *_table(["d \\ p", *map(str, config["phases"])], rows)]
 
 
-def _hops_table(row: dict) -> list[str]:
-    rows = [[str(c["hops"]), str(c["crossings"]), f"{c['reachable_fraction']:.2f}", _part(c["reachable"]) or "-",
-             _part(c["unreachable"]) or "-"] for c in row["cells"]]
-    return _table(["hops", "edges per link", "key reachable", "accuracy (reachable)", "accuracy (unreachable)"], rows)
+def _hops_table(row: dict, confidence: float) -> list[str]:
+    """One line per cell; the in-order probes are among the reachable ones, so the reachable probes that are not
+    in order are the difference of the two parts."""
+    rows = []
+    for c in row["cells"]:
+        reached, ordered = c["reachable"], c["in_order"]
+        out_of_order = boundary_tasks.part_interval(reached["correct"] - ordered["correct"],
+                                                    reached["n"] - ordered["n"], confidence)
+        rows.append([str(c["hops"]), str(c["crossings"]), f"{c['reachable_fraction']:.2f}",
+                     f"{c['in_order_fraction']:.2f}", _part(ordered) or "-", _part(out_of_order) or "-",
+                     _part(c["unreachable"]) or "-"])
+    return _table(["hops", "edges per link", "key reachable", "in order", "accuracy (in order)",
+                   "accuracy (reachable, not in order)", "accuracy (unreachable)"], rows)
 
 
 # --------------------------------------------------------------------------------------------------

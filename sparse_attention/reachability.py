@@ -648,6 +648,49 @@ def reachable(pattern: PatternOrSchedule | str | Sequence[str], seq_len: int, la
     return (keys <= queries) & (keys >= earliest[queries])
 
 
+def layers_in_order(pattern: PatternOrSchedule | str | Sequence[str], seq_len: int, layers: int, route,
+                    start_layer: int = 0) -> np.ndarray:
+    """The fewest layers after which information reaches route[-1] having passed every position of the route
+    in order, for each row of `route` (int [n, stops], positions, -1 pads a row's end); 0 where it does not
+    within `layers`.
+
+    The information leaves route[0] after layer `start_layer`; a stop passes it on from the layer after the
+    one it arrived in. This is what a chain of lookups needs when each link is resolved where it is stated:
+    reachability of route[-1] from route[0] alone is necessary, not sufficient. Dense masks: seq_len is
+    limited to MAX_MATRIX_SEQ_LEN.
+    """
+    schedule = as_schedule(pattern)
+    route = np.atleast_2d(np.asarray(route, np.int64))
+    _check_positive("seq_len", seq_len)
+    _check_positive("layers", layers)
+    if seq_len > MAX_MATRIX_SEQ_LEN:
+        raise ValueError(f"seq_len: layers_in_order is limited to {MAX_MATRIX_SEQ_LEN} positions, got {seq_len}")
+    if not 0 <= start_layer < layers:
+        raise ValueError(f"start_layer must be in [0, {layers}), got {start_layer}")
+    stops = (route >= 0).sum(axis=1)
+    if route.size and (route.max() >= seq_len or (stops < 2).any() or (route[:, :1] < 0).any()
+                       or ((route >= 0) != (np.arange(route.shape[1]) < stops[:, None])).any()):
+        raise ValueError(f"route: each row must hold at least two positions in [0, {seq_len}), then -1 padding")
+    rows = np.arange(len(route))
+    positions = np.arange(seq_len)
+    holds = np.zeros((len(route), seq_len), bool)  # [n, seq]: positions holding the information so far
+    holds[rows, route[:, 0]] = True
+    stage = np.ones(len(route), np.int64)  # index of the next stop
+    arrived = np.zeros(len(route), np.int64)
+    for layer in range(start_layer, layers):
+        mask = np.broadcast_to(schedule.layer(layer).mask(positions[:, None], positions[None, :]),
+                               (seq_len, seq_len))  # [query, key]
+        holds |= (holds.astype(np.float32) @ mask.T.astype(np.float32)) > 0
+        going = stage < stops
+        target = route[rows, np.minimum(stage, route.shape[1] - 1)]
+        reached = going & holds[rows, target]
+        holds[reached] = False
+        holds[rows[reached], target[reached]] = True
+        stage += reached
+        arrived[reached & (stage == stops)] = layer + 1
+    return arrived
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 

@@ -10,6 +10,7 @@ import pytest
 from configs import boundary_tasks as boundary_config
 from lm_experiment import boundary_report, boundary_tasks
 from lm_experiment.boundary_tasks import VALUE, BoundaryTaskConfig, CopyTask, HopTask
+from sparse_attention import reachability
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -143,13 +144,14 @@ def test_hop_sequences_are_programs_whose_links_cross_the_asked_edges(hops, cros
     task = HopTask(128, 16, 8, hops=(hops,), crossings=(crossings,), chains=chains)
     rng = np.random.default_rng()
     for _ in range(20):
-        tokens, targets, weights, query, key, answer = task.sequence(rng, hops, crossings)
+        tokens, targets, weights, route, answer = task.sequence(rng, hops, crossings)
+        query = route[-1]
         program = statements(tokens)
         queries = [start for start, first, _ in program if first == task.query_token]
         assert len(program) == chains * (hops + 1) and len(queries) == chains
         assert tokens[query - 1] == task.query_token
         value, visited = follow_chain(task, tokens, query)
-        assert value == answer and key == visited[-1] + 1
+        assert value == answer and route[:-1].tolist() == [start + 1 for start in reversed(visited)]
         chain = sorted(visited) + [query - 1]
         assert len(visited) == hops
         assert np.array_equal(np.diff(np.array(chain) // 16), [crossings] * hops)
@@ -191,23 +193,45 @@ def test_shared_layers_train_one_block_applied_depth_times():
     assert looped.parameters < unshared.parameters
 
 
-def test_hop_bars_count_only_cells_within_depth():
+def test_hop_probe_routes_need_h_plus_one_dense_layers():
+    """The probes' routes run key, statement sources, query; under dense attention each link takes a layer after
+    the one that binds names, so a route fits in order exactly when h + 1 <= depth."""
+    task = HopTask(256, 32, 16, hops=(1, 2, 3), crossings=(0, 1, 2), chains=4)
+    probes = task.probes(np.random.default_rng(), 5)
+    hops = np.array([task.cells[c]["hops"] for c in probes.cells])
+    assert np.array_equal(probes.keys, probes.routes[:, 0])
+    assert np.array_equal((probes.routes >= 0).sum(1), hops + 1)
+    for depth in (2, 3, 4):
+        fits = reachability.layers_in_order("dense", 256, depth, probes.routes, task.route_start_layer) > 0
+        assert np.array_equal(fits, hops + 1 <= depth)
+    copy = CopyTask(64, 8, 8, distances=(1, 9), phases=(0, 5))
+    copy_probes = copy.probes(np.random.default_rng(), 4)
+    assert np.array_equal(copy_probes.routes, np.stack([copy_probes.keys, copy_probes.queries], 1))
+
+
+def test_hop_bars_within_depth_and_in_order():
     """A chain of h links needs h + 1 layers: a depth-2 model is held to its one-hop cells only, a depth-3 one
-    to two hops as well; the chance bar counts every unreachable cell."""
+    to two hops as well; the in-order bar counts each cell's in-order probes; the chance bar counts every
+    unreachable cell."""
     def part(accuracy, n=200):
         return {"accuracy": accuracy, "n": n, "correct": round(accuracy * n), "at_chance": True}
 
-    def row(depth, two_hop_accuracy, pattern="dense"):
-        cells = [{"hops": 1, "crossings": 0, "reachable": part(1.0), "unreachable": part(0, n=0)},
-                 {"hops": 2, "crossings": 0, "reachable": part(two_hop_accuracy), "unreachable": part(0, n=0)}]
+    def row(depth, two_hop_accuracy, pattern="dense", two_hop_in_order=None):
+        in_order = part(two_hop_accuracy) if depth >= 3 else part(0, n=0)
+        cells = [{"hops": 1, "crossings": 0, "reachable": part(1.0), "unreachable": part(0, n=0),
+                  "in_order": part(1.0)},
+                 {"hops": 2, "crossings": 0, "reachable": part(two_hop_accuracy), "unreachable": part(0, n=0),
+                  "in_order": in_order if two_hop_in_order is None else two_hop_in_order}]
         return {"task": "hops", "pattern": pattern, "depth": depth, "cells": cells}
 
     def bars(rows):
         return [check["holds"] for check in boundary_tasks.bar_checks({"config": {"accuracy_bar": 0.9},
                                                                        "results": rows})]
 
-    assert bars([row(2, 0.3)]) == [True, True, True]
-    assert bars([row(3, 0.3)]) == [False, True, False]
+    assert bars([row(2, 0.3)]) == [True, True, True, True]
+    assert bars([row(3, 0.3)]) == [False, True, False, False]
+    # Reachable within depth but not in order (a relay short of layers): only the in-order bar forgives it.
+    assert bars([row(3, 1.0), row(3, 0.3, "prefix", two_hop_in_order=part(0, n=0))]) == [True, True, False, True]
     assert boundary_tasks.agreement_within_depth(row(2, 0.3), 0.9) == 1.0
     assert boundary_tasks.agreement_within_depth(row(3, 0.3), 0.9) == 0.5
     assert boundary_tasks.agreement_within_depth(row(1, 0.3), 0.9) is None
@@ -234,8 +258,9 @@ def test_tiny_copy_task_learns_exactly_what_reachability_allows(tiny_results):
     assert block["agreement_unreachable"] == 1.0
     pooled = block["pooled_unreachable"]
     assert pooled["low"] <= 1 / 8 <= pooled["high"]
+    assert block["agreement_in_order"] == 1.0 and block["in_order_parts"] == block["reachable_parts"]
     checks = boundary_tasks.bar_checks(tiny_results)
-    assert [check["holds"] for check in checks] == [True, True, True]
+    assert [check["holds"] for check in checks] == [True, True, True, True]
 
 
 def test_outputs_and_summary_rows(tiny_results, tmp_path):
@@ -248,7 +273,7 @@ def test_outputs_and_summary_rows(tiny_results, tmp_path):
     report = (tmp_path / "out" / "report.md").read_text()
     assert "| dense reaches >= 0.95 on every cell | yes |" in report
     text = boundary_report.summary_text(tiny_results).splitlines()
-    assert text[0].startswith("holds: copy: dense reaches >= 0.95") and len(text) == 3 + 1 + 2
+    assert text[0].startswith("holds: copy: dense reaches >= 0.95") and len(text) == 4 + 1 + 2
     assert text[-1].split()[:4] == ["copy", "block(8)", "1", "1.000"]
     with pytest.raises(ValueError, match="exists and is not a folder"):
         boundary_report.check_out_dir(tmp_path / "out" / "report.md")

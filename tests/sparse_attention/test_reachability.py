@@ -375,3 +375,60 @@ def test_reachable_matches_brute_force_propagation():
 def test_reachable_refuses_positions_outside_the_sequence():
     with pytest.raises(ValueError, match=r"positions in \[0, 16\)"):
         reach.reachable("block(4)", 16, 2, [16], [0])
+
+
+def arrival_by_sets(schedule, layers, route, start_layer):
+    """layers_in_order for one route, by Python sets: each stage spreads from its stop until the next is reached."""
+    holding, stage = {route[0]}, 1
+    for layer in range(start_layer, layers):
+        pattern = schedule.layer(layer)
+        holding |= {i for i in range(min(holding), route[-1] + 1)
+                    if any(m == i or pattern.mask(np.array(i), np.array(m)) for m in holding)}
+        if route[stage] in holding:
+            holding, stage = {route[stage]}, stage + 1
+            if stage == len(route):
+                return layer + 1
+    return 0
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layer_specs=st.lists(_compositions, min_size=1, max_size=2), seq_len=st.integers(2, 40),
+       layers=st.integers(1, 5), data=st.data())
+def test_layers_in_order_matches_sets(layer_specs, seq_len, layers, data):
+    spec = layer_specs[0] if len(layer_specs) == 1 else f"schedule({', '.join(layer_specs)})"
+    schedule = as_schedule(spec)
+    stops = st.lists(st.integers(0, seq_len - 1), min_size=2, max_size=4, unique=True).map(sorted)
+    routes = data.draw(st.lists(stops, min_size=1, max_size=4))
+    start_layer = data.draw(st.integers(0, layers - 1))
+    padded = np.full((len(routes), 4), -1)
+    for row, route in zip(padded, routes):
+        row[:len(route)] = route
+    got = reach.layers_in_order(schedule, seq_len, layers, padded, start_layer)
+    assert got.tolist() == [arrival_by_sets(schedule, layers, route, start_layer) for route in routes]
+
+
+def test_layers_in_order_generalises_reachability_and_counts_links():
+    rng = np.random.default_rng()
+    keys = rng.integers(0, 96, 50)
+    queries = keys + rng.integers(0, 96 - keys)
+    for spec in ("repaired(16, 2, prefix)", "shifted(16)", "window(5)"):
+        assert np.array_equal(reach.layers_in_order(spec, 96, 3, np.stack([keys, queries], 1)) > 0,
+                              reach.reachable(spec, 96, 3, queries, keys))
+    # Dense: each link takes one layer, so a chain of h links leaving after layer 1 arrives after layer h + 1.
+    assert reach.layers_in_order("dense", 64, 6, [[3, 10, 20, 40], [3, 40, -1, -1]], 1).tolist() == [4, 2]
+    assert reach.layers_in_order("dense", 64, 3, [[3, 10, 20, 40]], 1).tolist() == [0]
+    # prefix(32, 4) reaches a key two blocks back in 2 layers, but a chain through the middle block needs a relay
+    # into the middle block's last keys and another out of them: 1 + 2 + 2 layers.
+    assert reach.reachable("repaired(32, 4, prefix)", 256, 4, 70, 10)
+    assert reach.layers_in_order("repaired(32, 4, prefix)", 256, 5, [[10, 40, 70]], 1).tolist() == [5]
+
+
+@pytest.mark.parametrize("route, start_layer, message", [
+    ([[3]], 0, "route: each row must hold at least two positions"),
+    ([[3, 70]], 0, r"route: each row must hold at least two positions in \[0, 64\)"),
+    ([[3, -1, 9]], 0, "then -1 padding"),
+    ([[3, 9]], 2, r"start_layer must be in \[0, 2\)"),
+])
+def test_layers_in_order_refuses_bad_routes(route, start_layer, message):
+    with pytest.raises(ValueError, match=message):
+        reach.layers_in_order("block(8)", 64, 2, route, start_layer)

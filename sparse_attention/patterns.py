@@ -87,6 +87,18 @@ def _xp(*arrays):
 
 
 @dataclasses.dataclass(frozen=True)
+class KeyExtent:
+    """Every key k that query q sees has k < first (a global prefix) or q - k < recent; recent None: no bound."""
+
+    first: int
+    recent: int | None
+
+    def size(self) -> int | None:
+        """Keys a decoding cache holds for this extent; None when unbounded."""
+        return None if self.recent is None else self.first + self.recent
+
+
+@dataclasses.dataclass(frozen=True)
 class TileGrid:
     """Tiling of a [seq_len, seq_len] attention matrix into [block_q, block_k] tiles.
 
@@ -215,6 +227,11 @@ class Pattern(abc.ABC):
         None when the pattern is not a function of q - k alone.
         """
         return None
+
+    def key_extent(self) -> KeyExtent:
+        """Which past keys a query can still see (the bound of a decoding cache). The default, the whole past,
+        is right for every pattern; kinds with a bounded reach override it."""
+        return KeyExtent(first=0, recent=None)
 
     def count_active(self, seq_len: int) -> int:
         """Exact number of attended (q, k) pairs in a sequence of `seq_len`."""
@@ -348,6 +365,9 @@ class Block(_IntervalPattern):
     def block_grid(self):
         return self.size, self.offset
 
+    def key_extent(self):
+        return KeyExtent(first=0, recent=self.size)
+
 
 @pattern_kind("window", ("W",), (("window(W)", "q - k < W"),))
 @dataclasses.dataclass(frozen=True)
@@ -366,6 +386,9 @@ class Window(_IntervalPattern):
 
     def offsets(self, seq_len):
         return np.arange(seq_len) < self.size
+
+    def key_extent(self):
+        return KeyExtent(first=0, recent=self.size)
 
 
 REPAIR_MODES = ("bridge", "prefix")
@@ -411,6 +434,11 @@ class Repaired(_IntervalPattern):
     def block_grid(self):
         return self.size, 0
 
+    def key_extent(self):
+        # bridge: the block or the R keys before q; prefix: back to R keys before the block's start.
+        recent = max(self.size, self.repair + 1) if self.mode == "bridge" else self.size + self.repair
+        return KeyExtent(first=0, recent=recent)
+
 
 @pattern_kind("sinks", ("N",), (("sinks(N)", "k < N"),))
 @dataclasses.dataclass(frozen=True)
@@ -432,6 +460,9 @@ class Sinks(_IntervalPattern):
 
     def lo(self, q):
         return q * 0
+
+    def key_extent(self):
+        return KeyExtent(first=self.count, recent=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,6 +507,10 @@ class _DifferencePattern(Pattern):
         d = np.arange(seq_len)
         active = d % stride == 0
         return active & (d < limit) if limit else active
+
+    def key_extent(self):
+        _, limit = self._stride_limit()
+        return KeyExtent(first=0, recent=limit or None)
 
 
 @pattern_kind("strided", ("S",), (("strided(S)", "(q - k) % S == 0"),))
@@ -721,6 +756,11 @@ class Union_(_Composite):
         offs = [p.offsets(seq_len) for p in self.parts]
         return None if any(o is None for o in offs) else functools.reduce(np.logical_or, offs)
 
+    def key_extent(self):
+        extents = [p.key_extent() for p in self.parts]
+        recent = None if any(e.recent is None for e in extents) else max(e.recent for e in extents)
+        return KeyExtent(first=max(e.first for e in extents), recent=recent)
+
 
 @dataclasses.dataclass(frozen=True)
 class Intersection(_Composite):
@@ -750,6 +790,11 @@ class Intersection(_Composite):
     def offsets(self, seq_len):
         offs = [p.offsets(seq_len) for p in self.parts]
         return None if any(o is None for o in offs) else functools.reduce(np.logical_and, offs)
+
+    def key_extent(self):
+        # The keys are among every part's, so the tightest part's extent bounds them.
+        bounded = [e for e in (p.key_extent() for p in self.parts) if e.recent is not None]
+        return min(bounded, key=KeyExtent.size) if bounded else KeyExtent(first=0, recent=None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from sparse_attention.patterns import (
     Block,
     Dense,
+    KeyExtent,
     Pattern,
     RandomBlocks,
     Schedule,
@@ -580,3 +581,24 @@ def test_a_new_kind_is_a_class_plus_its_registration():
         patterns._parse_cached.cache_clear()
     with pytest.raises(ValueError, match="unknown pattern 'every_other'"):
         parse("every_other(6)")
+
+
+@PROPERTY_SETTINGS
+@given(tree=pattern_trees(), seq_len=st.integers(1, 96))
+def test_key_extent_bounds_every_attended_key(tree, seq_len):
+    pattern = parse(tree_spec(tree))
+    extent = pattern.key_extent()
+    q, k = np.meshgrid(np.arange(seq_len), np.arange(seq_len), indexing="ij")
+    attended = np.broadcast_to(pattern.mask(q, k), q.shape)
+    if extent.recent is not None:
+        assert not (attended & (k >= extent.first) & (q - k >= extent.recent)).any()
+
+
+@pytest.mark.parametrize("spec, first, recent", [
+    ("dense", 0, None), ("block(64)", 0, 64), ("block(64, 16)", 0, 64), ("window(100)", 0, 100),
+    ("repaired(64, 8, bridge)", 0, 64), ("repaired(64, 64, bridge)", 0, 65), ("repaired(64, 8, prefix)", 0, 72),
+    ("sinks(4) | window(32)", 4, 32), ("strided(8)", 0, None), ("dilated(4, 3)", 0, 12),
+    ("random_blocks(8, 2, 0)", 0, None), ("block(64) & window(16)", 0, 16), ("dense & sinks(4)", 4, 1),
+])
+def test_key_extent_of_each_kind(spec, first, recent):
+    assert parse(spec).key_extent() == KeyExtent(first, recent)

@@ -1,7 +1,9 @@
 """A byte-level decoder LM whose layers attend through `sparse_attention.attention` (Flax NNX).
 
   SparseAttention   library attention layer: q/k/v projections, RoPE, sparse attention, output projection
-  DecoderLM         embeddings -> num_layers x [pre-norm attention, pre-norm SwiGLU MLP] -> RMSNorm -> logits
+  DecoderLM         embeddings -> num_layers x [pre-norm attention, pre-norm SwiGLU MLP] -> RMSNorm -> logits;
+                    `prefill` and `decode` run the same layers over a prompt and then one token at a time,
+                    through per-layer KV caches (`sparse_attention.decoding`; lm_experiment.generation)
 
 Numerics: parameters in param_dtype (float32), matmuls in compute_dtype (bfloat16 on accelerators), the
 residual stream, norms' statistics and the logits in float32.
@@ -24,15 +26,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm_experiment.config import AttentionConfig, ExperimentConfig, ModelConfig
-from sparse_attention import reference
+from sparse_attention import decoding, reference
 from sparse_attention.attention import attention, resolve_impl
+from sparse_attention.decoding import KVCache
 from sparse_attention.patterns import Pattern, as_pattern
 
 
 def rope_angles(seq_len: int, head_dim: int, base: float):
     """(cos, sin), float32 [seq_len, head_dim // 2]: position p turns pair i by p * base^(-2i / head_dim)."""
+    return rope_angles_at(jnp.arange(seq_len), head_dim, base)
+
+
+def rope_angles_at(positions, head_dim: int, base: float):
+    """rope_angles at the given positions, int [n] -> (cos, sin) float32 [n, head_dim // 2]."""
     inverse_frequency = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-    angles = jnp.arange(seq_len, dtype=jnp.float32)[:, None] * inverse_frequency[None, :]
+    angles = jnp.asarray(positions, jnp.float32)[:, None] * inverse_frequency[None, :]
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -103,20 +111,43 @@ class SparseAttention(nnx.Module):
             kernel_init=_residual_init(output_scale), rngs=rngs,
         )
 
-    def __call__(self, x, mask=None):
-        """`mask` bool [seq, seq], if given, replaces the pattern: dense masked softmax
-        (`reference.masked_attention`), so that one compiled model can serve many patterns."""
+    def _project(self, x, positions):
+        """x [batch, seq, d_model] at positions int [seq] -> q [batch, seq, heads, head_dim] and k, v
+        [batch, seq, kv_heads, head_dim], RoPE applied to q and k."""
         batch, seq_len, _ = x.shape
         q = self.q_proj(x).reshape(batch, seq_len, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(batch, seq_len, self.num_kv_heads, self.head_dim)
-        cos, sin = rope_angles(seq_len, self.head_dim, self.rope_base)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cos, sin = rope_angles_at(positions, self.head_dim, self.rope_base)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _output(self, out):
+        """[batch, seq, heads, head_dim] -> [batch, seq, d_model]."""
+        batch, seq_len = out.shape[:2]
+        return self.out_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
+
+    def __call__(self, x, mask=None):
+        """`mask` bool [seq, seq], if given, replaces the pattern: dense masked softmax
+        (`reference.masked_attention`), so that one compiled model can serve many patterns."""
+        q, k, v = self._project(x, jnp.arange(x.shape[1]))
         if mask is None:
             out = attention(q, k, v, self.pattern, impl=self.impl, interpret=self.interpret)
         else:
             out = reference.masked_attention(q, k, v, mask, scale=1.0 / math.sqrt(self.head_dim))
-        return self.out_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
+        return self._output(out)
+
+    def prefill(self, x, cache: KVCache):
+        """The pass over a prompt x [batch, prompt, d_model] through the pattern's kernels, and the empty
+        `cache` filled with its keys and values."""
+        q, k, v = self._project(x, jnp.arange(x.shape[1]))
+        out = attention(q, k, v, self.pattern, impl=self.impl, interpret=self.interpret)
+        return self._output(out), cache.fill(k, v)
+
+    def decode(self, x, cache: KVCache, position):
+        """One token x [batch, 1, d_model] at `position` (traced int) attending through the cache."""
+        q, k, v = self._project(x, jnp.reshape(position, (1,)))
+        cache = cache.write(k, v, position)
+        return self._output(decoding.decode_attention(q, cache, position, self.pattern)), cache
 
 
 class SwiGLU(nnx.Module):
@@ -158,7 +189,17 @@ class DecoderBlock(nnx.Module):
                           output_scale=output_scale, rngs=rngs)
 
     def __call__(self, x, mask=None):
-        x = x + self.attention(self.attention_norm(x), mask).astype(jnp.float32)
+        return self._mlp_residual(x + self.attention(self.attention_norm(x), mask).astype(jnp.float32))
+
+    def prefill(self, x, cache: KVCache):
+        out, cache = self.attention.prefill(self.attention_norm(x), cache)
+        return self._mlp_residual(x + out.astype(jnp.float32)), cache
+
+    def decode(self, x, cache: KVCache, position):
+        out, cache = self.attention.decode(self.attention_norm(x), cache, position)
+        return self._mlp_residual(x + out.astype(jnp.float32)), cache
+
+    def _mlp_residual(self, x):
         return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
 
 
@@ -213,6 +254,35 @@ class DecoderLM(nnx.Module):
         applications = [block for _ in range(repeats) for block in self.blocks]
         for index, block in enumerate(applications):
             x = apply_block(block, x, None if masks is None else masks[index])
+        return self._head(x)
+
+    def empty_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        """One empty decoding cache per layer, each as large as that layer's pattern needs for sequences of
+        up to max_len positions (`decoding.CacheLayout.for_pattern`)."""
+        model = self.model_config
+        return [KVCache.empty(decoding.CacheLayout.for_pattern(block.attention.pattern, max_len), batch,
+                              model.num_kv_heads, model.head_dim, model.compute_jnp_dtype) for block in self.blocks]
+
+    def prefill(self, tokens, caches: list[KVCache]):
+        """tokens int32 [batch, prompt] -> (logits float32 [batch, prompt, vocab], the caches filled)."""
+        x = self.embed_tokens(tokens)
+        filled = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, cache = block.prefill(x, cache)
+            filled.append(cache)
+        return self._head(x), filled
+
+    def decode(self, tokens, caches: list[KVCache], position):
+        """tokens int32 [batch, 1] at `position` -> (logits float32 [batch, 1, vocab], the caches updated)."""
+        x = self.embed_tokens(tokens)
+        updated = []
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x, cache = block.decode(x, cache, position)
+            updated.append(cache)
+        return self._head(x), updated
+
+    def _head(self, x):
+        """Residual stream [batch, seq, d_model] -> logits float32 [batch, seq, vocab_size]."""
         h = self.final_norm(x)
         if self.lm_head is not None:
             return self.lm_head(h).astype(jnp.float32)

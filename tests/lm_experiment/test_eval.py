@@ -2,8 +2,8 @@
 on hand-made losses, the diagnostics' tasks and reachability overlay, an end-to-end eval of a minuscule
 trained checkpoint (every output file, finite numbers, labelled override), and clear errors.
 
-The minuscule run (d_model 32, 2 layers, seq_len 64, repaired(16, 2, bridge)) trains 3 steps; the eval
-runs on 2 documents of 300 tokens per eval set with 1-3 fine-tuning steps, so compiling dominates.
+The minuscule run (tiny_run.py) trains 3 steps; the eval runs on 2 documents of 300 tokens per eval set with 1-3
+fine-tuning steps, so compiling dominates.
 """
 
 import json
@@ -14,30 +14,17 @@ import numpy as np
 import pytest
 
 import eval as eval_cli
-from configs import repaired
 from lm_experiment import (data, diagnostics, eval_options, eval_runs, eval_statistics, evaluation, paired, report,
                            report_text, scoring, training)
 from lm_experiment.measures import Interval
 from lm_experiment.checkpointing import save_config
-from lm_experiment.config import ExperimentConfig
 from sparse_attention import reachability
 from sparse_attention.patterns import parse
+from tiny_run import tiny_config
 
-TINY_RUN = {"model": {"d_model": 32, "num_layers": 2, "mlp_hidden": 64},
-            "train": {"seq_len": 64, "global_batch": 4, "steps": 3, "warmup_steps": 1, "log_every": 1},
-            "attention": {"pattern": "repaired(16, 2, bridge)"},
-            "data": {"data_dir": str(data.DEFAULT_DATA_DIR)}}
 FAST_EVAL = ["--lengths", "32", "64", "128", "--max-documents", "2", "--max-document-tokens", "300",
              "--bootstrap-samples", "50", "--ablation-targets", "4", "--diag-steps", "2", "--tracking-steps", "1",
              "--diag-samples", "2", "--diag-batch", "4", "--diag-depths", "1", "2"]
-
-
-def tiny_config() -> ExperimentConfig:
-    config = repaired.get_config("tiny")
-    for section, values in TINY_RUN.items():
-        for key, value in values.items():
-            config[section][key] = value
-    return ExperimentConfig.from_config_dict(config)
 
 
 @pytest.fixture(scope="module")

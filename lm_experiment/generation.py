@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lm_experiment.model import DecoderLM
+from sparse_attention.decoding import KVCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,7 +80,6 @@ def _prefill(graphdef, state, prompt, max_len: int):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling"))
 def _decode(graphdef, state, caches, first_logits, start, key, steps: int, sampling: Sampling):
-    """`steps` tokens sampled one after another, the first from first_logits; -> int32 [batch, steps]."""
     model = nnx.merge(graphdef, state)
 
     def step(carry, key):
@@ -93,6 +93,22 @@ def _decode(graphdef, state, caches, first_logits, start, key, steps: int, sampl
     return tokens.T
 
 
+def prefill(model: DecoderLM, prompt, max_len: int) -> tuple[jax.Array, list[KVCache]]:
+    """(logits float32 [batch, vocab] after the prompt int32 [batch, length], the caches for sequences of up
+    to max_len positions holding it); one jitted call through the pattern's kernels."""
+    graphdef, state = nnx.split(model)
+    return _prefill(graphdef, state, prompt, max_len)
+
+
+def decode(model: DecoderLM, caches: list[KVCache], logits, start: int, steps: int, *,
+           sampling: Sampling = Sampling(), seed: int = 0) -> jax.Array:
+    """`steps` tokens int32 [batch, steps], the first sampled from logits [batch, vocab] and placed at
+    position `start`, each then decoded through the caches to give the next one's logits; one jitted
+    lax.scan."""
+    graphdef, state = nnx.split(model)
+    return _decode(graphdef, state, caches, logits, jnp.int32(start), jax.random.key(seed), steps, sampling)
+
+
 def generate(model: DecoderLM, prompt, max_new_tokens: int, *, sampling: Sampling = Sampling(), seed: int = 0,
              trained_seq_len: int) -> jax.Array:
     """prompt int32 [batch, prompt_len] (every row the same length) -> int32 [batch, max_new_tokens], the
@@ -101,8 +117,5 @@ def generate(model: DecoderLM, prompt, max_new_tokens: int, *, sampling: Samplin
     if prompt.ndim != 2:
         raise ValueError(f"prompt must be int tokens [batch, length], got shape {prompt.shape}")
     check_lengths(model, prompt.shape[1], max_new_tokens, trained_seq_len)
-    graphdef, state = nnx.split(model)
-    max_len = prompt.shape[1] + max_new_tokens
-    last_logits, caches = _prefill(graphdef, state, prompt, max_len)
-    return _decode(graphdef, state, caches, last_logits, jnp.int32(prompt.shape[1]), jax.random.key(seed),
-                   max_new_tokens, sampling)
+    logits, caches = prefill(model, prompt, prompt.shape[1] + max_new_tokens)
+    return decode(model, caches, logits, prompt.shape[1], max_new_tokens, sampling=sampling, seed=seed)

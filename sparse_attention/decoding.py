@@ -56,6 +56,14 @@ class CacheLayout:
         """Whether the cache is smaller than the sequence (a ring)."""
         return self.ring > 0
 
+    def kept(self, length: int) -> np.ndarray:
+        """The positions still held once positions 0 .. length - 1 are written, int64 [<= slots]: the global
+        prefix and the last `ring` after it (each slot keeps its last writer)."""
+        if length > self.max_len:
+            raise ValueError(f"prompt: {length} positions do not fit a cache of max_len {self.max_len}")
+        positions = np.arange(length)
+        return positions[(positions < self.first) | (positions >= length - self.ring)]
+
     def slot(self, positions):
         """Slot of each position (NumPy or traced int arrays)."""
         if not self.ring:
@@ -83,12 +91,7 @@ class KVCache:
     def fill(self, k, v) -> "KVCache":
         """The cache after the prompt's keys and values k, v [batch, prompt, kv_heads, head_dim] at positions
         0 .. prompt - 1 (an empty cache; the prompt length is static)."""
-        prompt = k.shape[1]
-        if prompt > self.layout.max_len:
-            raise ValueError(f"prompt: {prompt} positions do not fit a cache of max_len {self.layout.max_len}")
-        positions = np.arange(prompt)
-        # The ring keeps each slot's last writer: the first `first` positions and the last `ring` after them.
-        kept = positions[(positions < self.layout.first) | (positions >= prompt - self.layout.ring)]
+        kept = self.layout.kept(k.shape[1])
         slots = self.layout.slot(kept)
         return dataclasses.replace(
             self, k=self.k.at[:, slots].set(k[:, kept].astype(self.k.dtype)),

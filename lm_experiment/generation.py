@@ -100,13 +100,19 @@ def prefill(model: DecoderLM, prompt, max_len: int) -> tuple[jax.Array, list[KVC
     return _prefill(graphdef, state, prompt, max_len)
 
 
+def decoder(model: DecoderLM, steps: int, sampling: Sampling = Sampling()):
+    """The jitted decoding loop of `model` as a function (caches, logits, start, key) -> int32 [batch, steps]:
+    the first token sampled from logits [batch, vocab] and placed at position `start` (int32), each then
+    decoded through the caches to give the next one's logits, in one lax.scan. The model is split once, so
+    repeated calls (a benchmark's) cost no host work beyond the dispatch."""
+    graphdef, state = nnx.split(model)
+    return functools.partial(_decode, graphdef, state, steps=steps, sampling=sampling)
+
+
 def decode(model: DecoderLM, caches: list[KVCache], logits, start: int, steps: int, *,
            sampling: Sampling = Sampling(), seed: int = 0) -> jax.Array:
-    """`steps` tokens int32 [batch, steps], the first sampled from logits [batch, vocab] and placed at
-    position `start`, each then decoded through the caches to give the next one's logits; one jitted
-    lax.scan."""
-    graphdef, state = nnx.split(model)
-    return _decode(graphdef, state, caches, logits, jnp.int32(start), jax.random.key(seed), steps, sampling)
+    """`steps` tokens int32 [batch, steps] decoded after the caches' positions (`decoder`)."""
+    return decoder(model, steps, sampling)(caches, logits, jnp.int32(start), jax.random.key(seed))
 
 
 def generate(model: DecoderLM, prompt, max_new_tokens: int, *, sampling: Sampling = Sampling(), seed: int = 0,

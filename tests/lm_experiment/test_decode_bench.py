@@ -1,0 +1,41 @@
+"""The decoding benchmark's smoke run: every case timed or refused, caches as large as the pattern reaches."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lm_experiment import decode_bench
+from lm_experiment.config import AttentionConfig
+from lm_experiment.model import DecoderLM
+
+
+def test_smoke_run_writes_rows_whose_local_caches_stay_flat(tmp_path, capsys):
+    out = tmp_path / "decode.json"
+    report = decode_bench.main(["--smoke", "--contexts", "64,1024", "--batches", "1,2", "--steps", "4", "--runs", "2",
+                                "--warmup", "1", "--patterns", "dense;block(512);repaired(512, 64, prefix)",
+                                "--attention-peer", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    rows = {(r["pattern"], r["batch"], r["context"]): r for r in report["results"]}
+    assert len(rows) == 12 and all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows.values())
+    # Slots: dense keeps context + steps; block(512) its block once the context passes it; prefix B + R.
+    assert rows["dense", 1, 1024]["cache_slots"] == [1028, 1028]
+    assert rows["block(512)", 1, 1024]["cache_slots"] == [512, 512]
+    assert rows["repaired(512, 64, prefix)", 2, 1024]["cache_slots"] == [576, 576]
+    assert rows["block(512)", 2, 1024]["cache_bytes"] == 2 * rows["block(512)", 1, 1024]["cache_bytes"] - 2 * 512 * 4
+    assert [r["context"] for r in report["attention_peer"]] == [64, 1024, 64, 1024]
+    assert "block(512)" in capsys.readouterr().out
+
+
+def test_caches_after_a_prompt_hold_the_positions_a_prefill_leaves():
+    model = DecoderLM(decode_bench.model_config("small", smoke=True),
+                      AttentionConfig(pattern="sinks(2) | window(5)", schedule=(), impl="reference", interpret=False),
+                      rngs=nnx.Rngs(0))
+    prompt = jax.random.randint(jax.random.key(0), (1, 30), 0, 256)
+    _, prefilled = model.prefill(prompt, model.empty_caches(1, 34))
+    synthetic = decode_bench.caches_after(model, 1, 30, 4, jax.random.key(1))
+    for real, made in zip(prefilled, synthetic):
+        np.testing.assert_array_equal(real.positions, made.positions)
+        assert made.k.shape == real.k.shape and bool(jnp.all(jnp.isfinite(made.k)))

@@ -28,7 +28,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from configs import base

@@ -15,12 +15,12 @@ import pytest
 
 import eval as eval_cli
 from lm_experiment import (data, diagnostics, eval_options, eval_runs, eval_statistics, evaluation, paired, report,
-                           report_text, scoring, training)
+                           report_text, scoring)
 from lm_experiment.measures import Interval
 from lm_experiment.checkpointing import save_config
 from sparse_attention import reachability
 from sparse_attention.patterns import parse
-from tiny_run import tiny_config
+from tiny_run import tiny_config, train_tiny
 
 FAST_EVAL = ["--lengths", "32", "64", "128", "--max-documents", "2", "--max-document-tokens", "300",
              "--bootstrap-samples", "50", "--ablation-targets", "4", "--diag-steps", "2", "--tracking-steps", "1",
@@ -29,10 +29,7 @@ FAST_EVAL = ["--lengths", "32", "64", "128", "--max-documents", "2", "--max-docu
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
-    data.prepare("all")
-    workdir = tmp_path_factory.mktemp("eval") / "tiny"
-    training.train(tiny_config(), workdir)
-    return workdir
+    return train_tiny(tmp_path_factory.mktemp("eval"))
 
 
 # --------------------------------------------------------------------------------------------------

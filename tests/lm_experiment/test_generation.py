@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lm_experiment import data, generation, training
+from lm_experiment import generation
 from lm_experiment.config import AttentionConfig, ModelConfig
 from lm_experiment.generation import Sampling
 from lm_experiment.model import DecoderLM
-from tiny_run import tiny_config
+from tiny_run import train_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 MODEL = ModelConfig(vocab_size=256, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_hidden=64,
@@ -113,10 +113,7 @@ def test_lengths_are_checked_against_what_the_pattern_needs():
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> Path:
-    data.prepare("all")
-    workdir = tmp_path_factory.mktemp("generate") / "tiny"
-    training.train(tiny_config(), workdir)
-    return workdir
+    return train_tiny(tmp_path_factory.mktemp("generate"))
 
 
 def run_cli(*arguments) -> subprocess.CompletedProcess:

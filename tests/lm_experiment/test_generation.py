@@ -2,6 +2,7 @@
 keeps to its definitions, lengths and bad input are refused in one line, and the CLI generates from a
 minuscule trained run."""
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -47,6 +48,17 @@ def test_decoding_logits_equal_the_full_pass(pattern, schedule):
     for t in range(11, 48):
         step, caches = decode(model, tokens[:, t:t + 1], caches, jnp.int32(t))
         np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-4)
+
+
+@pytest.mark.parametrize("tie_embeddings", [True, False])
+def test_parameters_rounded_for_inference_change_no_output(tie_embeddings):
+    """Decoding reads the parameters rounded to bfloat16 once; every layer rounds them so anyway."""
+    config = dataclasses.replace(MODEL, compute_dtype="bfloat16", tie_embeddings=tie_embeddings)
+    model = DecoderLM(config, AttentionConfig(pattern="block(8)", schedule=(), impl="reference", interpret=False),
+                      rngs=nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, 256)
+    logits, _ = generation.prefill(model, tokens, 30)
+    np.testing.assert_array_equal(logits, model(tokens)[:, -1])
 
 
 def test_local_caches_stay_small_and_dense_keeps_everything():

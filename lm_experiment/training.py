@@ -490,8 +490,14 @@ def _active_fractions(config: ExperimentConfig) -> list[dict]:
     layers = []
     for index in range(config.model.num_layers):
         pattern = config.attention.layer_pattern(index)
-        layers.append({"layer": index, "pattern": pattern.spec,
-                       "active_fraction": pattern.count_active(seq_len) / causal_pairs})
+        layer = {"layer": index, "pattern": pattern.spec,
+                 "active_fraction": pattern.count_active(seq_len) / causal_pairs}
+        topk = pattern.block_selection()
+        if topk is not None:
+            # The chosen blocks depend on the content: the fraction above is the static part's, and each query
+            # sees up to this many keys more (fewer where the static part holds some of them already).
+            layer["chosen_keys_per_query_at_most"] = topk.count * topk.size
+        layers.append(layer)
     return layers
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from sparse_attention.patterns import Pattern, as_pattern
+from sparse_attention.selection import select_blocks
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,8 @@ IMPLEMENTATIONS = ("reference", "xla", "triton", "mosaic_gpu", "mosaic_tpu")
 VALID_IMPLS = ("auto",) + IMPLEMENTATIONS
 # The Pallas kernels live in sparse_attention.kernels, named by their lowering and hardware.
 KERNEL_IMPLS = ("triton", "mosaic_gpu", "mosaic_tpu")
+# The implementations that attend a `topk` pattern's chosen blocks; the kernels decline such patterns so far.
+SELECTION_IMPLS = ("reference", "xla")
 # Names of earlier versions: refused with the new name rather than taken silently.
 RENAMED_IMPLS = {"pallas_gpu": "triton", "pallas_tpu": "mosaic_tpu"}
 # Preference order of `auto` per JAX backend. On GPUs mosaic_gpu comes first: validated on an H100 (CUDA 13.0)
@@ -71,6 +74,8 @@ def unsupported_reason(impl: str, q, k, v, pattern: Pattern, *, interpret: bool 
     module = _module(impl)
     if module is None:
         return f"{impl} is not implemented in this version"
+    if pattern.block_selection() is not None and impl not in SELECTION_IMPLS:
+        return f"{pattern.block_selection().spec} chooses blocks on the device, which {impl} cannot take yet"
     check = getattr(module, "unsupported_reason", None)
     return None if check is None else check(q, k, v, pattern, interpret=interpret)
 
@@ -137,4 +142,8 @@ def attention(q, k, v, pattern: Pattern | str, *, impl: str = "auto", scale: flo
     chosen, why = resolve_impl(impl, q, k, v, pattern, interpret=interpret)
     _log_choice(impl, chosen, why)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    topk = pattern.block_selection()
+    if topk is not None:
+        selected = select_blocks(q, k, topk.size, topk.count)
+        return _module(chosen).attention(q, k, v, pattern, scale=scale, interpret=interpret, selected=selected)
     return _module(chosen).attention(q, k, v, pattern, scale=scale, interpret=interpret)

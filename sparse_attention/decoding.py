@@ -41,6 +41,9 @@ class CacheLayout:
         """The smallest layout that holds what `pattern` lets any query below max_len see."""
         if not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
+        if pattern.block_selection() is not None:
+            raise ValueError(f"pattern: {pattern.spec} chooses blocks by content, which decoding does not support "
+                             f"yet")
         extent = pattern.key_extent()
         size = extent.size()
         if size is None or size >= max_len:

@@ -233,6 +233,11 @@ class Pattern(abc.ABC):
         is right for every pattern; kinds with a bounded reach override it."""
         return KeyExtent(first=0, recent=None)
 
+    def block_selection(self) -> "TopK | None":
+        """The part of the pattern chosen by content on the device (`topk`), or None for a static pattern.
+        `mask` is then the static part alone: what the pattern guarantees whatever is chosen."""
+        return None
+
     def count_active(self, seq_len: int) -> int:
         """Exact number of attended (q, k) pairs in a sequence of `seq_len`."""
         offs = self.offsets(seq_len)
@@ -465,6 +470,35 @@ class Sinks(_IntervalPattern):
         return KeyExtent(first=self.count, recent=1)
 
 
+@pattern_kind("topk", ("B", "K"), (
+    ("topk(B, K)", "block(B) plus the K earlier key blocks that score highest, chosen on the device"),))
+@dataclasses.dataclass(frozen=True)
+class TopK(_IntervalPattern):
+    """Learned block selection (MoBA style): each query block of B attends its own block causally, plus the K
+    earlier key blocks whose mean-pooled keys score highest against its mean-pooled queries, chosen per KV
+    head on the device at every call (`sparse_attention.selection`). `mask` is the static part, block(B): the
+    guaranteed reach. Combines with static kinds by `|` only."""
+
+    size: int
+    count: int
+
+    def __post_init__(self):
+        _check_positive("topk", self.spec, B=self.size, K=self.count)
+
+    @property
+    def spec(self):
+        return f"topk({self.size}, {self.count})"
+
+    def lo(self, q):
+        return (q // self.size) * self.size
+
+    def block_grid(self):
+        return self.size, 0
+
+    def block_selection(self):
+        return self
+
+
 @dataclasses.dataclass(frozen=True)
 class _DifferencePattern(Pattern):
     """Patterns of d = q - k alone: d % stride == 0 and d < limit (limit 0: unbounded)."""
@@ -691,6 +725,12 @@ class _Composite(Pattern):
                 raise ValueError(f"cannot combine the schedule {part.spec!r} with | or &; combine per layer")
             flat.extend(part.parts if isinstance(part, cls) else [part])
         unique = tuple(dict.fromkeys(flat))
+        selections = [part for part in unique if part.block_selection() is not None]
+        if selections and cls is Intersection:
+            raise ValueError(f"{selections[0].spec} combines with other patterns by | only\n{valid_forms()}")
+        if len(selections) > 1:
+            raise ValueError(f"at most one topk per pattern, got {', '.join(p.spec for p in selections)}\n"
+                             f"{valid_forms()}")
         return unique[0] if len(unique) == 1 else cls(unique)
 
     def _part_spec(self, part: Pattern) -> str:
@@ -755,6 +795,9 @@ class Union_(_Composite):
     def offsets(self, seq_len):
         offs = [p.offsets(seq_len) for p in self.parts]
         return None if any(o is None for o in offs) else functools.reduce(np.logical_or, offs)
+
+    def block_selection(self):
+        return next((p.block_selection() for p in self.parts if p.block_selection() is not None), None)
 
     def key_extent(self):
         extents = [p.key_extent() for p in self.parts]

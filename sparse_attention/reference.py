@@ -12,17 +12,24 @@ import jax
 import jax.numpy as jnp
 
 from sparse_attention.patterns import Pattern
+from sparse_attention.selection import selection_mask
 
 
-def attention(q, k, v, pattern: Pattern, *, scale: float, interpret: bool = False):
+def attention(q, k, v, pattern: Pattern, *, scale: float, interpret: bool = False, selected=None):
+    """`selected`: the blocks a `topk` pattern chose (`selection.select_blocks`), seen beside `pattern.mask`."""
     del interpret  # nothing to interpret: plain XLA
     positions = jnp.arange(q.shape[1], dtype=jnp.int32)
-    return masked_attention(q, k, v, pattern.mask(positions[:, None], positions[None, :]), scale=scale)
+    mask = pattern.mask(positions[:, None], positions[None, :])
+    if selected is not None:
+        size = pattern.block_selection().size
+        mask = (mask | selection_mask(selected, size, q.shape[1]))[:, :, None]  # [batch, kv_heads, 1, seq, seq]
+    return masked_attention(q, k, v, mask, scale=scale)
 
 
 def masked_attention(q, k, v, mask, *, scale: float):
-    """Attention under an explicit mask bool [seq_q, seq_k] (True: the query sees the key), shapes as
-    `attention`. The mask is data, so one compiled function serves every pattern (and vmaps over masks)."""
+    """Attention under an explicit mask (True: the query sees the key), bool [seq_q, seq_k] or any shape that
+    broadcasts against [batch, kv_heads, group, seq_q, seq_k]; other shapes as `attention`. The mask is
+    data, so one compiled function serves every pattern (and vmaps over masks)."""
     batch, seq_len, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     # [batch, seq, kv_heads, group, head_dim]: the q heads that share one kv head.

@@ -17,7 +17,7 @@ from lm_experiment.config import ExperimentConfig
 from lm_experiment.model import DecoderLM, attention_impl_summary
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-VARIANTS = ("dense", "block", "window", "repaired")
+VARIANTS = ("dense", "block", "window", "repaired", "learned")
 PRESETS = ("tiny", "compare", "small", "base")
 EXPECTED_PATTERN = {
     "dense": {"tiny": "dense", "compare": "dense", "small": "dense", "base": "dense"},
@@ -28,6 +28,12 @@ EXPECTED_PATTERN = {
         "compare": "repaired(512, 64, bridge)",
         "small": "repaired(512, 64, bridge)",
         "base": "repaired(512, 64, bridge)",
+    },
+    "learned": {
+        "tiny": "topk(64, 2) | repaired(64, 8, bridge)",
+        "compare": "topk(512, 4) | repaired(512, 64, bridge)",
+        "small": "topk(512, 4) | repaired(512, 64, bridge)",
+        "base": "topk(512, 4) | repaired(512, 64, bridge)",
     },
 }
 
@@ -92,6 +98,13 @@ def test_repaired_takes_preset_and_mode():
         load_config("repaired.py:tiny,middle")
     with pytest.raises(ValueError, match="preset must be one of tiny, compare, small, base"):
         load_config("block.py:huge")
+
+
+def test_learned_takes_preset_and_form():
+    assert load_config("learned.py:small,alone").attention.pattern == "topk(512, 4)"
+    assert load_config("learned.py").attention.pattern == "topk(64, 2) | repaired(64, 8, bridge)"
+    with pytest.raises(ValueError, match="form must be one of repaired, alone"):
+        load_config("learned.py:tiny,prefix")
 
 
 def test_overrides_by_setting_fields():

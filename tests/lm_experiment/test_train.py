@@ -141,6 +141,7 @@ VARIANTS = {
     "repaired-bridge": ("repaired.py:tiny", {}),
     "repaired-prefix": ("repaired.py:tiny,prefix", {}),
     "shifted": ("block.py:tiny", {"attention__pattern": "shifted(64)"}),
+    "learned": ("learned.py:tiny", {"attention__pattern": "topk(32, 1) | repaired(32, 4, bridge)"}),
 }
 
 
@@ -175,6 +176,8 @@ def test_one_step_of_every_variant(variant, tmp_path):
     fraction = {"dense": 1.0, "block": 2 * 64 * 65 / (128 * 129)}.get(variant)
     if fraction is not None:
         assert summary["attention_layers"][0]["active_fraction"] == pytest.approx(fraction)
+    if variant == "learned":
+        assert summary["attention_layers"][0]["chosen_keys_per_query_at_most"] == 32
     assert "-> xla" in summary["attention_impl"] and summary["final_loss"] == pytest.approx(float(expected),
                                                                                           rel=1e-5)
 

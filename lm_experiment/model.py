@@ -29,6 +29,7 @@ from lm_experiment.config import AttentionConfig, ExperimentConfig, ModelConfig
 from sparse_attention import decoding, reference
 from sparse_attention.attention import attention, resolve_impl
 from sparse_attention.decoding import KVCache
+from sparse_attention.selection import select_blocks
 from sparse_attention.patterns import Pattern, as_pattern
 
 
@@ -135,6 +136,15 @@ class SparseAttention(nnx.Module):
         else:
             out = reference.masked_attention(q, k, v, mask, scale=1.0 / math.sqrt(self.head_dim))
         return self._output(out)
+
+    def chosen_blocks(self, x):
+        """For a `topk` pattern, the blocks it chooses for x [batch, seq, d_model]: int32 [batch, kv_heads,
+        query blocks, K] (`selection.select_blocks`); None for a static pattern."""
+        topk = self.pattern.block_selection()
+        if topk is None:
+            return None
+        q, k, _ = self._project(x, jnp.arange(x.shape[1]))
+        return select_blocks(q, k, topk.size, topk.count)
 
     def prefill(self, x, cache: KVCache):
         """The pass over a prompt x [batch, prompt, d_model] through the pattern's kernels, and the empty
@@ -255,6 +265,17 @@ class DecoderLM(nnx.Module):
         for index, block in enumerate(applications):
             x = apply_block(block, x, None if masks is None else masks[index])
         return self._head(x)
+
+    def block_choices(self, tokens) -> dict[int, jax.Array]:
+        """tokens int32 [batch, seq] -> {layer: int32 [batch, kv_heads, query blocks, K]}: the blocks each
+        `topk` layer chooses on this input (empty for static patterns)."""
+        x, choices = self.embed_tokens(tokens), {}
+        for index, block in enumerate(self.blocks):
+            chosen = block.attention.chosen_blocks(block.attention_norm(x))
+            if chosen is not None:
+                choices[index] = chosen
+            x = block(x)
+        return choices
 
     def empty_caches(self, batch: int, max_len: int) -> list[KVCache]:
         """One empty decoding cache per layer, each as large as that layer's pattern needs for sequences of

@@ -30,6 +30,11 @@ class Scorer:
             return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:])
 
         self._jitted = jax.jit(nll)
+        # {layer: B} of the layers whose pattern chooses blocks by content (topk(B, K)).
+        self.choice_sizes = {index: block.attention.pattern.block_selection().size
+                             for index, block in enumerate(model.blocks)
+                             if block.attention.pattern.block_selection() is not None}
+        self._choices = jax.jit(lambda state, tokens: nnx.merge(graphdef, state).block_choices(tokens[:, :-1]))
         self._compiled = {}
         self.compile_seconds = 0.0
         self.run_seconds = 0.0
@@ -46,6 +51,16 @@ class Scorer:
         self.run_seconds += time.perf_counter() - start
         self.tokens += shape[0] * (shape[1] - 1)
         return nll
+
+    def choices(self, rows: np.ndarray, batch_size: int) -> dict[int, tuple[int, np.ndarray]]:
+        """{layer: (B, int32 [n, kv_heads, query blocks, K])}: the blocks each `topk(B, K)` layer chooses on the
+        windows rows int32 [n, width] (their inputs, all but the last token)."""
+        count, width = rows.shape
+        padded = np.concatenate([rows, np.zeros(((-count) % batch_size, width), rows.dtype)])
+        parts = [self._choices(self._state, jnp.asarray(padded[start:start + batch_size], jnp.int32))
+                 for start in range(0, len(padded), batch_size)]
+        return {layer: (self.choice_sizes[layer], np.concatenate([np.asarray(part[layer]) for part in parts])[:count])
+                for layer in parts[0]}
 
     def score_rows(self, rows: np.ndarray, batch_size: int, bar=None) -> np.ndarray:
         """NLL of every row of rows int32 [n, width], in batches of batch_size (the last one padded)."""
@@ -104,7 +119,8 @@ def evaluate_length(scorer: Scorer, documents: Sequence[np.ndarray], length: int
         seed=options.seed, ablation_targets=options.ablation_targets,
         doc=np.broadcast_to(owner[:, None], nll.shape)[predicted], position=positions[predicted],
         loss=nll[predicted].astype(np.float64), rows=rows, owner=owner, targets=targets, nll=nll,
-        rescore=lambda cut: scorer.score_rows(cut, max(1, options.batch_tokens // width), bar))
+        rescore=lambda cut: scorer.score_rows(cut, max(1, options.batch_tokens // width), bar),
+        choices=(lambda: scorer.choices(rows, batch)) if scorer.choice_sizes else None)
     result = {"length": length, "documents": len(documents), "windows": len(rows), "tokens": int(predicted.sum())}
     for measure in MEASURES:
         result.update(measure.entry(scored))

@@ -60,7 +60,8 @@ class ScoredLength:
     and negative log-likelihood in nats. rows int32 [windows, C + 1], owner int64 [windows], targets int64
     [windows] and nll float32 [windows, C]: the windows as scored (`scoring.document_windows`).
     rescore(rows int32 [n, W + 1]) -> nll float32 [n, W] scores other windows of width W = `width` with the
-    same model (the distant-context ablation).
+    same model (the distant-context ablation). choices() -> {layer: (B, int32 [windows, kv_heads, query blocks,
+    K])} gives the blocks each `topk(B, K)` layer chose on the windows (None when no layer chooses).
     """
 
     length: int
@@ -78,6 +79,7 @@ class ScoredLength:
     targets: np.ndarray
     nll: np.ndarray
     rescore: Callable[[np.ndarray], np.ndarray]
+    choices: Callable[[], dict[int, tuple[int, np.ndarray]]] | None = None
 
     @functools.cached_property
     def document_sums(self) -> tuple[np.ndarray, np.ndarray]:

@@ -8,10 +8,21 @@ from lm_experiment import eval_options, eval_runs, scoring
 
 
 class PositionScorer:
-    """Stands in for the model: the NLL of the token predicted at window position i is `value(i)` nats."""
+    """Stands in for the model: the NLL of the token predicted at window position i is `value(i)` nats, and one
+    topk layer (layer 1, blocks of CHOICE_BLOCK) chooses, for query block b, blocks b - 1 and b - 3 (-1 where
+    there is none), on every one of 2 KV heads."""
+
+    CHOICE_BLOCK = 8
+    choice_sizes = {1: CHOICE_BLOCK}
 
     def __init__(self, value):
         self.value = value
+
+    def choices(self, rows, batch_size):
+        blocks = -(-(rows.shape[1] - 1) // self.CHOICE_BLOCK)
+        query = np.arange(blocks)[:, None]
+        chosen = np.where(query - [1, 3] >= 0, query - [1, 3], -1)
+        return {1: (self.CHOICE_BLOCK, np.broadcast_to(chosen, (len(rows), 2, blocks, 2)).astype(np.int32))}
 
     def score_rows(self, rows, batch_size, bar=None):
         return np.broadcast_to(self.value(np.arange(rows.shape[1] - 1)), (len(rows), rows.shape[1] - 1)).copy()

@@ -9,6 +9,8 @@ Presets:
         task in a curriculum over the hop count (1, then up to 2, then up to 3); looped models (one block
         applied depth times).
 
+`train.seeds` trains that many initialisations of every pattern side by side (1 in both presets).
+
 The seven patterns follow the block size B: dense, block(B), window(B / 2) (block(B)'s cost: (B + 1) / 2 keys
 per query on average), window(2B), repaired(B, B / 8) in both modes, and shifted(B).
 """
@@ -38,7 +40,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         config.copy = dict(distances=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48), phases=(0, 1, 2, 4, 7), steps=300)
         config.hops = dict(hops=(1,), crossings=(1,), chains=4, steps=300, curriculum=False)
         config.model = dict(d_model=64, num_heads=4, mlp_hidden=128, compute_dtype="float32", shared_layers=False)
-        config.train = dict(batch=32, learning_rate=3e-3, warmup_steps=30, log_every=50)
+        config.train = dict(batch=32, seeds=1, learning_rate=3e-3, warmup_steps=30, log_every=50)
         config.eval = dict(samples_per_cell=64, accuracy_bar=0.9, confidence=0.95, batch=256)
     else:
         block = 32
@@ -56,7 +58,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         # one hop in seven runs (results/boundary_tasks/README.md); the looped model of the cpu_small trial
         # learned two hops in the same 4,000 steps (hops_trials/cpu_looped/).
         config.model = dict(d_model=128, num_heads=4, mlp_hidden=256, compute_dtype="bfloat16", shared_layers=True)
-        config.train = dict(batch=64, learning_rate=1e-3, warmup_steps=100, log_every=100)
+        config.train = dict(batch=64, seeds=1, learning_rate=1e-3, warmup_steps=100, log_every=100)
         config.eval = dict(samples_per_cell=200, accuracy_bar=0.9, confidence=0.95, batch=512)
     config.patterns = patterns(block)
     return config

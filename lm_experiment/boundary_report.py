@@ -81,7 +81,8 @@ def markdown(results: dict) -> str:
         f"{results['wall_time_s']:.0f} s in all. Sequences of {config['seq_len']} tokens, blocks of "
         f"{config['block_size']}, K = {config['symbols']} values (chance {1 / config['symbols']:.4f}); models of "
         f"d_model {config['d_model']}, {config['num_heads']} heads, MLP {config['mlp_hidden']}, trained "
-        f"{config['copy_steps']} (copy) and {config['hops_steps']} (hops) steps of {config['batch']} sequences; "
+        f"{config['copy_steps']} (copy) and {config['hops_steps']} (hops) steps of {config['batch']} sequences, "
+        f"{config.get('seeds', 1)} initialisation(s) per pattern (seed {config['seed']} on); "
         f"{config['samples_per_cell']} held-out probes per cell. Intervals: Wilson {config['confidence']:.0%}.",
         "",
     ]
@@ -106,7 +107,7 @@ def markdown(results: dict) -> str:
     rows = []
     for row in results["results"]:
         pooled = row["pooled_unreachable"]
-        rows.append([row["task"], row["pattern"], str(row["depth"]),
+        rows.append([row["task"], boundary_tasks.row_label(config, row), str(row["depth"]),
                      f"{_fraction(row['agreement_reachable'])} of {row['reachable_parts']}",
                      _fraction(boundary_tasks.agreement_within_depth(row, config["accuracy_bar"])),
                      f"{_fraction(row['agreement_in_order'])} of {row['in_order_parts']}",
@@ -117,7 +118,7 @@ def markdown(results: dict) -> str:
                     rows)
     lines.append("")
     for row in results["results"]:
-        lines += [f"### {row['task']}: {row['pattern']}, depth {row['depth']}", ""]
+        lines += [f"### {row['task']}: {boundary_tasks.row_label(config, row)}, depth {row['depth']}", ""]
         lines += _copy_table(row, config) if row["task"] == "copy" else _hops_table(row, config["confidence"])
         lines.append("")
     return "\n".join(lines)
@@ -129,7 +130,7 @@ def summary_text(results: dict) -> str:
              for check in boundary_tasks.bar_checks(results)]
     lines.append(f"{'task':6} {'pattern':28} {'depth':>5} {'reachable ok':>13} {'unreachable ok':>15}")
     for row in results["results"]:
-        lines.append(f"{row['task']:6} {row['pattern']:28} {row['depth']:>5} "
+        lines.append(f"{row['task']:6} {boundary_tasks.row_label(results['config'], row):28} {row['depth']:>5} "
                      f"{_fraction(row['agreement_reachable']):>6} of {row['reachable_parts']:<4} "
                      f"{_fraction(row['agreement_unreachable']):>7} of {row['unreachable_parts']:<4}")
     return "\n".join(lines)
@@ -191,8 +192,8 @@ def _heatmap_grid(results: dict, task: str, y: tuple[str, str, list], x: tuple[s
     y, x: (cell key, axis label, values); mark(ax, cells) draws each panel's overlay, cells[(y, x)]."""
     plt = _pyplot()
     config = results["config"]
-    rows = {(r["pattern"], r["depth"]): r for r in results["results"] if r["task"] == task}
-    patterns = [p for p in config["patterns"] if any(key[0] == p for key in rows)]
+    rows = {(boundary_tasks.row_label(config, r), r["depth"]): r for r in results["results"] if r["task"] == task}
+    patterns = list(dict.fromkeys(key[0] for key in rows))  # labels: each pattern, and its seeds where several
     depths = [d for d in config["depths"] if any(key[1] == d for key in rows)]
     (y_key, y_label, y_values), (x_key, x_label, x_values) = y, x
     figure, axes = plt.subplots(len(patterns), len(depths), squeeze=False, sharex=True, sharey=True,
@@ -249,18 +250,18 @@ def plot_agreement(results: dict):
     tasks = [t for t in boundary_tasks.TASKS if any(r["task"] == t for r in results["results"])]
     figure, axes = plt.subplots(len(tasks), 2, figsize=(12, 3.2 * len(tasks)), squeeze=False)
     width = 0.8 / len(config["depths"])
+    labels = list(dict.fromkeys(boundary_tasks.row_label(config, r) for r in results["results"]))
     for i, task in enumerate(tasks):
         for j, (key, title) in enumerate((("agreement_reachable", f"reachable cells at accuracy >= "
                                                                  f"{config['accuracy_bar']}"),
                                           ("agreement_unreachable", "unreachable cells at chance"))):
             ax = axes[i, j]
             for k, depth in enumerate(config["depths"]):
-                values = [next((r[key] for r in results["results"]
-                                if r["task"] == task and r["pattern"] == p and r["depth"] == depth), None)
-                          for p in config["patterns"]]
-                positions = np.arange(len(config["patterns"])) + (k - (len(config["depths"]) - 1) / 2) * width
+                values = [next((r[key] for r in results["results"] if r["task"] == task and r["depth"] == depth
+                                and boundary_tasks.row_label(config, r) == label), None) for label in labels]
+                positions = np.arange(len(labels)) + (k - (len(config["depths"]) - 1) / 2) * width
                 ax.bar(positions, [np.nan if v is None else v for v in values], width, label=f"depth {depth}")
-            ax.set_xticks(range(len(config["patterns"])), config["patterns"], rotation=25, ha="right", fontsize=7)
+            ax.set_xticks(range(len(labels)), labels, rotation=25, ha="right", fontsize=7)
             ax.set_ylim(0, 1.05)
             ax.set_title(f"{task}: share of {title}", fontsize=9)
             ax.legend(fontsize=7)

@@ -102,6 +102,7 @@ class BoundaryTaskConfig:
     compute_dtype: str
     shared_layers: bool
     batch: int
+    seeds: int
     learning_rate: float
     warmup_steps: int
     log_every: int
@@ -123,7 +124,7 @@ class BoundaryTaskConfig:
             "copy": ("distances", "phases", "steps"),
             "hops": ("hops", "crossings", "chains", "steps", "curriculum"),
             "model": ("d_model", "num_heads", "mlp_hidden", "compute_dtype", "shared_layers"),
-            "train": ("batch", "learning_rate", "warmup_steps", "log_every"),
+            "train": ("batch", "seeds", "learning_rate", "warmup_steps", "log_every"),
             "eval": ("samples_per_cell", "accuracy_bar", "confidence", "batch"),
         }
         for name, keys in sections.items():
@@ -140,7 +141,7 @@ class BoundaryTaskConfig:
             hops_curriculum=c["hops"]["curriculum"],
             d_model=c["model"]["d_model"], num_heads=c["model"]["num_heads"],
             mlp_hidden=c["model"]["mlp_hidden"], compute_dtype=c["model"]["compute_dtype"],
-            shared_layers=c["model"]["shared_layers"], batch=c["train"]["batch"],
+            shared_layers=c["model"]["shared_layers"], batch=c["train"]["batch"], seeds=c["train"]["seeds"],
             learning_rate=c["train"]["learning_rate"], warmup_steps=c["train"]["warmup_steps"],
             log_every=c["train"]["log_every"], samples_per_cell=c["eval"]["samples_per_cell"],
             accuracy_bar=c["eval"]["accuracy_bar"], confidence=c["eval"]["confidence"],
@@ -162,7 +163,7 @@ class BoundaryTaskConfig:
         for name, key in (("seq_len", "sequence.seq_len"), ("block_size", "sequence.block_size"),
                           ("copy_steps", "copy.steps"), ("hops_steps", "hops.steps"), ("d_model", "model.d_model"),
                           ("num_heads", "model.num_heads"), ("mlp_hidden", "model.mlp_hidden"),
-                          ("batch", "train.batch"), ("log_every", "train.log_every"),
+                          ("batch", "train.batch"), ("seeds", "train.seeds"), ("log_every", "train.log_every"),
                           ("samples_per_cell", "eval.samples_per_cell"), ("eval_batch", "eval.batch")):
             _check_ints(key, getattr(self, name), minimum=1)
         _check_ints("train.warmup_steps", self.warmup_steps, minimum=0)
@@ -394,31 +395,36 @@ def pattern_masks(specs: Sequence[str], seq_len: int, depth: int) -> np.ndarray:
 
 
 class PatternModels:
-    """One DecoderLM per pattern, stacked on a leading axis and trained by one vmapped step.
+    """One DecoderLM per (pattern, seed), stacked on a leading axis (patterns outer, seeds inner) and trained
+    by one vmapped step. Seed s of every pattern starts from the initialisation of config.seed + s.
 
     Logits are read at the value tokens only: a K-way choice, so chance is exactly 1/K.
     """
 
     def __init__(self, config: BoundaryTaskConfig, specs: Sequence[str], depth: int, steps: int):
-        self.config, self.specs = config, tuple(specs)
+        self.config = config
+        # (pattern, seed index) of each model, and the label its loss is logged under.
+        self.models = [(spec, seed) for spec in specs for seed in range(config.seeds)]
+        self.labels = [spec if config.seeds == 1 else f"{spec} seed {config.seed + seed}"
+                       for spec, seed in self.models]
         model_config = config.model_config(depth)
         self.repeats = depth // model_config.num_layers
         attention = AttentionConfig(pattern="dense", schedule=(), impl="reference", interpret=False)
         abstract = nnx.eval_shape(lambda: DecoderLM(model_config, attention, rngs=nnx.Rngs(0)))
         self.graphdef, _ = nnx.split(abstract, nnx.Param)
-        self.masks = jnp.asarray(pattern_masks(specs, config.seq_len, depth))
+        self.masks = jnp.asarray(np.repeat(pattern_masks(specs, config.seq_len, depth), config.seeds, axis=0))
 
-        def init():
-            model = DecoderLM(model_config, attention, rngs=nnx.Rngs(config.seed))
+        def init(seed):
+            model = DecoderLM(model_config, attention, rngs=nnx.Rngs(jax.random.key(seed)))
             return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
         schedule = optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, config.warmup_steps,
                                                       max(steps, config.warmup_steps + 1),
                                                       config.learning_rate / 10)
         self.optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
-        count = len(self.specs)
-        # The same initialisation for every pattern: the comparison is paired from the first step.
-        self.params = jax.jit(jax.vmap(lambda _: init()))(jnp.arange(count))
+        # The same initialisations for every pattern: the comparison is paired from the first step.
+        seeds = config.seed + np.array([seed for _, seed in self.models])
+        self.params = jax.jit(jax.vmap(init))(jnp.asarray(seeds, jnp.int32))
         self.opt_state = jax.jit(jax.vmap(self.optimizer.init))(self.params)
         self._train = jax.jit(self._train_steps, donate_argnums=(0, 1))
         self._predict = jax.jit(self._predictions)
@@ -472,13 +478,13 @@ class PatternModels:
             # Drawn while the device runs the chunk just dispatched (in the same order as before).
             upcoming = batches(done, min(self.config.log_every, steps - done)) if done < steps else None
             losses = np.asarray(losses).tolist()
-            curve.append({"step": done, "loss": dict(zip(self.specs, losses))})
+            curve.append({"step": done, "loss": dict(zip(self.labels, losses))})
             log.info("%s step %d/%d (%.0f s): loss %s", label, done, steps, time.perf_counter() - started,
                      " ".join(f"{x:.3f}" for x in losses))
         return curve
 
     def predict(self, probes: Probes) -> np.ndarray:
-        """int [patterns, n]: each pattern's top-1 value index at every probe's query."""
+        """int [models, n]: each model's top-1 value index at every probe's query (`models` order)."""
         size = self.config.eval_batch
         out = []
         for start in range(0, len(probes.tokens), size):
@@ -610,16 +616,22 @@ def run(config: BoundaryTaskConfig, on_progress: Callable[[dict], None] | None =
                                  np.random.default_rng([config.seed, 2, TASKS.index(task_name), depth]), label)
             train_seconds = time.perf_counter() - train_started
             predictions = models.predict(probes)
-            for index, spec in enumerate(config.patterns):
+            for spec in config.patterns:
                 reachable = reachability.reachable(spec, config.seq_len, depth, probes.queries, probes.keys)
                 in_order = reachability.layers_in_order(spec, config.seq_len, depth, probes.routes,
                                                         task.route_start_layer) > 0
-                scored = score_cells(task, probes, predictions[index] == probes.answers, reachable, in_order, config)
-                rows.append({"task": task_name, "pattern": spec, "depth": depth, **scored,
-                             "final_loss": curve[-1]["loss"][spec], "train_seconds_all_patterns": train_seconds,
-                             "parameters": models.parameters,
-                             "loss_curve": [{"step": point["step"], "loss": point["loss"][spec]} for point in curve]})
-            log.info("%s: %d patterns trained in %.0f s (%d parameters each)", label, len(config.patterns),
+                for index, (model_spec, seed) in enumerate(models.models):
+                    if model_spec != spec:
+                        continue
+                    scored = score_cells(task, probes, predictions[index] == probes.answers, reachable, in_order,
+                                         config)
+                    name = models.labels[index]
+                    rows.append({"task": task_name, "pattern": spec, "depth": depth, "seed": config.seed + seed,
+                                 **scored, "final_loss": curve[-1]["loss"][name],
+                                 "train_seconds_all_patterns": train_seconds, "parameters": models.parameters,
+                                 "loss_curve": [{"step": point["step"], "loss": point["loss"][name]}
+                                                for point in curve]})
+            log.info("%s: %d models trained in %.0f s (%d parameters each)", label, len(models.models),
                      train_seconds, models.parameters)
             check_chance(rows, config.confidence)
             if on_progress is not None:
@@ -643,12 +655,17 @@ def agreement_within_depth(row: dict, accuracy_bar: float) -> float | None:
 
 def summary_rows(results: dict) -> list[dict]:
     """summary.json: one row per (task, pattern, depth)."""
-    keys = ("task", "pattern", "depth", "agreement_reachable", "agreement_unreachable", "agreement_in_order",
+    keys = ("task", "pattern", "depth", "seed", "agreement_reachable", "agreement_unreachable", "agreement_in_order",
             "reachable_parts", "unreachable_parts", "in_order_parts", "min_accuracy_reachable", "pooled_unreachable",
             "final_loss")
     bar = results["config"]["accuracy_bar"]
     return [{**{key: row[key] for key in keys}, "agreement_reachable_within_depth": agreement_within_depth(row, bar)}
             for row in results["results"]]
+
+
+def row_label(config: dict, row: dict) -> str:
+    """The row's pattern, and its seed where the run trained several (results from before seeds have one)."""
+    return row["pattern"] if config.get("seeds", 1) == 1 else f"{row['pattern']} seed {row['seed']}"
 
 
 def _cell_name(task: str, cell: dict) -> str:
@@ -665,21 +682,22 @@ def bar_checks(results: dict) -> list[dict]:
         rows = [row for row in results["results"] if row["task"] == task]
         if not rows:
             continue
+
         def parts_of(part: str, chosen=lambda row, cell: True):
-            return [(row["pattern"], row["depth"], cell) for row in rows for cell in row["cells"]
-                    if cell[part]["n"] and chosen(row, cell)]
+            """(row, cell) of every non-empty `part` of a cell that `chosen` keeps."""
+            return [(row, cell) for row in rows for cell in row["cells"] if cell[part]["n"] and chosen(row, cell)]
 
         dense = {}
-        for pattern, depth, cell in parts_of("in_order"):
-            if pattern == "dense":
-                dense[depth] = min(dense.get(depth, 1.0), cell["in_order"]["accuracy"])
-        unreached = [(p, d, c) for p, d, c in parts_of("unreachable") if not c["unreachable"]["at_chance"]]
+        for row, cell in parts_of("in_order"):
+            if row["pattern"] == "dense":
+                dense[row["depth"]] = min(dense.get(row["depth"], 1.0), cell["in_order"]["accuracy"])
+        unreached = [(r, c) for r, c in parts_of("unreachable") if not c["unreachable"]["at_chance"]]
 
         def where(items):
-            return "; ".join(f"{p} depth {d} {_cell_name(task, c)}" for p, d, c in items[:8])
+            return "; ".join(f"{row_label(config, r)} depth {r['depth']} {_cell_name(task, c)}" for r, c in items[:8])
 
         def reach_bar(part: str, parts: list, which: str) -> dict:
-            low = [(p, d, c) for p, d, c in parts if c[part]["accuracy"] < config["accuracy_bar"]]
+            low = [(r, c) for r, c in parts if c[part]["accuracy"] < config["accuracy_bar"]]
             share = 1 - len(low) / len(parts) if parts else None
             return {"task": task, "bar": f">= 90 % of {which} reach >= {config['accuracy_bar']}",
                     "holds": share is not None and share >= 0.9,

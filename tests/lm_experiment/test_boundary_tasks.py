@@ -24,7 +24,7 @@ def tiny_config(**changes) -> ml_collections.ConfigDict:
     config.copy = dict(distances=(1, 2, 4, 7, 8, 9, 16, 40), phases=(0, 1, 7), steps=400)
     config.hops = dict(hops=(1, 2), crossings=(0, 1), chains=2, steps=40, curriculum=False)
     config.model = dict(d_model=32, num_heads=2, mlp_hidden=64, compute_dtype="float32", shared_layers=False)
-    config.train = dict(batch=32, learning_rate=3e-3, warmup_steps=20, log_every=100)
+    config.train = dict(batch=32, seeds=1, learning_rate=3e-3, warmup_steps=20, log_every=100)
     config.eval = dict(samples_per_cell=48, accuracy_bar=0.9, confidence=0.95, batch=128)
     for key, value in changes.items():
         section, _, name = key.partition(".")
@@ -239,6 +239,27 @@ def test_hop_bars_within_depth_and_in_order():
     off_chance["cells"][1]["unreachable"] = {**part(0.3), "at_chance": False}
     checks = boundary_tasks.bar_checks({"config": {"accuracy_bar": 0.9}, "results": [row(2, 0.3), off_chance]})
     assert not checks[1]["holds"] and "block(8) depth 2 h=2 e=0" in checks[1]["detail"]
+
+
+def test_seeds_train_beside_each_other_and_the_first_is_the_one_seed_run():
+    """Seed s of every pattern starts from config.seed + s; the batches are shared, so seed 0's models are the
+    models of a one-seed run, and their predictions are the same."""
+    changes = {"copy.steps": 30, "eval.samples_per_cell": 8}
+    one = boundary_tasks.run(BoundaryTaskConfig.from_config_dict(tiny_config(**changes)))
+    two = boundary_tasks.run(BoundaryTaskConfig.from_config_dict(tiny_config(**changes, **{"train.seeds": 2})))
+    assert [(r["pattern"], r["seed"]) for r in two["results"]] == [("dense", 0), ("dense", 1), ("block(8)", 0),
+                                                                   ("block(8)", 1)]
+    def counts(row):  # the family-wise chance intervals widen with the number of rows, the counts do not
+        return [(part, cell[part]["correct"], cell[part]["n"]) for cell in row["cells"]
+                for part in ("reachable", "unreachable", "in_order")]
+
+    for single, first in zip(one["results"], two["results"][::2]):
+        assert counts(first) == counts(single)
+        assert first["final_loss"] == pytest.approx(single["final_loss"], rel=1e-5)
+    assert two["results"][0]["final_loss"] != two["results"][1]["final_loss"]
+    assert "block(8) seed 1" in boundary_report.summary_text(two)
+    with pytest.raises(ValueError, match="train.seeds"):
+        BoundaryTaskConfig.from_config_dict(tiny_config(**{"train.seeds": 0}))
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ blocks of 64 in a 256-token sequence) and 4 otherwise. The argument is "PRESET" 
     --config configs/learned.py:tiny          topk(64, 2) | repaired(64, 8, bridge)
     --config configs/learned.py:small,alone   topk(512, 4): the choice and the own block only
 
-The union keeps at least the fixed part's reach whatever is chosen (docs/reachability.md). The Pallas
-kernels do not take device layouts yet, so `impl=auto` runs the `xla` path and logs why.
+The union keeps at least the fixed part's reach whatever is chosen (docs/reachability.md). Of the Pallas
+kernels only `triton` takes the choice so far (docs/triton.md), so on a GPU `impl=auto` runs triton, and on a
+CPU the `xla` path; the log says which ran and why.
 """
 
 from configs import base

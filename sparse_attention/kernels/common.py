@@ -138,34 +138,43 @@ def pad_to(x, seq_len: int, head_dim: int | None = None):
 
 def padded_flash(forward: Callable, backward: Callable, *, sequence_multiple: Callable[[KernelStatic], int],
                  padded_head_dim: Callable[[int], int] | None = None) -> Callable:
-    """flash(q, k, v, static) -> out [batch, seq, q_heads, d], differentiable through the given kernels.
+    """flash(q, k, v, static, selected=None) -> out [batch, seq, q_heads, d], differentiable through the given
+    kernels.
 
     forward(q, k, v, static, seq_len) -> (out, lse) and backward(q, k, v, out, lse, d_out, static, seq_len)
     -> (dq, dk, dv) see inputs padded to `sequence_multiple(static)` positions (and `padded_head_dim(d)`
-    features) and the true seq_len. Padded query rows get dO = 0, so they add nothing to dk and dv.
+    features) and the true seq_len. Padded query rows get dO = 0, so they add nothing to dk and dv. A
+    `selected` layout (the blocks a `topk` pattern chose: int32 [batch, kv_heads, query blocks, K], not
+    differentiated) reaches both as the keyword `selected`; kernels that take none are never given one.
     """
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-    def flash(q, k, v, static: KernelStatic):
-        return flash_forward(q, k, v, static)[0]
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+    def flash_vjp(q, k, v, selected, static: KernelStatic):
+        return flash_forward(q, k, v, selected, static)[0]
 
-    def flash_forward(q, k, v, static: KernelStatic):
+    def flash_forward(q, k, v, selected, static: KernelStatic):
         seq_len, head_dim = q.shape[1], q.shape[3]
         length = padded_length(seq_len, sequence_multiple(static))
         width = None if padded_head_dim is None else padded_head_dim(head_dim)
         q_p, k_p, v_p = (pad_to(x, length, width) for x in (q, k, v))
-        out_p, lse = forward(q_p, k_p, v_p, static, seq_len)
-        return out_p[:, :seq_len, :, :head_dim], (q_p, k_p, v_p, out_p, lse)
+        extra = {} if selected is None else {"selected": selected}
+        out_p, lse = forward(q_p, k_p, v_p, static, seq_len, **extra)
+        return out_p[:, :seq_len, :, :head_dim], (q_p, k_p, v_p, out_p, lse, selected)
 
     def flash_backward(static: KernelStatic, residuals, d_out):
-        q_p, k_p, v_p, out_p, lse = residuals
+        q_p, k_p, v_p, out_p, lse, selected = residuals
         seq_len, head_dim = d_out.shape[1], d_out.shape[3]
         width = None if padded_head_dim is None else q_p.shape[3]
         d_out_p = pad_to(d_out.astype(q_p.dtype), q_p.shape[1], width)
-        dq, dk, dv = backward(q_p, k_p, v_p, out_p, lse, d_out_p, static, seq_len)
-        return tuple(x[:, :seq_len, :, :head_dim] for x in (dq, dk, dv))
+        extra = {} if selected is None else {"selected": selected}
+        dq, dk, dv = backward(q_p, k_p, v_p, out_p, lse, d_out_p, static, seq_len, **extra)
+        return (*(x[:, :seq_len, :, :head_dim] for x in (dq, dk, dv)), None)
 
-    flash.defvjp(flash_forward, flash_backward)
+    flash_vjp.defvjp(flash_forward, flash_backward)
+
+    def flash(q, k, v, static: KernelStatic, selected=None):
+        return flash_vjp(q, k, v, selected, static)
+
     return flash
 
 

@@ -169,7 +169,8 @@ def _iota(n: int):
 
 
 def _walk(plan_refs, program, carry, step, tile: int, sub: int, contiguous: tuple[bool, bool]):
-    """Runs step(carry, start, size, masked) over the program's full tiles, then its partial sub-tiles.
+    """Runs step(carry, start, size, mask) over the program's full tiles (mask None), then its partial
+    sub-tiles (mask PATTERN).
 
     A contiguous list is walked as first + j, so tile addresses are affine in the loop index. An explicit
     list is read one entry ahead: the loop carries the index, so the index of iteration j+1 is in a
@@ -195,8 +196,27 @@ def _walk(plan_refs, program, carry, step, tile: int, sub: int, contiguous: tupl
 
         return lax.fori_loop(0, count, body, (carry, list_ref[program, 0]))[0]
 
-    carry = loop(carry, full_ref, num_full_ref[program], tile, False, contiguous[0])
-    return loop(carry, partial_ref, num_partial_ref[program], sub, True, contiguous[1])
+    carry = loop(carry, full_ref, num_full_ref[program], tile, None, contiguous[0])
+    return loop(carry, partial_ref, num_partial_ref[program], sub, PATTERN, contiguous[1])
+
+
+def _walk_chosen(lists_ref, row_block, carry, step, tile: int, size: int, count, seq_len: int):
+    """Runs step(carry, start, tile, CHOSEN) over the tiles of the blocks lists_ref[row_block, j], j < count
+    (a traced int or a static K; entries < 0 are skipped) that start before seq_len: the blocks a `topk`
+    pattern chose for this row's block (forward, dq), or the query blocks that chose this row's key block
+    (dk/dv; the last block's tiles past the sequence were never computed by the forward)."""
+
+    def block(j, carry):
+        chosen = lists_ref[row_block, j]
+        first = chosen * size
+
+        def body(t, carry):
+            return step(carry, pl.multiple_of(first + t * tile, tile), tile, CHOSEN)
+
+        tiles = jnp.clip((seq_len - first + tile - 1) // tile, 0, size // tile)
+        return lax.fori_loop(0, jnp.where(chosen >= 0, tiles, 0), body, carry)
+
+    return lax.fori_loop(0, count, block, carry)
 
 
 def _dot(a, b, trans_b: bool = False):
@@ -204,13 +224,28 @@ def _dot(a, b, trans_b: bool = False):
     return plgpu.dot(a, b, trans_b=trans_b, precision=lax.Precision.HIGHEST)
 
 
-def _active(pattern: Pattern, seq_len: int, q_pos, k_pos):
-    """Token mask of a partial tile; padded keys (k >= seq_len) never attend."""
-    return pattern.mask(q_pos, k_pos) & (k_pos < seq_len)
+# What a step masks: nothing (FULL tiles), the pattern (PARTIAL tiles), or, on a tile of a block a `topk`
+# pattern chose, the keys its static part attends already (so no pair counts twice).
+PATTERN, CHOSEN = "pattern", "chosen"
+
+
+def _active(pattern: Pattern, seq_len: int, q_pos, k_pos, mask: str):
+    """Token mask of a masked tile; padded keys (k >= seq_len) never attend."""
+    static = pattern.mask(q_pos, k_pos)
+    return (static if mask == PATTERN else ~static) & (k_pos < seq_len)
+
+
+def _split_refs(refs, pattern: Pattern, plans: int, chosen_arrays: int = 1):
+    """(plan refs, the chosen-block refs or None, the rest): a `topk` pattern's kernels take `chosen_arrays`
+    more inputs after the plan (one list for forward and dq; lists and counts for dk/dv)."""
+    if pattern.block_selection() is None:
+        return refs[:plans], None, refs[plans:]
+    chosen = refs[plans:plans + chosen_arrays]
+    return refs[:plans], chosen[0] if chosen_arrays == 1 else chosen, refs[plans + chosen_arrays:]
 
 
 def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block_k_partial, contiguous):
-    plan_refs, (q_ref, k_ref, v_ref, out_ref, lse_ref) = refs[:5], refs[5:]
+    plan_refs, chosen_ref, (q_ref, k_ref, v_ref, out_ref, lse_ref) = _split_refs(refs, pattern, 5)
     program = pl.program_id(0)  # read here: interpret mode substitutes it only at the kernel's top level
     row = plan_refs[0][program]
     q_start = pl.multiple_of(row * block_q, block_q)
@@ -221,13 +256,13 @@ def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block
     q_pos = q_start + _iota(block_q)
     head_dim = q.shape[-1]
 
-    def step(carry, k_start, width, masked):
+    def step(carry, k_start, width, mask):
         acc, row_max, row_sum = carry
         k = k_ref[pl.ds(k_start, width), :]
         v = v_ref[pl.ds(k_start, width), :]
         dots = _dot(q, k, trans_b=True)  # [block_q, width]; logits in base-2 units are dots * scale_log2
-        if masked:
-            active = _active(pattern, seq_len, q_pos[:, None], (k_start + _iota(width))[None, :])
+        if mask is not None:
+            active = _active(pattern, seq_len, q_pos[:, None], (k_start + _iota(width))[None, :], mask)
             logits = jnp.where(active, dots * scale_log2, -jnp.inf)
             new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
             probs = jnp.exp2(logits - new_max[:, None])
@@ -245,6 +280,10 @@ def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block
         jnp.zeros((block_q,), jnp.float32),
     )
     acc, row_max, row_sum = _walk(plan_refs, program, init, step, block_k, block_k_partial, contiguous)
+    if chosen_ref is not None:
+        topk = pattern.block_selection()
+        acc, row_max, row_sum = _walk_chosen(chosen_ref, q_start // topk.size, (acc, row_max, row_sum), step,
+                                             block_k, topk.size, topk.count, seq_len)
     seen = row_sum > 0  # rows with no active key give 0
     out = acc / jnp.where(seen, row_sum, 1.0)[:, None]
     out_ref[pl.ds(q_start, block_q), :] = out.astype(out_ref.dtype)
@@ -254,7 +293,7 @@ def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block
 
 
 def _dq_kernel(*refs, pattern, seq_len, scale_log2, scale, block_q, block_k, block_k_partial, contiguous):
-    plan_refs, (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_ref) = refs[:5], refs[5:]
+    plan_refs, chosen_ref, (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_ref) = _split_refs(refs, pattern, 5)
     program = pl.program_id(0)  # read here: interpret mode substitutes it only at the kernel's top level
     row = plan_refs[0][program]
     q_start = pl.multiple_of(row * block_q, block_q)
@@ -265,12 +304,12 @@ def _dq_kernel(*refs, pattern, seq_len, scale_log2, scale, block_q, block_k, blo
     delta = delta_ref[rows]
     q_pos = q_start + _iota(block_q)
 
-    def step(dq, k_start, width, masked):
+    def step(dq, k_start, width, mask):
         k = k_ref[pl.ds(k_start, width), :]
         v = v_ref[pl.ds(k_start, width), :]
         probs = jnp.exp2(_dot(q, k, trans_b=True) * scale_log2 - lse[:, None])
-        if masked:
-            active = _active(pattern, seq_len, q_pos[:, None], (k_start + _iota(width))[None, :])
+        if mask is not None:
+            active = _active(pattern, seq_len, q_pos[:, None], (k_start + _iota(width))[None, :], mask)
             probs = jnp.where(active, probs, 0.0)
         d_probs = _dot(d_out, v, trans_b=True)
         d_logits = probs * (d_probs - delta[:, None])
@@ -278,12 +317,16 @@ def _dq_kernel(*refs, pattern, seq_len, scale_log2, scale, block_q, block_k, blo
 
     dq = _walk(plan_refs, program, jnp.zeros(q.shape, jnp.float32), step, block_k, block_k_partial,
                contiguous)
+    if chosen_ref is not None:
+        topk = pattern.block_selection()
+        dq = _walk_chosen(chosen_ref, q_start // topk.size, dq, step, block_k, topk.size, topk.count, seq_len)
     dq_ref[rows, :] = (dq * scale).astype(dq_ref.dtype)
 
 
 def _dkdv_kernel(*refs, pattern, seq_len, scale_log2, scale, group, block_k, block_q, block_q_partial,
                  contiguous):
-    plan_refs, (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref) = refs[:5], refs[5:]
+    plan_refs, chooser_refs, (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref) = (
+        _split_refs(refs, pattern, 5, chosen_arrays=2))
     program = pl.program_id(0)  # read here: interpret mode substitutes it only at the kernel's top level
     row = plan_refs[0][program]
     k_start = pl.multiple_of(row * block_k, block_k)
@@ -295,7 +338,7 @@ def _dkdv_kernel(*refs, pattern, seq_len, scale_log2, scale, group, block_k, blo
     def head(g, carry):
         """Accumulates the contribution of q head g of this kv head's group (transposed tiles)."""
 
-        def step(carry, q_start, height, masked):
+        def step(carry, q_start, height, mask):
             dk, dv = carry
             queries = pl.ds(q_start, height)
             q = q_ref[queries, g, :]  # [height, head_dim]
@@ -303,8 +346,8 @@ def _dkdv_kernel(*refs, pattern, seq_len, scale_log2, scale, group, block_k, blo
             lse = lse_ref[g, queries]
             delta = delta_ref[g, queries]
             probs_t = jnp.exp2(_dot(k, q, trans_b=True) * scale_log2 - lse[None, :])  # [block_k, height]
-            if masked:
-                active = _active(pattern, seq_len, (q_start + _iota(height))[None, :], k_pos[:, None])
+            if mask is not None:
+                active = _active(pattern, seq_len, (q_start + _iota(height))[None, :], k_pos[:, None], mask)
                 probs_t = jnp.where(active, probs_t, 0.0)
             dv = dv + _dot(probs_t.astype(d_out.dtype), d_out)
             d_probs_t = _dot(v, d_out, trans_b=True)
@@ -312,7 +355,13 @@ def _dkdv_kernel(*refs, pattern, seq_len, scale_log2, scale, group, block_k, blo
             dk = dk + _dot(d_logits_t.astype(q.dtype), q)
             return dk, dv
 
-        return _walk(plan_refs, program, carry, step, block_q, block_q_partial, contiguous)
+        carry = _walk(plan_refs, program, carry, step, block_q, block_q_partial, contiguous)
+        if chooser_refs is None:
+            return carry
+        choosers_ref, count_ref = chooser_refs
+        size = pattern.block_selection().size
+        return _walk_chosen(choosers_ref, k_start // size, carry, step, block_q, size, count_ref[k_start // size],
+                            seq_len)
 
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = head(0, init) if group == 1 else lax.fori_loop(0, group, head, init)
@@ -334,10 +383,39 @@ def _plan_specs(plan: RowPlan):
     return [pl.BlockSpec(a.shape, lambda r, bh, n=a.ndim: (0,) * n) for a in plan.arrays]
 
 
-def _forward(q, k, v, static: KernelStatic, seq_len: int):
+def _chosen_inputs(selected, q_heads: int, group: int):
+    """The forward/dq kernels' view of a `topk` choice: ([int32 [batch * kv_heads, query blocks, K]], [its
+    BlockSpec for a (row, batch x q head) program]); ([], []) without one."""
+    if selected is None:
+        return [], []
+    batch, kv_heads, blocks, count = selected.shape
+    spec = pl.BlockSpec((None, blocks, count),
+                        lambda r, bh: ((bh // q_heads) * kv_heads + (bh % q_heads) // group, 0, 0))
+    return [selected.reshape(batch * kv_heads, blocks, count)], [spec]
+
+
+def _chooser_inputs(selected):
+    """The dk/dv kernel's view of a `topk` choice, the transpose built on the device: for each (batch x kv
+    head) and key block, the query blocks that chose it, in order (int32 [batch * kv_heads, blocks, blocks],
+    padded with -1), and their count (int32 [batch * kv_heads, blocks]); with their BlockSpecs."""
+    if selected is None:
+        return [], []
+    batch, kv_heads, blocks, _ = selected.shape
+    chose = (selected[..., None] == jnp.arange(blocks)).any(axis=-2)  # [b, kv, query block, key block]
+    by_key = jnp.swapaxes(chose, -1, -2).reshape(batch * kv_heads, blocks, blocks)
+    order = jnp.argsort(~by_key, axis=-1, stable=True).astype(jnp.int32)  # the choosers first, in block order
+    counts = by_key.sum(axis=-1).astype(jnp.int32)
+    lists = jnp.where(jnp.arange(blocks) < counts[..., None], order, -1)
+    specs = [pl.BlockSpec((None, blocks, blocks), lambda r, bh: (bh, 0, 0)),
+             pl.BlockSpec((None, blocks), lambda r, bh: (bh, 0))]
+    return [lists, counts], specs
+
+
+def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
     """out [batch, padded_seq, q_heads, d], lse [batch, q_heads, padded_seq] (base 2, float32)."""
     batch, padded_len, q_heads, head_dim = q.shape
     group = q_heads // k.shape[2]
+    chosen, chosen_specs = _chosen_inputs(selected, q_heads, group)
     sizes = static.block_sizes
     plan = tile_plan(static.pattern, seq_len, sizes.block_q, sizes.block_k, sizes.block_k_partial, False)
     per_q_head = pl.BlockSpec((None, padded_len, None, head_dim), lambda r, bh: (bh // q_heads, 0, bh % q_heads, 0))
@@ -352,19 +430,21 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int):
     return pl.pallas_call(
         kernel,
         grid=(len(plan.rows), batch * q_heads),
-        in_specs=_plan_specs(plan) + [per_q_head, per_kv_head, per_kv_head],
+        in_specs=_plan_specs(plan) + chosen_specs + [per_q_head, per_kv_head, per_kv_head],
         out_specs=[per_q_head, pl.BlockSpec((None, None, padded_len), lambda r, bh: (bh // q_heads, bh % q_heads, 0))],
         out_shape=[_result(q.shape, q.dtype, q, k, v), _result((batch, q_heads, padded_len), jnp.float32, q, k, v)],
         compiler_params=plgpu.CompilerParams(num_warps=sizes.num_warps, num_stages=sizes.num_stages),
         interpret=static.interpret,
         name="sparse_attention_forward",
-    )(*plan.arrays, q, k, v)
+    )(*plan.arrays, *chosen, q, k, v)
 
 
-def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int):
+def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int, selected=None):
     batch, padded_len, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
+    chosen, chosen_specs = _chosen_inputs(selected, q_heads, group)
+    choosers, chooser_specs = _chooser_inputs(selected)
     sizes = static.block_sizes
     # delta = rowsum(dO * O): [batch, q_heads, padded_seq], one fused XLA reduction.
     delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
@@ -380,14 +460,14 @@ def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int):
         functools.partial(_dq_kernel, **common, block_q=sizes.block_q_dq, block_k=sizes.block_k_dq,
                           block_k_partial=sizes.block_k_partial_dq, contiguous=dq_plan.contiguous),
         grid=(len(dq_plan.rows), batch * q_heads),
-        in_specs=_plan_specs(dq_plan) + [per_q_head, per_kv_head_of_q, per_kv_head_of_q, per_q_head,
-                                         row_stats, row_stats],
+        in_specs=_plan_specs(dq_plan) + chosen_specs + [per_q_head, per_kv_head_of_q, per_kv_head_of_q,
+                                                        per_q_head, row_stats, row_stats],
         out_specs=per_q_head,
         out_shape=_result(q.shape, q.dtype, q, k, v, d_out, lse, delta),
         compiler_params=plgpu.CompilerParams(num_warps=sizes.num_warps_dq, num_stages=sizes.num_stages_dq),
         interpret=static.interpret,
         name="sparse_attention_dq",
-    )(*dq_plan.arrays, q, k, v, d_out, lse, delta)
+    )(*dq_plan.arrays, *chosen, q, k, v, d_out, lse, delta)
 
     dkdv_plan = tile_plan(static.pattern, seq_len, sizes.block_q_dkv, sizes.block_k_dkv,
                           sizes.block_q_partial_dkv, True)
@@ -402,15 +482,15 @@ def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int):
                           block_q=sizes.block_q_dkv, block_q_partial=sizes.block_q_partial_dkv,
                           contiguous=dkdv_plan.contiguous),
         grid=(len(dkdv_plan.rows), batch * kv_heads),
-        in_specs=_plan_specs(dkdv_plan) + [group_of_q_heads, per_kv_head, per_kv_head, group_of_q_heads,
-                                           group_stats, group_stats],
+        in_specs=_plan_specs(dkdv_plan) + chooser_specs + [group_of_q_heads, per_kv_head, per_kv_head,
+                                                           group_of_q_heads, group_stats, group_stats],
         out_specs=[per_kv_head, per_kv_head],
         out_shape=[_result(k.shape, k.dtype, q, k, v, d_out, lse, delta),
                    _result(v.shape, v.dtype, q, k, v, d_out, lse, delta)],
         compiler_params=plgpu.CompilerParams(num_warps=sizes.num_warps_dkv, num_stages=sizes.num_stages_dkv),
         interpret=static.interpret,
         name="sparse_attention_dkdv",
-    )(*dkdv_plan.arrays, q, k, v, d_out, lse, delta)
+    )(*dkdv_plan.arrays, *choosers, q, k, v, d_out, lse, delta)
     return dq, dk, dv
 
 
@@ -419,8 +499,13 @@ def _padded_head_dim(head_dim: int) -> int:
     return max(MIN_BLOCK, 1 << (head_dim - 1).bit_length())
 
 
-_flash = padded_flash(_forward, _backward, sequence_multiple=lambda static: static.block_sizes.largest_block,
-                      padded_head_dim=_padded_head_dim)
+def _sequence_multiple(static: KernelStatic) -> int:
+    """The largest tile, or a `topk` pattern's block (a multiple of it): dk/dv walks whole chosen blocks."""
+    topk = static.pattern.block_selection()
+    return static.block_sizes.largest_block if topk is None else topk.size
+
+
+_flash = padded_flash(_forward, _backward, sequence_multiple=_sequence_multiple, padded_head_dim=_padded_head_dim)
 
 
 # ------------------------------------------------------------------------------------------------- API
@@ -433,9 +518,20 @@ def keys_per_query(pattern: Pattern, seq_len: int) -> float:
     return tile * (len(lists.full_indices) + len(lists.partial_indices)) / lists.num_rows
 
 
-def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | None:
-    """None when this kernel can run the case here, else why not."""
-    del k, v, pattern  # shapes and patterns are validated by attention.check_inputs / as_pattern
+def _default_block_sizes(q, pattern: Pattern) -> BlockSizes:
+    return BlockSizes.for_head_dim(_padded_head_dim(q.shape[3]), keys_per_query(pattern, q.shape[1]))
+
+
+def _selection_reason(pattern: Pattern, block_sizes: BlockSizes) -> str | None:
+    """Why the chosen blocks of a `topk` pattern cannot be walked with these tiles, or None."""
+    topk = pattern.block_selection()
+    if topk is None or topk.size % block_sizes.largest_block == 0:
+        return None
+    return (f"{topk.spec}'s block {topk.size} is not a multiple of the largest tile {block_sizes.largest_block} "
+            f"(chosen blocks are walked in whole tiles)")
+
+
+def _input_reason(q, interpret: bool) -> str | None:
     if reason := dtype_reason(q.dtype, SUPPORTED_DTYPES):
         return reason
     if q.shape[-1] > MAX_HEAD_DIM:
@@ -443,17 +539,30 @@ def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | N
     return None if interpret else cuda_capability_reason(8)
 
 
+def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | None:
+    """None when this kernel can run the case here (with its default tiles), else why not."""
+    del k, v  # shapes and patterns are validated by attention.check_inputs / as_pattern
+    return _input_reason(q, interpret) or _selection_reason(pattern, _default_block_sizes(q, pattern).clipped(
+        q.shape[1]))
+
+
 def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool = False,
-              block_sizes: BlockSizes | None = None):
+              block_sizes: BlockSizes | None = None, selected=None):
     """Causal block-sparse attention of q [batch, seq, q_heads, d] over k, v [batch, seq, kv_heads, d].
 
     Differentiable (custom VJP); works under jit, vmap and shard_map. `block_sizes` defaults to
     `BlockSizes.for_head_dim(d, keys_per_query(pattern, seq))`; blocks larger than the sequence are clipped.
+    `selected`: the blocks a `topk` pattern chose (int32 [batch, kv_heads, query blocks, K], -1: none;
+    `selection.select_blocks`), required exactly when the pattern has a topk part.
     """
     pattern = as_pattern(pattern)
-    refuse_unsupported("triton", unsupported_reason(q, k, v, pattern, interpret=interpret))
-    block_sizes = checked_block_sizes(block_sizes, BlockSizes, lambda: BlockSizes.for_head_dim(
-        _padded_head_dim(q.shape[3]), keys_per_query(pattern, q.shape[1])))
+    refuse_unsupported("triton", _input_reason(q, interpret))
+    if (selected is None) != (pattern.block_selection() is None):
+        raise ValueError(f"selected must be given exactly for patterns with a topk part; {pattern.spec} got "
+                         f"{'none' if selected is None else 'one'}")
+    block_sizes = checked_block_sizes(block_sizes, BlockSizes, lambda: _default_block_sizes(q, pattern))
+    block_sizes = block_sizes.clipped(q.shape[1])
+    refuse_unsupported("triton", _selection_reason(pattern, block_sizes))
     warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)
-    static = KernelStatic(pattern, float(scale), bool(interpret), block_sizes.clipped(q.shape[1]))
-    return _flash(q, k, v, static)
+    static = KernelStatic(pattern, float(scale), bool(interpret), block_sizes)
+    return _flash(q, k, v, static, selected)

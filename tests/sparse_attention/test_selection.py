@@ -123,10 +123,10 @@ def test_the_dispatch_chooses_under_jit_vmap_and_grad_without_differentiating_th
     assert float(jnp.abs(attention(q, k, v, spec) - attention(q, k, v, "block(16)")).max()) > 1e-3
 
 
-def test_kernels_decline_topk_with_the_reason():
+def test_kernels_without_device_layouts_decline_topk_with_the_reason():
     q, k, v = inputs(64, 2, 1, jnp.float32, 0)
-    with pytest.raises(ImplUnavailableError, match="topk\\(16, 1\\) chooses blocks on the device, which triton"):
-        attention(q, k, v, "topk(16, 1)", impl="triton", interpret=True)
+    with pytest.raises(ImplUnavailableError, match="topk\\(16, 1\\) chooses blocks on the device, which mosaic_gpu"):
+        attention(q, k, v, "topk(16, 1)", impl="mosaic_gpu", interpret=True)
 
 
 def test_topk_pattern_rules():

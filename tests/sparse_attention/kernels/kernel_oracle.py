@@ -47,19 +47,32 @@ def output_and_grads(attend, q, k, v, d_out):
     return jax.jit(run)(q, k, v, d_out)
 
 
+def random_selection(seed, batch, kv_heads, blocks, count):
+    """A device layout a `topk(B, count)` choice could give: for every (batch, kv head, query block), up to
+    `count` distinct earlier blocks in any order, -1 in the slots left over. int32 [batch, kv_heads, blocks,
+    count]."""
+    rng = np.random.default_rng(seed)
+    chosen = np.full((batch, kv_heads, blocks, count), -1, np.int32)
+    for b, h, i in np.ndindex(batch, kv_heads, blocks):
+        n = rng.integers(0, min(count, i) + 1)
+        chosen[b, h, i, :n] = rng.choice(i, n, replace=False)
+    return jnp.asarray(chosen)
+
+
 def relative_error(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
     return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def assert_matches_reference_on(attend, pattern, inputs, *, scale: float, rtol: float, label: str):
+def assert_matches_reference_on(attend, pattern, inputs, *, scale: float, rtol: float, label: str, selected=None):
     """(out, dq, dk, dv) of attend(q, k, v) on inputs = (q, k, v, d_out), each checked against the float32
-    reference on the same (rounded) inputs: the inputs' dtype and the reference's shape, finite, and a
-    relative error below rtol."""
+    reference on the same (rounded) inputs (and the same chosen blocks of a `topk` pattern): the inputs'
+    dtype and the reference's shape, finite, and a relative error below rtol."""
     q, k, v, d_out = inputs
     got = output_and_grads(attend, q, k, v, d_out)
     upcast = [x.astype(jnp.float32) for x in inputs]
-    want = output_and_grads(lambda q, k, v: reference.attention(q, k, v, pattern, scale=scale), *upcast)
+    want = output_and_grads(lambda q, k, v: reference.attention(q, k, v, pattern, scale=scale, selected=selected),
+                            *upcast)
     for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert g.dtype == q.dtype and g.shape == w.shape, f"{label}: {name}"
         assert np.isfinite(np.asarray(g, np.float32)).all(), f"{label}: non-finite {name}"

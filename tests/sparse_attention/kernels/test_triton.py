@@ -20,13 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_attention import reference
+from sparse_attention import attention, reference
 
 from sparse_attention.kernels import triton
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
 from kernel_oracle import (HARDWARE_CASES, assert_matches_reference_on, assert_plan_covers_pattern,
-                           assert_shard_map_matches_reference, random_inputs, relative_error)
+                           assert_shard_map_matches_reference, random_inputs, random_selection, relative_error)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
@@ -306,3 +306,38 @@ class TestGpu:
 
     def test_shard_map_checks_vma(self):
         assert_shard_map_matches_reference(triton.attention)
+
+
+# topk: (spec, seq_len, tiles, heads, kv_heads, dtype); the chosen blocks are random device layouts.
+TOPK_CASES = [
+    ("topk(32, 2)", 160, tiles(16, 16, 16), 2, 1, jnp.float32),
+    ("topk(32, 3) | repaired(32, 4, prefix)", 150, tiles(16, 32, 16), 4, 2, jnp.float32),  # unaligned length
+    ("topk(64, 1) | window(24)", 200, tiles(32, 32, 16), 2, 2, jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("spec, seq_len, sizes, heads, kv_heads, dtype", TOPK_CASES, ids=[c[0] for c in TOPK_CASES])
+def test_topk_over_random_device_layouts(spec, seq_len, sizes, heads, kv_heads, dtype):
+    """Forward and dq/dk/dv against the reference given the same chosen blocks; dk/dv walks their transpose,
+    built on the device."""
+    pattern = parse(spec)
+    seed = zlib.crc32(spec.encode())
+    inputs = random_inputs(seed, 2, seq_len, heads, kv_heads, 16, dtype)
+    topk = pattern.block_selection()
+    selected = random_selection(seed, 2, kv_heads, -(-seq_len // topk.size), topk.count)
+    assert_matches_reference_on(
+        lambda q, k, v: triton.attention(q, k, v, pattern, scale=0.25, interpret=INTERPRET, block_sizes=sizes,
+                                         selected=selected),
+        pattern, inputs, scale=0.25, rtol=RTOL[dtype], label=spec, selected=selected)
+
+
+def test_topk_through_the_dispatch_and_its_refusals():
+    q, k, v, _ = random_inputs(1, 1, 256, 2, 1, 32, jnp.float32)
+    # Default tiles of 128 walk a chosen block of 128 whole; the choice is made from q and k on the device.
+    got = attention(q, k, v, "topk(128, 1)", impl="triton", interpret=INTERPRET)
+    np.testing.assert_allclose(got, attention(q, k, v, "topk(128, 1)", impl="reference"), atol=2e-5)
+    with pytest.raises(ValueError, match="block 32 is not a multiple of the largest tile 128"):
+        attention(q, k, v, "topk(32, 1)", impl="triton", interpret=INTERPRET)
+    assert resolve_impl("auto", q, k, v, "topk(32, 1)", interpret=INTERPRET)[0] != "triton"
+    with pytest.raises(ValueError, match="selected must be given exactly for patterns with a topk part"):
+        triton.attention(q, k, v, parse("topk(128, 1)"), scale=0.25, interpret=INTERPRET)

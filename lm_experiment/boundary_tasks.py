@@ -159,6 +159,9 @@ class BoundaryTaskConfig:
                 as_schedule(spec)
             except ValueError as error:
                 _fail("patterns", f"{spec!r}: {error}")
+        if len({topk.spec for topk in self.selections.values()}) > 1:
+            _fail("patterns", f"the topk parts of one run must be one topk(B, K), got "
+                              f"{', '.join(sorted({topk.spec for topk in self.selections.values()}))}")
         _check_ints("depths", self.depths, minimum=1)
         for name, key in (("seq_len", "sequence.seq_len"), ("block_size", "sequence.block_size"),
                           ("copy_steps", "copy.steps"), ("hops_steps", "hops.steps"), ("d_model", "model.d_model"),
@@ -190,6 +193,17 @@ class BoundaryTaskConfig:
             _fail("eval.accuracy_bar", f"must be in (0, 1], got {self.accuracy_bar!r}")
         if not 0 < self.confidence < 1:
             _fail("eval.confidence", f"must be in (0, 1), got {self.confidence!r}")
+
+    @property
+    def selections(self) -> dict:
+        """{spec: its topk part} for the patterns some of whose layers choose blocks by content."""
+        chosen = {}
+        for spec in self.patterns:
+            schedule = as_schedule(spec)
+            parts = [schedule.layer(i).block_selection() for i in range(schedule.period)]
+            if any(part is not None for part in parts):
+                chosen[spec] = next(part for part in parts if part is not None)
+        return chosen
 
     def steps(self, task: str) -> int:
         return self.copy_steps if task == "copy" else self.hops_steps
@@ -409,7 +423,13 @@ class PatternModels:
                        for spec, seed in self.models]
         model_config = config.model_config(depth)
         self.repeats = depth // model_config.num_layers
-        attention = AttentionConfig(pattern="dense", schedule=(), impl="reference", interpret=False)
+        # Masks carry the static part of every pattern; a run with topk patterns builds its models with that
+        # topk(B, K) and lets the models of those patterns (`choose`) add the blocks it chooses.
+        selections = config.selections
+        topk = next(iter(selections.values())).spec if selections else "dense"
+        self.choose = jnp.asarray([spec in selections for spec, _ in self.models])
+        self.chooses = bool(selections)
+        attention = AttentionConfig(pattern=topk, schedule=(), impl="reference", interpret=False)
         abstract = nnx.eval_shape(lambda: DecoderLM(model_config, attention, rngs=nnx.Rngs(0)))
         self.graphdef, _ = nnx.split(abstract, nnx.Param)
         self.masks = jnp.asarray(np.repeat(pattern_masks(specs, config.seq_len, depth), config.seeds, axis=0))
@@ -430,37 +450,38 @@ class PatternModels:
         self._predict = jax.jit(self._predictions)
         self.parameters = int(sum(x[0].size for x in jax.tree.leaves(self.params)))
 
-    def _value_logits(self, params, masks, tokens):
-        logits = nnx.merge(self.graphdef, params)(tokens, masks, self.repeats)  # [batch, seq, vocab]
+    def _value_logits(self, params, masks, choose, tokens):
+        logits = nnx.merge(self.graphdef, params)(tokens, masks, self.repeats,
+                                                  choose if self.chooses else None)  # [batch, seq, vocab]
         return logits[..., VALUE:VALUE + self.config.symbols]
 
-    def _loss(self, params, masks, tokens, targets, weights):
+    def _loss(self, params, masks, choose, tokens, targets, weights):
         cross_entropy = optax.softmax_cross_entropy_with_integer_labels(
-            self._value_logits(params, masks, tokens), targets)
+            self._value_logits(params, masks, choose, tokens), targets)
         return (cross_entropy * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
-    def _train_steps(self, params, opt_state, masks, tokens, targets, weights):
+    def _train_steps(self, params, opt_state, masks, choose, tokens, targets, weights):
         """lax.scan over the leading [steps] axis of the batches; returns the new state and the mean loss
-        of each pattern over those steps."""
+        of each model over those steps."""
 
-        def one_pattern(params, opt_state, masks):
+        def one_model(params, opt_state, masks, choose):
             def step(carry, batch):
                 params, opt_state = carry
-                loss, grads = jax.value_and_grad(self._loss)(params, masks, *batch)
+                loss, grads = jax.value_and_grad(self._loss)(params, masks, choose, *batch)
                 updates, opt_state = self.optimizer.update(grads, opt_state, params)
                 return (optax.apply_updates(params, updates), opt_state), loss
 
             (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), (tokens, targets, weights))
             return params, opt_state, losses.mean()
 
-        return jax.vmap(one_pattern)(params, opt_state, masks)
+        return jax.vmap(one_model)(params, opt_state, masks, choose)
 
-    def _predictions(self, params, masks, tokens, queries):
-        def one_pattern(params, masks):
-            logits = self._value_logits(params, masks, tokens)
+    def _predictions(self, params, masks, choose, tokens, queries):
+        def one_model(params, masks, choose):
+            logits = self._value_logits(params, masks, choose, tokens)
             return jnp.take_along_axis(logits, queries[:, None, None], axis=1)[:, 0].argmax(-1)
 
-        return jax.vmap(one_pattern)(params, masks)
+        return jax.vmap(one_model)(params, masks, choose)
 
     def train(self, task, steps: int, rng: np.random.Generator, label: str) -> list[dict]:
         """`steps` updates on fresh batches; returns the loss curve (mean of each pattern over log_every steps)."""
@@ -473,7 +494,8 @@ class PatternModels:
         upcoming = batches(0, min(self.config.log_every, steps))
         while done < steps:
             chunk = len(upcoming[0])
-            self.params, self.opt_state, losses = self._train(self.params, self.opt_state, self.masks, *upcoming)
+            self.params, self.opt_state, losses = self._train(self.params, self.opt_state, self.masks, self.choose,
+                                                              *upcoming)
             done += chunk
             # Drawn while the device runs the chunk just dispatched (in the same order as before).
             upcoming = batches(done, min(self.config.log_every, steps - done)) if done < steps else None
@@ -494,7 +516,7 @@ class PatternModels:
             if pad:  # one compiled shape
                 tokens = np.concatenate([tokens, np.repeat(tokens[:1], pad, axis=0)])
                 queries = np.concatenate([queries, np.repeat(queries[:1], pad)])
-            out.append(np.asarray(self._predict(self.params, self.masks, tokens, queries))[:, :size - pad])
+            out.append(np.asarray(self._predict(self.params, self.masks, self.choose, tokens, queries))[:, :size - pad])
         return np.concatenate(out, axis=1)
 
 
@@ -562,11 +584,17 @@ def check_chance(rows: list[dict], confidence: float) -> None:
 
     The claim under test is that every unreachable cell is at chance, so the intervals are simultaneous over
     all m unreachable parts of the task: Wilson at confidence 1 - alpha / m (Bonferroni). Per-cell 95 %
-    intervals would put about 5 % of cells off chance by luck alone.
+    intervals would put about 5 % of cells off chance by luck alone. Rows of patterns that choose blocks by
+    content ("chooses") are left out: their reachability is the static part's, and the choice may reach
+    beyond it.
     """
-    parts = [cell["unreachable"] for row in rows for cell in row["cells"] if cell["unreachable"]["n"]]
+    held = [row for row in rows if not row.get("chooses")]
+    parts = [cell["unreachable"] for row in held for cell in row["cells"] if cell["unreachable"]["n"]]
     family = 1 - (1 - confidence) / max(len(parts), 1)
     for row in rows:
+        if row.get("chooses"):  # beyond the static part's reach the chosen blocks may reach: not held to chance
+            row["family_confidence"], row["agreement_unreachable"] = None, None
+            continue
         checked = []
         for cell in row["cells"]:
             part = cell["unreachable"]
@@ -627,7 +655,7 @@ def run(config: BoundaryTaskConfig, on_progress: Callable[[dict], None] | None =
                                          config)
                     name = models.labels[index]
                     rows.append({"task": task_name, "pattern": spec, "depth": depth, "seed": config.seed + seed,
-                                 **scored, "final_loss": curve[-1]["loss"][name],
+                                 "chooses": spec in config.selections, **scored, "final_loss": curve[-1]["loss"][name],
                                  "train_seconds_all_patterns": train_seconds, "parameters": models.parameters,
                                  "loss_curve": [{"step": point["step"], "loss": point["loss"][name]}
                                                 for point in curve]})
@@ -691,7 +719,7 @@ def bar_checks(results: dict) -> list[dict]:
         for row, cell in parts_of("in_order"):
             if row["pattern"] == "dense":
                 dense[row["depth"]] = min(dense.get(row["depth"], 1.0), cell["in_order"]["accuracy"])
-        unreached = [(r, c) for r, c in parts_of("unreachable") if not c["unreachable"]["at_chance"]]
+        unreached = [(r, c) for r, c in parts_of("unreachable") if c["unreachable"].get("at_chance") is False]
 
         def where(items):
             return "; ".join(f"{row_label(config, r)} depth {r['depth']} {_cell_name(task, c)}" for r, c in items[:8])

@@ -29,7 +29,7 @@ from lm_experiment.config import AttentionConfig, ExperimentConfig, ModelConfig
 from sparse_attention import decoding, reference
 from sparse_attention.attention import attention, resolve_impl
 from sparse_attention.decoding import KVCache
-from sparse_attention.selection import select_blocks
+from sparse_attention.selection import select_blocks, selection_mask
 from sparse_attention.patterns import Pattern, as_pattern
 
 
@@ -127,13 +127,18 @@ class SparseAttention(nnx.Module):
         batch, seq_len = out.shape[:2]
         return self.out_proj(out.reshape(batch, seq_len, self.num_heads * self.head_dim))
 
-    def __call__(self, x, mask=None):
+    def __call__(self, x, mask=None, choose=None):
         """`mask` bool [seq, seq], if given, replaces the pattern: dense masked softmax
-        (`reference.masked_attention`), so that one compiled model can serve many patterns."""
+        (`reference.masked_attention`), so that one compiled model can serve many patterns. With it, `choose`
+        (a bool, traced or not) also attends, where true, the blocks this layer's `topk` pattern chooses on x."""
         q, k, v = self._project(x, jnp.arange(x.shape[1]))
         if mask is None:
             out = attention(q, k, v, self.pattern, impl=self.impl, interpret=self.interpret)
         else:
+            topk = self.pattern.block_selection()
+            if choose is not None and topk is not None:
+                chosen = selection_mask(select_blocks(q, k, topk.size, topk.count), topk.size, x.shape[1])
+                mask = mask | (chosen & choose)[:, :, None]  # [batch, kv_heads, 1, seq, seq]
             out = reference.masked_attention(q, k, v, mask, scale=1.0 / math.sqrt(self.head_dim))
         return self._output(out)
 
@@ -198,8 +203,8 @@ class DecoderBlock(nnx.Module):
         self.mlp = SwiGLU(model.d_model, model.mlp_hidden, compute_dtype=compute, param_dtype=params,
                           output_scale=output_scale, rngs=rngs)
 
-    def __call__(self, x, mask=None):
-        return self._mlp_residual(x + self.attention(self.attention_norm(x), mask).astype(jnp.float32))
+    def __call__(self, x, mask=None, choose=None):
+        return self._mlp_residual(x + self.attention(self.attention_norm(x), mask, choose).astype(jnp.float32))
 
     def prefill(self, x, cache: KVCache):
         out, cache = self.attention.prefill(self.attention_norm(x), cache)
@@ -213,8 +218,8 @@ class DecoderBlock(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)).astype(jnp.float32)
 
 
-def _apply_block(block: DecoderBlock, x, mask):
-    return block(x, mask)
+def _apply_block(block: DecoderBlock, x, mask, choose):
+    return block(x, mask, choose)
 
 
 _apply_block_remat = nnx.remat(_apply_block)
@@ -254,16 +259,17 @@ class DecoderLM(nnx.Module):
         rows = jnp.take(self.embed.embedding[...], tokens, axis=0).astype(self.model_config.compute_jnp_dtype)
         return rows.astype(jnp.float32) * math.sqrt(self.model_config.d_model)
 
-    def logits_from_embeddings(self, x, masks=None, repeats: int = 1):
+    def logits_from_embeddings(self, x, masks=None, repeats: int = 1, choose=None):
         """Residual stream input x [batch, seq, d_model] -> logits float32 [batch, seq, vocab_size].
 
         repeats > 1 runs the stack of blocks that many times with the same weights (a looped model of depth
-        repeats * num_layers); masks, when given, then holds one mask per block application.
+        repeats * num_layers); masks, when given, then holds one mask per block application, and `choose`
+        (a bool) adds the blocks each layer's `topk` pattern chooses (`SparseAttention.__call__`).
         """
         apply_block = _apply_block_remat if self.model_config.remat else _apply_block
         applications = [block for _ in range(repeats) for block in self.blocks]
         for index, block in enumerate(applications):
-            x = apply_block(block, x, None if masks is None else masks[index])
+            x = apply_block(block, x, None if masks is None else masks[index], choose)
         return self._head(x)
 
     def block_choices(self, tokens) -> dict[int, jax.Array]:
@@ -314,8 +320,8 @@ class DecoderLM(nnx.Module):
         )
         return logits / math.sqrt(self.model_config.d_model)
 
-    def __call__(self, tokens, masks=None, repeats: int = 1):
-        return self.logits_from_embeddings(self.embed_tokens(tokens), masks, repeats)
+    def __call__(self, tokens, masks=None, repeats: int = 1, choose=None):
+        return self.logits_from_embeddings(self.embed_tokens(tokens), masks, repeats, choose)
 
 
 def attention_impl_summary(model_or_configs, seq_len: int) -> str:

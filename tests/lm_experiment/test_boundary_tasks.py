@@ -262,6 +262,23 @@ def test_seeds_train_beside_each_other_and_the_first_is_the_one_seed_run():
         BoundaryTaskConfig.from_config_dict(tiny_config(**{"train.seeds": 0}))
 
 
+def test_topk_models_add_the_blocks_they_choose_and_are_not_held_to_chance_beyond_their_static_reach():
+    """topk(8, 2) sees its own block plus two chosen ones: in the copy task the one value token is easy to
+    choose, so the model answers keys that its static part, block(8), cannot reach, where block(8) stays at
+    chance."""
+    config = BoundaryTaskConfig.from_config_dict(tiny_config(patterns=("block(8)", "topk(8, 2)")))
+    assert set(config.selections) == {"topk(8, 2)"}
+    results = boundary_tasks.run(config)
+    block, topk = results["results"]
+    assert (block["chooses"], topk["chooses"]) == (False, True)
+    assert [c["reachable_fraction"] for c in block["cells"]] == [c["reachable_fraction"] for c in topk["cells"]]
+    assert block["agreement_unreachable"] == 1.0 and topk["agreement_unreachable"] is None
+    assert all("at_chance" not in c["unreachable"] for c in topk["cells"])
+    assert topk["pooled_unreachable"]["low"] > 0.5 > block["pooled_unreachable"]["high"]
+    with pytest.raises(ValueError, match="the topk parts of one run must be one topk"):
+        BoundaryTaskConfig.from_config_dict(tiny_config(patterns=("topk(8, 2)", "topk(8, 1)")))
+
+
 @pytest.fixture(scope="module")
 def tiny_results():
     return boundary_tasks.run(BoundaryTaskConfig.from_config_dict(tiny_config()))

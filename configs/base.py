@@ -55,6 +55,16 @@ def parse_preset(arg) -> str:
     return preset
 
 
+def parse_preset_and(arg, config: str, field: str, choices: tuple[str, ...]) -> tuple[str, str]:
+    """(preset, option) of a variant's argument "PRESET" or "PRESET,OPTION"; the option defaults to
+    choices[0], and one outside `choices` is refused naming `config` and `field`."""
+    preset, _, option = (arg or "tiny").partition(",")
+    option = option.strip() or choices[0]
+    if option not in choices:
+        raise ValueError(f"{config} config: {field} must be one of {', '.join(choices)}; got {option!r} in {arg!r}")
+    return parse_preset(preset), option
+
+
 def get_config(arg=None) -> ml_collections.ConfigDict:
     preset = parse_preset(arg)
     config = ml_collections.ConfigDict()

@@ -20,13 +20,9 @@ CHOSEN_BLOCKS = {"tiny": 2, "compare": 4, "small": 4, "base": 4}
 
 
 def get_config(arg=None):
-    preset, _, form = (arg or "tiny").partition(",")
-    form = form.strip() or "repaired"
-    if form not in FORMS:
-        raise ValueError(f"learned config: form must be one of {', '.join(FORMS)}; got {form!r} in {arg!r}")
+    preset, form = base.parse_preset_and(arg, "learned", "form", FORMS)
     config = base.get_config(preset)
-    name = base.parse_preset(preset)
-    block = base.BLOCK_SIZE[name]
-    topk = f"topk({block}, {CHOSEN_BLOCKS[name]})"
+    block = base.BLOCK_SIZE[preset]
+    topk = f"topk({block}, {CHOSEN_BLOCKS[preset]})"
     config.attention.pattern = topk if form == "alone" else f"{topk} | repaired({block}, {block // 8}, bridge)"
     return config

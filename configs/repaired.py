@@ -17,11 +17,8 @@ MODES = ("bridge", "prefix")
 
 
 def get_config(arg=None):
-    preset, _, mode = (arg or "tiny").partition(",")
-    mode = mode.strip() or "bridge"
-    if mode not in MODES:
-        raise ValueError(f"repaired config: mode must be one of {', '.join(MODES)}; got {mode!r} in {arg!r}")
+    preset, mode = base.parse_preset_and(arg, "repaired", "mode", MODES)
     config = base.get_config(preset)
-    block = base.BLOCK_SIZE[base.parse_preset(preset)]
+    block = base.BLOCK_SIZE[preset]
     config.attention.pattern = f"repaired({block}, {block // 8}, {mode})"
     return config

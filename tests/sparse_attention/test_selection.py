@@ -86,8 +86,8 @@ def test_xla_over_the_chosen_blocks_matches_the_reference(spec, seq_len, tile, h
 
     (_, expected), expected_grads = jax.value_and_grad(
         lambda *a: loss(reference.attention, *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    (_, got), grads = jax.value_and_grad(
-        lambda *a: loss(lambda *b, **c: xla.attention(*b, tile=tile, **c), *a), argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    (_, got), grads = jax.value_and_grad(lambda *a: loss(lambda *b, **c: xla.attention(*b, tile=tile, **c), *a),
+                                         argnums=(0, 1, 2), has_aux=True)(q, k, v)
     np.testing.assert_allclose(got, expected, atol=2e-5, rtol=2e-5)
     for g, e in zip(grads, expected_grads):
         np.testing.assert_allclose(g, e, atol=5e-5, rtol=5e-5)

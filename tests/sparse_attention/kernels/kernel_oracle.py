@@ -81,6 +81,26 @@ def assert_matches_reference_on(attend, pattern, inputs, *, scale: float, rtol: 
     return got
 
 
+def assert_jit_vmap_grad_matches_reference(attend, *, seq_len: int, spec: str = "repaired(16, 4, bridge)",
+                                           head_dim: int = 16, dtype=jnp.float32, scale: float = 0.25,
+                                           rtol: float = 1e-5):
+    """attend(q, k, v, pattern, scale) for one sequence [1, seq, heads, d], vmapped over a leading axis of 5
+    and differentiated under jit: its gradients against the float32 reference's."""
+    pattern = parse(spec)
+    q, k, v, _ = random_inputs(5, 2, seq_len, 2, 1, head_dim, dtype)  # the leading axis is vmapped
+    weights = jax.random.normal(jax.random.key(6), q.shape)
+
+    def loss(attend_one):
+        batched = jax.vmap(lambda q, k, v: attend_one(q[None], k[None], v[None])[0])
+        return lambda q, k, v: jnp.sum(batched(q, k, v).astype(jnp.float32) * weights)
+
+    got = jax.jit(jax.grad(loss(lambda q, k, v: attend(q, k, v, pattern, scale)), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(lambda q, k, v: reference.attention(q, k, v, pattern, scale=scale)), argnums=(0, 1, 2))(
+        *(x.astype(jnp.float32) for x in (q, k, v)))
+    for g, w in zip(got, want):
+        assert relative_error(g, w) < rtol
+
+
 def assert_shard_map_matches_reference(kernel_attention):
     """kernel_attention(q, k, v, pattern, scale=...) inside shard_map over a (data, heads) mesh of one device,
     which checks that the kernel's results vary over the mesh axes its inputs do."""

@@ -25,13 +25,11 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from sparse_attention import reference
-
 from sparse_attention.kernels import mosaic_gpu
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
-from kernel_oracle import (HARDWARE_CASES, assert_matches_reference_on, assert_plan_covers_pattern,
-                           assert_shard_map_matches_reference, random_inputs, relative_error)
+from kernel_oracle import (HARDWARE_CASES, assert_jit_vmap_grad_matches_reference, assert_matches_reference_on,
+                           assert_plan_covers_pattern, assert_shard_map_matches_reference, random_inputs)
 
 ON_GPU = jax.default_backend() == "gpu"
 ON_HOPPER = ON_GPU and mosaic_gpu.unsupported_reason(
@@ -101,21 +99,11 @@ def check_against_reference(spec, *, seq_len, heads=2, kv_heads=1, head_dim=64, 
 
 
 def check_jit_vmap_grad(interpret=INTERPRET):
-    pattern = parse("repaired(64, 8, prefix)")
-    q, k, v, _ = random_inputs(5, 2, 100, 2, 1, 64, jnp.bfloat16)  # the leading axis is vmapped
-    weights = jax.random.normal(jax.random.key(6), q.shape)
-
-    def loss(attend):
-        batched = jax.vmap(lambda q, k, v: attend(q[None], k[None], v[None])[0])
-        return lambda q, k, v: jnp.sum(batched(q, k, v).astype(jnp.float32) * weights)
-
-    ours = loss(lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=0.125, interpret=interpret,
-                                                     block_sizes=SMALL))
-    oracle = loss(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.125))
-    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
-    want = jax.grad(oracle, argnums=(0, 1, 2))(*(x.astype(jnp.float32) for x in (q, k, v)))
-    for g, w in zip(got, want):
-        assert relative_error(g, w) < RTOL["bfloat16"]
+    assert_jit_vmap_grad_matches_reference(
+        lambda q, k, v, pattern, scale: mosaic_gpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
+                                                             block_sizes=SMALL),
+        seq_len=100, spec="repaired(64, 8, prefix)", head_dim=64, dtype=jnp.bfloat16, scale=0.125,
+        rtol=RTOL["bfloat16"])
 
 
 def plan_kinds(spec, seq_len, sizes: mosaic_gpu.BlockSizes) -> tuple[bool, bool]:

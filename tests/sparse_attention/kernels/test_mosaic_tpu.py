@@ -34,7 +34,8 @@ from sparse_attention.attention import resolve_impl
 from sparse_attention.kernels.common import KernelStatic
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import EMPTY, FULL, PARTIAL, parse
-from kernel_oracle import HARDWARE_CASES, assert_matches_reference_on, random_inputs, relative_error
+from kernel_oracle import (HARDWARE_CASES, assert_jit_vmap_grad_matches_reference, assert_matches_reference_on,
+                           random_inputs, relative_error)
 
 ON_TPU = jax.default_backend() == "tpu"
 INTERPRET = not ON_TPU
@@ -176,22 +177,10 @@ def test_decoder_lm_loss_and_grads_match_xla():
 
 
 def test_jit_vmap_grad():
-    pattern = parse("repaired(16, 4, bridge)")
-    q, k, v, _ = random_inputs(5, 2, 32, 2, 1, 16, jnp.float32)  # the leading axis is vmapped
-    weights = jax.random.normal(jax.random.key(6), q.shape)
-    sizes = tiles(8, 8)
+    def attend(q, k, v, pattern, scale):
+        return mosaic_tpu.attention(q, k, v, pattern, scale=scale, interpret=INTERPRET, block_sizes=tiles(8, 8))
 
-    def loss(attend):
-        batched = jax.vmap(lambda q, k, v: attend(q[None], k[None], v[None])[0])
-        return lambda q, k, v: jnp.sum(batched(q, k, v) * weights)
-
-    ours = loss(lambda q, k, v: mosaic_tpu.attention(q, k, v, pattern, scale=0.25, interpret=INTERPRET,
-                                                     block_sizes=sizes))
-    oracle = loss(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.25))
-    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
-    want = jax.grad(oracle, argnums=(0, 1, 2))(q, k, v)
-    for g, w in zip(got, want):
-        assert relative_error(g, w) < 1e-5
+    assert_jit_vmap_grad_matches_reference(attend, seq_len=32)
 
 
 SHARD_MAP_SCRIPT = textwrap.dedent(

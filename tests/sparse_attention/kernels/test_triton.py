@@ -20,13 +20,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_attention import attention, reference
+from sparse_attention import attention
 
 from sparse_attention.kernels import triton
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
-from kernel_oracle import (HARDWARE_CASES, assert_matches_reference_on, assert_plan_covers_pattern,
-                           assert_shard_map_matches_reference, random_inputs, random_selection, relative_error)
+from kernel_oracle import (HARDWARE_CASES, assert_jit_vmap_grad_matches_reference, assert_matches_reference_on,
+                           assert_plan_covers_pattern, assert_shard_map_matches_reference, random_inputs,
+                           random_selection)
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
 
@@ -150,22 +151,10 @@ def test_custom_scale(scale):
 
 
 def test_jit_vmap_grad():
-    pattern = parse("repaired(16, 4, bridge)")
-    q, k, v, _ = random_inputs(5, 2, 48, 2, 1, 16, jnp.float32)  # the leading axis is vmapped
-    weights = jax.random.normal(jax.random.key(6), q.shape)
-    sizes = tiles(16, 16, 16)
+    def attend(q, k, v, pattern, scale):
+        return triton.attention(q, k, v, pattern, scale=scale, interpret=INTERPRET, block_sizes=tiles(16, 16, 16))
 
-    def loss(attend):
-        batched = jax.vmap(lambda q, k, v: attend(q[None], k[None], v[None])[0])
-        return lambda q, k, v: jnp.sum(batched(q, k, v) * weights)
-
-    ours = loss(lambda q, k, v: triton.attention(q, k, v, pattern, scale=0.25, interpret=INTERPRET,
-                                                     block_sizes=sizes))
-    oracle = loss(lambda q, k, v: reference.attention(q, k, v, pattern, scale=0.25))
-    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2)))(q, k, v)
-    want = jax.grad(oracle, argnums=(0, 1, 2))(q, k, v)
-    for g, w in zip(got, want):
-        assert relative_error(g, w) < 1e-5
+    assert_jit_vmap_grad_matches_reference(attend, seq_len=48)
 
 
 SHARD_MAP_SCRIPT = textwrap.dedent(

@@ -123,12 +123,6 @@ def decoder(model: DecoderLM, steps: int, sampling: Sampling = Sampling()):
     return functools.partial(_decode, graphdef, state, steps=steps, sampling=sampling)
 
 
-def decode(model: DecoderLM, caches: list[KVCache], logits, start: int, steps: int, *,
-           sampling: Sampling = Sampling(), seed: int = 0) -> jax.Array:
-    """`steps` tokens int32 [batch, steps] decoded after the caches' positions (`decoder`)."""
-    return decoder(model, steps, sampling)(caches, logits, jnp.int32(start), jax.random.key(seed))
-
-
 def generate(model: DecoderLM, prompt, max_new_tokens: int, *, sampling: Sampling = Sampling(), seed: int = 0,
              trained_seq_len: int) -> jax.Array:
     """prompt int32 [batch, prompt_len] (every row the same length) -> int32 [batch, max_new_tokens], the
@@ -137,5 +131,7 @@ def generate(model: DecoderLM, prompt, max_new_tokens: int, *, sampling: Samplin
     if prompt.ndim != 2:
         raise ValueError(f"prompt must be int tokens [batch, length], got shape {prompt.shape}")
     check_lengths(model, prompt.shape[1], max_new_tokens, trained_seq_len)
-    logits, caches = prefill(model, prompt, prompt.shape[1] + max_new_tokens)
-    return decode(model, caches, logits, prompt.shape[1], max_new_tokens, sampling=sampling, seed=seed)
+    graphdef, state = _split_for_inference(model)  # once for both calls
+    logits, caches = _prefill(graphdef, state, prompt, prompt.shape[1] + max_new_tokens)
+    return _decode(graphdef, state, caches, logits, jnp.int32(prompt.shape[1]), jax.random.key(seed),
+                   max_new_tokens, sampling)

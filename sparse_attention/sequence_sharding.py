@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_attention.attention import attention
-from sparse_attention.patterns import Pattern, Union_, as_pattern
+from sparse_attention.patterns import Intersection, Pattern, Union_, as_pattern
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +59,15 @@ class ShardPlan:
 
 def period(pattern: Pattern) -> int | None:
     """The shift that leaves the pattern's mask unchanged away from the sequence start: 1 for patterns of
-    q - k alone, the lcm of the block sizes of blocky parts; None when there is none to rely on."""
+    q - k alone, the block size of a blocky kind, the lcm over the parts of a union or intersection; None
+    when there is none to rely on."""
     if pattern.offsets(1) is not None:
         return 1
-    parts = pattern.parts if isinstance(pattern, Union_) else (pattern,)
-    sizes = []
-    for part in parts:
-        if part.offsets(1) is not None:
-            continue
-        grid = part.block_grid()
-        if grid is None:
-            return None
-        sizes.append(grid[0])
-    return math.lcm(*sizes) if sizes else 1
+    if isinstance(pattern, (Union_, Intersection)):
+        periods = [period(part) for part in pattern.parts]
+        return None if None in periods else math.lcm(*periods)
+    grid = pattern.block_grid()
+    return None if grid is None else grid[0]
 
 
 def plan(pattern: Pattern | str, shard_len: int, shards: int) -> ShardPlan:

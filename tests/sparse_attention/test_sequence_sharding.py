@@ -14,7 +14,7 @@ from sparse_attention.sequence_sharding import plan
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 SPECS = ("dense", "block(16)", "window(12)", "repaired(16, 4, bridge)", "repaired(16, 4, prefix)", "block(16, 8)",
          "sinks(2) | window(8)", "strided(5)", "dilated(3, 4)", "random_blocks(16, 1, 3)", "topk(16, 1)",
-         "block(16) | window(20)")
+         "block(16) | window(20)", "block(8) & block(16, 4)")
 
 SCRIPT = textwrap.dedent("""
     import json, sys

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import logging
 import statistics
 import sys
@@ -194,7 +195,7 @@ class BoundaryTaskConfig:
         if not 0 < self.confidence < 1:
             _fail("eval.confidence", f"must be in (0, 1), got {self.confidence!r}")
 
-    @property
+    @functools.cached_property
     def selections(self) -> dict:
         """{spec: its topk part} for the patterns some of whose layers choose blocks by content."""
         chosen = {}

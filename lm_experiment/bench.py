@@ -27,6 +27,13 @@ and is skipped with the reason where torch or a CUDA device is missing); JAX's P
 (`ops.gpu.attention.mha`, dense causal); JAX's Pallas Mosaic GPU attention (`ops.gpu.attention_mgpu`:
 dense causal, forward only as it has no causal backward, sm90+, float16 as it fails inside on bfloat16);
 this package's `xla` and `reference` paths where they fit in memory ("oom" otherwise).
+
+A `topk(B, K)` case attends a fixed choice of blocks (`bench_choice.fixed_choice`), the same indices for
+every implementation that takes a choice (`attention.SELECTION_IMPLS`) and for FlexAttention's block mask;
+its work counts the chosen pairs too. Impl `selection` times the choice itself, `select_blocks` on the same
+q and k, forward only (the choice is not differentiated), with a floor of reading q and k once. With
+block(B) in the same run, `selection_costs` quotes the attention's time per attended pair against block(B)'s
+and the selection's time against the attention's forward.
 `--smoke` runs tiny shapes on CPU with the Pallas kernels in interpret mode (for tests). On a GPU or TPU
 host each Pallas kernel runs only on its own backend (`mosaic_tpu` is TPU only, `triton` GPU only).
 """
@@ -46,15 +53,18 @@ import warnings
 import jax
 import jax.numpy as jnp
 
-from lm_experiment import flex_peer, timing
+from lm_experiment import bench_choice, flex_peer, timing
 from sparse_attention import atomic_io, reference, xla
+from sparse_attention.attention import SELECTION_IMPLS
 from sparse_attention.kernels import mosaic_gpu, mosaic_tpu, triton
-from sparse_attention.patterns import Dense, Pattern, Window, as_pattern
+from sparse_attention.patterns import Block, Dense, Pattern, Window, as_pattern
+from sparse_attention.selection import select_blocks
 
 DEFAULT_SEQ_LENS = (4096, 16384, 32768, 65536, 131072)
 DEFAULT_PATTERNS = ("dense", "block(512)", "window(1024)", "repaired(512, 64, bridge)", "repaired(512, 64, prefix)",
                     "block(512, 256)", "random_blocks(512, 3, 0)", "sinks(64) | window(1024)")
-IMPLS = ("mosaic_gpu", "triton", "mosaic_tpu", "cudnn", "flex", "mosaic_mha", "pallas_mha", "xla", "reference")
+IMPLS = ("mosaic_gpu", "triton", "mosaic_tpu", "cudnn", "flex", "mosaic_mha", "pallas_mha", "xla", "reference",
+         "selection")
 # This package's implementations, against which the peers' ratios are quoted.
 OWN_IMPLS = ("mosaic_gpu", "triton", "mosaic_tpu")
 RATIO_PEERS = ("flex", "cudnn")
@@ -85,14 +95,22 @@ class Unsupported(Exception):
     """The implementation does not cover this case (recorded as such, not as an error)."""
 
 
-def _peer_function(impl: str, pattern: Pattern, shape: Shape, mode: str, interpret: bool, block_sizes):
-    """f(q, k, v) -> out for one implementation, or raise Unsupported."""
+def _peer_function(impl: str, pattern: Pattern, shape: Shape, mode: str, interpret: bool, block_sizes,
+                   selected=None):
+    """f(q, k, v) -> out for one implementation, or raise Unsupported. `selected`: a topk case's choice."""
     scale = 1.0 / math.sqrt(shape.head_dim)
+    topk = pattern.block_selection()
+    if impl == "selection":
+        if topk is None or mode != "fwd":
+            raise Unsupported("times a topk pattern's block choice, forward only")
+        return lambda q, k, v: select_blocks(q, k, topk.size, topk.count)
+    if topk is not None and impl not in SELECTION_IMPLS:
+        raise Unsupported(f"takes no chosen blocks (those that do: {', '.join(SELECTION_IMPLS)})")
     if impl in KERNEL_BACKENDS and not interpret and jax.default_backend() != KERNEL_BACKENDS[impl]:
         raise Unsupported(f"{KERNEL_BACKENDS[impl].upper()} only")
     if impl == "triton":
         return lambda q, k, v: triton.attention(q, k, v, pattern, scale=scale, interpret=interpret,
-                                                block_sizes=block_sizes)
+                                                block_sizes=block_sizes, selected=selected)
     if impl == "mosaic_gpu":
         reason = mosaic_gpu.unsupported_reason(*(jax.ShapeDtypeStruct(s, shape.dtype) for s in _shapes(shape)),
                                                pattern, interpret=interpret)
@@ -102,9 +120,9 @@ def _peer_function(impl: str, pattern: Pattern, shape: Shape, mode: str, interpr
     if impl == "mosaic_tpu":
         return lambda q, k, v: mosaic_tpu.attention(q, k, v, pattern, scale=scale, interpret=interpret)
     if impl == "xla":
-        return lambda q, k, v: xla.attention(q, k, v, pattern, scale=scale)
+        return lambda q, k, v: xla.attention(q, k, v, pattern, scale=scale, selected=selected)
     if impl == "reference":
-        return lambda q, k, v: reference.attention(q, k, v, pattern, scale=scale)
+        return lambda q, k, v: reference.attention(q, k, v, pattern, scale=scale, selected=selected)
     if jax.default_backend() != "gpu":
         raise Unsupported("GPU only")
     if impl == "cudnn":
@@ -209,9 +227,10 @@ def measure_ceilings(dtype: str, sizes: dict) -> dict:
                 matmul_size=n, copy_bytes=buffer.nbytes)
 
 
-def case_work(pattern: Pattern, mode: str, shape: Shape) -> tuple[int, float, int]:
-    """(active pairs, counted FLOPs, bytes moved) of one case: what every implementation is credited."""
-    active_pairs = pattern.count_active(shape.seq_len)
+def case_work(pattern: Pattern, mode: str, shape: Shape, chosen=None) -> tuple[float, float, int]:
+    """(active pairs per head, counted FLOPs, bytes moved) of one case: what every implementation is credited.
+    `chosen`: a topk case's fixed choice (`bench_choice`), whose pairs count too."""
+    active_pairs = bench_choice.attended_pairs(pattern, shape.seq_len, chosen)
     flops = 4 * shape.batch * shape.heads * shape.head_dim * active_pairs
     flops *= FWD_BWD_FLOP_FACTOR if mode == "fwd_bwd" else 1
     # In units of one head's [batch, seq, head_dim] tensor: forward q + out (heads) and k + v (kv heads);
@@ -223,28 +242,41 @@ def case_work(pattern: Pattern, mode: str, shape: Shape) -> tuple[int, float, in
     return active_pairs, flops, heads_moved * head_bytes
 
 
+def selection_work(pattern: Pattern, shape: Shape) -> tuple[float, int]:
+    """(counted FLOPs, bytes moved) of a topk pattern's block choice: the block scores' dot products, and q
+    and k read once (the means and scores are small beside them)."""
+    blocks = -(-shape.seq_len // pattern.block_selection().size)
+    flops = 2 * shape.batch * shape.kv_heads * shape.head_dim * blocks * blocks
+    head_bytes = shape.batch * shape.seq_len * shape.head_dim * jnp.dtype(shape.dtype).itemsize
+    return flops, (shape.heads + shape.kv_heads) * head_bytes
+
+
 def floor_ms(flops: float, bytes_moved: int, ceilings: dict) -> float:
     """The case's lower bound in ms: whichever of its FLOPs and its bytes takes longer at the measured rates."""
     return 1e3 * max(flops / ceilings["matmul_flops_per_s"], bytes_moved / ceilings["copy_bytes_per_s"])
 
 
-def complete_row(row: dict, pattern: Pattern, shape: Shape, ceilings: dict) -> dict:
-    """Adds the counted work to a timed row: active_fraction, tflops, floor_ms and x_floor."""
-    active_pairs, flops, bytes_moved = case_work(pattern, row["mode"], shape)
+def complete_row(row: dict, pattern: Pattern, shape: Shape, ceilings: dict, chosen=None) -> dict:
+    """Adds the counted work to a timed row: active_pairs (per head), active_fraction, tflops, floor_ms and
+    x_floor (a selection row's work is the choice's, `selection_work`)."""
+    active_pairs, flops, bytes_moved = case_work(pattern, row["mode"], shape, chosen)
+    if row["impl"] == "selection" and pattern.block_selection() is not None:
+        flops, bytes_moved = selection_work(pattern, shape)
     floor = floor_ms(flops, bytes_moved, ceilings)
     ok = row["status"] == "ok"
-    return row | dict(active_fraction=active_pairs / (shape.seq_len * (shape.seq_len + 1) / 2),
+    causal_pairs = shape.seq_len * (shape.seq_len + 1) / 2
+    return row | dict(active_pairs=active_pairs, active_fraction=active_pairs / causal_pairs,
                       tflops=flops / (row["ms"] * 1e-3) / 1e12 if ok else None, floor_ms=floor,
                       x_floor=row["ms"] / floor if ok else None)
 
 
 def run_case(impl: str, pattern: Pattern, mode: str, shape: Shape, inputs, *, runs: int, warmup: int,
-             interpret: bool, block_sizes) -> dict:
+             interpret: bool, block_sizes, selected=None) -> dict:
     """One timed row: status "ok" with ms, memory_bytes and runs, or "oom" / "unsupported: ..." / "error: ..."."""
     row = dict(seq_len=shape.seq_len, pattern=pattern.spec, impl=impl, mode=mode,
                ms=None, memory_bytes=None, runs=None, status="ok")
     try:
-        forward = _peer_function(impl, pattern, shape, mode, interpret, block_sizes)
+        forward = _peer_function(impl, pattern, shape, mode, interpret, block_sizes, selected)
         args = inputs if mode == "fwd_bwd" else inputs[:3]
         compiled = _timed_function(forward, mode).lower(*args).compile()
         row["memory_bytes"] = compiled_memory_bytes(compiled)
@@ -294,6 +326,34 @@ def peer_ratios(rows: list[dict]) -> list[dict]:
     return ratios
 
 
+def selection_costs(rows: list[dict]) -> list[dict]:
+    """For each topk(B, K) case that ran with block(B) beside it: our fastest implementation's time per
+    attended pair over block(B)'s (`pair_time_vs_block`), and, forward, the selection's time over that
+    attention's (`selection_share`)."""
+    best: dict[tuple, dict] = {}
+    for row in rows:
+        if row["status"] == "ok" and row["impl"] in OWN_IMPLS + ("selection",):
+            key = (row["seq_len"], row["pattern"], row["mode"], row["impl"] == "selection")
+            if key not in best or row["ms"] < best[key]["ms"]:
+                best[key] = row
+    costs = []
+    for (seq_len, spec, mode, is_selection), row in best.items():
+        topk = as_pattern(spec).block_selection()
+        if is_selection or topk is None:
+            continue
+        block = best.get((seq_len, Block(topk.size).spec, mode, False))
+        if block is None:
+            continue
+        cost = dict(seq_len=seq_len, pattern=spec, mode=mode, impl=row["impl"], ms=row["ms"],
+                    block_impl=block["impl"], block_ms=block["ms"],
+                    pair_time_vs_block=(row["ms"] / row["active_pairs"]) / (block["ms"] / block["active_pairs"]))
+        selection = best.get((seq_len, spec, "fwd", True))
+        if mode == "fwd" and selection is not None:
+            cost |= dict(selection_ms=selection["ms"], selection_share=selection["ms"] / row["ms"])
+        costs.append(cost)
+    return costs
+
+
 def make_inputs(shape: Shape, seed: int = 0):
     keys = jax.random.split(jax.random.key(seed), 4)
     dtype = jnp.dtype(shape.dtype)
@@ -310,6 +370,13 @@ def format_row(row: dict) -> str:
     return (f"{row['seq_len']:>7} {row['pattern']:<28} {row['mode']:<8} {row['impl']:<11} "
             f"{row['ms']:10.3f} ms {row['tflops']:8.1f} TFLOP/s {row['x_floor']:6.2f}x floor  "
             f"active {row['active_fraction']:.4f} {memory}")
+
+
+def format_cost(cost: dict) -> str:
+    selection = (f"  selection {cost['selection_ms']:.3f} ms = {cost['selection_share']:.3f} of the attention"
+                 if "selection_ms" in cost else "")
+    return (f"{cost['seq_len']:>7} {cost['pattern']:<28} {cost['mode']:<8} {cost['impl']:<11} {cost['ms']:10.3f} ms"
+            f"  per pair {cost['pair_time_vs_block']:.3f}x block's ({cost['block_impl']}){selection}")
 
 
 def format_ratio(ratio: dict) -> str:
@@ -391,10 +458,11 @@ def main(argv=None) -> dict:
     print(f"# {report['meta']['device']} jax {jax.__version__}  B={args.batch} H={args.heads} "
           f"KV={kv_heads} D={args.head_dim} {args.dtype}  matmul {ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, "
           f"copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
-    by_spec = {pattern.spec: pattern for pattern in patterns}
     for seq_len in seq_lens:
         shape = Shape(args.batch, seq_len, args.heads, kv_heads, args.head_dim, args.dtype)
         inputs = make_inputs(shape)
+        choices = {pattern.spec: bench_choice.fixed_choice(pattern, seq_len, args.batch, kv_heads)
+                   for pattern in patterns}
         # Implementations in the outer loop: the kernels are timed before the memory-hungry dense paths
         # (xla, reference) of the same length run, so their allocations cannot disturb the short kernels.
         for impl in impls:
@@ -404,13 +472,16 @@ def main(argv=None) -> dict:
                         row = next(r for r in peer_rows if (r["seq_len"], r["pattern"], r["mode"])
                                    == (seq_len, pattern.spec, mode))
                     else:
+                        chosen = choices[pattern.spec]
                         row = run_case(impl, pattern, mode, shape, inputs, runs=args.runs, warmup=args.warmup,
-                                       interpret=interpret, block_sizes=block_sizes)
-                    report["results"].append(complete_row(row, by_spec[row["pattern"]], shape, ceilings))
+                                       interpret=interpret, block_sizes=block_sizes,
+                                       selected=None if chosen is None else jnp.asarray(chosen))
+                    report["results"].append(complete_row(row, pattern, shape, ceilings, choices[pattern.spec]))
                     print(format_row(report["results"][-1]), flush=True)
                     atomic_io.write_json(args.out, report)
         del inputs
     report["ratios"] = peer_ratios(report["results"])
+    report["selection_costs"] = selection_costs(report["results"])
     atomic_io.write_json(args.out, report)
     print("\n# summary", flush=True)
     order = {impl: index for index, impl in enumerate(impls)}
@@ -419,6 +490,10 @@ def main(argv=None) -> dict:
     print("\n# our fastest implementation's time over each peer's (below 1: ours is faster)")
     for ratio in report["ratios"]:
         print(format_ratio(ratio))
+    if report["selection_costs"]:
+        print("\n# topk: attention time per attended pair against block(B)'s, and the selection's cost")
+        for cost in report["selection_costs"]:
+            print(format_cost(cost))
     return report
 
 

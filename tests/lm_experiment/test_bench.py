@@ -10,8 +10,10 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from lm_experiment import bench, timing
+from lm_experiment import bench, bench_choice, flex_peer, timing
 from sparse_attention.patterns import parse
 
 H200_CEILINGS = dict(matmul_flops_per_s=790e12, copy_bytes_per_s=4.3e12)
@@ -128,3 +130,87 @@ def test_median_ms_times_rounds_of_back_to_back_calls(monkeypatch):
     per_round = math.ceil(timing.ROUND_SECONDS / 0.003)  # sized from one waited call, 3 ms
     assert ms == pytest.approx((2 * per_round + 1) / per_round)
     assert len(calls) == 2 + 1 + max(timing.MIN_ROUNDS, 100 // per_round) * per_round
+
+
+TOPK_SPECS = ["topk(16, 2)", "topk(16, 3) | repaired(16, 4, bridge)", "topk(8, 2) | window(20)",
+              "topk(16, 1) | sinks(3)"]
+
+
+@pytest.mark.parametrize("spec", TOPK_SPECS)
+@given(seq_len=st.integers(1, 90), kv_heads=st.integers(1, 3), seed=st.integers(0, 2**16))
+@settings(max_examples=15, deadline=None)
+def test_topk_case_counts_each_attended_pair_once(spec, seq_len, kv_heads, seed):
+    pattern = parse(spec)
+    topk = pattern.block_selection()
+    chosen = bench_choice.fixed_choice(pattern, seq_len, batch=2, kv_heads=kv_heads, seed=seed)
+    blocks = -(-seq_len // topk.size)
+    assert chosen.shape == (2, kv_heads, blocks, topk.count)
+    positions = np.arange(seq_len)
+    static = np.broadcast_to(pattern.mask(positions[:, None], positions[None, :]), (seq_len, seq_len))
+    counts = []
+    for b, h in np.ndindex(2, kv_heads):
+        for i in range(blocks):  # min(K, i) distinct earlier blocks, then -1
+            picked = chosen[b, h, i]
+            n = min(topk.count, i)
+            assert (picked[n:] == -1).all() and len(set(picked[:n])) == n and ((0 <= picked[:n]) & (picked[:n] < i)).all()
+        counts.append((static | bench_choice.choice_mask(chosen[b, h], topk.size, seq_len)).sum())
+    assert bench_choice.attended_pairs(pattern, seq_len, chosen) == pytest.approx(np.mean(counts))
+    assert bench_choice.fixed_choice(parse("block(16)"), seq_len, 1, 1) is None
+
+
+@pytest.mark.parametrize("spec,seq_len,heads,kv_heads", [("topk(128, 2)", 700, 1, 1),
+                                                         ("topk(256, 2) | repaired(256, 64, bridge)", 1100, 4, 2),
+                                                         ("window(300)", 650, 1, 1)])
+def test_flex_block_lists_attend_exactly_the_case_pairs(spec, seq_len, heads, kv_heads):
+    # FlexAttention attends a full tile's every pair and a partial tile's where mask_mod (the static mask)
+    # holds: rebuilt from the lists, that must be the static mask plus the chosen blocks, per query head.
+    pattern = parse(spec)
+    chosen = bench_choice.fixed_choice(pattern, seq_len, batch=1, kv_heads=kv_heads, seed=3)
+    num_partial, partial, num_full, full = flex_peer.tile_lists(pattern, seq_len, chosen, heads)
+    positions = np.arange(seq_len)
+    static = np.broadcast_to(pattern.mask(positions[:, None], positions[None, :]), (seq_len, seq_len))
+    tile = flex_peer.FLEX_TILE
+    for head in range(full.shape[1]):
+        expected = static.copy()
+        if chosen is not None:
+            expected |= bench_choice.choice_mask(chosen[0, head * kv_heads // heads], pattern.block_selection().size,
+                                                 seq_len)
+        rebuilt = np.zeros((seq_len, seq_len), bool)
+        for row in range(full.shape[2]):
+            rows = slice(row * tile, (row + 1) * tile)
+            for column in full[0, head, row, : num_full[0, head, row]]:
+                rebuilt[rows, column * tile : (column + 1) * tile] = True
+            for column in partial[0, head, row, : num_partial[0, head, row]]:
+                keys = slice(column * tile, (column + 1) * tile)
+                rebuilt[rows, keys] |= static[rows, keys]
+        np.testing.assert_array_equal(rebuilt, expected)
+
+
+def test_selection_costs_quote_time_per_pair_against_block_and_the_choice_against_the_attention():
+    def row(impl, ms, pattern, mode="fwd", pairs=100.0):
+        return dict(seq_len=4096, pattern=pattern, mode=mode, impl=impl, ms=ms, status="ok", active_pairs=pairs)
+
+    rows = [row("triton", 2.0, "block(512)", pairs=100.0), row("mosaic_gpu", 1.0, "block(512)", pairs=100.0),
+            row("triton", 3.0, "topk(512, 4)", pairs=250.0), row("xla", 0.5, "topk(512, 4)", pairs=250.0),
+            row("selection", 0.3, "topk(512, 4)", pairs=250.0),
+            row("triton", 9.0, "topk(512, 4)", "fwd_bwd", 250.0), row("triton", 5.0, "block(512)", "fwd_bwd"),
+            row("triton", 1.0, "topk(256, 4)", pairs=10.0)]
+    costs = {c["mode"]: c for c in bench.selection_costs(rows)}
+    # Our kernels only (xla is not one), the fastest block(512) (mosaic_gpu), and no cost without block(B).
+    assert costs["fwd"] == dict(seq_len=4096, pattern="topk(512, 4)", mode="fwd", impl="triton", ms=3.0,
+                                block_impl="mosaic_gpu", block_ms=1.0, pair_time_vs_block=pytest.approx(1.2),
+                                selection_ms=0.3, selection_share=pytest.approx(0.1))
+    assert costs["fwd_bwd"]["pair_time_vs_block"] == pytest.approx((9.0 / 250) / (5.0 / 100))
+    assert "selection_ms" not in costs["fwd_bwd"]
+    assert len(bench.selection_costs(rows)) == 2
+
+
+def test_bench_smoke_times_topk_with_its_selection(tmp_path):
+    report = bench.main(["--smoke", "--seq", "300", "--patterns", "block(128);topk(128, 2)", "--impls",
+                         "mosaic_gpu,triton,selection", "--modes", "fwd", "--out", str(tmp_path / "b.json")])
+    status = {(r["pattern"], r["impl"]): r["status"] for r in report["results"]}
+    assert status[("topk(128, 2)", "triton")] == "ok" and status[("topk(128, 2)", "selection")] == "ok"
+    assert status[("topk(128, 2)", "mosaic_gpu")].startswith("unsupported: takes no chosen blocks")
+    assert status[("block(128)", "selection")].startswith("unsupported")
+    (cost,) = report["selection_costs"]
+    assert cost["pattern"] == "topk(128, 2)" and cost["pair_time_vs_block"] > 0 and cost["selection_share"] > 0

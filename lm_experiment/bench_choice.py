@@ -16,7 +16,8 @@ from sparse_attention.patterns import FULL, PARTIAL, Pattern, TileGrid
 CHOICE_SEED = 0
 
 
-def fixed_choice(pattern: Pattern, seq_len: int, batch: int, kv_heads: int, seed: int = CHOICE_SEED) -> np.ndarray | None:
+def fixed_choice(pattern: Pattern, seq_len: int, batch: int, kv_heads: int,
+                 seed: int = CHOICE_SEED) -> np.ndarray | None:
     """For a pattern with a topk part: int32 [batch, kv_heads, query blocks, K], min(K, i) distinct earlier
     blocks for query block i and -1 in the slots left over (`select_blocks`'s format); None otherwise."""
     topk = pattern.block_selection()

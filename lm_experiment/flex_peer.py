@@ -9,9 +9,9 @@ Each case's block mask is our layout at 128 x 128 tiles (`block_layout`: each qu
 key tiles) given to `BlockMask.from_kv_blocks`, with the pattern's exact mask as mask_mod for the partial
 tiles (`Pattern.mask` evaluated on torch tensors, see `torch_arrays.py`). A topk case's chosen blocks
 (`bench_choice.fixed_choice`, the same indices our kernels are given) are added as full tiles, per query
-head. So FlexAttention attends the pairs our kernels attend and skips the tiles they skip. (`create_block_mask` compiled would evaluate the mask on
-every pair itself; on PyTorch 2.14's CPU backend it got random_blocks' hashed block choice wrong, and
-eager it materializes [seq, seq].) The mask is built once per case, as our layouts are, and not timed. Before
+head. So FlexAttention attends the pairs our kernels attend and skips the tiles they skip.
+(`create_block_mask` compiled would evaluate the mask on every pair itself; on PyTorch 2.14's CPU backend it
+got random_blocks' hashed block choice wrong, and eager it materializes [seq, seq].) The mask is built once per case, as our layouts are, and not timed. Before
 timing, each pattern's attended key sets are checked at CHECK_LEN tokens or more (`check_error`); a peer that
 attends other pairs would make the comparison meaningless, so its rows then say so.
 

@@ -152,7 +152,8 @@ def test_topk_case_counts_each_attended_pair_once(spec, seq_len, kv_heads, seed)
         for i in range(blocks):  # min(K, i) distinct earlier blocks, then -1
             picked = chosen[b, h, i]
             n = min(topk.count, i)
-            assert (picked[n:] == -1).all() and len(set(picked[:n])) == n and ((0 <= picked[:n]) & (picked[:n] < i)).all()
+            assert (picked[n:] == -1).all() and len(set(picked[:n])) == n
+            assert ((0 <= picked[:n]) & (picked[:n] < i)).all()
         counts.append((static | bench_choice.choice_mask(chosen[b, h], topk.size, seq_len)).sum())
     assert bench_choice.attended_pairs(pattern, seq_len, chosen) == pytest.approx(np.mean(counts))
     assert bench_choice.fixed_choice(parse("block(16)"), seq_len, 1, 1) is None

@@ -11,9 +11,10 @@ tiles (`Pattern.mask` evaluated on torch tensors, see `torch_arrays.py`). A topk
 (`bench_choice.fixed_choice`, the same indices our kernels are given) are added as full tiles, per query
 head. So FlexAttention attends the pairs our kernels attend and skips the tiles they skip.
 (`create_block_mask` compiled would evaluate the mask on every pair itself; on PyTorch 2.14's CPU backend it
-got random_blocks' hashed block choice wrong, and eager it materializes [seq, seq].) The mask is built once per case, as our layouts are, and not timed. Before
-timing, each pattern's attended key sets are checked at CHECK_LEN tokens or more (`check_error`); a peer that
-attends other pairs would make the comparison meaningless, so its rows then say so.
+got random_blocks' hashed block choice wrong, and eager it materializes [seq, seq].) The mask is built once
+per case, as our layouts are, and not timed. Before timing, each pattern's attended key sets are checked at
+CHECK_LEN tokens or more (`check_error`); a peer that attends other pairs would make the comparison
+meaningless, so its rows then say so.
 
 Timing is `timing.median_ms`, as for the JAX implementations, with `torch.cuda.synchronize` as the wait.
 fwd_bwd is the forward plus `torch.autograd.grad` of q, k and v given d_out, as the JAX side's vjp.

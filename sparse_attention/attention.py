@@ -31,7 +31,7 @@ VALID_IMPLS = ("auto",) + IMPLEMENTATIONS
 # The Pallas kernels live in sparse_attention.kernels, named by their lowering and hardware.
 KERNEL_IMPLS = ("triton", "mosaic_gpu", "mosaic_tpu")
 # The implementations that attend a `topk` pattern's chosen blocks; the other kernels decline such patterns.
-SELECTION_IMPLS = ("reference", "xla", "triton")
+SELECTION_IMPLS = ("reference", "xla", "triton", "mosaic_tpu")
 # Names of earlier versions: refused with the new name rather than taken silently.
 RENAMED_IMPLS = {"pallas_gpu": "triton", "pallas_tpu": "mosaic_tpu"}
 # Preference order of `auto` per JAX backend. On GPUs mosaic_gpu comes first: validated on an H100 (CUDA 13.0)

@@ -35,7 +35,7 @@ from sparse_attention.kernels.common import KernelStatic
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import EMPTY, FULL, PARTIAL, parse
 from kernel_oracle import (HARDWARE_CASES, assert_jit_vmap_grad_matches_reference, assert_matches_reference_on,
-                           random_inputs, relative_error)
+                           random_inputs, random_selection, relative_error)
 
 ON_TPU = jax.default_backend() == "tpu"
 INTERPRET = not ON_TPU
@@ -229,6 +229,22 @@ SHARD_MAP_SCRIPT = textwrap.dedent(
 
     errors["uses_shard_map"] = under_mesh(lambda: "shard_map" in str(jax.make_jaxpr(attend)(q, k, v)))
     errors["context_mesh"] = errors_against_reference(attend, q, k, v, d_out, under_mesh)
+    # A topk pattern's chosen blocks [batch, kv_heads, blocks, K] are split with the batch and the heads.
+    topk, rng = parse("topk(8, 2)"), np.random.default_rng(seed)
+    chosen = np.full((2, 2, 4, 2), -1, np.int32)
+    for b, h, i in np.ndindex(2, 2, 4):
+        chosen[b, h, i, :min(2, i)] = rng.choice(i, min(2, i), replace=False)
+    chosen, mesh = jnp.asarray(chosen), Mesh(devices, ("data", "heads"))
+    q, k, v, d_out = inputs(2)
+
+    def run(attend):
+        out, vjp = jax.vjp(attend, q, k, v)
+        return (out, *vjp(d_out))
+    got = jax.jit(lambda: run(lambda q, k, v: mosaic_tpu.sharded_attention(
+        q, k, v, topk, mesh, batch_axes="data", head_axis="heads", scale=0.25, interpret=True, block_sizes=sizes,
+        selected=chosen)))()
+    want = run(lambda q, k, v: reference.attention(q, k, v, topk, scale=0.25, selected=chosen))
+    errors["topk"] = [float(jnp.linalg.norm(g - w) / jnp.linalg.norm(w)) for g, w in zip(got, want)]
     try:
         mosaic_tpu.sharded_attention(q[:, :, :3], k[:, :, :1], v[:, :, :1], pattern, Mesh(devices, ("data", "heads")),
                                      batch_axes="data", head_axis="heads", interpret=True)
@@ -247,10 +263,102 @@ def test_sharded_attention_over_batch_and_heads_and_context_mesh():
                             text=True, timeout=300, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     errors = json.loads(result.stdout.strip().splitlines()[-1])
-    for case in ("data_fsdp", "data_heads", "context_mesh"):
+    for case in ("data_fsdp", "data_heads", "context_mesh", "topk"):
         assert max(errors[case]) < 1e-5, errors
     assert errors["uses_shard_map"]
     assert "head_axis" in errors["refused"] and "kv_heads=1" in errors["refused"]
+
+
+# ------------------------------------------------------------------------------- topk: device layouts
+
+# (spec, seq_len, tiles, heads, kv_heads, dtype); the chosen blocks are random device layouts.
+TOPK_CASES = [
+    ("topk(16, 2)", 80, tiles(8, 8), 2, 1, jnp.float32),
+    ("topk(32, 3) | repaired(32, 4, prefix)", 150, tiles(16, 8, 8, 16, 16, 16), 4, 2, jnp.float32),  # unaligned
+    ("topk(16, 1) | window(12)", 100, tiles(8, 16, 16, 8), 2, 2, jnp.bfloat16),
+    ("topk(16, 2) | sinks(3)", 70, tiles(16, 16, 8, 8), 2, 1, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("spec, seq_len, sizes, heads, kv_heads, dtype", TOPK_CASES, ids=[c[0] for c in TOPK_CASES])
+def test_topk_over_random_device_layouts(spec, seq_len, sizes, heads, kv_heads, dtype):
+    """Forward and dq/dk/dv against the reference given the same chosen blocks; every pass walks step lists
+    merged on the device, the dk/dv pass their transpose."""
+    pattern = parse(spec)
+    seed = zlib.crc32(spec.encode())
+    inputs = random_inputs(seed, 2, seq_len, heads, kv_heads, 16, dtype)
+    topk = pattern.block_selection()
+    selected = random_selection(seed, 2, kv_heads, -(-seq_len // topk.size), topk.count)
+    assert_matches_reference_on(
+        lambda q, k, v: mosaic_tpu.attention(q, k, v, pattern, scale=0.25, interpret=INTERPRET, block_sizes=sizes,
+                                             selected=selected),
+        pattern, inputs, scale=0.25, rtol=RTOL[dtype], label=spec, selected=selected)
+
+
+@pytest.mark.skipif(ON_TPU, reason="the simulator stands in for a TPU")
+def test_topk_in_the_tpu_simulator():
+    # The simulator raises on out-of-bounds reads and fills unwritten memory with NaN.
+    pattern = parse("topk(16, 2) | repaired(16, 4, bridge)")
+    inputs = random_inputs(7, 1, 56, 2, 1, 16, jnp.float32)
+    selected = random_selection(7, 1, 1, 4, 2)
+    assert_matches_reference_on(
+        lambda q, k, v: mosaic_tpu.attention(q, k, v, pattern, scale=0.25, interpret=pltpu.InterpretParams(),
+                                             block_sizes=tiles(8, 8), selected=selected),
+        pattern, inputs, scale=0.25, rtol=1e-5, label=pattern.spec, selected=selected)
+
+
+@pytest.mark.parametrize("by_key", [False, True])
+@pytest.mark.parametrize("seed", range(4))
+def test_chosen_steps_visit_static_and_chosen_tiles_once_per_row(by_key, seed):
+    pattern, seq_len, size, block_q, block_k = parse("topk(32, 3) | repaired(32, 8, prefix)"), 200, 32, 16, 8
+    padded = 224  # a multiple of the block: chosen blocks are whole
+    selected = random_selection(seed, 2, 3, padded // size, 3)
+    steps = mosaic_tpu.step_list(pattern, padded, block_q, block_k, by_key)
+    rows, cols, flags = (np.asarray(x).reshape(6, -1) for x in mosaic_tpu.chosen_steps(
+        steps, selected, size, block_q, block_k, by_key))
+    classes = block_layout(pattern, padded, block_q, block_k).dense_tile_classes()
+    for lane in range(6):
+        chose = np.zeros_like(classes, bool)  # [query tile, key tile]
+        for block, picked in enumerate(np.asarray(selected).reshape(6, -1, 3)[lane]):
+            for c in picked[picked >= 0]:
+                chose[block * 2:(block + 1) * 2, c * 4:(c + 1) * 4] = True
+        want = {(r, c, int(k)) for (r, c), k in np.ndenumerate(classes) if k != EMPTY}
+        want |= {(r, c, mosaic_tpu.CHOSEN) for r, c in zip(*np.nonzero(chose))}
+        if by_key:
+            want = {(c, r, k) for r, c, k in want}
+        kinds = flags[lane] & 3
+        got = [(r, c, k) for r, c, k in zip(rows[lane], cols[lane], kinds) if k != EMPTY]
+        assert len(got) == len(set(got)) and set(got) == want
+        assert (np.diff(rows[lane]) >= 0).all()  # a row's steps are contiguous
+        first, last = (flags[lane] & 4) != 0, (flags[lane] & 8) != 0
+        np.testing.assert_array_equal(first, np.r_[True, rows[lane][1:] != rows[lane][:-1]])
+        np.testing.assert_array_equal(last, np.r_[rows[lane][:-1] != rows[lane][1:], True])
+        # Within a row the static steps come first, and an EMPTY step reloads the column before it.
+        for row in np.unique(rows[lane]):
+            row_kinds = kinds[rows[lane] == row]
+            chosen_at = np.flatnonzero(row_kinds == mosaic_tpu.CHOSEN)
+            assert not chosen_at.size or (row_kinds[chosen_at[0]:] != FULL).all()
+        empty = np.flatnonzero(kinds == EMPTY)
+        assert (cols[lane][empty[empty > 0]] == cols[lane][empty[empty > 0] - 1]).all()
+
+
+def test_topk_through_the_dispatch_and_its_refusals():
+    # The choice is made from q and k on the device; default tiles (256) walk a chosen block of 256 whole.
+    q, k, v, _ = random_inputs(2, 1, 600, 2, 1, 16, jnp.float32)
+    chosen = dispatch_attention(q, k, v, "topk(256, 1)", impl="mosaic_tpu", interpret=True)
+    np.testing.assert_allclose(chosen, dispatch_attention(q, k, v, "topk(256, 1)", impl="reference"), atol=2e-5)
+    assert "not a multiple of every tile" in mosaic_tpu.unsupported_reason(q, k, v, parse("topk(64, 1)"),
+                                                                           interpret=True)
+    q, k, v = q[:, :100], k[:, :100], v[:, :100]
+    sizes = tiles(8, 8)
+    with pytest.raises(ValueError, match="block 16 is not a multiple of every tile"):
+        mosaic_tpu.attention(q, k, v, parse("topk(16, 1)"), scale=0.25, interpret=True, block_sizes=tiles(24, 8),
+                             selected=random_selection(0, 1, 1, 7, 1))
+    with pytest.raises(ValueError, match="selected must be given exactly for patterns with a topk part"):
+        mosaic_tpu.attention(q, k, v, parse("topk(16, 1)"), scale=0.25, interpret=True, block_sizes=sizes)
+    with pytest.raises(ValueError, match="selected must be given exactly"):
+        mosaic_tpu.attention(q, k, v, parse("block(16)"), scale=0.25, interpret=True, block_sizes=sizes,
+                             selected=random_selection(0, 1, 1, 7, 1))
 
 
 # --------------------------------------------------------------------------- lowering for TPU hardware
@@ -279,6 +387,16 @@ def test_kernels_lower_to_mosaic(dtype, head_dim):
         with jax.sharding.use_abstract_mesh(mesh):
             text = grads.trace(q, kv, kv).lower(lowering_platforms=("tpu",)).as_text()
         assert text.count("tpu_custom_call") == 3, spec
+    # A topk pattern's kernels, whose step lists are built on the device and read at a per-(batch, kv head)
+    # offset in SMEM.
+    static = KernelStatic(parse("topk(256, 2) | repaired(256, 64, bridge)"), 0.125, False,
+                          mosaic_tpu.BlockSizes(128, 128, 128, 128, 128, 256))
+    selected = jax.ShapeDtypeStruct((2, 2, 4, 2), jnp.int32)
+    grads = jax.jit(jax.grad(lambda q, k, v, chosen: jnp.sum(mosaic_tpu._flash(q, k, v, static, chosen)
+                                                             .astype(jnp.float32)), argnums=(0, 1, 2)))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = grads.trace(q, kv, kv, selected).lower(lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == 3
 
 
 # ------------------------------------------------------------------------------- step lists and API
@@ -333,7 +451,12 @@ def test_block_sizes_validation_and_clipping():
 def test_step_lists_beyond_smem_are_refused():
     static = KernelStatic(parse("dense"), 1.0, False, mosaic_tpu.BlockSizes(128, 128, 128, 128, 128, 128))
     with pytest.raises(ValueError, match="SMEM"):
-        mosaic_tpu._kernel_steps(static, 300 * 128, 128, 128, False)
+        mosaic_tpu._kernel_steps(static, 300 * 128, 128, 128, False, None, 1)
+    # A topk pattern's lists, one per (batch, kv head), count against the same budget; its static part fits.
+    static = KernelStatic(parse("topk(512, 8)"), 1.0, False, mosaic_tpu.BlockSizes(128, 128, 128, 128, 128, 128))
+    mosaic_tpu._kernel_steps(static, 64 * 1024, 128, 128, False, None, 1)
+    with pytest.raises(ValueError, match="SMEM"):
+        mosaic_tpu._kernel_steps(static, 64 * 1024, 128, 128, False, jnp.zeros((2, 8, 128, 8), jnp.int32), 1)
 
 
 def test_unsupported_reasons():

@@ -7,6 +7,7 @@
   LOG2_E, ROW_MAX_INIT  the constants of the base-2 online softmax
   padded_flash          the custom-VJP wrapper: pad q, k, v to the kernels' multiple, run the forward and
                         backward kernels, slice the padding off
+  choosers              a `topk` choice transposed on the device: the query blocks that chose each key block
   check_block_fields    a BlockSizes dataclass's validation: positive integers, blocks by the backend's rule
   checked_block_sizes   the `block_sizes` argument: the backend's default, or an instance of its class
   dtype_reason, cuda_capability_reason, refuse_unsupported
@@ -121,6 +122,19 @@ def row_plan(lists: TileLists, tile: int, sub: int) -> RowPlan:
     order = np.argsort(-work, kind="stable")
     return RowPlan(order.astype(np.int32), full[order], num_full[order], partial[order], num_partial[order],
                    lists.contiguous)
+
+
+def choosers(selected):
+    """The transpose of a `topk` choice (int32 [batch, kv_heads, query blocks, K], -1: none), built on the
+    device: for every (batch, kv head) and key block, the query blocks that chose it in ascending order,
+    padded with -1 (int32 [batch, kv_heads, blocks, blocks]), and their count (int32 [batch, kv_heads,
+    blocks]). O(blocks^2) per head: 16 MiB of booleans per head at 1M tokens with blocks of 512."""
+    blocks = selected.shape[2]
+    chose = (selected[..., None] == jnp.arange(blocks)).any(axis=-2)  # [b, kv, query block, key block]
+    by_key = jnp.swapaxes(chose, -1, -2)
+    order = jnp.argsort(~by_key, axis=-1, stable=True).astype(jnp.int32)  # the choosers first, in block order
+    counts = by_key.sum(axis=-1).astype(jnp.int32)
+    return jnp.where(jnp.arange(blocks) < counts[..., None], order, -1), counts
 
 
 def padded_length(seq_len: int, multiple: int) -> int:

@@ -34,8 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, RowPlan, check_block_fields,
-                                            checked_block_sizes, cuda_capability_reason, dtype_reason, padded_flash,
-                                            refuse_unsupported, row_plan)
+                                            checked_block_sizes, choosers, cuda_capability_reason, dtype_reason,
+                                            padded_flash, refuse_unsupported, row_plan)
 from sparse_attention.layout import TileLists, block_layout
 from sparse_attention.patterns import EMPTY, Pattern, TileGrid, as_pattern
 
@@ -401,11 +401,7 @@ def _chooser_inputs(selected):
     if selected is None:
         return [], []
     batch, kv_heads, blocks, _ = selected.shape
-    chose = (selected[..., None] == jnp.arange(blocks)).any(axis=-2)  # [b, kv, query block, key block]
-    by_key = jnp.swapaxes(chose, -1, -2).reshape(batch * kv_heads, blocks, blocks)
-    order = jnp.argsort(~by_key, axis=-1, stable=True).astype(jnp.int32)  # the choosers first, in block order
-    counts = by_key.sum(axis=-1).astype(jnp.int32)
-    lists = jnp.where(jnp.arange(blocks) < counts[..., None], order, -1)
+    lists, counts = (x.reshape(batch * kv_heads, *x.shape[2:]) for x in choosers(selected))
     specs = [pl.BlockSpec((None, blocks, blocks), lambda r, bh: (bh, 0, 0)),
              pl.BlockSpec((None, blocks), lambda r, bh: (bh, 0))]
     return [lists, counts], specs

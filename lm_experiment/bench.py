@@ -29,7 +29,7 @@ dense causal, forward only as it has no causal backward, sm90+, float16 as it fa
 this package's `xla` and `reference` paths where they fit in memory ("oom" otherwise).
 
 A `topk(B, K)` case attends a fixed choice of blocks (`bench_choice.fixed_choice`), the same indices for
-every implementation that takes a choice (`attention.SELECTION_IMPLS`) and for FlexAttention's block mask;
+every implementation of this package (`attention.IMPLEMENTATIONS`) and for FlexAttention's block mask;
 its work counts the chosen pairs too. Impl `selection` times the choice itself, `select_blocks` on the same
 q and k, forward only (the choice is not differentiated), with a floor of reading q and k once. With
 block(B) in the same run, `selection_costs` quotes the attention's time per attended pair against block(B)'s
@@ -55,7 +55,7 @@ import jax.numpy as jnp
 
 from lm_experiment import bench_choice, flex_peer, timing
 from sparse_attention import atomic_io, reference, xla
-from sparse_attention.attention import SELECTION_IMPLS
+from sparse_attention.attention import IMPLEMENTATIONS
 from sparse_attention.kernels import mosaic_gpu, mosaic_tpu, triton
 from sparse_attention.patterns import Block, Dense, Pattern, Window, as_pattern
 from sparse_attention.selection import select_blocks
@@ -104,8 +104,8 @@ def _peer_function(impl: str, pattern: Pattern, shape: Shape, mode: str, interpr
         if topk is None or mode != "fwd":
             raise Unsupported("times a topk pattern's block choice, forward only")
         return lambda q, k, v: select_blocks(q, k, topk.size, topk.count)
-    if topk is not None and impl not in SELECTION_IMPLS:
-        raise Unsupported(f"takes no chosen blocks (those that do: {', '.join(SELECTION_IMPLS)})")
+    if topk is not None and impl not in IMPLEMENTATIONS:
+        raise Unsupported("takes no chosen blocks (this package's implementations do)")
     if impl in KERNEL_BACKENDS and not interpret and jax.default_backend() != KERNEL_BACKENDS[impl]:
         raise Unsupported(f"{KERNEL_BACKENDS[impl].upper()} only")
     if impl == "triton":
@@ -116,7 +116,8 @@ def _peer_function(impl: str, pattern: Pattern, shape: Shape, mode: str, interpr
                                                pattern, interpret=interpret)
         if reason is not None:
             raise Unsupported(reason)
-        return lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=scale, interpret=interpret)
+        return lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=scale, interpret=interpret,
+                                                    selected=selected)
     if impl == "mosaic_tpu":
         return lambda q, k, v: mosaic_tpu.attention(q, k, v, pattern, scale=scale, interpret=interpret)
     if impl == "xla":

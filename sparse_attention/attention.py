@@ -30,14 +30,15 @@ IMPLEMENTATIONS = ("reference", "xla", "triton", "mosaic_gpu", "mosaic_tpu")
 VALID_IMPLS = ("auto",) + IMPLEMENTATIONS
 # The Pallas kernels live in sparse_attention.kernels, named by their lowering and hardware.
 KERNEL_IMPLS = ("triton", "mosaic_gpu", "mosaic_tpu")
-# The implementations that attend a `topk` pattern's chosen blocks; the other kernels decline such patterns.
-SELECTION_IMPLS = ("reference", "xla", "triton", "mosaic_tpu")
 # Names of earlier versions: refused with the new name rather than taken silently.
 RENAMED_IMPLS = {"pallas_gpu": "triton", "pallas_tpu": "mosaic_tpu"}
 # Preference order of `auto` per JAX backend. On GPUs mosaic_gpu comes first: validated on an H100 (CUDA 13.0)
 # and faster than triton on dense and window there (docs/benchmarks.md). Its unsupported_reason declines
 # float32, head_dims other than 64 and 128, GPUs older than Hopper (sm90) and CUDA runtimes whose ptxas
 # miscompiles masked attention; auto then falls to triton (sm80+, float32 too) and logs why.
+# Implementations whose `topk` path has passed the interpreter and the lowering but not run on hardware yet:
+# `auto` passes them over for such patterns (an explicit request still runs them).
+AUTO_SKIPS_SELECTION = {"mosaic_gpu": "its topk path has not run on a GPU yet (request impl='mosaic_gpu' to use it)"}
 AUTO_ORDER = {
     "gpu": ("mosaic_gpu", "triton", "xla"),
     "tpu": ("mosaic_tpu", "xla"),
@@ -74,8 +75,6 @@ def unsupported_reason(impl: str, q, k, v, pattern: Pattern, *, interpret: bool 
     module = _module(impl)
     if module is None:
         return f"{impl} is not implemented in this version"
-    if pattern.block_selection() is not None and impl not in SELECTION_IMPLS:
-        return f"{pattern.block_selection().spec} chooses blocks on the device, which {impl} cannot take yet"
     check = getattr(module, "unsupported_reason", None)
     return None if check is None else check(q, k, v, pattern, interpret=interpret)
 
@@ -93,6 +92,8 @@ def resolve_impl(impl: str, q, k, v, pattern: Pattern | str, *, interpret: bool 
     skipped = []
     for candidate in AUTO_ORDER.get(backend, ("xla",)):
         reason = unsupported_reason(candidate, q, k, v, pattern, interpret=interpret)
+        if reason is None and pattern.block_selection() is not None:
+            reason = AUTO_SKIPS_SELECTION.get(candidate)
         if reason is None:
             why = f"auto on {backend}" + (f" (skipped {'; '.join(skipped)})" if skipped else "")
             return candidate, why

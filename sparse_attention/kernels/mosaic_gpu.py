@@ -24,6 +24,12 @@ the forward and dq passes, a key tile for dk/dv) and runs `warpgroups` compute w
 Shapes: q [batch, seq, q_heads, head_dim], k/v [batch, seq, kv_heads, head_dim]; bfloat16 or float16,
 head_dim 64 or 128. Sequences are zero-padded to a tile multiple inside and sliced outside.
 
+A `topk` pattern's chosen blocks (`selected`, computed on the device) extend each row's steps: after its
+static tiles, a forward or dq block walks the tiles of the blocks chosen for its query block (read from
+the choice, valid entries first, in GMEM), and a dk/dv block the query tiles of the blocks that chose its
+key block (`common.choosers`, the transpose built on the device). A chosen tile attends the keys the static
+part does not, so no pair counts twice.
+
 Interpret mode (CPU tests) runs the same kernels through Pallas' GPU interpreter, whose wgmma reads only
 SMEM operands and cannot start from a given accumulator: there `_accumulate` stores register operands to an
 SMEM staging buffer first and adds each product to its accumulator. docs/mosaic_gpu.md has the details.
@@ -35,6 +41,7 @@ import dataclasses
 import functools
 import math
 import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,8 +50,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, RowPlan, check_block_fields,
-                                            checked_block_sizes, cuda_capability_reason, dtype_reason, padded_flash,
-                                            refuse_unsupported, row_plan)
+                                            checked_block_sizes, choosers, cuda_capability_reason, dtype_reason,
+                                            padded_flash, refuse_unsupported, row_plan)
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import Pattern, as_pattern
 
@@ -147,6 +154,63 @@ def _step_tile(tiles_ref, program, step, num_full, contiguous: bool):
     return jnp.where(step < num_full, tiles_ref[program, 0] + step, tiles_ref[program, 1] + (step - num_full))
 
 
+# What a step masks: nothing (FULL tiles), the pattern (PARTIAL tiles), or, on a tile of a block a `topk`
+# pattern chose, the keys its static part attends already (so no pair counts twice).
+UNMASKED, PATTERN, CHOSEN = None, "pattern", "chosen"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """The steps of one block: its row's static tiles (`RowPlan.steps`), then, for a `topk` pattern, the
+    tiles of the blocks in `chosen` (lists_ref[batch, head, row_block, :count], each `per_block` tiles)."""
+
+    tiles_ref: Any
+    program: Any
+    num_full: Any
+    num_steps: Any  # static steps
+    contiguous: bool
+    chosen: tuple | None = None  # (lists_ref, counts_ref, batch, head, row_block, per_block)
+
+    @property
+    def total(self):
+        if self.chosen is None:
+            return self.num_steps
+        _, counts_ref, batch, head, row_block, per_block = self.chosen
+        return self.num_steps + counts_ref[batch, head, row_block] * per_block
+
+    def tile(self, step):
+        """The column tile of any step: static, or chosen (step >= num_steps)."""
+        last_static = jnp.maximum(jnp.minimum(step, self.num_steps - 1), 0)  # in bounds for either kind
+        static = _step_tile(self.tiles_ref, self.program, last_static, self.num_full, self.contiguous)
+        if self.chosen is None:
+            return static
+        lists_ref, _, batch, head, row_block, per_block = self.chosen
+        index = jnp.maximum(step - self.num_steps, 0)
+        slot = jnp.minimum(lax.div(index, jnp.int32(per_block)), lists_ref.shape[-1] - 1)
+        chosen = lists_ref[batch, head, row_block, slot] * per_block + lax.rem(index, jnp.int32(per_block))
+        return jnp.where(step < self.num_steps, static, chosen)
+
+
+def _chosen_view(static: KernelStatic, refs, column_tile: int, batch, head, row_start):
+    """(the refs after a `topk` choice's two, the `_Steps.chosen` of a block whose row starts at row_start);
+    (refs, None) for a static pattern. The row lies in one block: `_selection_reason` checks the tiles."""
+    topk = static.pattern.block_selection()
+    if topk is None:
+        return refs, None
+    lists_ref, counts_ref, *rest = refs
+    return rest, (lists_ref, counts_ref, batch, head, lax.div(row_start, jnp.int32(topk.size)),
+                  topk.size // column_tile)
+
+
+def _walk(steps: _Steps, step, carry):
+    """carry through step(mask, index, carry) over the block's FULL, PARTIAL and chosen steps."""
+    carry = lax.fori_loop(0, steps.num_full, functools.partial(step, UNMASKED), carry)
+    carry = lax.fori_loop(steps.num_full, steps.num_steps, functools.partial(step, PATTERN), carry)
+    if steps.chosen is None:
+        return carry
+    return lax.fori_loop(steps.num_steps, steps.total, functools.partial(step, CHOSEN), carry)
+
+
 # ------------------------------------------------------------------------------------ kernel building blocks
 
 
@@ -180,8 +244,10 @@ def _accumulate(acc, a, b, stage):
     return acc + _matmul(stage, b)
 
 
-def _tile_mask(pattern: Pattern, seq_len: int, shape, q_start, k_start, transposed: bool = False):
-    """bool [rows, cols] in the wgmma accumulator layout: which pairs of a partial tile attend.
+def _tile_mask(pattern: Pattern, seq_len: int, shape, q_start, k_start, transposed: bool = False,
+               chosen: bool = False):
+    """bool [rows, cols] in the wgmma accumulator layout: which pairs of a partial (or, `chosen`, a CHOSEN)
+    tile attend.
 
     Rows are queries from q_start and columns keys from k_start, or the reverse when `transposed`. The
     positions are int32 iotas made where they are used (cheaper than keeping them live in registers);
@@ -192,7 +258,10 @@ def _tile_mask(pattern: Pattern, seq_len: int, shape, q_start, k_start, transpos
         k_pos, q_pos = k_start + rows, q_start + cols
     else:
         q_pos, k_pos = q_start + rows, k_start + cols
-    return pattern.mask(q_pos, k_pos) & (k_pos < seq_len)
+    static = pattern.mask(q_pos, k_pos)
+    if chosen:  # a select, not ~static: Mosaic GPU cannot lower a bool negation (jax 0.11.2)
+        return jnp.where(static, False, k_pos < seq_len)
+    return static & (k_pos < seq_len)
 
 
 def _rows(vector, shape):
@@ -298,32 +367,34 @@ def _store_results(copies):
 # ---------------------------------------------------------------------------------------------- kernels
 
 
-def _forward_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *,
-                    static: KernelStatic, seq_len: int, group: int, contiguous: bool, q_smem, k_smem, v_smem, lse_smem,
-                    q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, schedule=None, stage=None):
+def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
+                    contiguous: bool, q_smem, k_smem, v_smem, lse_smem, q_loaded, k_loaded, v_loaded, k_consumed,
+                    v_consumed, schedule=None, stage=None):
+    """refs: [the topk choice's lists and counts,] q, k, v, out, lse."""
     sizes = static.block_sizes
     warpgroups, block_q, block_k, stages = sizes.warpgroups, sizes.block_q, sizes.block_k, sizes.stages
     scale_log2 = static.scale * LOG2_E
     program, head, batch = _block_index()
     wg = lax.axis_index(_WARPGROUP)
-    num_full, num_steps = counts_ref[program, 0], counts_ref[program, 1]
     kv_head = lax.div(head, jnp.int32(group))
+    row_start = rows_ref[program] * (warpgroups * block_q)
+    (q_ref, k_ref, v_ref, out_ref, lse_ref), chosen = _chosen_view(static, refs, block_k, batch, kv_head, row_start)
+    steps = _Steps(tiles_ref, program, counts_ref[program, 0], counts_ref[program, 1], contiguous, chosen)
 
     @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
         def key_tile(ref):
-            return lambda step: ref.at[
-                batch, pl.ds(_step_tile(tiles_ref, program, step, num_full, contiguous) * block_k, block_k), kv_head]
+            return lambda step: ref.at[batch, pl.ds(steps.tile(step) * block_k, block_k), kv_head]
 
-        _stream(num_steps, stages, [(k_consumed, [(key_tile(k_ref), k_smem, k_loaded)]),
-                                    (v_consumed, [(key_tile(v_ref), v_smem, v_loaded)])])
+        _stream(steps.total, stages, [(k_consumed, [(key_tile(k_ref), k_smem, k_loaded)]),
+                                      (v_consumed, [(key_tile(v_ref), v_smem, v_loaded)])])
 
     @pl.when(wg < warpgroups)
     def _compute():
         plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
-        q_start = rows_ref[program] * (warpgroups * block_q) + wg * block_q
+        q_start = row_start + wg * block_q
         q_tile = q_smem.at[wg]  # [block_q, head_dim]; holds the output at the end
         _load_resident([(q_ref.at[batch, pl.ds(q_start, block_q), head], q_tile)], [q_loaded], wg)
         staged = None if stage is None else stage.at[wg]
@@ -333,17 +404,17 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, out_re
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
-        def step(masked, index, carry):
+        def step(mask, index, carry):
             acc, row_max, row_sum = carry
             slot = _slot(index, stages)
             plgpu.barrier_wait(k_loaded.at[slot])
             dots = _matmul(q_tile, k_smem.at[slot].T, while_running=take_turn if schedule is not None else None)
             plgpu.barrier_arrive(k_consumed.at[slot])
-            if masked or scale_log2 < 0:
+            if mask is not UNMASKED or scale_log2 < 0:
                 logits = dots * scale_log2
-                if masked:
-                    k_start = _step_tile(tiles_ref, program, index, num_full, contiguous) * block_k
-                    active = _tile_mask(static.pattern, seq_len, shape, q_start, k_start)
+                if mask is not UNMASKED:
+                    active = _tile_mask(static.pattern, seq_len, shape, q_start, steps.tile(index) * block_k,
+                                        chosen=mask == CHOSEN)
                     logits = jnp.where(active, logits, -jnp.inf)
                 new_max = jnp.maximum(row_max, logits.max(axis=1))
                 probs = jnp.exp2(logits - _rows(new_max, shape))
@@ -365,8 +436,8 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, out_re
         carry = (_zeros(q_tile.shape), _row_vector(ROW_MAX_INIT, block_q), _row_vector(0.0, block_q))
         if schedule is not None:
             pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
-        carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
-        acc, row_max, row_sum = lax.fori_loop(num_full, num_steps, functools.partial(step, True), carry)
+        carry = _walk(steps, step, carry)
+        acc, row_max, row_sum = carry
         if schedule is not None:
             pl.when(wg == 0)(take_turn)  # pairs with warpgroup 1's first turn
         seen = row_sum > 0  # rows with no active key give 0, and lse = +inf makes their backward 0
@@ -377,34 +448,36 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, out_re
                         (lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_start, block_q)])])
 
 
-def _dq_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_ref, *,
-               static: KernelStatic, seq_len: int, group: int, contiguous: bool, q_smem, d_out_smem, lse_smem,
-               delta_smem, k_smem, v_smem, q_loaded, d_out_loaded, lse_loaded, delta_loaded, k_loaded, v_loaded,
-               k_consumed, v_consumed, stage=None):
+def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
+               contiguous: bool, q_smem, d_out_smem, lse_smem, delta_smem, k_smem, v_smem, q_loaded, d_out_loaded,
+               lse_loaded, delta_loaded, k_loaded, v_loaded, k_consumed, v_consumed, stage=None):
+    """refs: [the topk choice's lists and counts,] q, k, v, d_out, lse, delta, dq."""
     sizes = static.block_sizes
     warpgroups, block_q, block_k, stages = (sizes.warpgroups_dq, sizes.block_q_dq, sizes.block_k_dq,
                                             sizes.stages_dq)
     scale_log2 = static.scale * LOG2_E
     program, head, batch = _block_index()
     wg = lax.axis_index(_WARPGROUP)
-    num_full, num_steps = counts_ref[program, 0], counts_ref[program, 1]
     kv_head = lax.div(head, jnp.int32(group))
+    row_start = rows_ref[program] * (warpgroups * block_q)
+    (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_ref), chosen = _chosen_view(
+        static, refs, block_k, batch, kv_head, row_start)
+    steps = _Steps(tiles_ref, program, counts_ref[program, 0], counts_ref[program, 1], contiguous, chosen)
 
     @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
         def key_tile(ref):
-            return lambda step: ref.at[
-                batch, pl.ds(_step_tile(tiles_ref, program, step, num_full, contiguous) * block_k, block_k), kv_head]
+            return lambda step: ref.at[batch, pl.ds(steps.tile(step) * block_k, block_k), kv_head]
 
-        _stream(num_steps, stages, [(v_consumed, [(key_tile(v_ref), v_smem, v_loaded)]),
-                                    (k_consumed, [(key_tile(k_ref), k_smem, k_loaded)])])
+        _stream(steps.total, stages, [(v_consumed, [(key_tile(v_ref), v_smem, v_loaded)]),
+                                      (k_consumed, [(key_tile(k_ref), k_smem, k_loaded)])])
 
     @pl.when(wg < warpgroups)
     def _compute():
         plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
-        q_start = rows_ref[program] * (warpgroups * block_q) + wg * block_q
+        q_start = row_start + wg * block_q
         queries = pl.ds(q_start, block_q)
         q_tile, d_out_tile = q_smem.at[wg], d_out_smem.at[wg]  # q_tile holds dq at the end
         _load_resident([(q_ref.at[batch, queries, head], q_tile), (d_out_ref.at[batch, queries, head], d_out_tile),
@@ -416,13 +489,13 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref, 
         delta = plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
         staged = None if stage is None else stage.at[wg]
 
-        def step(masked, index, dq):
+        def step(mask, index, dq):
             slot = _slot(index, stages)
             plgpu.barrier_wait(k_loaded.at[slot])
             probs = jnp.exp2(_matmul(q_tile, k_smem.at[slot].T) * scale_log2 - _rows(lse, shape))
-            if masked:
-                k_start = _step_tile(tiles_ref, program, index, num_full, contiguous) * block_k
-                active = _tile_mask(static.pattern, seq_len, shape, q_start, k_start)
+            if mask is not UNMASKED:
+                active = _tile_mask(static.pattern, seq_len, shape, q_start, steps.tile(index) * block_k,
+                                    chosen=mask == CHOSEN)
                 probs = jnp.where(active, probs, 0.0)
             plgpu.barrier_wait(v_loaded.at[slot])
             d_probs = _matmul(d_out_tile, v_smem.at[slot].T)
@@ -432,41 +505,43 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref, 
             plgpu.barrier_arrive(k_consumed.at[slot])
             return dq
 
-        dq = lax.fori_loop(0, num_full, functools.partial(step, False), _zeros(q_tile.shape))
-        dq = lax.fori_loop(num_full, num_steps, functools.partial(step, True), dq)
+        dq = _walk(steps, step, _zeros(q_tile.shape))
         q_tile[...] = (dq * static.scale).astype(q_tile.dtype)
         _store_results([(q_tile, dq_ref.at[batch, queries, head])])
 
 
-def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref,
-                 dv_ref, *, static: KernelStatic, seq_len: int, group: int, contiguous: bool, k_smem, v_smem, q_smem,
-                 d_out_smem, lse_smem, delta_smem, k_loaded, v_loaded, q_loaded, d_out_loaded, lse_loaded,
-                 delta_loaded, consumed, stage=None):
+def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
+                 contiguous: bool, k_smem, v_smem, q_smem, d_out_smem, lse_smem, delta_smem, k_loaded, v_loaded,
+                 q_loaded, d_out_loaded, lse_loaded, delta_loaded, consumed, stage=None):
+    """refs: [the topk choosers' lists and counts,] q, k, v, d_out, lse, delta, dk, dv."""
     sizes = static.block_sizes
     warpgroups, block_k, block_q, stages = (sizes.warpgroups_dkv, sizes.block_k_dkv, sizes.block_q_dkv,
                                             sizes.stages_dkv)
     scale_log2 = static.scale * LOG2_E
     program, kv_head, batch = _block_index()
     wg = lax.axis_index(_WARPGROUP)
-    num_full, num_steps = counts_ref[program, 0], counts_ref[program, 1]
+    row_start = rows_ref[program] * (warpgroups * block_k)
+    (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref), chosen = _chosen_view(
+        static, refs, block_q, batch, kv_head, row_start)
+    steps = _Steps(tiles_ref, program, counts_ref[program, 0], counts_ref[program, 1], contiguous, chosen)
+    per_head = steps.total
 
     @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
         def query_tile(ref, stats: bool):
-            """Step g * num_steps + i: query tile i of the row's list, for q head g of the group."""
+            """Step g * per_head + i: query tile i of the row's steps, for q head g of the group."""
 
             def source(step):
-                g = lax.div(step, num_steps)
-                tile = _step_tile(tiles_ref, program, step - g * num_steps, num_full, contiguous)
-                queries = pl.ds(tile * block_q, block_q)
+                g = lax.div(step, per_head)
+                queries = pl.ds(steps.tile(step - g * per_head) * block_q, block_q)
                 q_head = kv_head * group + g
                 return ref.at[batch, q_head, queries] if stats else ref.at[batch, queries, q_head]
 
             return source
 
-        _stream(group * num_steps, stages, [(consumed, [
+        _stream(group * per_head, stages, [(consumed, [
             (query_tile(q_ref, False), q_smem, q_loaded), (query_tile(lse_ref, True), lse_smem, lse_loaded),
             (query_tile(d_out_ref, False), d_out_smem, d_out_loaded),
             (query_tile(delta_ref, True), delta_smem, delta_loaded)])])
@@ -474,7 +549,7 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref
     @pl.when(wg < warpgroups)
     def _compute():
         plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
-        k_start = rows_ref[program] * (warpgroups * block_k) + wg * block_k
+        k_start = row_start + wg * block_k
         keys = pl.ds(k_start, block_k)
         k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]  # [block_k, head_dim]; hold dk and dv at the end
         _load_resident([(k_ref.at[batch, keys, kv_head], k_tile), (v_ref.at[batch, keys, kv_head], v_tile)],
@@ -483,16 +558,16 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref
         shape = (block_k, block_q)  # transposed tiles: keys along rows
 
         def head_in_group(g, carry):
-            def step(masked, index, carry):
+            def step(mask, index, carry):
                 dk, dv = carry
-                slot = _slot(g * num_steps + index, stages)
+                slot = _slot(g * per_head + index, stages)
                 plgpu.barrier_wait(q_loaded.at[slot])
                 plgpu.barrier_wait(lse_loaded.at[slot])
                 lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 probs_t = jnp.exp2(_matmul(k_tile, q_smem.at[slot].T) * scale_log2 - _columns(lse, shape))
-                if masked:
-                    q_start = _step_tile(tiles_ref, program, index, num_full, contiguous) * block_q
-                    active = _tile_mask(static.pattern, seq_len, shape, q_start, k_start, transposed=True)
+                if mask is not UNMASKED:
+                    active = _tile_mask(static.pattern, seq_len, shape, steps.tile(index) * block_q, k_start,
+                                        transposed=True, chosen=mask == CHOSEN)
                     probs_t = jnp.where(active, probs_t, 0.0)
                 plgpu.barrier_wait(d_out_loaded.at[slot])
                 dv = _accumulate(dv, probs_t.astype(q_ref.dtype), d_out_smem.at[slot], staged)
@@ -504,8 +579,7 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, q_ref, k_ref, v_ref, d_out_ref
                 plgpu.barrier_arrive(consumed.at[slot])
                 return dk, dv
 
-            carry = lax.fori_loop(0, num_full, functools.partial(step, False), carry)
-            return lax.fori_loop(num_full, num_steps, functools.partial(step, True), carry)
+            return _walk(steps, step, carry)
 
         dk, dv = lax.fori_loop(0, group, head_in_group, (_zeros(k_tile.shape), _zeros(v_tile.shape)))
         k_tile[...] = (dk * static.scale).astype(k_tile.dtype)
@@ -532,7 +606,15 @@ def _barriers(count: int, arrivals: int = 1):
     return plgpu.Barrier(num_arrivals=arrivals, num_barriers=count)
 
 
-def _forward(q, k, v, static: KernelStatic, seq_len: int):
+def _compacted(selected):
+    """A topk choice with each row's chosen blocks first (int32 [batch, kv_heads, blocks, K]), and their count
+    (int32 [batch, kv_heads, blocks]): what the forward and dq blocks walk."""
+    valid = selected >= 0
+    order = jnp.argsort(~valid, axis=-1, stable=True)
+    return [jnp.take_along_axis(selected, order, axis=-1), valid.sum(axis=-1).astype(jnp.int32)]
+
+
+def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
     """out [batch, padded_seq, q_heads, d], lse [batch, q_heads, padded_seq] (base 2, float32)."""
     batch, padded_len, q_heads, head_dim = q.shape
     sizes = static.block_sizes
@@ -555,10 +637,11 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int):
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32))
     call = _kernel(body, out_type, scratch, grid=(len(plan.rows), q_heads, batch), static=static,
                    name="sparse_attention_forward", warpgroups=warpgroups)
-    return _varying_like(call(plan.rows, *plan.steps, q, k, v), (q, k, v))
+    choice = [] if selected is None else _compacted(selected)
+    return _varying_like(call(plan.rows, *plan.steps, *choice, q, k, v), (q, k, v))
 
 
-def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int):
+def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int, selected=None):
     batch, padded_len, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
     group = q_heads // kv_heads
@@ -588,7 +671,7 @@ def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int):
     inputs = (q, k, v, d_out, lse, delta)
     dq = _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=(len(plan.rows), q_heads, batch),
                  static=static, name="sparse_attention_dq", warpgroups=warpgroups)(
-        plan.rows, *plan.steps, q, k, v, d_out, lse, delta)
+        plan.rows, *plan.steps, *([] if selected is None else _compacted(selected)), q, k, v, d_out, lse, delta)
 
     warpgroups, block_k, block_q, stages = (sizes.warpgroups_dkv, sizes.block_k_dkv, sizes.block_q_dkv,
                                             sizes.stages_dkv)
@@ -610,25 +693,46 @@ def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int):
                              contiguous=all(plan.contiguous))
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     dk, dv = _kernel(body, out_type, scratch, grid=(len(plan.rows), kv_heads, batch), static=static,
-                     name="sparse_attention_dkdv", warpgroups=warpgroups)(plan.rows, *plan.steps, *inputs)
+                     name="sparse_attention_dkdv", warpgroups=warpgroups)(
+        plan.rows, *plan.steps, *([] if selected is None else choosers(selected)), *inputs)
     return _varying_like((dq, dk, dv), inputs)
 
 
-_flash = padded_flash(_forward, _backward, sequence_multiple=lambda static: static.block_sizes.sequence_multiple)
+def _sequence_multiple(static: KernelStatic) -> int:
+    """Every tile side divides the padded length, and so does a `topk` pattern's block: chosen blocks are whole."""
+    topk = static.pattern.block_selection()
+    return math.lcm(static.block_sizes.sequence_multiple, 1 if topk is None else topk.size)
+
+
+_flash = padded_flash(_forward, _backward, sequence_multiple=_sequence_multiple)
 
 
 # ------------------------------------------------------------------------------------------------- API
 
 
 def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | None:
-    """None when these kernels can run the case here, else every reason why not ("; "-joined)."""
-    del k, v, pattern  # shapes and patterns are validated by attention.check_inputs / as_pattern
-    reasons = [reason] if (reason := dtype_reason(q.dtype, SUPPORTED_DTYPES)) else []
-    if q.shape[-1] not in HEAD_DIMS:
-        reasons.append(f"head_dim {q.shape[-1]} is not supported (64, 128)")
-    platform = _platform_reason(interpret)
-    reasons += [platform] if platform else []
-    return "; ".join(reasons) or None
+    """None when these kernels can run the case here (with their default tiles), else every reason why not
+    ("; "-joined)."""
+    del k, v  # shapes and patterns are validated by attention.check_inputs / as_pattern
+    reasons = _input_reasons(q, interpret)
+    if q.shape[-1] in HEAD_DIMS:
+        reasons.append(_selection_reason(pattern, BlockSizes.for_head_dim(q.shape[-1])))
+    return "; ".join(reason for reason in reasons if reason) or None
+
+
+def _input_reasons(q, interpret: bool) -> list[str | None]:
+    """Why these kernels cannot take q here: its dtype, its head_dim, the platform (None where fine)."""
+    head_dim = None if q.shape[-1] in HEAD_DIMS else f"head_dim {q.shape[-1]} is not supported (64, 128)"
+    return [dtype_reason(q.dtype, SUPPORTED_DTYPES), head_dim, _platform_reason(interpret)]
+
+
+def _selection_reason(pattern: Pattern, block_sizes: BlockSizes) -> str | None:
+    """Why the chosen blocks of a `topk` pattern cannot be walked with these tiles, or None."""
+    topk = pattern.block_selection()
+    if topk is None or topk.size % block_sizes.sequence_multiple == 0:
+        return None
+    return (f"{topk.spec}'s block {topk.size} is not a multiple of every tile side (their lcm is "
+            f"{block_sizes.sequence_multiple}): chosen blocks are walked in whole tiles")
 
 
 def _platform_reason(interpret: bool) -> str | None:
@@ -665,16 +769,24 @@ def _cuda_runtime_version() -> int | None:
 
 
 def attention(q, k, v, pattern: Pattern | str, *, scale: float,
-              interpret: bool | plgpu.InterpretGPUParams = False, block_sizes: BlockSizes | None = None):
+              interpret: bool | plgpu.InterpretGPUParams = False, block_sizes: BlockSizes | None = None,
+              selected=None):
     """Causal block-sparse attention of q [batch, seq, q_heads, d] over k, v [batch, seq, kv_heads, d].
 
     Differentiable (custom VJP); works under jit and vmap. `block_sizes` defaults to
     `BlockSizes.for_head_dim(d)`. `interpret=True` runs the kernels in Pallas' GPU interpreter (CPU);
     an `InterpretGPUParams` instead of True sets its options (race detection, uninitialized memory).
+    `selected`: the blocks a `topk` pattern chose (int32 [batch, kv_heads, query blocks, K], -1: none;
+    `selection.select_blocks`), required exactly when the pattern has a topk part; its block must be a
+    multiple of every tile side.
     """
     pattern = as_pattern(pattern)
-    refuse_unsupported("mosaic_gpu", unsupported_reason(q, k, v, pattern, interpret=interpret))
+    if (selected is None) != (pattern.block_selection() is None):
+        raise ValueError(f"selected must be given exactly for patterns with a topk part; {pattern.spec} got "
+                         f"{'none' if selected is None else 'one'}")
     block_sizes = checked_block_sizes(block_sizes, BlockSizes, lambda: BlockSizes.for_head_dim(q.shape[-1]))
+    reasons = _input_reasons(q, interpret) + [_selection_reason(pattern, block_sizes)]
+    refuse_unsupported("mosaic_gpu", "; ".join(reason for reason in reasons if reason) or None)
     if not isinstance(interpret, plgpu.InterpretGPUParams):
         interpret = bool(interpret)
-    return _flash(q, k, v, KernelStatic(pattern, float(scale), interpret, block_sizes))
+    return _flash(q, k, v, KernelStatic(pattern, float(scale), interpret, block_sizes), selected)

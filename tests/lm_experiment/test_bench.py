@@ -208,10 +208,10 @@ def test_selection_costs_quote_time_per_pair_against_block_and_the_choice_agains
 
 def test_bench_smoke_times_topk_with_its_selection(tmp_path):
     report = bench.main(["--smoke", "--seq", "300", "--patterns", "block(128);topk(128, 2)", "--impls",
-                         "mosaic_gpu,triton,selection", "--modes", "fwd", "--out", str(tmp_path / "b.json")])
+                         "cudnn,triton,selection", "--modes", "fwd", "--out", str(tmp_path / "b.json")])
     status = {(r["pattern"], r["impl"]): r["status"] for r in report["results"]}
     assert status[("topk(128, 2)", "triton")] == "ok" and status[("topk(128, 2)", "selection")] == "ok"
-    assert status[("topk(128, 2)", "mosaic_gpu")].startswith("unsupported: takes no chosen blocks")
+    assert status[("topk(128, 2)", "cudnn")].startswith("unsupported: takes no chosen blocks")
     assert status[("block(128)", "selection")].startswith("unsupported")
     (cost,) = report["selection_costs"]
     assert cost["pattern"] == "topk(128, 2)" and cost["pair_time_vs_block"] > 0 and cost["selection_share"] > 0

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sparse_attention import attention, reachability, reference, xla
-from sparse_attention.attention import ImplUnavailableError
 from sparse_attention.decoding import CacheLayout
 from sparse_attention.patterns import Block, KeyExtent, parse
 from sparse_attention.selection import block_means, select_blocks, selection_mask
@@ -121,12 +120,6 @@ def test_the_dispatch_chooses_under_jit_vmap_and_grad_without_differentiating_th
     np.testing.assert_allclose(per_row, attention(q, k, v, spec), atol=1e-6)
     # A chosen block's keys change the output: topk(16, 1) is not block(16).
     assert float(jnp.abs(attention(q, k, v, spec) - attention(q, k, v, "block(16)")).max()) > 1e-3
-
-
-def test_kernels_without_device_layouts_decline_topk_with_the_reason():
-    q, k, v = inputs(64, 2, 1, jnp.float32, 0)
-    with pytest.raises(ImplUnavailableError, match="topk\\(16, 1\\) chooses blocks on the device, which mosaic_gpu"):
-        attention(q, k, v, "topk(16, 1)", impl="mosaic_gpu", interpret=True)
 
 
 def test_topk_pattern_rules():

@@ -29,7 +29,8 @@ from sparse_attention.kernels import mosaic_gpu
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
 from kernel_oracle import (HARDWARE_CASES, assert_jit_vmap_grad_matches_reference, assert_matches_reference_on,
-                           assert_plan_covers_pattern, assert_shard_map_matches_reference, random_inputs)
+                           assert_plan_covers_pattern, assert_shard_map_matches_reference, random_inputs,
+                           random_selection)
 
 ON_GPU = jax.default_backend() == "gpu"
 ON_HOPPER = ON_GPU and mosaic_gpu.unsupported_reason(
@@ -96,6 +97,20 @@ def check_against_reference(spec, *, seq_len, heads=2, kv_heads=1, head_dim=64, 
         from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import get_races
 
         assert not get_races().races_found, "the interpreter's race detector found a race"
+
+
+def check_topk(spec, *, seq_len, heads, kv_heads, dtype, interpret=INTERPRET):
+    """A topk pattern over a random device layout (the same chosen blocks for the reference): forward, and dq
+    and dk/dv, whose blocks walk the choice's transpose built on the device."""
+    pattern = parse(spec)
+    seed = zlib.crc32(spec.encode())
+    inputs = random_inputs(seed, 2, seq_len, heads, kv_heads, 64, jnp.dtype(dtype))
+    topk = pattern.block_selection()
+    selected = random_selection(seed, 2, kv_heads, -(-seq_len // topk.size), topk.count)
+    assert_matches_reference_on(
+        lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=0.125, interpret=interpret, block_sizes=SMALL,
+                                             selected=selected),
+        pattern, inputs, scale=0.125, rtol=RTOL[dtype], label=spec, selected=selected)
 
 
 def check_jit_vmap_grad(interpret=INTERPRET):
@@ -183,6 +198,40 @@ def test_jit_vmap_grad():
 # --------------------------------------------------------------------------- the hardware path, lowered
 
 
+# topk: (spec, seq_len, heads, kv_heads, dtype). SMALL's tiles make a block a multiple of 128.
+TOPK_CASES = [
+    ("topk(128, 2)", 400, 2, 1, "bfloat16"),
+    ("topk(128, 1) | repaired(128, 16, prefix)", 300, 4, 2, "float16"),  # unaligned length, GQA
+]
+
+
+@pytest.mark.parametrize("case", TOPK_CASES, ids=[c[0] for c in TOPK_CASES])
+def test_topk_over_random_device_layouts(case):
+    spec, seq_len, heads, kv_heads, dtype = case
+    run_checked(check_topk, spec=spec, seq_len=seq_len, heads=heads, kv_heads=kv_heads, dtype=dtype)
+
+
+def test_topk_refusals(interpreter_pool, monkeypatch):
+    q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    # The default tiles' sides have an lcm of 128: a block of 64 cannot be walked in whole tiles.
+    assert "not a multiple of every tile side" in mosaic_gpu.unsupported_reason(q, q, q, parse("topk(64, 1)"),
+                                                                               interpret=True)
+    assert mosaic_gpu.unsupported_reason(q, q, q, parse("topk(128, 1)"), interpret=True) is None
+    assert resolve_impl("auto", q, q, q, "topk(64, 1)", interpret=True)[0] != "mosaic_gpu"
+    # Until its topk path has run on a GPU, auto on a GPU passes it over for topk patterns (to triton, next in
+    # line); a request still runs it.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    chosen, why = resolve_impl("auto", q, q, q, "topk(128, 1)", interpret=True)
+    assert chosen == "triton" and "mosaic_gpu: its topk path has not run on a GPU yet" in why
+    assert resolve_impl("auto", q, q, q, "block(128)", interpret=True)[0] == "mosaic_gpu"
+    assert resolve_impl("mosaic_gpu", q, q, q, "topk(128, 1)", interpret=True) == ("mosaic_gpu", "requested")
+    with pytest.raises(ValueError, match="block 128 is not a multiple of every tile side"):
+        mosaic_gpu.attention(q, q, q, parse("topk(128, 1)"), scale=1.0, interpret=True,
+                             block_sizes=mosaic_gpu.BlockSizes(block_k=192), selected=random_selection(0, 1, 2, 2, 1))
+    with pytest.raises(ValueError, match="selected must be given exactly for patterns with a topk part"):
+        mosaic_gpu.attention(q, q, q, parse("topk(128, 1)"), scale=1.0, interpret=True)
+
+
 LOWERING_SCRIPT = textwrap.dedent(
     """
     import json, sys
@@ -190,16 +239,20 @@ LOWERING_SCRIPT = textwrap.dedent(
     from sparse_attention.kernels import mosaic_gpu
     from sparse_attention.patterns import parse
     # Lowering needs no GPU: skip the device check so that the hardware kernels (not interpret mode) lower.
-    mosaic_gpu.unsupported_reason = lambda *args, **kwargs: None
+    mosaic_gpu._platform_reason = lambda interpret: None
     results = {}
     for spec, head_dim, dtype in json.loads(sys.argv[1]):
         pattern = parse(spec)
         q = jax.ShapeDtypeStruct((2, 1000, 4, head_dim), jnp.dtype(dtype))
         kv = jax.ShapeDtypeStruct((2, 1000, 2, head_dim), jnp.dtype(dtype))
-        def run(q, k, v, d_out):
-            out, vjp = jax.vjp(lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=0.1), q, k, v)
+        # A topk pattern's choice is an input: [batch, kv_heads, query blocks, K].
+        topk = pattern.block_selection()
+        selected = None if topk is None else jax.ShapeDtypeStruct((2, 2, -(-1000 // topk.size), topk.count), jnp.int32)
+        def run(q, k, v, d_out, selected):
+            out, vjp = jax.vjp(lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=0.1, selected=selected),
+                               q, k, v)
             return (out, *vjp(d_out))
-        module = jax.export.export(jax.jit(run), platforms=["cuda"])(q, kv, kv, q).mlir_module()
+        module = jax.export.export(jax.jit(run), platforms=["cuda"])(q, kv, kv, q, selected).mlir_module()
         results[spec] = module.count("custom_call @mosaic_gpu")
     print(json.dumps(results))
     """
@@ -210,6 +263,7 @@ LOWERED_CASES = [
     ("repaired(256, 32, bridge)", 128, "bfloat16"), ("repaired(256, 32, prefix)", 64, "bfloat16"),
     ("strided(7)", 128, "float16"), ("dilated(64, 3)", 64, "bfloat16"), ("sinks(4)", 64, "float16"),
     ("random_blocks(128, 2, 5)", 128, "bfloat16"), ("window(300) | sinks(4) & strided(2)", 64, "bfloat16"),
+    ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16"),
 ]
 
 
@@ -370,3 +424,11 @@ class TestGpu:
 
     def test_shard_map_checks_vma(self):
         assert_shard_map_matches_reference(mosaic_gpu.attention)
+
+    def test_topk_default_tiles(self):
+        pattern = parse("topk(512, 3) | repaired(512, 64, bridge)")
+        inputs = random_inputs(5, 2, 3000, 4, 2, 128, jnp.bfloat16)
+        selected = random_selection(5, 2, 2, 6, 3)
+        assert_matches_reference_on(
+            lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=0.1, selected=selected), pattern, inputs,
+            scale=0.1, rtol=RTOL["bfloat16"], label=pattern.spec, selected=selected)

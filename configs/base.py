@@ -89,5 +89,5 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         dict(end_lr_ratio=0.1, weight_decay=0.1, grad_clip=1.0, **_TRAIN[preset])
     )
 
-    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, seq=1))
     return config

@@ -236,17 +236,24 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh axes; -1 takes all remaining devices (on at most one axis)."""
+    """Device mesh axes; -1 takes all remaining devices (on data or fsdp, at most one). `seq` splits every
+    sequence into that many shards (`sparse_attention.sequence_sharding`)."""
 
     data: int
     fsdp: int
+    seq: int = 1
 
     def __post_init__(self):
         _check_int("mesh.data", self.data, minimum=1, allowed=(-1,))
         _check_int("mesh.fsdp", self.fsdp, minimum=1, allowed=(-1,))
+        _check_int("mesh.seq", self.seq, minimum=1)
         if self.data == -1 and self.fsdp == -1:
             _fail("mesh.fsdp", "at most one mesh axis may be -1 (all remaining devices); set mesh.fsdp to a size")
 
+
+# Keys added after runs were saved without them, and the value those runs had: a saved config.json of an
+# older run is read with them.
+_LATER_KEYS = {"mesh": {"seq": 1}}
 
 _SECTIONS = {
     "model": ModelConfig,
@@ -303,6 +310,7 @@ class ExperimentConfig:
             values = _to_plain(config[name])
             if not isinstance(values, Mapping):
                 _fail(name, f"must be a section of keys, got {values!r}")
+            values = {**_LATER_KEYS.get(name, {}), **values}
             _check_keys(name, values, [field.name for field in dataclasses.fields(section_cls)])
             sections[name] = section_cls(**values)
         return cls(seed=config["seed"], **sections)

@@ -19,14 +19,16 @@ near sqrt(d_model) and the first loss far above ln(vocab)); an untied head start
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from lm_experiment.config import AttentionConfig, ExperimentConfig, ModelConfig
-from sparse_attention import decoding, reference
+from sparse_attention import decoding, reference, sequence_sharding
 from sparse_attention.attention import attention, resolve_impl
 from sparse_attention.decoding import KVCache
 from sparse_attention.selection import select_blocks, selection_mask
@@ -64,7 +66,9 @@ class SparseAttention(nnx.Module):
 
     x [batch, seq, d_model] -> [batch, seq, d_model]. head_dim = d_model // num_heads; num_kv_heads
     divides num_heads. `output_scale` scales the output projection's initialisation (DecoderLM passes
-    1 / sqrt(2 * num_layers)).
+    1 / sqrt(2 * num_layers)). With `sequence_axis`, the pattern's attention runs under shard_map over the
+    context mesh (`jax.set_mesh`), the sequence split over that axis (`sequence_sharding.sharded_attention`)
+    and the batch over the mesh's other axes.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class SparseAttention(nnx.Module):
         compute_dtype=jnp.bfloat16,
         param_dtype=jnp.float32,
         output_scale: float = 1.0,
+        sequence_axis: str | None = None,
         rngs: nnx.Rngs,
     ):
         if d_model % num_heads or (d_model // num_heads) % 2:
@@ -97,6 +102,7 @@ class SparseAttention(nnx.Module):
         self.interpret = interpret
         self.rope_base = float(rope_base)
         self.compute_dtype = compute_dtype
+        self.sequence_axis = sequence_axis
 
         def linear(out_features, **kwargs):
             return nnx.Linear(
@@ -133,7 +139,7 @@ class SparseAttention(nnx.Module):
         (a bool, traced or not) also attends, where true, the blocks this layer's `topk` pattern chooses on x."""
         q, k, v = self._project(x, jnp.arange(x.shape[1]))
         if mask is None:
-            out = attention(q, k, v, self.pattern, impl=self.impl, interpret=self.interpret)
+            out = self._attend(q, k, v)
         else:
             topk = self.pattern.block_selection()
             if choose is not None and topk is not None:
@@ -141,6 +147,18 @@ class SparseAttention(nnx.Module):
                 mask = mask | (chosen & choose)[:, :, None]  # [batch, kv_heads, 1, seq, seq]
             out = reference.masked_attention(q, k, v, mask, scale=1.0 / math.sqrt(self.head_dim))
         return self._output(out)
+
+    def _attend(self, q, k, v):
+        if self.sequence_axis is None:
+            return attention(q, k, v, self.pattern, impl=self.impl, interpret=self.interpret)
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or self.sequence_axis not in mesh.axis_names:
+            raise ValueError(f"sequence_axis {self.sequence_axis!r} needs a context mesh with that axis "
+                             f"(jax.set_mesh); got axes {mesh.axis_names}")
+        spec = P(tuple(name for name in mesh.axis_names if name != self.sequence_axis), self.sequence_axis)
+        local = functools.partial(sequence_sharding.sharded_attention, pattern=self.pattern,
+                                  axis_name=self.sequence_axis, impl=self.impl, interpret=self.interpret)
+        return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(q, k, v)
 
     def chosen_blocks(self, x):
         """For a `topk` pattern, the blocks it chooses for x [batch, seq, d_model]: int32 [batch, kv_heads,
@@ -186,7 +204,7 @@ class DecoderBlock(nnx.Module):
     """x + attention(norm(x)), then + mlp(norm(x)); the residual stream x stays float32."""
 
     def __init__(self, model: ModelConfig, attention_config: AttentionConfig, layer_index: int, *,
-                 rngs: nnx.Rngs):
+                 sequence_axis: str | None = None, rngs: nnx.Rngs):
         compute, params = model.compute_jnp_dtype, model.param_jnp_dtype
         output_scale = 1.0 / math.sqrt(2 * model.num_layers)
 
@@ -197,7 +215,8 @@ class DecoderBlock(nnx.Module):
         self.attention = SparseAttention(
             model.d_model, model.num_heads, model.num_kv_heads, attention_config.layer_pattern(layer_index),
             impl=attention_config.impl, interpret=attention_config.interpret, rope_base=model.rope_base,
-            compute_dtype=compute, param_dtype=params, output_scale=output_scale, rngs=rngs,
+            compute_dtype=compute, param_dtype=params, output_scale=output_scale, sequence_axis=sequence_axis,
+            rngs=rngs,
         )
         self.mlp_norm = norm()
         self.mlp = SwiGLU(model.d_model, model.mlp_hidden, compute_dtype=compute, param_dtype=params,
@@ -227,9 +246,12 @@ _apply_block_remat = nnx.remat(_apply_block)
 
 class DecoderLM(nnx.Module):
     """tokens int32 [batch, seq] -> logits float32 [batch, seq, vocab_size]; layer i uses
-    `attention.layer_pattern(i)`, or masks[i] when `masks` bool [num_layers, seq, seq] is given."""
+    `attention.layer_pattern(i)`, or masks[i] when `masks` bool [num_layers, seq, seq] is given.
+    `sequence_axis`: the context mesh's axis that every layer's attention splits the sequence over (the
+    Trainer's mesh.seq), or None."""
 
-    def __init__(self, model: ModelConfig, attention: AttentionConfig, *, rngs: nnx.Rngs):
+    def __init__(self, model: ModelConfig, attention: AttentionConfig, *, rngs: nnx.Rngs,
+                 sequence_axis: str | None = None):
         compute, params = model.compute_jnp_dtype, model.param_jnp_dtype
         self.model_config = model
         self.attention_config = attention
@@ -238,7 +260,8 @@ class DecoderLM(nnx.Module):
             model.vocab_size, model.d_model, dtype=compute, param_dtype=params,
             embedding_init=nnx.initializers.normal(embedding_std), rngs=rngs,
         )
-        self.blocks = nnx.List([DecoderBlock(model, attention, i, rngs=rngs) for i in range(model.num_layers)])
+        self.blocks = nnx.List([DecoderBlock(model, attention, i, sequence_axis=sequence_axis, rngs=rngs)
+                                for i in range(model.num_layers)])
         self.final_norm = nnx.RMSNorm(model.d_model, dtype=compute, param_dtype=params, rngs=rngs)
         if model.tie_embeddings:
             self.lm_head = None

@@ -53,12 +53,14 @@ from lm_experiment.checkpointing import CONFIG_FILE, Checkpoints, load_config, s
 from lm_experiment.config import ExperimentConfig, MeshConfig, TrainConfig
 from lm_experiment.model import DecoderLM, attention_impl_summary
 from lm_experiment.run_log import RunLog
+from sparse_attention import sequence_sharding
 from sparse_attention.atomic_io import atomic_open, write_json
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp")
-BATCH_AXES = MESH_AXES  # the batch dimension is split over every device
+MESH_AXES = ("data", "fsdp", "seq")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over these; the devices of a "seq" group share rows
+SEQ_AXIS = "seq"  # activations are split over it along the sequence (`mesh.seq`)
 ADAM_B1, ADAM_B2, ADAM_EPS = 0.9, 0.95, 1e-8
 SUMMARY_FILE = "train_summary.json"
 DISTRIBUTED_MODES = ("auto", "on", "off")
@@ -128,22 +130,39 @@ def initialize_distributed(mode: str = "auto") -> bool:
 
 
 def make_mesh(mesh: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The ("data", "fsdp") mesh over `devices` (default: all devices of all processes); its size must
-    equal the number of devices."""
+    """The ("data", "fsdp", "seq") mesh over `devices` (default: all devices of all processes); its size must
+    equal the number of devices. "seq" is the innermost axis: a sequence's shards sit on neighbouring devices,
+    which exchange halos."""
     devices = list(jax.devices() if devices is None else devices)
     count = len(devices)
-    sizes = {"data": mesh.data, "fsdp": mesh.fsdp}
+    sizes = {"data": mesh.data, "fsdp": mesh.fsdp, "seq": mesh.seq}
     for name, other in (("data", "fsdp"), ("fsdp", "data")):
         if sizes[name] == -1:
-            if count % sizes[other]:
-                raise MeshError(f"mesh.{other}: must divide the number of devices ({count}), "
-                                f"got {sizes[other]}")
-            sizes[name] = count // sizes[other]
-    if sizes["data"] * sizes["fsdp"] != count:
-        raise MeshError(f"mesh: data x fsdp = {sizes['data']} x {sizes['fsdp']} must equal the number "
-                        f"of devices ({count}); set one axis to -1 to take all remaining devices")
-    return jax.make_mesh((sizes["data"], sizes["fsdp"]), MESH_AXES,
-                         axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+            fixed = sizes[other] * sizes["seq"]
+            if count % fixed:
+                raise MeshError(f"mesh.{other}: {other} x seq = {sizes[other]} x {sizes['seq']} must divide the "
+                                f"number of devices ({count})")
+            sizes[name] = count // fixed
+    if sizes["data"] * sizes["fsdp"] * sizes["seq"] != count:
+        raise MeshError(f"mesh: data x fsdp x seq = {sizes['data']} x {sizes['fsdp']} x {sizes['seq']} must equal "
+                        f"the number of devices ({count}); set data or fsdp to -1 to take all remaining devices")
+    return jax.make_mesh(tuple(sizes[name] for name in MESH_AXES), MESH_AXES,
+                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def sequence_plans(config: ExperimentConfig, shards: int) -> list[sequence_sharding.ShardPlan]:
+    """How each layer's attention runs with the sequence split into `shards` (none for 1); MeshError naming
+    mesh.seq when the shards do not divide the sequence, cut a layer's blocks, or are shorter than its halo."""
+    if shards == 1:
+        return []
+    seq_len = config.train.seq_len
+    if seq_len % shards:
+        raise MeshError(f"mesh.seq: {shards} shards must divide train.seq_len={seq_len}")
+    try:
+        return [sequence_sharding.plan(config.attention.layer_pattern(layer), seq_len // shards, shards)
+                for layer in range(config.model.num_layers)]
+    except ValueError as error:
+        raise MeshError(str(error)) from error
 
 
 def fsdp_partition(shape: Sequence[int], fsdp_size: int) -> P:
@@ -227,12 +246,14 @@ class Trainer:
         self.config = config
         self.mesh = mesh
         train = config.train
-        devices = mesh.devices.size
-        if train.global_batch % (devices * train.grad_accum):
+        row_groups = mesh.shape["data"] * mesh.shape["fsdp"]  # devices holding different rows
+        if train.global_batch % (row_groups * train.grad_accum):
             raise MeshError(
-                f"train.global_batch: must be a multiple of train.grad_accum x devices = "
-                f"{train.grad_accum} x {devices} = {train.grad_accum * devices} (every device takes "
+                f"train.global_batch: must be a multiple of train.grad_accum x data x fsdp = "
+                f"{train.grad_accum} x {row_groups} = {train.grad_accum * row_groups} (every row group takes "
                 f"equal rows of every microbatch), got {train.global_batch}")
+        self.sequence_shards = mesh.shape[SEQ_AXIS]
+        self.shard_plans = sequence_plans(config, self.sequence_shards)
         self.optimizer = make_optimizer(train)
         self.schedule = learning_rate_schedule(train)
         abstract_model = nnx.eval_shape(self._new_model)
@@ -247,7 +268,7 @@ class Trainer:
         self.batch_shape = (train.global_batch, train.seq_len + 1)
         self.batch_sharding = NamedSharding(mesh, P(BATCH_AXES))
         self._replicated = NamedSharding(mesh, P())
-        self._stop_sharding = NamedSharding(mesh, P(BATCH_AXES))
+        self._stop_sharding = NamedSharding(mesh, P(MESH_AXES))
         self._stop_votes = {flag: self._votes(flag) for flag in (False, True)}
         self._init_jit = jax.jit(self._init, out_shardings=self.state_shardings)
         self._step_jit = jax.jit(
@@ -263,7 +284,20 @@ class Trainer:
         return self.config.train.global_batch * self.config.train.seq_len
 
     def _new_model(self) -> DecoderLM:
-        return DecoderLM(self.config.model, self.config.attention, rngs=nnx.Rngs(self.config.seed))
+        return DecoderLM(self.config.model, self.config.attention, rngs=nnx.Rngs(self.config.seed),
+                         sequence_axis=SEQ_AXIS if self.sequence_shards > 1 else None)
+
+    @property
+    def sent_bytes_per_step(self) -> int:
+        """Bytes each device sends for the sequence-sharded attention of one step: every layer's forward
+        plus as many in the backward (the halo's gradients, or the all-gather's reduce-scatter), per
+        microbatch."""
+        model, train = self.config.model, self.config.train
+        rows = train.global_batch // (self.mesh.shape["data"] * self.mesh.shape["fsdp"] * train.grad_accum)
+        itemsize = jnp.dtype(model.compute_jnp_dtype).itemsize
+        per_pass = sum(plan.sent_bytes(rows, model.num_heads, model.num_kv_heads, model.head_dim, itemsize)
+                       for plan in self.shard_plans)
+        return 2 * per_pass * train.grad_accum
 
     def _init(self) -> TrainState:
         _, params = nnx.split(self._new_model(), nnx.Param)
@@ -283,7 +317,10 @@ class Trainer:
     def loss(self, params, tokens) -> jax.Array:
         """Mean next-token loss of the model with `params` on tokens int32 [batch, seq_len + 1]."""
         model = nnx.merge(self.graphdef, params)
-        return next_token_loss(model(tokens[:, :-1]), tokens)
+        x = model.embed_tokens(tokens[:, :-1])
+        if self.sequence_shards > 1:  # the residual stream, and so every activation, split along the sequence
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(BATCH_AXES, SEQ_AXIS)))
+        return next_token_loss(model.logits_from_embeddings(x), tokens)
 
     def _train_step(self, state: TrainState, batch, stop_votes):
         accum = self.config.train.grad_accum
@@ -357,7 +394,7 @@ class Trainer:
         the global batch (the rows its devices hold)."""
         indices = self.batch_sharding.addressable_devices_indices_map(self.batch_shape)
         starts = sorted({index[0].start or 0 for index in indices.values()})
-        rows_per_device = self.batch_shape[0] // self.mesh.devices.size
+        rows_per_device = self.batch_shape[0] // (self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         first, local_rows = starts[0], rows_per_device * len(starts)
         if starts != list(range(first, first + local_rows, rows_per_device)) or first % local_rows:
             raise MeshError("mesh: this process's devices must hold one contiguous block of the batch; "
@@ -591,10 +628,16 @@ def _train(config: ExperimentConfig, workdir: Path, until_step: int | None, devi
     is_main = jax.process_index() == 0
     impl_line = attention_impl_summary(config, train_config.seq_len)
     log.info("%s", impl_line)
-    log.info("devices: %d x %s over %d process(es); mesh data=%d fsdp=%d",
+    log.info("devices: %d x %s over %d process(es); mesh data=%d fsdp=%d seq=%d",
              mesh.devices.size, jax.default_backend(), jax.process_count(), mesh.shape["data"],
-             mesh.shape["fsdp"])
+             mesh.shape["fsdp"], mesh.shape[SEQ_AXIS])
     trainer = Trainer(config, mesh)
+    if trainer.shard_plans:
+        methods = ", ".join(f"{plan.pattern}: " + (f"halo of {plan.halo}" if plan.method == "halo" else plan.method)
+                            for plan in dict.fromkeys(trainer.shard_plans))
+        log.info("sequence sharding over %d shards of %d positions (%s); each device sends %d bytes per step",
+                 trainer.sequence_shards, train_config.seq_len // trainer.sequence_shards, methods,
+                 trainer.sent_bytes_per_step)
     tokens = training_tokens(config)
     block, blocks = trainer.batch_block()
 
@@ -685,7 +728,9 @@ def _train(config: ExperimentConfig, workdir: Path, until_step: int | None, devi
         "backend": jax.default_backend(),
         "devices": mesh.devices.size,
         "processes": jax.process_count(),
-        "mesh": {"data": mesh.shape["data"], "fsdp": mesh.shape["fsdp"]},
+        "mesh": {name: mesh.shape[name] for name in MESH_AXES},
+        "sequence_sharding": [dataclasses.asdict(plan) for plan in trainer.shard_plans],
+        "sent_bytes_per_step": trainer.sent_bytes_per_step,
     }
     if is_main:
         write_json(workdir / SUMMARY_FILE, summary)

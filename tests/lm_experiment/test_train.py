@@ -26,7 +26,7 @@ from flax import nnx
 from tensorboard.backend.event_processing import event_accumulator
 
 from lm_experiment import checkpointing, data, training, workdir_lock
-from lm_experiment.config import ExperimentConfig
+from lm_experiment.config import ExperimentConfig, MeshConfig
 from lm_experiment.model import DecoderLM
 from lm_experiment.run_log import read_metrics
 
@@ -274,6 +274,78 @@ def test_eight_device_meshes_match_one_device():
     assert result["data8"]["specs"] == ["P()"]
 
 
+SEQUENCE_SCRIPT = textwrap.dedent("""
+    import dataclasses, json, sys
+    import jax, numpy as np
+    from lm_experiment import training
+    from lm_experiment.config import ExperimentConfig, MeshConfig
+
+    config = ExperimentConfig.from_config_dict(json.loads(sys.argv[1]))
+    rows = np.random.default_rng(0).integers(0, 256, (4, config.train.seq_len + 1), dtype=np.int32)
+
+    def loss_and_grads(data, seq, devices):
+        trainer = training.Trainer(dataclasses.replace(config, mesh=MeshConfig(data, 1, seq)),
+                                   training.make_mesh(MeshConfig(data, 1, seq), devices))
+        state, batch = trainer.init_state(), trainer.make_batch(rows)
+        with jax.set_mesh(trainer.mesh):
+            lowered = jax.jit(jax.value_and_grad(trainer.loss)).lower(state.params, batch)
+        loss, grads = lowered.compile()(state.params, batch)
+        hlo = lowered.as_text()
+        return (float(loss), jax.device_get(grads), trainer.sent_bytes_per_step,
+                [dataclasses.asdict(plan) for plan in trainer.shard_plans],
+                {"collective_permute": "collective_permute" in hlo, "all_gather": "all_gather" in hlo})
+
+    one_loss, one_grads, _, _, _ = loss_and_grads(1, 1, jax.devices()[:1])
+    results = {}
+    for data, seq in [(1, 2), (1, 4), (1, 8), (2, 4)]:
+        loss, grads, sent, plans, collectives = loss_and_grads(data, seq, jax.devices()[:data * seq])
+        scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(one_grads))
+        diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(one_grads)))
+        results[f"{data}x{seq}"] = dict(loss=loss, grad_diff=diff / scale, sent=sent, plans=plans, **collectives)
+    print("RESULT " + json.dumps({"single": one_loss, **results}))
+""")
+
+
+def test_sequence_shards_give_the_loss_and_gradients_of_one_device():
+    # Four layers of four kinds: a repair and a window (halos), a block-local union (halo), dense (all-gather).
+    schedule = ["repaired(16, 2, prefix)", "window(8)", "dense", "sinks(2) | block(16)"]
+    config = small_config(model__num_layers=4, model__compute_dtype="float32", train__seq_len=256,
+                          attention__schedule=schedule)
+    process = subprocess.run([sys.executable, "-c", SEQUENCE_SCRIPT, json.dumps(config.to_dict())],
+                             cwd=REPO, env=cli_env(devices=8), capture_output=True, text=True, timeout=600)
+    assert process.returncode == 0, process.stderr[-4000:]
+    result = json.loads(process.stdout.split("RESULT ", 1)[1])
+    for name in ("1x2", "1x4", "1x8", "2x4"):
+        assert result[name]["loss"] == pytest.approx(result["single"], rel=1e-5), name
+        assert result[name]["grad_diff"] < 1e-4, name
+        assert result[name]["collective_permute"] and result[name]["all_gather"], name
+    # The plans and the bytes each device sends per step: at 8 shards of 32, prefix needs the previous
+    # block's last R = 2 keys, window(8) the last 7, and dense and sinks(2) | block(16) are unbounded
+    # (all-gather). Per pass and device: the halos' k and v, and each all-gather's shard of q, k and v sent
+    # to the 7 other devices; the backward sends as much again. float32, 4 rows per device.
+    model = config.model
+    plans = {plan["pattern"]: plan for plan in result["1x8"]["plans"]}
+    assert {spec: (plan["method"], plan["halo"]) for spec, plan in plans.items()} == {
+        "repaired(16, 2, prefix)": ("halo", 2), "window(8)": ("halo", 7), "dense": ("all_gather", 0),
+        "sinks(2) | block(16)": ("all_gather", 0)}
+    rows, itemsize = 4, 4
+    halo_bytes = 2 * (2 + 7) * rows * model.num_kv_heads * model.head_dim * itemsize
+    gather_bytes = 2 * 7 * 32 * rows * (model.num_heads + 2 * model.num_kv_heads) * model.head_dim * itemsize
+    assert result["1x8"]["sent"] == 2 * (halo_bytes + gather_bytes)
+
+
+def test_sequence_shards_that_cut_a_block_or_a_halo_are_refused():
+    for seq, pattern, message in [(8, "repaired(64, 4, bridge)", "must be a multiple of 64"),
+                                  (8, "window(40)", "halo of 39 keys, longer than a shard of 16"),
+                                  (3, "window(8)", "3 shards must divide train.seq_len=128")]:
+        config = small_config(train__seq_len=128, attention__pattern=pattern)
+        with pytest.raises(training.MeshError, match=f"mesh.seq: .*{message}"):
+            training.sequence_plans(config, seq)
+    # make_mesh asks for every device: data x fsdp x seq.
+    with pytest.raises(training.MeshError, match="data x fsdp x seq = 1 x 1 x 2 must equal the number of devices"):
+        training.make_mesh(MeshConfig(1, 1, 2), jax.devices()[:1])
+
+
 def test_two_processes_train_and_a_single_process_resumes(tmp_path):
     # Two processes with 2 virtual CPU devices each, joined through jax.distributed on localhost: a 2 x 2
     # (data x fsdp) mesh. They train 4 steps and checkpoint; one process on one device then resumes to
@@ -291,7 +363,7 @@ def test_two_processes_train_and_a_single_process_resumes(tmp_path):
         assert code == 0, output[-4000:]
     assert "process 0 of 2, 2 local of 4 devices" in outputs[0][1]
     summary = json.loads((tmp_path / "multi" / training.SUMMARY_FILE).read_text())
-    assert (summary["processes"], summary["devices"], summary["mesh"]) == (2, 4, {"data": 2, "fsdp": 2})
+    assert (summary["processes"], summary["devices"], summary["mesh"]) == (2, 4, {"data": 2, "fsdp": 2, "seq": 1})
 
     single = small_config("dense.py:tiny", train__steps=6, train__global_batch=8,
                           **CONSTANT_LR)
@@ -367,7 +439,7 @@ def test_bad_configs_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"train.seq_len: 2000000 cannot be used with attention pattern "
                                          r"'random_blocks\(1, 2, 0\)'"):
         small_config(attention__pattern="random_blocks(1, 2, 0)", train__seq_len=2_000_000)
-    with pytest.raises(ValueError, match=r"mesh: data x fsdp = 3 x 1 must equal the number of devices \(1\)"):
+    with pytest.raises(ValueError, match=r"mesh: data x fsdp x seq = 3 x 1 x 1 must equal the number of devices"):
         training.train(small_config(mesh__data=3), tmp_path / "b")
     training.train(small_config(train__steps=1), tmp_path / "c")
     with pytest.raises(ValueError, match="holds checkpoints of another model or attention pattern "
@@ -515,7 +587,7 @@ def test_an_interpreter_that_could_deadlock_is_refused_in_one_line(tmp_path):
                                """Did you mean "steps" instead of "stepz"?"""),
     ("--config.nosection.x=1",
      "train.py: a --config.* override names a key the config does not have: 'nosection'"),
-    ("--config.mesh.data=3", "train.py: mesh: data x fsdp = 3 x 1 must equal the number of devices (1)"),
+    ("--config.mesh.data=3", "train.py: mesh: data x fsdp x seq = 3 x 1 x 1 must equal the number of devices"),
     ("--config.data.corpus=files --config.data.path=/no/such/folder",
      "train.py: data (corpus 'files', data_dir 'data'): source /no/such/folder does not exist"),
 ])

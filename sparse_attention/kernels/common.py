@@ -8,6 +8,7 @@
   padded_flash          the custom-VJP wrapper: pad q, k, v to the kernels' multiple, run the forward and
                         backward kernels, slice the padding off
   choosers              a `topk` choice transposed on the device: the query blocks that chose each key block
+  selection_reason      why a `topk` pattern's blocks are not whole tiles
   check_block_fields    a BlockSizes dataclass's validation: positive integers, blocks by the backend's rule
   checked_block_sizes   the `block_sizes` argument: the backend's default, or an instance of its class
   dtype_reason, cuda_capability_reason, refuse_unsupported
@@ -135,6 +136,15 @@ def choosers(selected):
     order = jnp.argsort(~by_key, axis=-1, stable=True).astype(jnp.int32)  # the choosers first, in block order
     counts = by_key.sum(axis=-1).astype(jnp.int32)
     return jnp.where(jnp.arange(blocks) < counts[..., None], order, -1), counts
+
+
+def selection_reason(pattern: Pattern, multiple: int, tiles: str) -> str | None:
+    """Why a `topk` pattern's chosen blocks cannot be walked in whole tiles (its block is not a multiple of
+    `multiple`, described as `tiles`), or None."""
+    topk = pattern.block_selection()
+    if topk is None or topk.size % multiple == 0:
+        return None
+    return f"{topk.spec}'s block {topk.size} is not a multiple of {tiles} ({multiple}): chosen blocks are walked whole"
 
 
 def padded_length(seq_len: int, multiple: int) -> int:

@@ -51,7 +51,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, RowPlan, check_block_fields,
                                             checked_block_sizes, choosers, cuda_capability_reason, dtype_reason,
-                                            padded_flash, refuse_unsupported, row_plan)
+                                            padded_flash, refuse_unsupported, row_plan, selection_reason)
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import Pattern, as_pattern
 
@@ -727,12 +727,7 @@ def _input_reasons(q, interpret: bool) -> list[str | None]:
 
 
 def _selection_reason(pattern: Pattern, block_sizes: BlockSizes) -> str | None:
-    """Why the chosen blocks of a `topk` pattern cannot be walked with these tiles, or None."""
-    topk = pattern.block_selection()
-    if topk is None or topk.size % block_sizes.sequence_multiple == 0:
-        return None
-    return (f"{topk.spec}'s block {topk.size} is not a multiple of every tile side (their lcm is "
-            f"{block_sizes.sequence_multiple}): chosen blocks are walked in whole tiles")
+    return selection_reason(pattern, block_sizes.sequence_multiple, "every tile side")
 
 
 def _platform_reason(interpret: bool) -> str | None:

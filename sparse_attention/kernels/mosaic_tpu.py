@@ -43,7 +43,7 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 from sparse_attention.kernels.common import (ROW_MAX_INIT, KernelStatic, check_block_fields, checked_block_sizes,
-                                            dtype_reason, padded_flash, refuse_unsupported)
+                                            dtype_reason, padded_flash, refuse_unsupported, selection_reason)
 from sparse_attention.layout import TileLists, block_layout
 from sparse_attention.patterns import EMPTY, FULL, PARTIAL, Pattern, as_pattern
 
@@ -569,13 +569,7 @@ def _input_reason(q, interpret) -> str | None:
 
 
 def _selection_reason(pattern: Pattern, block_sizes: BlockSizes) -> str | None:
-    """Why the chosen blocks of a `topk` pattern cannot be walked with these tiles, or None."""
-    topk = pattern.block_selection()
-    blocks = [getattr(block_sizes, field.name) for field in dataclasses.fields(block_sizes)]
-    if topk is None or all(topk.size % block == 0 for block in blocks):
-        return None
-    return (f"{topk.spec}'s block {topk.size} is not a multiple of every tile ({', '.join(map(str, blocks))}): "
-            f"chosen blocks are walked in whole tiles")
+    return selection_reason(pattern, block_sizes.sequence_multiple, "every tile")
 
 
 def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool | pltpu.InterpretParams = False,

@@ -35,7 +35,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, RowPlan, check_block_fields,
                                             checked_block_sizes, choosers, cuda_capability_reason, dtype_reason,
-                                            padded_flash, refuse_unsupported, row_plan)
+                                            padded_flash, refuse_unsupported, row_plan, selection_reason)
 from sparse_attention.layout import TileLists, block_layout
 from sparse_attention.patterns import EMPTY, Pattern, TileGrid, as_pattern
 
@@ -519,12 +519,7 @@ def _default_block_sizes(q, pattern: Pattern) -> BlockSizes:
 
 
 def _selection_reason(pattern: Pattern, block_sizes: BlockSizes) -> str | None:
-    """Why the chosen blocks of a `topk` pattern cannot be walked with these tiles, or None."""
-    topk = pattern.block_selection()
-    if topk is None or topk.size % block_sizes.largest_block == 0:
-        return None
-    return (f"{topk.spec}'s block {topk.size} is not a multiple of the largest tile {block_sizes.largest_block} "
-            f"(chosen blocks are walked in whole tiles)")
+    return selection_reason(pattern, block_sizes.largest_block, "the largest tile")
 
 
 def _input_reason(q, interpret: bool) -> str | None:

@@ -2,6 +2,8 @@
 comparison with the reference, the check that a kernel's tile plan covers the pattern, and the cases every
 backend runs on real hardware."""
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -79,6 +81,20 @@ def assert_matches_reference_on(attend, pattern, inputs, *, scale: float, rtol: 
         error = relative_error(g, w)
         assert error < rtol, f"{label}: {name} relative error {error:.2e} >= {rtol:.0e}"
     return got
+
+
+def assert_topk_matches_reference(attend, spec: str, *, seq_len: int, heads: int, kv_heads: int, head_dim: int,
+                                  dtype, rtol: float, scale: float = 0.25):
+    """attend(q, k, v, pattern, selected) for a pattern with a topk part, over a random device layout (the
+    same chosen blocks for the reference), batch 2, on inputs drawn from the spec's own seed: forward, dq, dk
+    and dv against the float32 reference."""
+    pattern = parse(spec)
+    seed = zlib.crc32(spec.encode())
+    inputs = random_inputs(seed, 2, seq_len, heads, kv_heads, head_dim, dtype)
+    topk = pattern.block_selection()
+    selected = random_selection(seed, 2, kv_heads, -(-seq_len // topk.size), topk.count)
+    return assert_matches_reference_on(lambda q, k, v: attend(q, k, v, pattern, selected), pattern, inputs,
+                                       scale=scale, rtol=rtol, label=spec, selected=selected)
 
 
 def assert_jit_vmap_grad_matches_reference(attend, *, seq_len: int, spec: str = "repaired(16, 4, bridge)",

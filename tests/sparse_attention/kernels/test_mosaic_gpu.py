@@ -29,8 +29,8 @@ from sparse_attention.kernels import mosaic_gpu
 from sparse_attention.attention import resolve_impl
 from sparse_attention.patterns import parse
 from kernel_oracle import (HARDWARE_CASES, assert_jit_vmap_grad_matches_reference, assert_matches_reference_on,
-                           assert_plan_covers_pattern, assert_shard_map_matches_reference, random_inputs,
-                           random_selection)
+                           assert_plan_covers_pattern, assert_shard_map_matches_reference,
+                           assert_topk_matches_reference, random_inputs, random_selection)
 
 ON_GPU = jax.default_backend() == "gpu"
 ON_HOPPER = ON_GPU and mosaic_gpu.unsupported_reason(
@@ -102,15 +102,11 @@ def check_against_reference(spec, *, seq_len, heads=2, kv_heads=1, head_dim=64, 
 def check_topk(spec, *, seq_len, heads, kv_heads, dtype, interpret=INTERPRET):
     """A topk pattern over a random device layout (the same chosen blocks for the reference): forward, and dq
     and dk/dv, whose blocks walk the choice's transpose built on the device."""
-    pattern = parse(spec)
-    seed = zlib.crc32(spec.encode())
-    inputs = random_inputs(seed, 2, seq_len, heads, kv_heads, 64, jnp.dtype(dtype))
-    topk = pattern.block_selection()
-    selected = random_selection(seed, 2, kv_heads, -(-seq_len // topk.size), topk.count)
-    assert_matches_reference_on(
-        lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=0.125, interpret=interpret, block_sizes=SMALL,
-                                             selected=selected),
-        pattern, inputs, scale=0.125, rtol=RTOL[dtype], label=spec, selected=selected)
+    assert_topk_matches_reference(
+        lambda q, k, v, pattern, selected: mosaic_gpu.attention(q, k, v, pattern, scale=0.125, interpret=interpret,
+                                                                block_sizes=SMALL, selected=selected),
+        spec, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=64, dtype=jnp.dtype(dtype),
+        rtol=RTOL[dtype], scale=0.125)
 
 
 def check_jit_vmap_grad(interpret=INTERPRET):

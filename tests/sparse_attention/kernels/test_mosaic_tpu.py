@@ -35,7 +35,7 @@ from sparse_attention.kernels.common import KernelStatic
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import EMPTY, FULL, PARTIAL, parse
 from kernel_oracle import (HARDWARE_CASES, assert_jit_vmap_grad_matches_reference, assert_matches_reference_on,
-                           random_inputs, random_selection, relative_error)
+                           assert_topk_matches_reference, random_inputs, random_selection, relative_error)
 
 ON_TPU = jax.default_backend() == "tpu"
 INTERPRET = not ON_TPU
@@ -284,15 +284,10 @@ TOPK_CASES = [
 def test_topk_over_random_device_layouts(spec, seq_len, sizes, heads, kv_heads, dtype):
     """Forward and dq/dk/dv against the reference given the same chosen blocks; every pass walks step lists
     merged on the device, the dk/dv pass their transpose."""
-    pattern = parse(spec)
-    seed = zlib.crc32(spec.encode())
-    inputs = random_inputs(seed, 2, seq_len, heads, kv_heads, 16, dtype)
-    topk = pattern.block_selection()
-    selected = random_selection(seed, 2, kv_heads, -(-seq_len // topk.size), topk.count)
-    assert_matches_reference_on(
-        lambda q, k, v: mosaic_tpu.attention(q, k, v, pattern, scale=0.25, interpret=INTERPRET, block_sizes=sizes,
-                                             selected=selected),
-        pattern, inputs, scale=0.25, rtol=RTOL[dtype], label=spec, selected=selected)
+    assert_topk_matches_reference(
+        lambda q, k, v, pattern, selected: mosaic_tpu.attention(q, k, v, pattern, scale=0.25, interpret=INTERPRET,
+                                                                block_sizes=sizes, selected=selected),
+        spec, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=16, dtype=dtype, rtol=RTOL[dtype])
 
 
 @pytest.mark.skipif(ON_TPU, reason="the simulator stands in for a TPU")

@@ -1,10 +1,13 @@
 """Training the decoder LM: train state, optimizer, one sharded train step, and the loop.
 
-The same code runs on one CPU, one GPU, and many hosts. Devices form a mesh with axes ("data", "fsdp")
-(`config.mesh`; -1 takes all remaining devices):
+The same code runs on one CPU, one GPU, and many hosts. Devices form a mesh with axes ("data", "fsdp",
+"seq") (`config.mesh`; -1 takes all remaining devices on data or fsdp):
 
-  batch           sharded over both axes on its batch dimension; each process builds only its own rows
-                  (`data.batch_for_step`) and `jax.make_array_from_process_local_data` assembles them
+  batch           sharded over data and fsdp on its batch dimension, replicated over seq; each process
+                  builds only its own rows (`data.batch_for_step`) and
+                  `jax.make_array_from_process_local_data` assembles them
+  activations     with seq > 1, split along the sequence over "seq"; each layer's attention runs under
+                  shard_map (`sequence_sharding.sharded_attention`, docs/sequence_sharding.md)
   params, Adam    replicated when fsdp = 1 (pure data parallelism). With fsdp > 1, every leaf with >= 2
   moments         dims is sharded over "fsdp" on its largest dimension divisible by the fsdp size (the
                   first such on ties); vectors, scalars and leaves without a divisible dimension stay

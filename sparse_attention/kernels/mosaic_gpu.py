@@ -180,10 +180,10 @@ class _Steps:
 
     def tile(self, step):
         """The column tile of any step: static, or chosen (step >= num_steps)."""
+        if self.chosen is None:
+            return _step_tile(self.tiles_ref, self.program, step, self.num_full, self.contiguous)
         last_static = jnp.maximum(jnp.minimum(step, self.num_steps - 1), 0)  # in bounds for either kind
         static = _step_tile(self.tiles_ref, self.program, last_static, self.num_full, self.contiguous)
-        if self.chosen is None:
-            return static
         lists_ref, _, batch, head, row_block, per_block = self.chosen
         index = jnp.maximum(step - self.num_steps, 0)
         slot = jnp.minimum(lax.div(index, jnp.int32(per_block)), lists_ref.shape[-1] - 1)

@@ -387,6 +387,29 @@ def test_two_processes_train_and_a_single_process_resumes(tmp_path):
                                rtol=1e-5)
 
 
+def test_two_processes_train_with_sequence_shards(tmp_path):
+    # Two processes with 2 virtual CPU devices each: a data 2 x seq 2 mesh, seq innermost, so each process
+    # holds both shards of its rows' sequences and feeds its own block of rows. The losses must match one
+    # device's run of the same steps.
+    overrides = dict(train__steps=3, train__global_batch=8, train__seq_len=128, **CONSTANT_LR)
+    config = small_config(mesh__data=2, mesh__seq=2, **overrides)
+    address = f"localhost:{free_port()}"
+    workers = [train_cli("repaired.py:tiny", config, tmp_path / "multi",
+                         env=cli_env(devices=2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                                     JAX_PROCESS_ID=str(i)))
+               for i in range(2)]
+    outputs = [finish(worker) for worker in workers]
+    for code, output in outputs:
+        assert code == 0, output[-4000:]
+    assert "sequence sharding over 2 shards of 64 positions (repaired(64, 8, bridge): halo of 8)" in outputs[0][1]
+    summary = json.loads((tmp_path / "multi" / training.SUMMARY_FILE).read_text())
+    assert (summary["processes"], summary["mesh"]) == (2, {"data": 2, "fsdp": 1, "seq": 2})
+    training.train(small_config(**overrides), tmp_path / "single")
+    multi, reference = losses(tmp_path / "multi"), losses(tmp_path / "single")
+    assert sorted(multi) == sorted(reference) == [1, 2, 3]
+    np.testing.assert_allclose([multi[s] for s in (1, 2, 3)], [reference[s] for s in (1, 2, 3)], rtol=1e-5)
+
+
 def test_sigterm_saves_a_checkpoint_and_the_rerun_resumes(tmp_path):
     config = small_config(train__steps=100_000, **CONSTANT_LR)
     worker = train_cli("repaired.py:tiny", config, tmp_path, env=cli_env())

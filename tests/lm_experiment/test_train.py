@@ -357,6 +357,20 @@ def test_sequence_shards_that_cut_a_block_or_a_halo_are_refused():
         training.make_mesh(MeshConfig(1, 1, 2), jax.devices()[:1])
 
 
+def train_in_two_processes(config_file: str, config: ExperimentConfig, workdir: Path) -> str:
+    """train.py in two processes of 2 virtual CPU devices each, joined through jax.distributed on
+    localhost; returns process 0's output after asserting that both exited with 0."""
+    address = f"localhost:{free_port()}"
+    workers = [train_cli(config_file, config, workdir,
+                         env=cli_env(devices=2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                                     JAX_PROCESS_ID=str(i)))
+               for i in range(2)]
+    outputs = [finish(worker) for worker in workers]
+    for code, output in outputs:
+        assert code == 0, output[-4000:]
+    return outputs[0][1]
+
+
 def test_two_processes_train_and_a_single_process_resumes(tmp_path):
     # Two processes with 2 virtual CPU devices each, joined through jax.distributed on localhost: a 2 x 2
     # (data x fsdp) mesh. They train 4 steps and checkpoint; one process on one device then resumes to
@@ -364,15 +378,8 @@ def test_two_processes_train_and_a_single_process_resumes(tmp_path):
     # are ordered differently).
     config = small_config("dense.py:tiny", train__steps=4, train__global_batch=8, mesh__data=2,
                           mesh__fsdp=2, **CONSTANT_LR)
-    address = f"localhost:{free_port()}"
-    workers = [train_cli("dense.py:tiny", config, tmp_path / "multi",
-                         env=cli_env(devices=2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
-                                     JAX_PROCESS_ID=str(i)))
-               for i in range(2)]
-    outputs = [finish(worker) for worker in workers]
-    for code, output in outputs:
-        assert code == 0, output[-4000:]
-    assert "process 0 of 2, 2 local of 4 devices" in outputs[0][1]
+    output = train_in_two_processes("dense.py:tiny", config, tmp_path / "multi")
+    assert "process 0 of 2, 2 local of 4 devices" in output
     summary = json.loads((tmp_path / "multi" / training.SUMMARY_FILE).read_text())
     assert (summary["processes"], summary["devices"], summary["mesh"]) == (2, 4, {"data": 2, "fsdp": 2, "seq": 1})
 
@@ -393,15 +400,8 @@ def test_two_processes_train_with_sequence_shards(tmp_path):
     # device's run of the same steps.
     overrides = dict(train__steps=3, train__global_batch=8, train__seq_len=128, **CONSTANT_LR)
     config = small_config(mesh__data=2, mesh__seq=2, **overrides)
-    address = f"localhost:{free_port()}"
-    workers = [train_cli("repaired.py:tiny", config, tmp_path / "multi",
-                         env=cli_env(devices=2, JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
-                                     JAX_PROCESS_ID=str(i)))
-               for i in range(2)]
-    outputs = [finish(worker) for worker in workers]
-    for code, output in outputs:
-        assert code == 0, output[-4000:]
-    assert "sequence sharding over 2 shards of 64 positions (repaired(64, 8, bridge): halo of 8)" in outputs[0][1]
+    output = train_in_two_processes("repaired.py:tiny", config, tmp_path / "multi")
+    assert "sequence sharding over 2 shards of 64 positions (repaired(64, 8, bridge): halo of 8)" in output
     summary = json.loads((tmp_path / "multi" / training.SUMMARY_FILE).read_text())
     assert (summary["processes"], summary["mesh"]) == (2, {"data": 2, "fsdp": 1, "seq": 2})
     training.train(small_config(**overrides), tmp_path / "single")

@@ -9,6 +9,7 @@
                         backward kernels, slice the padding off
   choosers              a `topk` choice transposed on the device: the query blocks that chose each key block
   selection_reason      why a `topk` pattern's blocks are not whole tiles
+  check_selected        a `topk` choice given exactly when the pattern has a topk part
   check_block_fields    a BlockSizes dataclass's validation: positive integers, blocks by the backend's rule
   checked_block_sizes   the `block_sizes` argument: the backend's default, or an instance of its class
   dtype_reason, cuda_capability_reason, refuse_unsupported
@@ -136,6 +137,13 @@ def choosers(selected):
     order = jnp.argsort(~by_key, axis=-1, stable=True).astype(jnp.int32)  # the choosers first, in block order
     counts = by_key.sum(axis=-1).astype(jnp.int32)
     return jnp.where(jnp.arange(blocks) < counts[..., None], order, -1), counts
+
+
+def check_selected(pattern: Pattern, selected) -> None:
+    """ValueError unless a `topk` choice is given exactly when the pattern has a topk part."""
+    if (selected is None) != (pattern.block_selection() is None):
+        raise ValueError(f"selected must be given exactly for patterns with a topk part; {pattern.spec} got "
+                         f"{'none' if selected is None else 'one'}")
 
 
 def selection_reason(pattern: Pattern, multiple: int, tiles: str) -> str | None:

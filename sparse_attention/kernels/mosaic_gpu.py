@@ -50,8 +50,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, RowPlan, check_block_fields,
-                                            checked_block_sizes, choosers, cuda_capability_reason, dtype_reason,
-                                            padded_flash, refuse_unsupported, row_plan, selection_reason)
+                                            check_selected, checked_block_sizes, choosers, cuda_capability_reason,
+                                            dtype_reason, padded_flash, refuse_unsupported, row_plan, selection_reason)
 from sparse_attention.layout import block_layout
 from sparse_attention.patterns import Pattern, as_pattern
 
@@ -776,9 +776,7 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float,
     multiple of every tile side.
     """
     pattern = as_pattern(pattern)
-    if (selected is None) != (pattern.block_selection() is None):
-        raise ValueError(f"selected must be given exactly for patterns with a topk part; {pattern.spec} got "
-                         f"{'none' if selected is None else 'one'}")
+    check_selected(pattern, selected)
     block_sizes = checked_block_sizes(block_sizes, BlockSizes, lambda: BlockSizes.for_head_dim(q.shape[-1]))
     reasons = _input_reasons(q, interpret) + [_selection_reason(pattern, block_sizes)]
     refuse_unsupported("mosaic_gpu", "; ".join(reason for reason in reasons if reason) or None)

@@ -42,8 +42,9 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
-from sparse_attention.kernels.common import (ROW_MAX_INIT, KernelStatic, check_block_fields, checked_block_sizes,
-                                            dtype_reason, padded_flash, refuse_unsupported, selection_reason)
+from sparse_attention.kernels.common import (ROW_MAX_INIT, KernelStatic, check_block_fields, check_selected,
+                                            checked_block_sizes, dtype_reason, padded_flash, refuse_unsupported,
+                                            selection_reason)
 from sparse_attention.layout import TileLists, block_layout
 from sparse_attention.patterns import EMPTY, FULL, PARTIAL, Pattern, as_pattern
 
@@ -589,9 +590,7 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool 
     """
     pattern = as_pattern(pattern)
     refuse_unsupported("mosaic_tpu", _input_reason(q, interpret))
-    if (selected is None) != (pattern.block_selection() is None):
-        raise ValueError(f"selected must be given exactly for patterns with a topk part; {pattern.spec} got "
-                         f"{'none' if selected is None else 'one'}")
+    check_selected(pattern, selected)
     block_sizes = checked_block_sizes(block_sizes, BlockSizes, BlockSizes)
     if not interpret:
         block_sizes.check_hardware()

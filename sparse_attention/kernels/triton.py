@@ -34,8 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from sparse_attention.kernels.common import (LOG2_E, ROW_MAX_INIT, KernelStatic, RowPlan, check_block_fields,
-                                            checked_block_sizes, choosers, cuda_capability_reason, dtype_reason,
-                                            padded_flash, refuse_unsupported, row_plan, selection_reason)
+                                            check_selected, checked_block_sizes, choosers, cuda_capability_reason,
+                                            dtype_reason, padded_flash, refuse_unsupported, row_plan, selection_reason)
 from sparse_attention.layout import TileLists, block_layout
 from sparse_attention.patterns import EMPTY, Pattern, TileGrid, as_pattern
 
@@ -83,7 +83,7 @@ class BlockSizes:
 
     def __post_init__(self):
         check_block_fields(self, {"block_": (lambda block: block >= MIN_BLOCK and _power_of_two(block),
-                                             f"a power of two >= {MIN_BLOCK}")})
+                                            f"a power of two >= {MIN_BLOCK}")})
         for tile, sub in (("block_k", "block_k_partial"), ("block_k_dq", "block_k_partial_dq"),
                           ("block_q_dkv", "block_q_partial_dkv")):
             if getattr(self, sub) > getattr(self, tile):
@@ -283,7 +283,7 @@ def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block
     if chosen_ref is not None:
         topk = pattern.block_selection()
         acc, row_max, row_sum = _walk_chosen(chosen_ref, q_start // topk.size, (acc, row_max, row_sum), step,
-                                             block_k, topk.size, topk.count, seq_len)
+                                            block_k, topk.size, topk.count, seq_len)
     seen = row_sum > 0  # rows with no active key give 0
     out = acc / jnp.where(seen, row_sum, 1.0)[:, None]
     out_ref[pl.ds(q_start, block_q), :] = out.astype(out_ref.dtype)
@@ -548,9 +548,7 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool 
     """
     pattern = as_pattern(pattern)
     refuse_unsupported("triton", _input_reason(q, interpret))
-    if (selected is None) != (pattern.block_selection() is None):
-        raise ValueError(f"selected must be given exactly for patterns with a topk part; {pattern.spec} got "
-                         f"{'none' if selected is None else 'one'}")
+    check_selected(pattern, selected)
     block_sizes = checked_block_sizes(block_sizes, BlockSizes, lambda: _default_block_sizes(q, pattern))
     block_sizes = block_sizes.clipped(q.shape[1])
     refuse_unsupported("triton", _selection_reason(pattern, block_sizes))

@@ -228,10 +228,11 @@ def measure_ceilings(dtype: str, sizes: dict) -> dict:
                 matmul_size=n, copy_bytes=buffer.nbytes)
 
 
-def case_work(pattern: Pattern, mode: str, shape: Shape, chosen=None) -> tuple[float, float, int]:
+def case_work(pattern: Pattern, mode: str, shape: Shape, active_pairs: float | None = None) -> tuple[float, float, int]:
     """(active pairs per head, counted FLOPs, bytes moved) of one case: what every implementation is credited.
-    `chosen`: a topk case's fixed choice (`bench_choice`), whose pairs count too."""
-    active_pairs = bench_choice.attended_pairs(pattern, shape.seq_len, chosen)
+    `active_pairs` defaults to the pattern's static count; a topk case passes `bench_choice.attended_pairs`."""
+    if active_pairs is None:
+        active_pairs = pattern.count_active(shape.seq_len)
     flops = 4 * shape.batch * shape.heads * shape.head_dim * active_pairs
     flops *= FWD_BWD_FLOP_FACTOR if mode == "fwd_bwd" else 1
     # In units of one head's [batch, seq, head_dim] tensor: forward q + out (heads) and k + v (kv heads);
@@ -257,10 +258,10 @@ def floor_ms(flops: float, bytes_moved: int, ceilings: dict) -> float:
     return 1e3 * max(flops / ceilings["matmul_flops_per_s"], bytes_moved / ceilings["copy_bytes_per_s"])
 
 
-def complete_row(row: dict, pattern: Pattern, shape: Shape, ceilings: dict, chosen=None) -> dict:
+def complete_row(row: dict, pattern: Pattern, shape: Shape, ceilings: dict, active_pairs: float | None = None) -> dict:
     """Adds the counted work to a timed row: active_pairs (per head), active_fraction, tflops, floor_ms and
     x_floor (a selection row's work is the choice's, `selection_work`)."""
-    active_pairs, flops, bytes_moved = case_work(pattern, row["mode"], shape, chosen)
+    active_pairs, flops, bytes_moved = case_work(pattern, row["mode"], shape, active_pairs)
     if row["impl"] == "selection" and pattern.block_selection() is not None:
         flops, bytes_moved = selection_work(pattern, shape)
     floor = floor_ms(flops, bytes_moved, ceilings)
@@ -464,6 +465,9 @@ def main(argv=None) -> dict:
         inputs = make_inputs(shape)
         choices = {pattern.spec: bench_choice.fixed_choice(pattern, seq_len, args.batch, kv_heads)
                    for pattern in patterns}
+        # Counted once per case: a topk case's count walks its whole choice in Python.
+        pairs = {pattern.spec: bench_choice.attended_pairs(pattern, seq_len, choices[pattern.spec])
+                 for pattern in patterns}
         # Implementations in the outer loop: the kernels are timed before the memory-hungry dense paths
         # (xla, reference) of the same length run, so their allocations cannot disturb the short kernels.
         for impl in impls:
@@ -477,7 +481,7 @@ def main(argv=None) -> dict:
                         row = run_case(impl, pattern, mode, shape, inputs, runs=args.runs, warmup=args.warmup,
                                        interpret=interpret, block_sizes=block_sizes,
                                        selected=None if chosen is None else jnp.asarray(chosen))
-                    report["results"].append(complete_row(row, pattern, shape, ceilings, choices[pattern.spec]))
+                    report["results"].append(complete_row(row, pattern, shape, ceilings, pairs[pattern.spec]))
                     print(format_row(report["results"][-1]), flush=True)
                     atomic_io.write_json(args.out, report)
         del inputs

@@ -47,9 +47,6 @@ SHORT_ROW_KEYS = 768
 # jax 0.11.2 warns on every lowering of a Triton pallas_call; the warning fires when the caller's jit
 # lowers, after `attention` has returned, so a scoped catch_warnings cannot reach it.
 _TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
-# How dk/dv finds the query blocks that chose its key block (a measurement of issue 18, removed after it):
-# "transposed" walks common.choosers' lists; "scan" reads every later query block's choice in the kernel.
-CHOSEN_DKDV = "transposed"
 
 
 def _power_of_two(value: int) -> bool:
@@ -329,9 +326,7 @@ def _dq_kernel(*refs, pattern, seq_len, scale_log2, scale, block_q, block_k, blo
 def _dkdv_kernel(*refs, pattern, seq_len, scale_log2, scale, group, block_k, block_q, block_q_partial,
                  contiguous):
     plan_refs, chooser_refs, (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref) = (
-        _split_refs(refs, pattern, 5, chosen_arrays=1 if CHOSEN_DKDV == "scan" else 2))
-    if CHOSEN_DKDV == "scan" and chooser_refs is not None:
-        chooser_refs = (chooser_refs,)
+        _split_refs(refs, pattern, 5, chosen_arrays=2))
     program = pl.program_id(0)  # read here: interpret mode substitutes it only at the kernel's top level
     row = plan_refs[0][program]
     k_start = pl.multiple_of(row * block_k, block_k)
@@ -363,26 +358,8 @@ def _dkdv_kernel(*refs, pattern, seq_len, scale_log2, scale, group, block_k, blo
         carry = _walk(plan_refs, program, carry, step, block_q, block_q_partial, contiguous)
         if chooser_refs is None:
             return carry
-        topk = pattern.block_selection()
-        size = topk.size
-        if CHOSEN_DKDV == "scan":
-            (selected_ref,) = chooser_refs
-            key_block = k_start // size
-
-            def later_block(i, carry):
-                chose = selected_ref[i, 0] == key_block
-                for slot in range(1, topk.count):
-                    chose = chose | (selected_ref[i, slot] == key_block)
-                first = i * size
-
-                def body(t, carry):
-                    return step(carry, pl.multiple_of(first + t * block_q, block_q), block_q, CHOSEN)
-
-                tiles = jnp.clip((seq_len - first + block_q - 1) // block_q, 0, size // block_q)
-                return lax.fori_loop(0, jnp.where(chose, tiles, 0), body, carry)
-
-            return lax.fori_loop(key_block + 1, selected_ref.shape[0], later_block, carry)
         choosers_ref, count_ref = chooser_refs
+        size = pattern.block_selection().size
         return _walk_chosen(choosers_ref, k_start // size, carry, step, block_q, size, count_ref[k_start // size],
                             seq_len)
 
@@ -423,10 +400,7 @@ def _chooser_inputs(selected):
     padded with -1), and their count (int32 [batch * kv_heads, blocks]); with their BlockSpecs."""
     if selected is None:
         return [], []
-    batch, kv_heads, blocks, count = selected.shape
-    if CHOSEN_DKDV == "scan":
-        return [selected.reshape(batch * kv_heads, blocks, count)], [
-            pl.BlockSpec((None, blocks, count), lambda r, bh: (bh, 0, 0))]
+    batch, kv_heads, blocks, _ = selected.shape
     lists, counts = (x.reshape(batch * kv_heads, *x.shape[2:]) for x in choosers(selected))
     specs = [pl.BlockSpec((None, blocks, blocks), lambda r, bh: (bh, 0, 0)),
              pl.BlockSpec((None, blocks), lambda r, bh: (bh, 0))]

@@ -1,7 +1,8 @@
 """Issue 18: dk/dv of a `topk` choice from transposed lists built on the device, against a formulation that
-needs none. Runs only at the commit that had both (`triton.CHOSEN_DKDV`, removed after this measurement):
+needs none. Runs only at commit 6a708eb, the one that had both (`triton.CHOSEN_DKDV`; the scan was removed
+after this measurement, `docs/benchmarks.md`):
 
-    python results/kernel_bench/chosen_dkdv/measure.py --out chosen_dkdv.json
+    git checkout 6a708eb && python results/kernel_bench/chosen_dkdv/measure.py --out chosen_dkdv.json
 
 "transposed": `common.choosers` builds, on the device, each key block's list of the query blocks that chose
 it; dk/dv walks that list. "scan": dk/dv reads every later query block's K choices in the kernel and walks

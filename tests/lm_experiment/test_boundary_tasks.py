@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -335,3 +336,14 @@ def test_cli_trains_both_tasks_and_writes_the_report(tmp_path):
     bad = subprocess.run([*command[:3], "--config", "configs/boundary_tasks.py:tiny", "--out", str(tmp_path / "x"),
                           "--config.copy.phases=(8,)"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "copy.phases: must be < the block size 8" in bad.stderr
+
+
+def test_report_tables_keep_their_columns_for_union_patterns():
+    config = BoundaryTaskConfig.from_config_dict(tiny_config(patterns=("window(4) | sinks(1)",),
+                                                             copy=dict(distances=(1, 9), phases=(0,), steps=2)))
+    report = boundary_report.markdown(boundary_tasks.run(config))
+    tables = [line for line in report.splitlines() if line.startswith("|")]
+    assert any("window(4) \\| sinks(1)" in line for line in tables)
+    header = next(line for line in tables if line.startswith("| task | pattern |"))
+    row = next(line for line in tables if line.startswith("| copy | window(4)"))
+    assert len(re.findall(r"(?<!\\)\|", row)) == len(re.findall(r"(?<!\\)\|", header)) == 11

@@ -8,7 +8,14 @@ timed by `timing.median_ms`.
   ms_per_step   time of one decoding step of the whole batch
   tokens_per_s  batch / ms_per_step
   cache_bytes   keys, values and slot positions of every layer's cache
+  floor_ms      the least a step can take: reading the parameters (as decoding holds them) and the caches of
+                a `context`-token prefill once, at the copy rate measured at the start of the run
+                (`bench.measure_ceilings`); x_floor = ms_per_step / floor_ms
   oom           the caches alone would exceed `--memory-fraction` of the device's memory: not run
+
+`ratios`: for each pattern, batch and context that ran beside dense, dense's time per step over the
+pattern's, measured and at both floors. The second bounds what any implementation of this model could
+reach on this device.
 
 With --attention-peer (dense only), one layer's attention alone at each context: this package's XLA
 `decode_attention` against JAX's Pallas decode kernel (`jax.experimental.pallas.ops.gpu.decode_attention.gqa`,
@@ -31,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs import base
-from lm_experiment import generation, timing
+from lm_experiment import bench, generation, timing
 from lm_experiment.config import AttentionConfig, ModelConfig
 from lm_experiment.model import DecoderLM
 from sparse_attention import atomic_io
@@ -71,16 +78,24 @@ def cache_bytes(model: DecoderLM, batch: int, max_len: int) -> int:
     return int(sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(shapes)))
 
 
+def parameter_bytes(model: DecoderLM) -> int:
+    """Bytes of the parameters a decoding step reads, as `generation.split_for_inference` holds them."""
+    _, state = generation.split_for_inference(model)
+    return int(sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state)))
+
+
 def device_memory() -> int | None:
     stats = jax.devices()[0].memory_stats() or {}
     return stats.get("bytes_limit")
 
 
-def run_case(config: ModelConfig, pattern: str, batch: int, context: int, args) -> dict:
+def run_case(config: ModelConfig, pattern: str, batch: int, context: int, args, copy_bytes_per_s: float) -> dict:
     row = dict(pattern=pattern, batch=batch, context=context, steps=args.steps)
     model = DecoderLM(config, AttentionConfig(pattern=pattern, schedule=(), impl="auto", interpret=False),
                       rngs=nnx.Rngs(0))
     row["cache_bytes"] = cache_bytes(model, batch, context + args.steps)
+    row["floor_bytes"] = parameter_bytes(model) + cache_bytes(model, batch, context)
+    row["floor_ms"] = 1e3 * row["floor_bytes"] / copy_bytes_per_s
     row["cache_slots"] = [CacheLayout.for_pattern(block.attention.pattern, context + args.steps).slots
                           for block in model.blocks]
     limit = device_memory()
@@ -93,7 +108,18 @@ def run_case(config: ModelConfig, pattern: str, batch: int, context: int, args) 
     start, key = jnp.int32(context), jax.random.key(0)
     ms = timing.median_ms(lambda: decode(caches, logits, start, key), jax.block_until_ready, args.runs, args.warmup)
     ms_per_step = ms / args.steps
-    return dict(row, status="ok", ms_per_step=ms_per_step, tokens_per_s=1e3 * batch / ms_per_step)
+    return dict(row, status="ok", ms_per_step=ms_per_step, tokens_per_s=1e3 * batch / ms_per_step,
+                x_floor=ms_per_step / row["floor_ms"])
+
+
+def dense_ratios(rows: list[dict]) -> list[dict]:
+    """For each row that ran beside dense at its batch and context: dense's time per step over the row's,
+    measured (`measured`) and at both floors (`at_floors`)."""
+    dense = {(r["batch"], r["context"]): r for r in rows if r["pattern"] == "dense" and r["status"] == "ok"}
+    return [dict(pattern=r["pattern"], batch=r["batch"], context=r["context"],
+                 measured=dense[r["batch"], r["context"]]["ms_per_step"] / r["ms_per_step"],
+                 at_floors=dense[r["batch"], r["context"]]["floor_ms"] / r["floor_ms"])
+            for r in rows if r["pattern"] != "dense" and r["status"] == "ok" and (r["batch"], r["context"]) in dense]
 
 
 def attention_peer(config: ModelConfig, batch: int, context: int, args) -> dict:
@@ -126,7 +152,7 @@ def format_row(row: dict) -> str:
     if row["status"] != "ok":
         return f"{head}  {row['status']}: {row.get('detail', '')}"
     return (f"{head} {row['ms_per_step']:>10.3f} {row['tokens_per_s']:>12.0f} {row['cache_bytes'] / 2**20:>12.1f} "
-            f"{max(row['cache_slots']):>9}")
+            f"{max(row['cache_slots']):>9} {row['floor_ms']:>9.3f} {row['x_floor']:>8.1f}")
 
 
 def format_peer_row(row: dict) -> str:
@@ -174,22 +200,32 @@ def main(argv=None) -> dict:
     args, patterns, contexts, batches = parse_args(argv)
     config = model_config(args.preset, args.smoke)
     device = jax.devices()[0]
+    ceilings = bench.measure_ceilings(config.compute_dtype, dict(matmul=256, copy_bytes=2**20) if args.smoke
+                                      else dict(matmul=8192, copy_bytes=2**30))
     report = dict(meta=dict(device=getattr(device, "device_kind", str(device)), backend=jax.default_backend(),
                             jax=jax.__version__, preset="smoke" if args.smoke else args.preset,
                             model=dataclasses.asdict(config), steps=args.steps, runs=args.runs,
-                            started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
-                  results=[], attention_peer=[])
+                            started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                            copy_bytes_per_s=ceilings["copy_bytes_per_s"]),
+                  results=[], ratios=[], attention_peer=[])
     print(f"# {report['meta']['device']} jax {jax.__version__}  {report['meta']['preset']}: {config.num_layers} "
           f"layers, d_model {config.d_model}, {config.num_heads} heads / {config.num_kv_heads} kv, {args.steps} "
-          f"steps per call", flush=True)
+          f"steps per call; copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
     print(f"{'pattern':28} {'batch':>5} {'context':>9} {'ms/step':>10} {'tokens/s':>12} {'cache MiB':>12} "
-          f"{'slots':>9}", flush=True)
+          f"{'slots':>9} {'floor ms':>9} {'x floor':>8}", flush=True)
     for pattern in patterns:
         for batch in batches:
             for context in contexts:
-                report["results"].append(run_case(config, pattern, batch, context, args))
+                report["results"].append(run_case(config, pattern, batch, context, args,
+                                                  ceilings["copy_bytes_per_s"]))
                 print(format_row(report["results"][-1]), flush=True)
+                report["ratios"] = dense_ratios(report["results"])
                 atomic_io.write_json(args.out, report)
+    if report["ratios"]:
+        print("\n# dense's time per step over each pattern's: measured, and with both at their floors")
+        for ratio in report["ratios"]:
+            print(f"{ratio['pattern']:28} {ratio['batch']:>5} {ratio['context']:>9}  measured "
+                  f"{ratio['measured']:6.2f}x  at the floors {ratio['at_floors']:6.2f}x", flush=True)
     if args.attention_peer:
         print("\n# one layer's dense decoding attention: XLA decode_attention vs Pallas decode_attention.gqa")
         for batch in batches:

@@ -93,7 +93,7 @@ def _decode(graphdef, state, caches, first_logits, start, key, steps: int, sampl
     return tokens.T
 
 
-def _split_for_inference(model: DecoderLM):
+def split_for_inference(model: DecoderLM):
     """(graphdef, state) with the floating parameters rounded to the compute dtype once. Every layer rounds
     its parameters to compute_dtype before using them (Linear kernels, norm scales, embedding rows), so the
     outputs are the same, and a decoding step reads half the weight bytes and runs no conversions."""
@@ -110,7 +110,7 @@ def _split_for_inference(model: DecoderLM):
 def prefill(model: DecoderLM, prompt, max_len: int) -> tuple[jax.Array, list[KVCache]]:
     """(logits float32 [batch, vocab] after the prompt int32 [batch, length], the caches for sequences of up
     to max_len positions holding it); one jitted call through the pattern's kernels."""
-    graphdef, state = _split_for_inference(model)
+    graphdef, state = split_for_inference(model)
     return _prefill(graphdef, state, prompt, max_len)
 
 
@@ -119,7 +119,7 @@ def decoder(model: DecoderLM, steps: int, sampling: Sampling = Sampling()):
     the first token sampled from logits [batch, vocab] and placed at position `start` (int32), each then
     decoded through the caches to give the next one's logits, in one lax.scan. The model is split once, so
     repeated calls (a benchmark's) cost no host work beyond the dispatch."""
-    graphdef, state = _split_for_inference(model)
+    graphdef, state = split_for_inference(model)
     return functools.partial(_decode, graphdef, state, steps=steps, sampling=sampling)
 
 
@@ -131,7 +131,7 @@ def generate(model: DecoderLM, prompt, max_new_tokens: int, *, sampling: Samplin
     if prompt.ndim != 2:
         raise ValueError(f"prompt must be int tokens [batch, length], got shape {prompt.shape}")
     check_lengths(model, prompt.shape[1], max_new_tokens, trained_seq_len)
-    graphdef, state = _split_for_inference(model)  # once for both calls
+    graphdef, state = split_for_inference(model)  # once for both calls
     logits, caches = _prefill(graphdef, state, prompt, prompt.shape[1] + max_new_tokens)
     return _decode(graphdef, state, caches, logits, jnp.int32(prompt.shape[1]), jax.random.key(seed),
                    max_new_tokens, sampling)

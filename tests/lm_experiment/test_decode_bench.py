@@ -26,7 +26,24 @@ def test_smoke_run_writes_rows_whose_local_caches_stay_flat(tmp_path, capsys):
     assert rows["repaired(512, 64, prefix)", 2, 1024]["cache_slots"] == [576, 576]
     assert rows["block(512)", 2, 1024]["cache_bytes"] == 2 * rows["block(512)", 1, 1024]["cache_bytes"] - 2 * 512 * 4
     assert [r["context"] for r in report["attention_peer"]] == [64, 1024, 64, 1024]
-    assert "block(512)" in capsys.readouterr().out
+    assert "at the floors" in capsys.readouterr().out
+
+    # The floor: every parameter (float32 here) and a context-token prefill's caches read once per step.
+    config = decode_bench.model_config("small", smoke=True)
+    model = DecoderLM(config, AttentionConfig(pattern="dense", schedule=(), impl="reference", interpret=False),
+                      rngs=nnx.Rngs(0))
+    parameters = 4 * sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    for (pattern, batch, context), row in rows.items():
+        slots = min(context, 512) if pattern == "block(512)" else min(context, 576) if "prefix" in pattern else context
+        per_layer = 2 * batch * slots * config.num_kv_heads * config.head_dim * 4 + 4 * slots  # k, v; positions
+        assert row["floor_bytes"] == parameters + config.num_layers * per_layer, (pattern, batch, context)
+        assert row["floor_ms"] == np.float64(1e3 * row["floor_bytes"] / report["meta"]["copy_bytes_per_s"])
+        assert row["x_floor"] == row["ms_per_step"] / row["floor_ms"]
+    ratios = {(r["pattern"], r["batch"], r["context"]): r for r in report["ratios"]}
+    assert len(ratios) == 8 and ("dense", 1, 64) not in ratios
+    block = ratios["block(512)", 2, 1024]
+    assert block["at_floors"] == rows["dense", 2, 1024]["floor_ms"] / rows["block(512)", 2, 1024]["floor_ms"] > 1
+    assert block["measured"] == rows["dense", 2, 1024]["ms_per_step"] / rows["block(512)", 2, 1024]["ms_per_step"]
 
 
 def test_caches_after_a_prompt_hold_the_positions_a_prefill_leaves():

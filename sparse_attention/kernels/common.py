@@ -174,8 +174,9 @@ def padded_flash(forward: Callable, backward: Callable, *, sequence_multiple: Ca
     kernels.
 
     forward(q, k, v, static, seq_len) -> (out, lse) and backward(q, k, v, out, lse, d_out, static, seq_len)
-    -> (dq, dk, dv) see inputs padded to `sequence_multiple(static)` positions (and `padded_head_dim(d)`
-    features) and the true seq_len. Padded query rows get dO = 0, so they add nothing to dk and dv. A
+    -> (dq, dk, dv) see inputs padded to a multiple of `sequence_multiple(static)` positions (the kernels'
+    tiles) and of a `topk` pattern's block (chosen blocks are walked whole), and to `padded_head_dim(d)`
+    features, with the true seq_len. Padded query rows get dO = 0, so they add nothing to dk and dv. A
     `selected` layout (the blocks a `topk` pattern chose: int32 [batch, kv_heads, query blocks, K], not
     differentiated) reaches both as the keyword `selected`; kernels that take none are never given one.
     """
@@ -186,7 +187,8 @@ def padded_flash(forward: Callable, backward: Callable, *, sequence_multiple: Ca
 
     def flash_forward(q, k, v, selected, static: KernelStatic):
         seq_len, head_dim = q.shape[1], q.shape[3]
-        length = padded_length(seq_len, sequence_multiple(static))
+        topk = static.pattern.block_selection()
+        length = padded_length(seq_len, math.lcm(sequence_multiple(static), 1 if topk is None else topk.size))
         width = None if padded_head_dim is None else padded_head_dim(head_dim)
         q_p, k_p, v_p = (pad_to(x, length, width) for x in (q, k, v))
         extra = {} if selected is None else {"selected": selected}

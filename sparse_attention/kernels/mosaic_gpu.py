@@ -436,8 +436,7 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
         carry = (_zeros(q_tile.shape), _row_vector(ROW_MAX_INIT, block_q), _row_vector(0.0, block_q))
         if schedule is not None:
             pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
-        carry = _walk(steps, step, carry)
-        acc, row_max, row_sum = carry
+        acc, row_max, row_sum = _walk(steps, step, carry)
         if schedule is not None:
             pl.when(wg == 0)(take_turn)  # pairs with warpgroup 1's first turn
         seen = row_sum > 0  # rows with no active key give 0, and lse = +inf makes their backward 0
@@ -698,13 +697,7 @@ def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int, sele
     return _varying_like((dq, dk, dv), inputs)
 
 
-def _sequence_multiple(static: KernelStatic) -> int:
-    """Every tile side divides the padded length, and so does a `topk` pattern's block: chosen blocks are whole."""
-    topk = static.pattern.block_selection()
-    return math.lcm(static.block_sizes.sequence_multiple, 1 if topk is None else topk.size)
-
-
-_flash = padded_flash(_forward, _backward, sequence_multiple=_sequence_multiple)
+_flash = padded_flash(_forward, _backward, sequence_multiple=lambda static: static.block_sizes.sequence_multiple)
 
 
 # ------------------------------------------------------------------------------------------------- API

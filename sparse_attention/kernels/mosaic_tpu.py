@@ -542,13 +542,7 @@ def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int, sele
     return tuple(jnp.swapaxes(x, 1, 2) for x in (dq, dk, dv))
 
 
-def _sequence_multiple(static: KernelStatic) -> int:
-    """Every block divides the padded length, and so does a `topk` pattern's block: chosen blocks are whole."""
-    topk = static.pattern.block_selection()
-    return math.lcm(static.block_sizes.sequence_multiple, 1 if topk is None else topk.size)
-
-
-_flash = padded_flash(_forward, _backward, sequence_multiple=_sequence_multiple)
+_flash = padded_flash(_forward, _backward, sequence_multiple=lambda static: static.block_sizes.sequence_multiple)
 
 
 # ------------------------------------------------------------------------------------------------- API

@@ -83,7 +83,7 @@ class BlockSizes:
 
     def __post_init__(self):
         check_block_fields(self, {"block_": (lambda block: block >= MIN_BLOCK and _power_of_two(block),
-                                            f"a power of two >= {MIN_BLOCK}")})
+                                             f"a power of two >= {MIN_BLOCK}")})
         for tile, sub in (("block_k", "block_k_partial"), ("block_k_dq", "block_k_partial_dq"),
                           ("block_q_dkv", "block_q_partial_dkv")):
             if getattr(self, sub) > getattr(self, tile):
@@ -283,7 +283,7 @@ def _forward_kernel(*refs, pattern, seq_len, scale_log2, block_q, block_k, block
     if chosen_ref is not None:
         topk = pattern.block_selection()
         acc, row_max, row_sum = _walk_chosen(chosen_ref, q_start // topk.size, (acc, row_max, row_sum), step,
-                                            block_k, topk.size, topk.count, seq_len)
+                                             block_k, topk.size, topk.count, seq_len)
     seen = row_sum > 0  # rows with no active key give 0
     out = acc / jnp.where(seen, row_sum, 1.0)[:, None]
     out_ref[pl.ds(q_start, block_q), :] = out.astype(out_ref.dtype)
@@ -495,13 +495,8 @@ def _padded_head_dim(head_dim: int) -> int:
     return max(MIN_BLOCK, 1 << (head_dim - 1).bit_length())
 
 
-def _sequence_multiple(static: KernelStatic) -> int:
-    """The largest tile, or a `topk` pattern's block (a multiple of it): dk/dv walks whole chosen blocks."""
-    topk = static.pattern.block_selection()
-    return static.block_sizes.largest_block if topk is None else topk.size
-
-
-_flash = padded_flash(_forward, _backward, sequence_multiple=_sequence_multiple, padded_head_dim=_padded_head_dim)
+_flash = padded_flash(_forward, _backward, sequence_multiple=lambda static: static.block_sizes.largest_block,
+                      padded_head_dim=_padded_head_dim)
 
 
 # ------------------------------------------------------------------------------------------------- API

@@ -130,10 +130,6 @@ class StepList:
     def kinds(self) -> np.ndarray:
         return self.flags & _KIND_MASK
 
-    @property
-    def smem_bytes(self) -> int:
-        return sum(a.nbytes for a in self.arrays)
-
 
 def _step_list(lists: TileLists) -> StepList:
     num_rows = lists.num_rows
@@ -227,13 +223,12 @@ def _kernel_steps(static: KernelStatic, seq_len: int, block_q: int, block_k: int
     """The step arrays (rows, cols, flags) a kernel's grid walks, and its StepIndex."""
     steps = step_list(static.pattern, seq_len, block_q, block_k, by_key)
     if selected is None:
-        arrays, lanes_per_batch, total, lanes = steps.arrays, 0, len(steps.rows), 1
+        arrays, lanes_per_batch, lanes = steps.arrays, 0, 1
     else:
-        size = static.pattern.block_selection().size
-        arrays = chosen_steps(steps, selected, size, block_q, block_k, by_key)
+        arrays = chosen_steps(steps, selected, static.pattern.block_selection().size, block_q, block_k, by_key)
         lanes_per_batch, lanes = selected.shape[1], selected.shape[0] * selected.shape[1]
-        total = len(steps.rows) + math.prod(selected.shape[2:]) * (size // block_q) * (size // block_k)
-    smem_bytes = 3 * 4 * lanes * total
+    total = arrays[0].size // lanes  # steps per list
+    smem_bytes = 4 * 3 * arrays[0].size  # three int32 arrays
     if not static.interpret and smem_bytes > SMEM_BUDGET_BYTES:
         raise ValueError(
             f"block_sizes: {lanes} x {total} steps of {block_q} x {block_k} tiles at seq_len={seq_len} need "

@@ -249,11 +249,11 @@ class Trainer:
         self.config = config
         self.mesh = mesh
         train = config.train
-        row_groups = mesh.shape["data"] * mesh.shape["fsdp"]  # devices holding different rows
-        if train.global_batch % (row_groups * train.grad_accum):
+        self.row_groups = mesh.shape["data"] * mesh.shape["fsdp"]  # devices holding different rows
+        if train.global_batch % (self.row_groups * train.grad_accum):
             raise MeshError(
                 f"train.global_batch: must be a multiple of train.grad_accum x data x fsdp = "
-                f"{train.grad_accum} x {row_groups} = {train.grad_accum * row_groups} (every row group takes "
+                f"{train.grad_accum} x {self.row_groups} = {train.grad_accum * self.row_groups} (every row group takes "
                 f"equal rows of every microbatch), got {train.global_batch}")
         self.sequence_shards = mesh.shape[SEQ_AXIS]
         self.shard_plans = sequence_plans(config, self.sequence_shards)
@@ -296,7 +296,7 @@ class Trainer:
         plus as many in the backward (the halo's gradients, or the all-gather's reduce-scatter), per
         microbatch."""
         model, train = self.config.model, self.config.train
-        rows = train.global_batch // (self.mesh.shape["data"] * self.mesh.shape["fsdp"] * train.grad_accum)
+        rows = train.global_batch // (self.row_groups * train.grad_accum)
         itemsize = jnp.dtype(model.compute_jnp_dtype).itemsize
         per_pass = sum(plan.sent_bytes(rows, model.num_heads, model.num_kv_heads, model.head_dim, itemsize)
                        for plan in self.shard_plans)
@@ -397,7 +397,7 @@ class Trainer:
         the global batch (the rows its devices hold)."""
         indices = self.batch_sharding.addressable_devices_indices_map(self.batch_shape)
         starts = sorted({index[0].start or 0 for index in indices.values()})
-        rows_per_device = self.batch_shape[0] // (self.mesh.shape["data"] * self.mesh.shape["fsdp"])
+        rows_per_device = self.batch_shape[0] // self.row_groups
         first, local_rows = starts[0], rows_per_device * len(starts)
         if starts != list(range(first, first + local_rows, rows_per_device)) or first % local_rows:
             raise MeshError("mesh: this process's devices must hold one contiguous block of the batch; "

@@ -36,9 +36,6 @@ RENAMED_IMPLS = {"pallas_gpu": "triton", "pallas_tpu": "mosaic_tpu"}
 # and faster than triton on dense and window there (docs/benchmarks.md). Its unsupported_reason declines
 # float32, head_dims other than 64 and 128, GPUs older than Hopper (sm90) and CUDA runtimes whose ptxas
 # miscompiles masked attention; auto then falls to triton (sm80+, float32 too) and logs why.
-# Implementations whose `topk` path has passed the interpreter and the lowering but not run on hardware yet:
-# `auto` passes them over for such patterns (an explicit request still runs them).
-AUTO_SKIPS_SELECTION = {"mosaic_gpu": "its topk path has not run on a GPU yet (request impl='mosaic_gpu' to use it)"}
 AUTO_ORDER = {
     "gpu": ("mosaic_gpu", "triton", "xla"),
     "tpu": ("mosaic_tpu", "xla"),
@@ -92,8 +89,6 @@ def resolve_impl(impl: str, q, k, v, pattern: Pattern | str, *, interpret: bool 
     skipped = []
     for candidate in AUTO_ORDER.get(backend, ("xla",)):
         reason = unsupported_reason(candidate, q, k, v, pattern, interpret=interpret)
-        if reason is None and pattern.block_selection() is not None:
-            reason = AUTO_SKIPS_SELECTION.get(candidate)
         if reason is None:
             why = f"auto on {backend}" + (f" (skipped {'; '.join(skipped)})" if skipped else "")
             return candidate, why

@@ -213,13 +213,11 @@ def test_topk_refusals(interpreter_pool, monkeypatch):
     assert "not a multiple of every tile side" in mosaic_gpu.unsupported_reason(q, q, q, parse("topk(64, 1)"),
                                                                                interpret=True)
     assert mosaic_gpu.unsupported_reason(q, q, q, parse("topk(128, 1)"), interpret=True) is None
-    assert resolve_impl("auto", q, q, q, "topk(64, 1)", interpret=True)[0] != "mosaic_gpu"
-    # Until its topk path has run on a GPU, auto on a GPU passes it over for topk patterns (to triton, next in
-    # line); a request still runs it.
+    # On a GPU, auto takes mosaic_gpu for a topk pattern whose block it can walk, else the next in line.
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    chosen, why = resolve_impl("auto", q, q, q, "topk(128, 1)", interpret=True)
-    assert chosen == "triton" and "mosaic_gpu: its topk path has not run on a GPU yet" in why
-    assert resolve_impl("auto", q, q, q, "block(128)", interpret=True)[0] == "mosaic_gpu"
+    assert resolve_impl("auto", q, q, q, "topk(128, 1)", interpret=True)[0] == "mosaic_gpu"
+    chosen, why = resolve_impl("auto", q, q, q, "topk(64, 1)", interpret=True)
+    assert chosen != "mosaic_gpu" and "mosaic_gpu: topk(64, 1)'s block 64 is not a multiple" in why
     assert resolve_impl("mosaic_gpu", q, q, q, "topk(128, 1)", interpret=True) == ("mosaic_gpu", "requested")
     with pytest.raises(ValueError, match="block 128 is not a multiple of every tile side"):
         mosaic_gpu.attention(q, q, q, parse("topk(128, 1)"), scale=1.0, interpret=True,

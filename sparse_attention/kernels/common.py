@@ -213,11 +213,17 @@ def padded_flash(forward: Callable, backward: Callable, *, sequence_multiple: Ca
 
 
 def check_block_fields(sizes, rules: dict[str, tuple[Callable[[int], bool], str]]) -> None:
-    """ValueError unless every field of the BlockSizes dataclass `sizes` is a positive integer and every field
-    whose name starts with a key of `rules` passes its (predicate, requirement), e.g. {"block_": (lambda b:
-    b % 64 == 0, "a multiple of 64")}."""
+    """ValueError unless every flag field of the BlockSizes dataclass `sizes` (typed bool, or bool | None) holds
+    one of those, every other field is a positive integer, and every field whose name starts with a key of
+    `rules` passes its (predicate, requirement), e.g. {"block_": (lambda b: b % 64 == 0, "a multiple of 64")}."""
     for field in dataclasses.fields(sizes):
         value = getattr(sizes, field.name)
+        if field.type in (bool, "bool", "bool | None"):
+            optional = field.type == "bool | None"
+            if not (isinstance(value, bool) or (optional and value is None)):
+                allowed = "True, False or None" if optional else "True or False"
+                raise ValueError(f"{type(sizes).__name__}.{field.name} must be {allowed}, got {value!r}")
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{type(sizes).__name__}.{field.name} must be a positive integer, got {value!r}")
         for prefix, (valid, requirement) in rules.items():

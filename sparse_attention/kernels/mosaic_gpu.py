@@ -1,7 +1,8 @@
 """Block-sparse flash attention for Hopper and later GPUs (sm90+): Pallas Mosaic GPU kernels.
 
-Three warp-specialized kernels. Each thread block owns one row tile of the block layout (a query tile for
-the forward and dq passes, a key tile for dk/dv) and runs `warpgroups` compute warpgroups, each on its own
+Warp-specialized kernels: forward, dk/dv (which also computes dq, by default), and optionally a separate
+dq kernel. Each thread block owns one row tile of the block layout (a query tile for the forward and dq
+passes, a key tile for dk/dv) and runs `warpgroups` compute warpgroups, each on its own
 64-row slice of that tile, plus one memory warpgroup:
 
   memory warpgroup    walks the row's list of tiles (FULL tiles first, then PARTIAL ones, read as int32
@@ -17,9 +18,11 @@ the forward and dq passes, a key tile for dk/dv) and runs `warpgroups` compute w
                       (a schedule barrier), so one's softmax overlaps the other's matrix multiplies.
 
   forward  rows = query tiles of warpgroups x block_q; saves the base-2 logsumexp per row.
-  dq       the same rows; recomputes probabilities from the saved logsumexp.
   dk/dv    rows = key tiles of warpgroups x block_k_dkv, over the transposed layout; with GQA a block owns
-           one kv head and streams the query tiles of every q head of its group.
+           one kv head and streams the query tiles of every q head of its group. With `fused_dq` each step
+           also multiplies its dS by the block's keys and reduce-adds that into a float32 dq (TMA), as
+           FlashAttention-3's Hopper backward does: 5 matrix multiplies per tile pair.
+  dq       (fused_dq=False) rows as the forward's; recomputes S and dP from the saved logsumexp: 7 in all.
 
 Shapes: q [batch, seq, q_heads, head_dim], k/v [batch, seq, kv_heads, head_dim]; bfloat16 or float16,
 head_dim 64 or 128. Sequences are zero-padded to a tile multiple inside and sliced outside.
@@ -31,8 +34,9 @@ key block (`common.choosers`, the transpose built on the device). A chosen tile 
 part does not, so no pair counts twice.
 
 Interpret mode (CPU tests) runs the same kernels through Pallas' GPU interpreter, whose wgmma reads only
-SMEM operands and cannot start from a given accumulator: there `_accumulate` stores register operands to an
-SMEM staging buffer first and adds each product to its accumulator. docs/mosaic_gpu.md has the details.
+SMEM operands and cannot start from a given accumulator, and which has no TMA reduce-add: there
+`_accumulate` stores register operands to an SMEM staging buffer first and adds each product to its
+accumulator, and `_reduce_add` loads, adds and stores. docs/mosaic_gpu.md has the details.
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ MAX_STAGES = 4
 # attention on them for a ptxas miscompilation; the partial tiles here are masked the same way.
 MISCOMPILING_CUDA = (12080, 12091)
 MEMORY_REGISTERS = 40  # per-thread registers left to the memory warpgroup, which only issues TMA
+DQ_SLICE_MULTIPLE = 64  # columns of one 128-byte swizzle tile of 16-bit keys: a wgmma B operand's slice unit
+# From this mean number of steps per dk/dv row on, the fused dq is the default at head_dim 128 (`fuses_dq`):
+# it won at 256 steps and lost at 18; between the two it was not measured.
+FUSED_DQ_MIN_STEPS = 64
 _GRID_NAMES = ("tile", "head", "batch")
 _WARPGROUP = "warpgroup"
 # 128-byte swizzle with (8, 64) tiles: the SMEM layout wgmma reads without bank conflicts (16-bit data).
@@ -81,9 +89,11 @@ class BlockSizes:
     """Tiles, compute warpgroups and pipeline depth of the three kernels; docs/mosaic_gpu.md gives reasons.
 
     Forward: a thread block owns warpgroups x block_q query rows (block_q per compute warpgroup) and
-    streams [block_k] key tiles through `stages` SMEM slots. dq: the same with the *_dq fields. dk/dv: a
-    block owns warpgroups_dkv x block_k_dkv keys and streams [block_q_dkv] query tiles. Blocks are
-    multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
+    streams [block_k] key tiles through `stages` SMEM slots. dk/dv: a block owns warpgroups_dkv x
+    block_k_dkv keys and streams [block_q_dkv] query tiles. `fused_dq`: True, the dk/dv blocks also compute
+    dq and add it into a float32 buffer (5 matrix multiplies per tile pair); False, a dq kernel, with the
+    *_dq fields laid out as the forward's, computes it (7); None, whichever was faster in the measurements
+    (`fuses_dq`). Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
     """
 
     block_q: int = 64
@@ -100,6 +110,8 @@ class BlockSizes:
     block_q_dkv: int = 64
     warpgroups_dkv: int = 2
     stages_dkv: int = 2
+
+    fused_dq: bool | None = None
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -145,6 +157,22 @@ def step_plan(pattern: Pattern, seq_len: int, block_q: int, block_k: int, by_key
     layout = block_layout(pattern, seq_len, block_q, block_k)
     column_tile = block_q if by_key else block_k
     return row_plan(layout.backward if by_key else layout.forward, column_tile, column_tile)
+
+
+def fuses_dq(block_sizes: BlockSizes, head_dim: int, dkdv_plan: RowPlan) -> bool:
+    """Whether the backward computes dq in the dk/dv kernel: `block_sizes.fused_dq`, or if that is None, at
+    head_dim 64 always, and at 128 where the dk/dv rows average FUSED_DQ_MIN_STEPS steps or more.
+
+    On the H200 (docs/benchmarks.md, "The fused dq") the fused backward took 0.91-0.95x the separate dq
+    kernel's forward+backward time at head_dim 64 on every pattern measured, and at 128 0.93-0.97x on dense
+    (rows of 256 and 1,024 steps) but 1.07x on window(1024) (18 steps) and 1.20-1.40x on block(512) and
+    the repairs (5-6 steps), whose short rows cannot repay the two passes over the float32 buffer and a
+    barrier per step."""
+    if block_sizes.fused_dq is not None:
+        return block_sizes.fused_dq
+    rows = len(dkdv_plan.rows)
+    mean_steps = float((dkdv_plan.num_full + dkdv_plan.num_partial).sum()) / max(rows, 1)
+    return head_dim <= 64 or mean_steps >= FUSED_DQ_MIN_STEPS
 
 
 def _step_tile(tiles_ref, program, step, num_full, contiguous: bool):
@@ -511,8 +539,20 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
 
 def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
                  contiguous: bool, k_smem, v_smem, q_smem, d_out_smem, lse_smem, delta_smem, k_loaded, v_loaded,
-                 q_loaded, d_out_loaded, lse_loaded, delta_loaded, consumed, stage=None):
-    """refs: [the topk choosers' lists and counts,] q, k, v, d_out, lse, delta, dk, dv."""
+                 q_loaded, d_out_loaded, lse_loaded, delta_loaded, consumed, d_logits_smem=None, dq_smem=None,
+                 d_logits_stored=None, dq_previous_smem=None, dq_read=None, stage=None):
+    """refs: [the topk choosers' lists and counts,] q, k, v, d_out, lse, delta, [dq_sum,] dk, dv.
+
+    With the fused dq (d_logits_smem given), step s also adds dq's share of its tile pair, dS K over the
+    block's keys, into dq_sum (float32 [batch, seq, q_heads, head_dim], zeros given by reference): every
+    compute warpgroup stores its dSᵀ into d_logits_smem[s % 2] and arrives on d_logits_stored; then each
+    warpgroup multiplies all of it by its own columns of the block's keys (`_dq_parts`), or, where the
+    columns do not split, warpgroup s % warpgroups by all of them; the float32 product goes to dq_smem and
+    is reduce-added with TMA. Neither buffer needs a second barrier: a warpgroup arrives for step s + 1 only
+    after its step s multiply has read d_logits_smem[s % 2] (written again at step s + 2) and its add has
+    read dq_smem. In interpret mode (`dq_read` given) warpgroup 0 does every add of a tile it does not split
+    (`_reduce_add`).
+    """
     sizes = static.block_sizes
     warpgroups, block_k, block_q, stages = (sizes.warpgroups_dkv, sizes.block_k_dkv, sizes.block_q_dkv,
                                             sizes.stages_dkv)
@@ -520,8 +560,11 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
     program, kv_head, batch = _block_index()
     wg = lax.axis_index(_WARPGROUP)
     row_start = rows_ref[program] * (warpgroups * block_k)
-    (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref), chosen = _chosen_view(
-        static, refs, block_q, batch, kv_head, row_start)
+    refs, chosen = _chosen_view(static, refs, block_q, batch, kv_head, row_start)
+    if d_logits_smem is not None:  # the fused dq's scratch: dq_sum is among the inputs
+        q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_sum_ref, dk_ref, dv_ref = refs
+    else:
+        (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref), dq_sum_ref = refs, None
     steps = _Steps(tiles_ref, program, counts_ref[program, 0], counts_ref[program, 1], contiguous, chosen)
     per_head = steps.total
 
@@ -550,40 +593,107 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
         plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
         k_start = row_start + wg * block_k
         keys = pl.ds(k_start, block_k)
-        k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]  # [block_k, head_dim]; hold dk and dv at the end
+        own_rows = pl.ds(wg * block_k, block_k)
+        # [block_k, head_dim] each; hold dk and dv at the end. k_smem is [warpgroups * block_k, head_dim], so
+        # that the fused dq multiplies by all of the block's keys at once.
+        k_tile, v_tile = k_smem.at[own_rows], v_smem.at[wg]
         _load_resident([(k_ref.at[batch, keys, kv_head], k_tile), (v_ref.at[batch, keys, kv_head], v_tile)],
                        [k_loaded, v_loaded], wg)
         staged = None if stage is None else stage.at[wg]
         shape = (block_k, block_q)  # transposed tiles: keys along rows
 
+        def sync():  # every compute warpgroup has stored its dSᵀ (or, at the end, has done its last dq)
+            if d_logits_stored is not None:
+                plgpu.barrier_arrive(d_logits_stored)
+                plgpu.barrier_wait(d_logits_stored)
+
+        def add_dq(step, d_logits_t, q_head, q_first):
+            """Store this warpgroup's dSᵀ; after the sync, add dS K (all of the block's keys) into dq_sum."""
+            parity = lax.rem(step, jnp.int32(2))
+            d_logits_smem.at[parity, own_rows][...] = d_logits_t
+            plgpu.commit_smem()  # visible to wgmma's (async proxy) reads
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this warpgroup's last add has read dq_smem
+            sync()
+            target = dq_sum_ref.at[batch, pl.ds(q_first, block_q), q_head]
+
+            def add(part, columns):
+                """dq_smem[part] = dS K[:, columns], added into target's columns."""
+                dq_smem.at[part][...] = _matmul(d_logits_smem.at[parity].T, k_smem.at[:, columns])
+                _reduce_add(dq_smem.at[part], target.at[:, columns],
+                            None if dq_read is None else (dq_previous_smem.at[part], dq_read.at[part]))
+
+            parts, width = dq_smem.shape[0], dq_smem.shape[-1]
+            if parts > 1:  # each warpgroup its own columns, at every step
+                for part in range(parts):
+                    pl.when(wg == part)(functools.partial(add, part, pl.ds(part * width, width)))
+                return
+            # One warpgroup adds all columns: they take turns (in interpret mode warpgroup 0 does every add).
+            adder = lax.rem(step, jnp.int32(warpgroups)) if dq_read is None else 0
+            pl.when(adder == wg)(functools.partial(add, 0, pl.ds(0, width)))
+
         def head_in_group(g, carry):
             def step(mask, index, carry):
                 dk, dv = carry
                 slot = _slot(g * per_head + index, stages)
+                q_first = steps.tile(index) * block_q
                 plgpu.barrier_wait(q_loaded.at[slot])
                 plgpu.barrier_wait(lse_loaded.at[slot])
                 lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                 probs_t = jnp.exp2(_matmul(k_tile, q_smem.at[slot].T) * scale_log2 - _columns(lse, shape))
                 if mask is not UNMASKED:
-                    active = _tile_mask(static.pattern, seq_len, shape, steps.tile(index) * block_q, k_start,
-                                        transposed=True, chosen=mask == CHOSEN)
+                    active = _tile_mask(static.pattern, seq_len, shape, q_first, k_start, transposed=True,
+                                        chosen=mask == CHOSEN)
                     probs_t = jnp.where(active, probs_t, 0.0)
                 plgpu.barrier_wait(d_out_loaded.at[slot])
                 dv = _accumulate(dv, probs_t.astype(q_ref.dtype), d_out_smem.at[slot], staged)
                 d_probs_t = _matmul(v_tile, d_out_smem.at[slot].T)
                 plgpu.barrier_wait(delta_loaded.at[slot])
                 delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                d_logits_t = probs_t * (d_probs_t - _columns(delta, shape))
-                dk = _accumulate(dk, d_logits_t.astype(q_ref.dtype), q_smem.at[slot], staged)
+                d_logits_t = (probs_t * (d_probs_t - _columns(delta, shape))).astype(q_ref.dtype)
+                dk = _accumulate(dk, d_logits_t, q_smem.at[slot], staged)
                 plgpu.barrier_arrive(consumed.at[slot])
+                if dq_sum_ref is not None:
+                    add_dq(g * per_head + index, d_logits_t, kv_head * group + g, q_first)
                 return dk, dv
 
             return _walk(steps, step, carry)
 
         dk, dv = lax.fori_loop(0, group, head_in_group, (_zeros(k_tile.shape), _zeros(v_tile.shape)))
+        if dq_sum_ref is not None:
+            sync()  # the other warpgroups' last dq has read k_smem, which now takes dk
         k_tile[...] = (dk * static.scale).astype(k_tile.dtype)
         v_tile[...] = dv.astype(v_tile.dtype)
         _store_results([(k_tile, dk_ref.at[batch, keys, kv_head]), (v_tile, dv_ref.at[batch, keys, kv_head])])
+
+
+def _dq_parts(head_dim: int, warpgroups: int) -> int:
+    """Into how many column slices the fused dq's tile splits, one per compute warpgroup: `warpgroups` when
+    each slice is a whole number of 64-wide swizzle tiles (head_dim 128 over two), else 1 (the warpgroups
+    take turns with the whole tile). Split, each warpgroup's float32 accumulator is half as large, beside dk's
+    and dv's; at head_dim 128 the split took dense's forward+backward from 542.8 to 489.9 ms at 128k (level
+    at 32k; docs/benchmarks.md, "The fused dq")."""
+    width = head_dim // warpgroups
+    return warpgroups if width % DQ_SLICE_MULTIPLE == 0 else 1
+
+
+def _reduce_add(source, target, interpreted):
+    """target += source (float32 SMEM -> GMEM) with a TMA reduce-add.
+
+    Pallas' GPU interpreter has no reduce-add; there `interpreted` is (an SMEM buffer like source, a
+    barrier) and the add is a load, an add and a store. That is exact there because the interpreter runs
+    thread blocks one at a time, and a block's warpgroups add into different columns, or one adds for all.
+    """
+    if interpreted is None:
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(source, target, reduction_op="add")
+        return
+    previous, read = interpreted
+    plgpu.copy_gmem_to_smem(target, previous, read)
+    plgpu.barrier_wait(read)
+    source[...] = source[...] + previous[...]
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(source, target)
+    plgpu.wait_smem_to_gmem(0)
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -641,14 +751,55 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
 
 
 def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int, selected=None):
-    batch, padded_len, q_heads, head_dim = q.shape
-    kv_heads = k.shape[2]
-    group = q_heads // kv_heads
     sizes = static.block_sizes
     # delta = rowsum(dO * O): [batch, q_heads, padded_seq], one fused XLA reduction.
     delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
-    dtype = q.dtype
+    inputs = (q, k, v, d_out, lse, delta)
+    if fuses_dq(sizes, q.shape[3], step_plan(static.pattern, seq_len, *sizes.dkdv_tile, True)):
+        choice = () if selected is None else (selected,)
+        dq, dk, dv = _batch_folded(functools.partial(_fused_backward, static=static, seq_len=seq_len))(
+            *inputs, *choice)
+    else:
+        dq = _dq(*inputs, static, seq_len, selected)
+        dk, dv = _dkdv(*inputs, static, seq_len, selected)
+    return _varying_like((dq, dk, dv), inputs)
 
+
+def _fused_backward(q, k, v, d_out, lse, delta, selected=None, *, static: KernelStatic, seq_len: int):
+    """(dq, dk, dv) from the dk/dv kernel alone, which adds dq / scale into a float32 buffer of zeros.
+
+    The buffer is a mutable ref, so it is made here, unvarying under shard_map (Pallas takes no ref of a
+    varying type; the result is cast to varying with the others) and unbatched (`_batch_folded` keeps vmap
+    out).
+    """
+    dq_sum = jax.new_ref(jnp.zeros(q.shape, jnp.float32))
+    dk, dv = _dkdv(q, k, v, d_out, lse, delta, static, seq_len, selected, dq_sum)
+    return (dq_sum[...] * static.scale).astype(q.dtype), dk, dv
+
+
+def _batch_folded(function):
+    """function(*arrays) -> tuple of arrays, every one [batch, ...], made vmappable by folding the mapped
+    axis into the batch: one call over axis_size x batch rows. Attention is independent per batch row, and
+    this keeps vmap from sharing one mutable buffer across the mapped axis."""
+
+    @jax.custom_batching.custom_vmap
+    def folded(*arrays):
+        return function(*arrays)
+
+    @folded.def_vmap
+    def _(axis_size, in_batched, *arrays):
+        arrays = [x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+                  for x, batched in zip(arrays, in_batched)]
+        results = folded(*(x.reshape(axis_size * x.shape[1], *x.shape[2:]) for x in arrays))
+        return tuple(y.reshape(axis_size, -1, *y.shape[1:]) for y in results), tuple(True for _ in results)
+
+    return folded
+
+
+def _dq(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, selected):
+    """dq [batch, padded_seq, q_heads, d] from its own kernel over the forward's layout."""
+    head_dim, dtype = q.shape[3], q.dtype
+    sizes = static.block_sizes
     warpgroups, block_q, block_k, stages = (sizes.warpgroups_dq, sizes.block_q_dq, sizes.block_k_dq,
                                             sizes.stages_dq)
     plan = step_plan(static.pattern, seq_len, *sizes.dq_tile, False)
@@ -665,18 +816,23 @@ def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int, sele
     )
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_q, block_k), dtype, swizzled=False)
-    body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=group,
+    body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
                              contiguous=all(plan.contiguous))
-    inputs = (q, k, v, d_out, lse, delta)
-    dq = _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=(len(plan.rows), q_heads, batch),
-                 static=static, name="sparse_attention_dq", warpgroups=warpgroups)(
+    return _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=(len(plan.rows), q.shape[2], q.shape[0]),
+                   static=static, name="sparse_attention_dq", warpgroups=warpgroups)(
         plan.rows, *plan.steps, *([] if selected is None else _compacted(selected)), q, k, v, d_out, lse, delta)
 
+
+def _dkdv(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, selected, dq_sum=None):
+    """(dk, dv) [batch, padded_seq, kv_heads, d] from the kernel over the transposed layout; given dq_sum (a
+    float32 ref of zeros like q), the kernel also adds dq / scale into it."""
+    head_dim, dtype = q.shape[3], q.dtype
+    sizes = static.block_sizes
     warpgroups, block_k, block_q, stages = (sizes.warpgroups_dkv, sizes.block_k_dkv, sizes.block_q_dkv,
                                             sizes.stages_dkv)
     plan = step_plan(static.pattern, seq_len, *sizes.dkdv_tile, True)
     scratch = dict(
-        k_smem=_smem((warpgroups, block_k, head_dim), dtype),
+        k_smem=_smem((warpgroups * block_k, head_dim), dtype),
         v_smem=_smem((warpgroups, block_k, head_dim), dtype),
         q_smem=_smem((stages, block_q, head_dim), dtype),
         d_out_smem=_smem((stages, block_q, head_dim), dtype),
@@ -686,15 +842,24 @@ def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int, sele
         d_out_loaded=_barriers(stages), lse_loaded=_barriers(stages), delta_loaded=_barriers(stages),
         consumed=_barriers(stages, warpgroups),
     )
+    if dq_sum is not None:
+        parts = _dq_parts(head_dim, warpgroups)
+        scratch["d_logits_smem"] = _smem((2, warpgroups * block_k, block_q), dtype)
+        scratch["dq_smem"] = _smem((parts, block_q, head_dim // parts), jnp.float32, swizzled=False)
+        if warpgroups > 1:
+            scratch["d_logits_stored"] = _barriers(1, warpgroups)
+        if static.interpret:
+            scratch["dq_previous_smem"] = _smem((parts, block_q, head_dim // parts), jnp.float32, swizzled=False)
+            scratch["dq_read"] = _barriers(parts)
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_k, block_q), dtype, swizzled=False)
-    body = functools.partial(_dkdv_kernel, static=static, seq_len=seq_len, group=group,
+    body = functools.partial(_dkdv_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
                              contiguous=all(plan.contiguous))
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
-    dk, dv = _kernel(body, out_type, scratch, grid=(len(plan.rows), kv_heads, batch), static=static,
-                     name="sparse_attention_dkdv", warpgroups=warpgroups)(
-        plan.rows, *plan.steps, *([] if selected is None else choosers(selected)), *inputs)
-    return _varying_like((dq, dk, dv), inputs)
+    return _kernel(body, out_type, scratch, grid=(len(plan.rows), k.shape[2], q.shape[0]), static=static,
+                   name="sparse_attention_dkdv", warpgroups=warpgroups)(
+        plan.rows, *plan.steps, *([] if selected is None else choosers(selected)), q, k, v, d_out, lse, delta,
+        *([] if dq_sum is None else [dq_sum]))
 
 
 _flash = padded_flash(_forward, _backward, sequence_multiple=lambda static: static.block_sizes.sequence_multiple)

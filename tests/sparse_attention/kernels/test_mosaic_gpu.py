@@ -11,6 +11,7 @@ happen in child processes (see INTERPRETER_ENV). On a GPU the same cases run com
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -40,9 +41,10 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 RTOL = {"bfloat16": 2e-2, "float16": 1e-2}
 # Smallest tiles: forward and dq blocks own 2 x 64 query rows and stream 64-key tiles; dk/dv blocks own
-# 2 x 64 keys and stream 64-query tiles. Two stages, so the SMEM rings wrap within a row.
+# 2 x 64 keys and stream 64-query tiles. Two stages, so the SMEM rings wrap within a row. dq is computed in
+# the dk/dv kernel at both head_dims (by default only where it measured faster: `fuses_dq`).
 SMALL = mosaic_gpu.BlockSizes(block_q=64, block_k=64, block_q_dq=64, block_k_dq=64, block_k_dkv=64,
-                              block_q_dkv=64)
+                              block_q_dkv=64, fused_dq=True)
 # The GPU interpreter runs each simulated warpgroup as a compiled XLA computation on its own thread, and
 # the warpgroups wait on each other inside host callbacks. XLA's CPU client runs some computations on a
 # thread pool sized by the core count (PJRT_NPROC overrides it, read when the client starts); with 2
@@ -99,12 +101,13 @@ def check_against_reference(spec, *, seq_len, heads=2, kv_heads=1, head_dim=64, 
         assert not get_races().races_found, "the interpreter's race detector found a race"
 
 
-def check_topk(spec, *, seq_len, heads, kv_heads, dtype, interpret=INTERPRET):
+def check_topk(spec, *, seq_len, heads, kv_heads, dtype, fused_dq=True, interpret=INTERPRET):
     """A topk pattern over a random device layout (the same chosen blocks for the reference): forward, and dq
     and dk/dv, whose blocks walk the choice's transpose built on the device."""
+    sizes = dataclasses.replace(SMALL, fused_dq=fused_dq)
     assert_topk_matches_reference(
         lambda q, k, v, pattern, selected: mosaic_gpu.attention(q, k, v, pattern, scale=0.125, interpret=interpret,
-                                                                block_sizes=SMALL, selected=selected),
+                                                                block_sizes=sizes, selected=selected),
         spec, seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=64, dtype=jnp.dtype(dtype),
         rtol=RTOL[dtype], scale=0.125)
 
@@ -174,6 +177,13 @@ def test_rows_without_keys_give_zero_and_finite_grads():
     run_checked(check_against_reference, spec="sinks(4) & window(2)", seq_len=100, keyless_from=5, seed=11)
 
 
+@pytest.mark.parametrize("spec, seq_len, dtype, heads, kv_heads", [
+    ("block(256, 128)", 330, "float16", 4, 2), ("repaired(256, 48, prefix)", 320, "bfloat16", 2, 1)])
+def test_separate_dq_kernel(spec, seq_len, dtype, heads, kv_heads):
+    run_checked(check_against_reference, spec=spec, seq_len=seq_len, dtype=dtype, heads=heads, kv_heads=kv_heads,
+                block_sizes=dict(dataclasses.asdict(SMALL), fused_dq=False), seed=zlib.crc32(spec.encode()) + 1)
+
+
 def test_batch_and_negative_scale():
     # A negative scale takes the forward's scale-then-max path on full tiles too.
     run_checked(check_against_reference, spec="block(256)", seq_len=140, batch=2, scale=-0.3, seed=17)
@@ -181,10 +191,19 @@ def test_batch_and_negative_scale():
 
 def test_no_races():
     """The interpreter's race detector finds no unsynchronised SMEM access in the pipeline (ring slots,
-    ping-pong, staging). The interpreter also fails any kernel in which a warpgroup that waits on a barrier
-    misses one of its phases, in every test."""
+    ping-pong, staging, the fused dq's double buffer). The interpreter also fails any kernel in which a
+    warpgroup that waits on a barrier misses one of its phases, in every test.
+
+    In interpret mode the fused dq's reduce-add is a load, an add and a store in GMEM; the detector, which
+    does not order thread blocks that the interpreter runs one after another, reports two blocks adding to
+    one query tile as a race. So the many-blocks-per-tile case runs the separate dq kernel, and the fused one
+    runs block-local (each query tile's dq comes from one dk/dv block, through both of its warpgroups)."""
     run_checked(check_against_reference, spec="window(200) | strided(9)", seq_len=260, dtype="float16",
-                detect_races=True, seed=19)
+                detect_races=True, seed=19, block_sizes=dict(dataclasses.asdict(SMALL), fused_dq=False))
+    # head_dim 64: the warpgroups take turns adding dq's whole tile; 128: each adds its own columns.
+    for head_dim in (64, 128):
+        run_checked(check_against_reference, spec="block(128)", seq_len=256, heads=4, kv_heads=2, dtype="bfloat16",
+                    head_dim=head_dim, detect_races=True, seed=23)
 
 
 def test_jit_vmap_grad():
@@ -194,17 +213,19 @@ def test_jit_vmap_grad():
 # --------------------------------------------------------------------------- the hardware path, lowered
 
 
-# topk: (spec, seq_len, heads, kv_heads, dtype). SMALL's tiles make a block a multiple of 128.
+# topk: (spec, seq_len, heads, kv_heads, dtype, fused_dq). SMALL's tiles make a block a multiple of 128.
 TOPK_CASES = [
-    ("topk(128, 2)", 400, 2, 1, "bfloat16"),
-    ("topk(128, 1) | repaired(128, 16, prefix)", 300, 4, 2, "float16"),  # unaligned length, GQA
+    ("topk(128, 2)", 400, 2, 1, "bfloat16", True),
+    ("topk(128, 1) | repaired(128, 16, prefix)", 300, 4, 2, "float16", True),  # unaligned length, GQA
+    ("topk(128, 1) | repaired(128, 16, bridge)", 300, 4, 2, "bfloat16", False),  # the separate dq kernel
 ]
 
 
-@pytest.mark.parametrize("case", TOPK_CASES, ids=[c[0] for c in TOPK_CASES])
+@pytest.mark.parametrize("case", TOPK_CASES, ids=[f"{c[0]} fused_dq={c[5]}" for c in TOPK_CASES])
 def test_topk_over_random_device_layouts(case):
-    spec, seq_len, heads, kv_heads, dtype = case
-    run_checked(check_topk, spec=spec, seq_len=seq_len, heads=heads, kv_heads=kv_heads, dtype=dtype)
+    spec, seq_len, heads, kv_heads, dtype, fused_dq = case
+    run_checked(check_topk, spec=spec, seq_len=seq_len, heads=heads, kv_heads=kv_heads, dtype=dtype,
+                fused_dq=fused_dq)
 
 
 def test_topk_refusals(interpreter_pool, monkeypatch):
@@ -228,36 +249,41 @@ def test_topk_refusals(interpreter_pool, monkeypatch):
 
 LOWERING_SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import dataclasses, json, sys
     import jax, jax.export, jax.numpy as jnp
     from sparse_attention.kernels import mosaic_gpu
     from sparse_attention.patterns import parse
     # Lowering needs no GPU: skip the device check so that the hardware kernels (not interpret mode) lower.
     mosaic_gpu._platform_reason = lambda interpret: None
     results = {}
-    for spec, head_dim, dtype in json.loads(sys.argv[1]):
+    for spec, head_dim, dtype, fused_dq in json.loads(sys.argv[1]):
         pattern = parse(spec)
+        sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), fused_dq=fused_dq)
         q = jax.ShapeDtypeStruct((2, 1000, 4, head_dim), jnp.dtype(dtype))
         kv = jax.ShapeDtypeStruct((2, 1000, 2, head_dim), jnp.dtype(dtype))
         # A topk pattern's choice is an input: [batch, kv_heads, query blocks, K].
         topk = pattern.block_selection()
         selected = None if topk is None else jax.ShapeDtypeStruct((2, 2, -(-1000 // topk.size), topk.count), jnp.int32)
         def run(q, k, v, d_out, selected):
-            out, vjp = jax.vjp(lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=0.1, selected=selected),
-                               q, k, v)
+            out, vjp = jax.vjp(lambda q, k, v: mosaic_gpu.attention(q, k, v, pattern, scale=0.1, selected=selected,
+                                                                    block_sizes=sizes), q, k, v)
             return (out, *vjp(d_out))
         module = jax.export.export(jax.jit(run), platforms=["cuda"])(q, kv, kv, q, selected).mlir_module()
-        results[spec] = module.count("custom_call @mosaic_gpu")
+        results[f"{spec} {fused_dq}"] = module.count("custom_call @mosaic_gpu")
     print(json.dumps(results))
     """
 )
 
+# (spec, head_dim, dtype, fused_dq): the default fused backward everywhere, the separate dq kernel on three.
 LOWERED_CASES = [
-    ("dense", 64, "bfloat16"), ("block(256, 128)", 128, "float16"), ("window(300)", 64, "float16"),
-    ("repaired(256, 32, bridge)", 128, "bfloat16"), ("repaired(256, 32, prefix)", 64, "bfloat16"),
-    ("strided(7)", 128, "float16"), ("dilated(64, 3)", 64, "bfloat16"), ("sinks(4)", 64, "float16"),
-    ("random_blocks(128, 2, 5)", 128, "bfloat16"), ("window(300) | sinks(4) & strided(2)", 64, "bfloat16"),
-    ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16"),
+    ("dense", 64, "bfloat16", True), ("block(256, 128)", 128, "float16", True), ("window(300)", 64, "float16", True),
+    ("repaired(256, 32, bridge)", 128, "bfloat16", True), ("repaired(256, 32, prefix)", 64, "bfloat16", True),
+    ("strided(7)", 128, "float16", True), ("dilated(64, 3)", 64, "bfloat16", True), ("sinks(4)", 64, "float16", True),
+    ("random_blocks(128, 2, 5)", 128, "bfloat16", True),
+    ("window(300) | sinks(4) & strided(2)", 64, "bfloat16", True),
+    ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", True),
+    ("dense", 128, "bfloat16", False), ("repaired(256, 32, bridge)", 64, "float16", False),
+    ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", False),
 ]
 
 
@@ -269,8 +295,8 @@ def test_hardware_path_lowers_for_sm90():
                             capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
-    # Three Mosaic GPU custom calls per case: forward, dq and dk/dv.
-    assert counts == {spec: 3 for spec, _, _ in LOWERED_CASES}
+    # Mosaic GPU custom calls per case: forward and dk/dv, and a dq kernel unless dk/dv computes dq.
+    assert counts == {f"{spec} {fused}": 2 if fused else 3 for spec, _, _, fused in LOWERED_CASES}
 
 
 # ------------------------------------------------------------------------------------- plans and API
@@ -343,12 +369,29 @@ def test_block_sizes_validation_and_defaults(interpreter_pool):
         mosaic_gpu.BlockSizes(warpgroups=3)
     with pytest.raises(ValueError, match="stages_dq"):
         mosaic_gpu.BlockSizes(stages_dq=0)
+    with pytest.raises(ValueError, match="fused_dq must be True, False or None, got 1"):
+        mosaic_gpu.BlockSizes(fused_dq=1)
     assert mosaic_gpu.BlockSizes.for_head_dim(64).stages == 3
     assert mosaic_gpu.BlockSizes().forward_tile == (128, 128)
     assert mosaic_gpu.BlockSizes().sequence_multiple == 128
     q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="block_sizes"):
         mosaic_gpu.attention(q, q, q, "dense", scale=1.0, interpret=True, block_sizes={"block_q": 64})
+
+
+def test_fused_dq_where_it_measured_faster():
+    """By default dq is computed in the dk/dv kernel at head_dim 64, and at 128 only on long dk/dv rows (dense
+    at 32k: 256 steps on average; window(1024): 18); an explicit fused_dq wins."""
+    sizes = mosaic_gpu.BlockSizes()
+
+    def fused(spec, head_dim, block_sizes=sizes):
+        plan = mosaic_gpu.step_plan(parse(spec), 32768, *block_sizes.dkdv_tile, True)
+        return mosaic_gpu.fuses_dq(block_sizes, head_dim, plan)
+
+    assert fused("block(512)", 64) and fused("window(1024)", 64)
+    assert fused("dense", 128) and not fused("window(1024)", 128) and not fused("block(512)", 128)
+    assert fused("block(512)", 128, dataclasses.replace(sizes, fused_dq=True))
+    assert not fused("dense", 64, dataclasses.replace(sizes, fused_dq=False))
 
 
 def test_unsupported_reasons(interpreter_pool, monkeypatch):
@@ -415,6 +458,14 @@ class TestGpu:
         sizes = dict(warpgroups=1, stages=3, warpgroups_dq=1, stages_dq=1, warpgroups_dkv=1, stages_dkv=3)
         check_against_reference("repaired(256, 64, bridge)", seq_len=2000, heads=4, kv_heads=2, head_dim=128,
                                 block_sizes=sizes, seed=3, interpret=False)
+
+    @pytest.mark.parametrize("spec, head_dim, fused_dq", [
+        ("window(1024)", 128, False), ("repaired(512, 64, bridge)", 64, False),  # the separate dq kernel
+        ("dense", 128, True), ("repaired(512, 64, bridge)", 128, True)])  # fused, short rows at 128 included
+    def test_explicit_fused_dq(self, spec, head_dim, fused_dq):
+        sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), fused_dq=fused_dq)
+        check_against_reference(spec, seq_len=3000, heads=4, kv_heads=2, head_dim=head_dim,
+                                block_sizes=dataclasses.asdict(sizes), seed=29, interpret=False)
 
     def test_shard_map_checks_vma(self):
         assert_shard_map_matches_reference(mosaic_gpu.attention)

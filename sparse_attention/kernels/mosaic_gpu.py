@@ -75,8 +75,8 @@ MAX_STAGES = 4
 MISCOMPILING_CUDA = (12080, 12091)
 MEMORY_REGISTERS = 40  # per-thread registers left to the memory warpgroup, which only issues TMA
 DQ_SLICE_MULTIPLE = 64  # columns of one 128-byte swizzle tile of 16-bit keys: a wgmma B operand's slice unit
-# From this mean number of steps per dk/dv row on, the fused dq is the default at head_dim 128 (`fuses_dq`):
-# it won at 256 steps and lost at 18; between the two it was not measured.
+# From this mean number of steps per dk/dv block (row steps x q heads per kv head) on, the fused dq is the
+# default at head_dim 128 (`fuses_dq`): it lost at 5 to 20 steps and won at 71 to 1,025.
 FUSED_DQ_MIN_STEPS = 64
 _GRID_NAMES = ("tile", "head", "batch")
 _WARPGROUP = "warpgroup"
@@ -159,19 +159,21 @@ def step_plan(pattern: Pattern, seq_len: int, block_q: int, block_k: int, by_key
     return row_plan(layout.backward if by_key else layout.forward, column_tile, column_tile)
 
 
-def fuses_dq(block_sizes: BlockSizes, head_dim: int, dkdv_plan: RowPlan) -> bool:
+def fuses_dq(block_sizes: BlockSizes, head_dim: int, group: int, dkdv_plan: RowPlan) -> bool:
     """Whether the backward computes dq in the dk/dv kernel: `block_sizes.fused_dq`, or if that is None, at
-    head_dim 64 always, and at 128 where the dk/dv rows average FUSED_DQ_MIN_STEPS steps or more.
+    head_dim 64 always, and at 128 where a dk/dv block walks FUSED_DQ_MIN_STEPS steps or more on average:
+    its row's steps (`dkdv_plan`) for each of the `group` q heads that share its kv head.
 
     On the H200 (docs/benchmarks.md, "The fused dq") the fused backward took 0.91-0.95x the separate dq
-    kernel's forward+backward time at head_dim 64 on every pattern measured, and at 128 0.93-0.97x on dense
-    (rows of 256 and 1,024 steps) but 1.07x on window(1024) (18 steps) and 1.20-1.40x on block(512) and
-    the repairs (5-6 steps), whose short rows cannot repay the two passes over the float32 buffer and a
-    barrier per step."""
+    kernel's forward+backward time at head_dim 64 on every pattern measured. At 128 it won on dense (257
+    and 1,025 steps per block: 0.93-0.97x) and on window(1024) with 4 q heads per kv head (71 steps:
+    0.95-0.99x), and lost on window(1024) with one (18 steps: 0.99-1.07x) and on block(512) and the repairs
+    (5-7 steps, 20 for block(512) with 4 q heads per kv head: 1.19-1.40x), whose short blocks cannot repay
+    the two passes over the float32 buffer and a barrier per step."""
     if block_sizes.fused_dq is not None:
         return block_sizes.fused_dq
     rows = len(dkdv_plan.rows)
-    mean_steps = float((dkdv_plan.num_full + dkdv_plan.num_partial).sum()) / max(rows, 1)
+    mean_steps = group * float((dkdv_plan.num_full + dkdv_plan.num_partial).sum()) / max(rows, 1)
     return head_dim <= 64 or mean_steps >= FUSED_DQ_MIN_STEPS
 
 
@@ -755,7 +757,8 @@ def _backward(q, k, v, out, lse, d_out, static: KernelStatic, seq_len: int, sele
     # delta = rowsum(dO * O): [batch, q_heads, padded_seq], one fused XLA reduction.
     delta = jnp.einsum("bshd,bshd->bhs", d_out.astype(jnp.float32), out.astype(jnp.float32))
     inputs = (q, k, v, d_out, lse, delta)
-    if fuses_dq(sizes, q.shape[3], step_plan(static.pattern, seq_len, *sizes.dkdv_tile, True)):
+    dkdv_plan = step_plan(static.pattern, seq_len, *sizes.dkdv_tile, True)
+    if fuses_dq(sizes, q.shape[3], q.shape[2] // k.shape[2], dkdv_plan):
         choice = () if selected is None else (selected,)
         dq, dk, dv = _batch_folded(functools.partial(_fused_backward, static=static, seq_len=seq_len))(
             *inputs, *choice)

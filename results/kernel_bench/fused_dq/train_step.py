@@ -35,7 +35,7 @@ def step_config(variant: str, preset: str, seq_len: int, interpret: bool) -> Exp
 
 
 def timed_step(config: ExperimentConfig, fused: bool, steps: int) -> dict:
-    mosaic_gpu.fuses_dq = lambda block_sizes, head_dim, plan: fused
+    mosaic_gpu.fuses_dq = lambda block_sizes, head_dim, group, plan: fused
     trainer = training.Trainer(config, training.make_mesh(config.mesh))
     tokens = training.training_tokens(config)
     compile_s = trainer.compile()

@@ -380,18 +380,20 @@ def test_block_sizes_validation_and_defaults(interpreter_pool):
 
 
 def test_fused_dq_where_it_measured_faster():
-    """By default dq is computed in the dk/dv kernel at head_dim 64, and at 128 only on long dk/dv rows (dense
-    at 32k: 256 steps on average; window(1024): 18); an explicit fused_dq wins."""
+    """By default dq is computed in the dk/dv kernel at head_dim 64, and at 128 only where a dk/dv block walks
+    at least 64 steps on average (dense at 32k: 257 steps; window(1024): 18 per q head, so 71 with 4 q heads
+    per kv head); an explicit fused_dq wins."""
     sizes = mosaic_gpu.BlockSizes()
 
-    def fused(spec, head_dim, block_sizes=sizes):
+    def fused(spec, head_dim, group=1, block_sizes=sizes):
         plan = mosaic_gpu.step_plan(parse(spec), 32768, *block_sizes.dkdv_tile, True)
-        return mosaic_gpu.fuses_dq(block_sizes, head_dim, plan)
+        return mosaic_gpu.fuses_dq(block_sizes, head_dim, group, plan)
 
     assert fused("block(512)", 64) and fused("window(1024)", 64)
     assert fused("dense", 128) and not fused("window(1024)", 128) and not fused("block(512)", 128)
-    assert fused("block(512)", 128, dataclasses.replace(sizes, fused_dq=True))
-    assert not fused("dense", 64, dataclasses.replace(sizes, fused_dq=False))
+    assert fused("window(1024)", 128, group=4) and not fused("block(512)", 128, group=4)
+    assert fused("block(512)", 128, block_sizes=dataclasses.replace(sizes, fused_dq=True))
+    assert not fused("dense", 64, block_sizes=dataclasses.replace(sizes, fused_dq=False))
 
 
 def test_unsupported_reasons(interpreter_pool, monkeypatch):

@@ -12,6 +12,8 @@ timed by `timing.median_ms`.
                 a `context`-token prefill once, at the copy rate measured at the start of the run
                 (`bench.measure_ceilings`); x_floor = ms_per_step / floor_ms
   oom           the caches alone would exceed `--memory-fraction` of the device's memory: not run
+  trace         with --trace: one more call traced by JAX's profiler (`device_trace`), per step: kernels,
+                kernel_ms (their summed durations), busy_ms (their union) and gap_ms (the span's idle rest)
 
 `ratios`: for each pattern, batch and context that ran beside dense, dense's time per step over the
 pattern's, measured and at both floors. The second bounds what any implementation of this model could
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from configs import base
-from lm_experiment import bench, generation, timing
+from lm_experiment import bench, device_trace, generation, timing
 from lm_experiment.config import AttentionConfig, ModelConfig
 from lm_experiment.model import DecoderLM
 from sparse_attention import atomic_io
@@ -108,8 +110,21 @@ def run_case(config: ModelConfig, pattern: str, batch: int, context: int, args, 
     start, key = jnp.int32(context), jax.random.key(0)
     ms = timing.median_ms(lambda: decode(caches, logits, start, key), jax.block_until_ready, args.runs, args.warmup)
     ms_per_step = ms / args.steps
-    return dict(row, status="ok", ms_per_step=ms_per_step, tokens_per_s=1e3 * batch / ms_per_step,
-                x_floor=ms_per_step / row["floor_ms"])
+    row.update(status="ok", ms_per_step=ms_per_step, tokens_per_s=1e3 * batch / ms_per_step,
+               x_floor=ms_per_step / row["floor_ms"])
+    if args.trace:
+        row["trace"] = per_step(device_trace.traced_call(lambda: decode(caches, logits, start, key),
+                                                         jax.block_until_ready), args.steps)
+    return row
+
+
+def per_step(summary: dict, steps: int) -> dict:
+    """A traced call's summary with its totals divided by the decoding steps the call ran."""
+    if summary["status"] != "ok":
+        return summary
+    return dict(summary, kernels_per_step=summary["kernels"] / steps,
+                kernel_ms_per_step=summary["kernel_ms"] / steps, busy_ms_per_step=summary["busy_ms"] / steps,
+                gap_ms_per_step=(summary["span_ms"] - summary["busy_ms"]) / steps)
 
 
 def dense_ratios(rows: list[dict]) -> list[dict]:
@@ -155,6 +170,15 @@ def format_row(row: dict) -> str:
             f"{max(row['cache_slots']):>9} {row['floor_ms']:>9.3f} {row['x_floor']:>8.1f}")
 
 
+def format_trace(trace: dict) -> str:
+    if trace["status"] != "ok":
+        return f"    trace: {trace['status']}"
+    top = ", ".join(f"{kernel['name'][:40]} x{kernel['count']} {kernel['total_ms']:.3f} ms"
+                    for kernel in trace["top"][:3])
+    return (f"    trace per step: {trace['kernels_per_step']:.0f} kernels, {trace['kernel_ms_per_step']:.3f} ms in "
+            f"kernels, {trace['busy_ms_per_step']:.3f} ms busy, {trace['gap_ms_per_step']:.3f} ms of gaps; top: {top}")
+
+
 def format_peer_row(row: dict) -> str:
     head = f"batch {row['batch']:>3} context {row['context']:>8}"
     if row["status"] != "ok":
@@ -176,6 +200,8 @@ def parse_args(argv):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--memory-fraction", type=float, default=0.8)
     parser.add_argument("--attention-peer", action="store_true", help="dense attention alone vs the Pallas kernel")
+    parser.add_argument("--trace", action="store_true",
+                        help="trace one more call of each case: kernel time against gaps per step (GPU)")
     parser.add_argument("--out", default="reports/decode_bench.json")
     parser.add_argument("--smoke", action="store_true", help="tiny model and contexts, for tests on CPU")
     args = parser.parse_args(argv)
@@ -219,6 +245,8 @@ def main(argv=None) -> dict:
                 report["results"].append(run_case(config, pattern, batch, context, args,
                                                   ceilings["copy_bytes_per_s"]))
                 print(format_row(report["results"][-1]), flush=True)
+                if "trace" in report["results"][-1]:
+                    print(format_trace(report["results"][-1]["trace"]), flush=True)
                 report["ratios"] = dense_ratios(report["results"])
                 atomic_io.write_json(args.out, report)
     if report["ratios"]:

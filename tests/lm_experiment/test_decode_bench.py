@@ -16,10 +16,11 @@ def test_smoke_run_writes_rows_whose_local_caches_stay_flat(tmp_path, capsys):
     out = tmp_path / "decode.json"
     report = decode_bench.main(["--smoke", "--contexts", "64,1024", "--batches", "1,2", "--steps", "4", "--runs", "2",
                                 "--warmup", "1", "--patterns", "dense;block(512);repaired(512, 64, prefix)",
-                                "--attention-peer", "--out", str(out)])
+                                "--attention-peer", "--trace", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     rows = {(r["pattern"], r["batch"], r["context"]): r for r in report["results"]}
     assert len(rows) == 12 and all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows.values())
+    assert all(r["trace"] == dict(status="no GPU stream lines in the trace") for r in rows.values())  # CPU
     # Slots: dense keeps context + steps; block(512) its block once the context passes it; prefix B + R.
     assert rows["dense", 1, 1024]["cache_slots"] == [1028, 1028]
     assert rows["block(512)", 1, 1024]["cache_slots"] == [512, 512]

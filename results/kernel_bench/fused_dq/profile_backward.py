@@ -6,7 +6,8 @@
 It compiles everything first, then runs `mosaic_gpu` with dq in the dk/dv kernel ("fused"), then with the
 separate dq kernel ("separate"), then cuDNN where it covers the pattern, one call each, so the profiled
 launches come in that order (both dk/dv kernels are named sparse_attention_dkdv: the first is the fused one).
-Inputs are the benchmark's (batch 1, bfloat16, normal random).
+With `--mode fwd`, one forward call of `mosaic_gpu` and then of cuDNN. Inputs are the benchmark's (batch 1,
+bfloat16, normal random).
 """
 
 import argparse
@@ -25,13 +26,18 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--pattern", default="dense")
+    parser.add_argument("--mode", default="fwd_bwd", choices=("fwd", "fwd_bwd"))
     args = parser.parse_args()
     shape = Shape(1, args.seq, args.heads, args.kv_heads, args.head_dim, "bfloat16")
     inputs = jax.block_until_ready(make_inputs(shape))
-    functions = {name: compiled_fwd_bwd(args.pattern, shape, inputs, fused) for name, fused in VARIANTS.items()}
+    if args.mode == "fwd_bwd":
+        functions = {name: compiled_fwd_bwd(args.pattern, shape, inputs, fused) for name, fused in VARIANTS.items()}
+    else:
+        ours = _peer_function("mosaic_gpu", parse(args.pattern), shape, "fwd", False, None)
+        functions = {"mosaic_gpu": _timed_function(ours, "fwd").lower(*inputs).compile()}
     try:
-        cudnn = _peer_function("cudnn", parse(args.pattern), shape, "fwd_bwd", False, None)
-        functions["cudnn"] = _timed_function(cudnn, "fwd_bwd").lower(*inputs).compile()
+        cudnn = _peer_function("cudnn", parse(args.pattern), shape, args.mode, False, None)
+        functions["cudnn"] = _timed_function(cudnn, args.mode).lower(*inputs).compile()
     except Unsupported as reason:
         print(f"cudnn: {reason}")
     for name, function in functions.items():

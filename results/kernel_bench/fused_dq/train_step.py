@@ -3,6 +3,7 @@ kernel ("fused", the default at the preset's head_dim 64) and with the separate 
 backward before 25ce6af), in one process:
 
     python results/kernel_bench/fused_dq/train_step.py --out train_step.json [--variants block,dense]
+        [--backwards separate,fused]
     # on a CPU, to check the script: PJRT_NPROC=16 ... --preset tiny --seq-len 256 --steps 2 --interpret
 
 For each config file and backward: compile the real training step (`training.Trainer`, attention impl
@@ -63,12 +64,17 @@ def main() -> None:
     parser.add_argument("--interpret", action="store_true",
                         help="the kernels in Pallas' GPU interpreter, to check this script on a CPU (PJRT_NPROC=16)")
     parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--backwards", default=",".join(BACKWARDS), help=f"a subset of {', '.join(BACKWARDS)}")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    backwards = args.backwards.split(",")
+    if not set(backwards) <= set(BACKWARDS):
+        parser.error(f"--backwards must be a subset of {', '.join(BACKWARDS)}, got {args.backwards!r}")
     rows = []
     for variant in args.variants.split(","):
         config = step_config(variant, args.preset, args.seq_len, args.interpret)
-        for name, fused in BACKWARDS.items():
+        for name in backwards:
+            fused = BACKWARDS[name]
             row = dict(variant=variant, pattern=config.attention.pattern, backward=name,
                        **timed_step(config, fused, args.steps))
             rows.append(row)
@@ -76,7 +82,7 @@ def main() -> None:
                   f"(compile {row['compile_s']:.0f} s)", flush=True)
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, python=platform.python_version(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), preset=args.preset, seq_len=args.seq_len,
-                steps=args.steps)
+                steps=args.steps, backwards=backwards)
     write_json(args.out, dict(meta=meta, rows=rows))
 
 

@@ -1,7 +1,7 @@
 """Issue 15: `mosaic_gpu`'s backward with dq computed in the dk/dv kernel (`BlockSizes.fused_dq`, 5 matrix
 multiplies per tile pair, dq reduce-added in float32) against a separate dq kernel (7), forward + backward:
 
-    python results/kernel_bench/fused_dq/measure.py --out fused_dq.json
+    python results/kernel_bench/fused_dq/measure.py --out fused_dq.json [--select REGEX] [--block-sizes JSON]
 
 Each case compiles both variants once, then times them alternately, fused, separate, fused, separate, so that
 drift shows as the spread between repeats; cuDNN's forward + backward is timed once beside them where it
@@ -11,6 +11,7 @@ covers the pattern. Timing is the benchmark's (`lm_experiment/timing.py`); input
 
 import argparse
 import dataclasses
+import json
 import platform
 import re
 import time
@@ -35,9 +36,12 @@ CASES = (
 VARIANTS = {"fused": True, "separate": False}
 
 
-def compiled_fwd_bwd(spec: str, shape: Shape, inputs, fused_dq: bool):
+def compiled_fwd_bwd(spec: str, shape: Shape, inputs, fused_dq: bool, overrides: dict | None = None):
+    """`mosaic_gpu`'s forward + backward, compiled; tiles: the defaults for the head_dim with `overrides`
+    (BlockSizes fields, e.g. {"warpgroups_dkv": 1})."""
     pattern = parse(spec)
-    sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(shape.head_dim), fused_dq=fused_dq)
+    sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(shape.head_dim), **(overrides or {}),
+                                fused_dq=fused_dq)
 
     def forward(q, k, v):
         return mosaic_gpu.attention(q, k, v, pattern, scale=shape.head_dim ** -0.5, block_sizes=sizes)
@@ -50,8 +54,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--select", default=".", help="regex: only the cases whose 'SEQ Q/KV dD PATTERN' matches")
+    parser.add_argument("--block-sizes", type=json.loads, default={},
+                        help="JSON object of mosaic_gpu.BlockSizes fields overriding the head_dim's defaults")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if "fused_dq" in args.block_sizes:
+        parser.error("--block-sizes: fused_dq is what this script varies; give the other BlockSizes fields")
     rows = []
     for seq_len, heads, kv_heads, head_dim, patterns in CASES:
         shape = Shape(1, seq_len, heads, kv_heads, head_dim, "bfloat16")
@@ -59,7 +67,8 @@ def main() -> None:
         for spec in patterns:
             if not re.search(args.select, f"{seq_len} {heads}/{kv_heads} d{head_dim} {spec}"):
                 continue
-            compiled = {name: compiled_fwd_bwd(spec, shape, inputs, fused) for name, fused in VARIANTS.items()}
+            compiled = {name: compiled_fwd_bwd(spec, shape, inputs, fused, args.block_sizes)
+                        for name, fused in VARIANTS.items()}
             row = dict(seq_len=seq_len, heads=heads, kv_heads=kv_heads, head_dim=head_dim, pattern=spec)
             for repeat in range(args.repeats):
                 for name, function in compiled.items():
@@ -82,7 +91,7 @@ def main() -> None:
                   f"ratio {fused / separate:.3f}{cudnn_text}", flush=True)
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, python=platform.python_version(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), runs=args.runs, repeats=args.repeats,
-                select=args.select)
+                select=args.select, block_sizes=args.block_sizes)
     write_json(args.out, dict(meta=meta, rows=rows))
 
 

@@ -4,7 +4,8 @@ backward before 25ce6af), in one process:
 
     python results/kernel_bench/fused_dq/train_step.py --out train_step.json [--variants block,dense]
         [--backwards separate,fused]
-    # on a CPU, to check the script: PJRT_NPROC=16 ... --preset tiny --seq-len 256 --steps 2 --interpret
+    # --interpret: the kernels in Pallas' GPU interpreter, for a preset mosaic_gpu takes (compare, small);
+    # slow: the compare preset at --seq-len 256 did not finish within 15 minutes on a 2-core CPU
 
 For each config file and backward: compile the real training step (`training.Trainer`, attention impl
 mosaic_gpu), then time STEPS steps from a fresh state on the corpus's batches 0.., each step waited for on its

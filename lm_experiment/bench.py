@@ -95,8 +95,8 @@ class Unsupported(Exception):
     """The implementation does not cover this case (recorded as such, not as an error)."""
 
 
-def _peer_function(impl: str, pattern: Pattern, shape: Shape, mode: str, interpret: bool, block_sizes,
-                   selected=None):
+def attention_function(impl: str, pattern: Pattern, shape: Shape, mode: str, interpret: bool, block_sizes,
+                       selected=None):
     """f(q, k, v) -> out for one implementation, or raise Unsupported. `selected`: a topk case's choice."""
     scale = 1.0 / math.sqrt(shape.head_dim)
     topk = pattern.block_selection()
@@ -180,7 +180,8 @@ def _shapes(shape: Shape):
     return (shape.batch, shape.seq_len, shape.heads, shape.head_dim), kv_shape, kv_shape
 
 
-def _timed_function(forward, mode: str):
+def timed_function(forward, mode: str):
+    """The jitted call the benchmark times: forward(q, k, v), or for fwd_bwd (q, k, v, d_out) -> its vjp."""
     if mode == "fwd":
         return jax.jit(forward)
 
@@ -278,9 +279,9 @@ def run_case(impl: str, pattern: Pattern, mode: str, shape: Shape, inputs, *, ru
     row = dict(seq_len=shape.seq_len, pattern=pattern.spec, impl=impl, mode=mode,
                ms=None, memory_bytes=None, runs=None, status="ok")
     try:
-        forward = _peer_function(impl, pattern, shape, mode, interpret, block_sizes, selected)
+        forward = attention_function(impl, pattern, shape, mode, interpret, block_sizes, selected)
         args = inputs if mode == "fwd_bwd" else inputs[:3]
-        compiled = _timed_function(forward, mode).lower(*args).compile()
+        compiled = timed_function(forward, mode).lower(*args).compile()
         row["memory_bytes"] = compiled_memory_bytes(compiled)
         limit = device_memory_limit()
         if limit is not None and row["memory_bytes"] is not None and row["memory_bytes"] > limit:

@@ -18,7 +18,7 @@ import time
 
 import jax
 
-from lm_experiment.bench import Shape, Unsupported, _peer_function, _timed_function, make_inputs
+from lm_experiment.bench import Shape, Unsupported, attention_function, timed_function, make_inputs
 from lm_experiment.timing import median_ms
 from sparse_attention.atomic_io import write_json
 from sparse_attention.kernels import mosaic_gpu
@@ -46,7 +46,7 @@ def compiled_fwd_bwd(spec: str, shape: Shape, inputs, fused_dq: bool, overrides:
     def forward(q, k, v):
         return mosaic_gpu.attention(q, k, v, pattern, scale=shape.head_dim ** -0.5, block_sizes=sizes)
 
-    return _timed_function(forward, "fwd_bwd").lower(*inputs).compile()
+    return timed_function(forward, "fwd_bwd").lower(*inputs).compile()
 
 
 def main() -> None:
@@ -75,7 +75,8 @@ def main() -> None:
                     row[f"{name}_ms_{repeat}"] = median_ms(lambda: function(*inputs), jax.block_until_ready,
                                                            args.runs, warmup=2)
             try:
-                cudnn = _timed_function(_peer_function("cudnn", parse(spec), shape, "fwd_bwd", False, None), "fwd_bwd")
+                peer = attention_function("cudnn", parse(spec), shape, "fwd_bwd", False, None)
+                cudnn = timed_function(peer, "fwd_bwd")
                 row["cudnn_ms"] = median_ms(lambda: cudnn(*inputs), jax.block_until_ready, args.runs, warmup=2)
             except Unsupported:
                 row["cudnn_ms"] = None

@@ -14,7 +14,7 @@ import argparse
 
 import jax
 
-from lm_experiment.bench import Shape, Unsupported, _peer_function, _timed_function, make_inputs
+from lm_experiment.bench import Shape, Unsupported, attention_function, timed_function, make_inputs
 from measure import VARIANTS, compiled_fwd_bwd
 from sparse_attention.patterns import parse
 
@@ -34,11 +34,11 @@ def main() -> None:
         functions = {name: compiled_fwd_bwd(args.pattern, shape, inputs, fused) for name, fused in VARIANTS.items()}
     else:
         inputs = inputs[:3]  # a forward takes no d_out
-        ours = _peer_function("mosaic_gpu", parse(args.pattern), shape, "fwd", False, None)
-        functions = {"mosaic_gpu": _timed_function(ours, "fwd").lower(*inputs).compile()}
+        ours = attention_function("mosaic_gpu", parse(args.pattern), shape, "fwd", False, None)
+        functions = {"mosaic_gpu": timed_function(ours, "fwd").lower(*inputs).compile()}
     try:
-        cudnn = _peer_function("cudnn", parse(args.pattern), shape, args.mode, False, None)
-        functions["cudnn"] = _timed_function(cudnn, args.mode).lower(*inputs).compile()
+        cudnn = attention_function("cudnn", parse(args.pattern), shape, args.mode, False, None)
+        functions["cudnn"] = timed_function(cudnn, args.mode).lower(*inputs).compile()
     except Unsupported as reason:
         print(f"cudnn: {reason}")
     for name, function in functions.items():

@@ -108,13 +108,16 @@ def run_case(config: ModelConfig, pattern: str, batch: int, context: int, args, 
     logits = jnp.zeros((batch, config.vocab_size), jnp.float32)
     decode = generation.decoder(model, args.steps)
     start, key = jnp.int32(context), jax.random.key(0)
-    ms = timing.median_ms(lambda: decode(caches, logits, start, key), jax.block_until_ready, args.runs, args.warmup)
+
+    def call():
+        return decode(caches, logits, start, key)
+
+    ms = timing.median_ms(call, jax.block_until_ready, args.runs, args.warmup)
     ms_per_step = ms / args.steps
     row.update(status="ok", ms_per_step=ms_per_step, tokens_per_s=1e3 * batch / ms_per_step,
                x_floor=ms_per_step / row["floor_ms"])
     if args.trace:
-        row["trace"] = per_step(device_trace.traced_call(lambda: decode(caches, logits, start, key),
-                                                         jax.block_until_ready), args.steps)
+        row["trace"] = per_step(device_trace.traced_call(call, jax.block_until_ready), args.steps)
     return row
 
 

@@ -4,7 +4,7 @@ attention over them.
 A query of a local pattern sees only a global prefix and its last few keys (`Pattern.key_extent()`): keys
 [0, first) and the last `recent`. A cache of first + recent slots holds them: position p < first sits in
 slot p for good, later positions cycle through a ring of `recent` slots. Patterns with no bound keep every
-position (a cache as long as the sequence). The slots carry their positions, and each step masks them with
+position (a cache as long as the sequence, rounded up to a multiple of 1,024 slots). The slots carry their positions, and each step masks them with
 the pattern's own `mask`, so what a decoding step attends is exactly what the full pass attends.
 
     layout = CacheLayout.for_pattern(parse("repaired(512, 64, prefix)"), max_len=1_000_000)   # 576 slots
@@ -24,12 +24,19 @@ import numpy as np
 
 from sparse_attention.patterns import Pattern
 
+# A cache that keeps every position has its slots rounded up to a multiple of this: on the H200, XLA split the
+# contracting dimension of dense decoding's weights-times-values product and padded the whole cache to do it
+# (a copy of every layer's values per step) when the slot count was 131,136 = 64 x 2,049 or 32,832, and not at
+# 132,096 or 33,792 (multiples of 1,024): 1.225 against 1.775 ms per step at 128k (docs/benchmarks.md).
+UNBOUNDED_SLOT_MULTIPLE = 1024
+
 
 @dataclasses.dataclass(frozen=True)
 class CacheLayout:
     """Slots of a decoding cache: positions < first in slot p; later ones in slot first + (p - first) % ring.
 
-    A ring of 0 means every position below max_len has its own slot (first == max_len).
+    A ring of 0 means every position below max_len has its own slot: first is max_len, rounded up to a
+    multiple of UNBOUNDED_SLOT_MULTIPLE beyond it; the slots past max_len stay empty.
     """
 
     first: int
@@ -38,7 +45,8 @@ class CacheLayout:
 
     @classmethod
     def for_pattern(cls, pattern: Pattern, max_len: int) -> "CacheLayout":
-        """The smallest layout that holds what `pattern` lets any query below max_len see."""
+        """The smallest layout that holds what `pattern` lets any query below max_len see (one that keeps
+        every position rounded up as above)."""
         if not isinstance(max_len, int) or max_len < 1:
             raise ValueError(f"max_len must be a positive integer, got {max_len!r}")
         if pattern.block_selection() is not None:
@@ -47,7 +55,8 @@ class CacheLayout:
         extent = pattern.key_extent()
         size = extent.size()
         if size is None or size >= max_len:
-            return cls(first=max_len, ring=0, max_len=max_len)
+            multiple = UNBOUNDED_SLOT_MULTIPLE if max_len > UNBOUNDED_SLOT_MULTIPLE else 1
+            return cls(first=-(-max_len // multiple) * multiple, ring=0, max_len=max_len)
         return cls(first=extent.first, ring=extent.recent, max_len=max_len)
 
     @property

@@ -21,8 +21,8 @@ def test_smoke_run_writes_rows_whose_local_caches_stay_flat(tmp_path, capsys):
     rows = {(r["pattern"], r["batch"], r["context"]): r for r in report["results"]}
     assert len(rows) == 12 and all(r["status"] == "ok" and r["tokens_per_s"] > 0 for r in rows.values())
     assert all(r["trace"] == dict(status="no GPU stream lines in the trace") for r in rows.values())  # CPU
-    # Slots: dense keeps context + steps; block(512) its block once the context passes it; prefix B + R.
-    assert rows["dense", 1, 1024]["cache_slots"] == [1028, 1028]
+    # Slots: dense keeps context + steps (rounded up); block(512) its block once the context passes it; prefix B + R.
+    assert rows["dense", 1, 1024]["cache_slots"] == [2048, 2048]  # 1,028 positions, in multiples of 1,024
     assert rows["block(512)", 1, 1024]["cache_slots"] == [512, 512]
     assert rows["repaired(512, 64, prefix)", 2, 1024]["cache_slots"] == [576, 576]
     assert rows["block(512)", 2, 1024]["cache_bytes"] == 2 * rows["block(512)", 1, 1024]["cache_bytes"] - 2 * 512 * 4

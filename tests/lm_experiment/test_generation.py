@@ -64,7 +64,8 @@ def test_parameters_rounded_for_inference_change_no_output(tie_embeddings):
 def test_local_caches_stay_small_and_dense_keeps_everything():
     slots = {pattern: [c.layout.slots for c in model_for(pattern).empty_caches(1, 10_000)]
              for pattern in ("dense", "block(8)", "repaired(8, 3, prefix)", "sinks(2) | window(5)")}
-    assert slots == {"dense": [10_000] * 2, "block(8)": [8] * 2, "repaired(8, 3, prefix)": [11] * 2,
+    # dense: 10,000 positions in slots rounded up to a multiple of 1,024
+    assert slots == {"dense": [10_240] * 2, "block(8)": [8] * 2, "repaired(8, 3, prefix)": [11] * 2,
                      "sinks(2) | window(5)": [7] * 2}
     shifted = model_for("dense", ("block(8)", "block(8, 4)"))
     assert [c.layout.slots for c in shifted.empty_caches(1, 10_000)] == [8, 8]

@@ -20,6 +20,8 @@ SPECS = ("dense", "block(8)", "block(8, 3)", "window(5)", "repaired(8, 2, bridge
 @pytest.mark.parametrize("spec, max_len, first, ring", [
     ("block(8)", 100, 0, 8), ("repaired(8, 3, prefix)", 100, 0, 11), ("sinks(3) | window(4)", 100, 3, 4),
     ("dense", 100, 100, 0), ("block(8)", 6, 6, 0), ("strided(3)", 50, 50, 0),
+    # every position kept: slots rounded up to a multiple of 1,024 beyond it
+    ("dense", 1024, 1024, 0), ("dense", 1025, 2048, 0), ("dense", 131_136, 132_096, 0), ("window(4000)", 3000, 3072, 0),
 ])
 def test_layouts_follow_the_key_extent(spec, max_len, first, ring):
     layout = CacheLayout.for_pattern(parse(spec), max_len)

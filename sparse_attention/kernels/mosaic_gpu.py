@@ -78,7 +78,14 @@ DQ_SLICE_MULTIPLE = 64  # columns of one 128-byte swizzle tile of 16-bit keys: a
 # From this mean number of steps per dk/dv block (row steps x q heads per kv head) on, the fused dq is the
 # default at head_dim 128 (`fuses_dq`): it lost at 5 to 20 steps and won at 71 to 1,025.
 FUSED_DQ_MIN_STEPS = 64
+# Below this mean number of steps per forward row, the persistent forward is the default (`persists`): it
+# won at 2.5 to 10 steps and did not at 128 (dense).
+PERSISTENT_MAX_STEPS = 64
 _GRID_NAMES = ("tile", "head", "batch")
+_PERSISTENT_GRID = "block"
+HOPPER_SMS = 132  # an H100 or H200 SXM: the persistent forward's block count where no GPU is visible
+# Blocks of the persistent forward in interpret mode: few, so that the tests walk several rows per block.
+INTERPRET_BLOCKS = 3
 _WARPGROUP = "warpgroup"
 # 128-byte swizzle with (8, 64) tiles: the SMEM layout wgmma reads without bank conflicts (16-bit data).
 _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -88,8 +95,10 @@ _SWIZZLED = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 class BlockSizes:
     """Tiles, compute warpgroups and pipeline depth of the three kernels; docs/mosaic_gpu.md gives reasons.
 
-    Forward: a thread block owns warpgroups x block_q query rows (block_q per compute warpgroup) and
-    streams [block_k] key tiles through `stages` SMEM slots. dk/dv: a block owns warpgroups_dkv x
+    Forward: a thread block works on warpgroups x block_q query rows at a time (block_q per compute
+    warpgroup) and streams [block_k] key tiles through `stages` SMEM slots; `persistent`: True, one block
+    per SM walks row after row, False, one block per row, None, whichever was faster in the measurements
+    (`persists`). dk/dv: a block owns warpgroups_dkv x
     block_k_dkv keys and streams [block_q_dkv] query tiles. `fused_dq`: True, the dk/dv blocks also compute
     dq and add it into a float32 buffer (5 matrix multiplies per tile pair); False, a dq kernel, with the
     *_dq fields laid out as the forward's, computes it (7); None, whichever was faster in the measurements
@@ -112,6 +121,7 @@ class BlockSizes:
     stages_dkv: int = 2
 
     fused_dq: bool | None = None
+    persistent: bool | None = None
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -175,6 +185,22 @@ def fuses_dq(block_sizes: BlockSizes, head_dim: int, group: int, dkdv_plan: RowP
     rows = len(dkdv_plan.rows)
     mean_steps = group * float((dkdv_plan.num_full + dkdv_plan.num_partial).sum()) / max(rows, 1)
     return head_dim <= 64 or mean_steps >= FUSED_DQ_MIN_STEPS
+
+
+def persists(block_sizes: BlockSizes, forward_plan: RowPlan) -> bool:
+    """Whether the forward runs one persistent block per SM: `block_sizes.persistent`, or if that is None,
+    where its rows (`forward_plan`) walk fewer than PERSISTENT_MAX_STEPS steps on average.
+
+    On the H200 at 32k (docs/benchmarks.md, "The persistent forward") one block per SM took 0.69-0.92x the
+    time of one block per row on rows of 2.5-10 steps (block(512), the repairs, window(1024), with GQA and at
+    head_dim 64 too): a short row's start (its queries' load, the pipeline's fill) and end (the output's
+    store) no longer leave the tensor cores idle. On dense (128 steps on average) it was level to 6 % slower:
+    rows that long hide their ends already, and the hardware's own scheduling of one block per row balances
+    rows of unequal length better than a fixed round-robin."""
+    if block_sizes.persistent is not None:
+        return block_sizes.persistent
+    mean_steps = float((forward_plan.num_full + forward_plan.num_partial).sum()) / max(len(forward_plan.rows), 1)
+    return mean_steps < PERSISTENT_MAX_STEPS
 
 
 def _step_tile(tiles_ref, program, step, num_full, contiguous: bool):
@@ -322,16 +348,18 @@ def _slot(step, stages: int):
     return lax.rem(step, jnp.int32(stages))
 
 
-def _stream(num_steps, stages: int, groups):
-    """The memory warpgroup's loop: TMA loads of steps 0..num_steps-1 into SMEM slots step % stages.
+def _stream(num_steps, stages: int, groups, first_step=0):
+    """The memory warpgroup's loads of steps first_step..first_step+num_steps-1 (counted over the whole
+    kernel, so that a persistent block's rows share one ring): TMA loads into SMEM slots step % stages.
 
-    groups: [(consumed barriers [stages], [(source(step) -> GMEM ref, SMEM buffers [stages, ...],
-    loaded barriers [stages]), ...])]. A group's slot is refilled once every compute warpgroup has arrived
-    on the group's consumed barrier for the step that last used it.
+    groups: [(consumed barriers [stages], [(source(i) -> GMEM ref for the row's step i, SMEM buffers
+    [stages, ...], loaded barriers [stages]), ...])]. A group's slot is refilled once every compute
+    warpgroup has arrived on the group's consumed barrier for the step that last used it.
     """
 
     @pl.loop(0, num_steps)
-    def _(step):
+    def _(index):
+        step = first_step + index
         slot = _slot(step, stages)
         for consumed, copies in groups:
 
@@ -340,18 +368,23 @@ def _stream(num_steps, stages: int, groups):
                 plgpu.barrier_wait(consumed.at[slot])
 
             for source, buffers, loaded in copies:
-                plgpu.copy_gmem_to_smem(source(step), buffers.at[slot], loaded.at[slot])
+                plgpu.copy_gmem_to_smem(source(index), buffers.at[slot], loaded.at[slot])
 
-    # Observe the last consumptions too: a warpgroup that waits on a barrier waits on all of its phases
-    # (the interpreter checks this; on the hardware it only holds the warpgroup until compute is done).
+
+def _observe_last(num_steps, stages: int, consumed_barriers):
+    """The memory warpgroup's wait on the consumptions of the last `stages` of num_steps steps: a warpgroup
+    that waits on a barrier waits on all of its phases (the interpreter checks this; on the hardware it only
+    holds the warpgroup until compute is done)."""
+
     @pl.loop(jnp.maximum(num_steps - stages, 0), num_steps)
     def _(step):
-        for consumed, _ in groups:
+        for consumed in consumed_barriers:
             plgpu.barrier_wait(consumed.at[_slot(step, stages)])
 
 
-def _kernel(body, out_type, scratch, *, grid, static: KernelStatic, name: str, warpgroups: int):
-    """plgpu.kernel over (row tiles, heads, batch) blocks of warpgroups + 1 warpgroups."""
+def _kernel(body, out_type, scratch, *, grid, static: KernelStatic, name: str, warpgroups: int,
+            grid_names=_GRID_NAMES):
+    """plgpu.kernel over `grid` blocks (by default (row tiles, heads, batch)) of warpgroups + 1 warpgroups."""
     if isinstance(static.interpret, plgpu.InterpretGPUParams):
         interpret = static.interpret
     else:
@@ -361,7 +394,7 @@ def _kernel(body, out_type, scratch, *, grid, static: KernelStatic, name: str, w
         out_type=out_type,
         scratch_types=scratch,
         grid=grid,
-        grid_names=_GRID_NAMES,
+        grid_names=grid_names,
         num_threads=warpgroups + 1,
         thread_name=_WARPGROUP,
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -372,6 +405,16 @@ def _kernel(body, out_type, scratch, *, grid, static: KernelStatic, name: str, w
 
 def _smem(shape, dtype, swizzled: bool = True):
     return plgpu.SMEM(shape, dtype, transforms=_SWIZZLED if swizzled else ())
+
+
+def _resident_blocks(interpret) -> int:
+    """How many forward blocks run at once: one per SM (each takes most of an SM's SMEM)."""
+    if interpret:
+        return INTERPRET_BLOCKS
+    try:
+        return jax.devices("gpu")[0].core_count
+    except RuntimeError:  # lowering for a GPU from a machine without one (jax.export)
+        return HOPPER_SMS
 
 
 def _block_index():
@@ -397,84 +440,147 @@ def _store_results(copies):
 # ---------------------------------------------------------------------------------------------- kernels
 
 
+@dataclasses.dataclass(frozen=True)
+class _ForwardRow:
+    """One row of the forward's work (a query tile of one head and batch entry) and its steps."""
+
+    head: Any
+    batch: Any
+    kv_head: Any
+    row_start: Any
+    refs: tuple  # q, k, v, out, lse
+    steps: _Steps
+
+
+def _forward_rows(rows_ref, tiles_ref, counts_ref, refs, static: KernelStatic, group: int, contiguous: bool):
+    """(this block's number of rows, row(j) -> its j-th `_ForwardRow`). A persistent block takes rows
+    block, block + blocks, ... of the (row tiles, q heads, batch) rows, row tiles fastest: in launch order
+    (heaviest first) within a head, so that neighbouring blocks share K and V tiles in L2."""
+    sizes = static.block_sizes
+    block, blocks = lax.axis_index(_PERSISTENT_GRID), lax.axis_size(_PERSISTENT_GRID)
+    row_tiles = rows_ref.shape[0]
+    batches, _, q_heads, _ = refs[-5].shape  # q: refs end with q, k, v, out, lse
+    count = lax.div(row_tiles * q_heads * batches - 1 - block, blocks) + 1
+
+    def row(j):
+        item = block + j * blocks
+        program, rest = lax.rem(item, row_tiles), lax.div(item, row_tiles)
+        head, batch = lax.rem(rest, q_heads), lax.div(rest, q_heads)
+        kv_head = lax.div(head, jnp.int32(group))
+        row_start = rows_ref[program] * (sizes.warpgroups * sizes.block_q)
+        arrays, chosen = _chosen_view(static, refs, sizes.block_k, batch, kv_head, row_start)
+        steps = _Steps(tiles_ref, program, counts_ref[program, 0], counts_ref[program, 1], contiguous, chosen)
+        return _ForwardRow(head, batch, kv_head, row_start, tuple(arrays), steps)
+
+    return count, row
+
+
 def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
                     contiguous: bool, q_smem, k_smem, v_smem, lse_smem, q_loaded, k_loaded, v_loaded, k_consumed,
                     v_consumed, schedule=None, stage=None):
-    """refs: [the topk choice's lists and counts,] q, k, v, out, lse."""
+    """refs: [the topk choice's lists and counts,] q, k, v, out, lse.
+
+    Persistent: a block walks several rows (`_forward_rows`), and K/V steps are counted over all of them, so
+    the memory warpgroup streams the next row's first tiles while the compute warpgroups finish a row, and
+    each compute warpgroup loads its next row's queries into the other half of a double buffer meanwhile."""
     sizes = static.block_sizes
     warpgroups, block_q, block_k, stages = sizes.warpgroups, sizes.block_q, sizes.block_k, sizes.stages
     scale_log2 = static.scale * LOG2_E
-    program, head, batch = _block_index()
     wg = lax.axis_index(_WARPGROUP)
-    kv_head = lax.div(head, jnp.int32(group))
-    row_start = rows_ref[program] * (warpgroups * block_q)
-    (q_ref, k_ref, v_ref, out_ref, lse_ref), chosen = _chosen_view(static, refs, block_k, batch, kv_head, row_start)
-    steps = _Steps(tiles_ref, program, counts_ref[program, 0], counts_ref[program, 1], contiguous, chosen)
+    count, row = _forward_rows(rows_ref, tiles_ref, counts_ref, refs, static, group, contiguous)
 
     @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
-        def key_tile(ref):
-            return lambda step: ref.at[batch, pl.ds(steps.tile(step) * block_k, block_k), kv_head]
+        def stream_row(j, first_step):
+            work = row(j)
+            _, k_ref, v_ref, _, _ = work.refs
 
-        _stream(steps.total, stages, [(k_consumed, [(key_tile(k_ref), k_smem, k_loaded)]),
-                                      (v_consumed, [(key_tile(v_ref), v_smem, v_loaded)])])
+            def key_tile(ref):
+                return lambda i: ref.at[work.batch, pl.ds(work.steps.tile(i) * block_k, block_k), work.kv_head]
+
+            _stream(work.steps.total, stages, [(k_consumed, [(key_tile(k_ref), k_smem, k_loaded)]),
+                                               (v_consumed, [(key_tile(v_ref), v_smem, v_loaded)])], first_step)
+            return first_step + work.steps.total
+
+        _observe_last(lax.fori_loop(0, count, stream_row, jnp.int32(0)), stages, [k_consumed, v_consumed])
 
     @pl.when(wg < warpgroups)
     def _compute():
         plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
-        q_start = row_start + wg * block_q
-        q_tile = q_smem.at[wg]  # [block_q, head_dim]; holds the output at the end
-        _load_resident([(q_ref.at[batch, pl.ds(q_start, block_q), head], q_tile)], [q_loaded], wg)
         staged = None if stage is None else stage.at[wg]
         shape = (block_q, block_k)
+
+        def load_queries(j, buffer):
+            work = row(j)
+            q_ref = work.refs[0]
+            plgpu.copy_gmem_to_smem(q_ref.at[work.batch, pl.ds(work.row_start + wg * block_q, block_q), work.head],
+                                    q_smem.at[buffer, wg], q_loaded.at[buffer * warpgroups + wg])
 
         def take_turn():  # with two compute warpgroups: let the other one use the tensor cores
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
-        def step(mask, index, carry):
-            acc, row_max, row_sum = carry
-            slot = _slot(index, stages)
-            plgpu.barrier_wait(k_loaded.at[slot])
-            dots = _matmul(q_tile, k_smem.at[slot].T, while_running=take_turn if schedule is not None else None)
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            if mask is not UNMASKED or scale_log2 < 0:
-                logits = dots * scale_log2
-                if mask is not UNMASKED:
-                    active = _tile_mask(static.pattern, seq_len, shape, q_start, steps.tile(index) * block_k,
-                                        chosen=mask == CHOSEN)
-                    logits = jnp.where(active, logits, -jnp.inf)
-                new_max = jnp.maximum(row_max, logits.max(axis=1))
-                probs = jnp.exp2(logits - _rows(new_max, shape))
-            else:  # max before scaling, then one fused multiply-add per logit
-                new_max = jnp.maximum(row_max, dots.max(axis=1) * scale_log2)
-                probs = jnp.exp2(dots * scale_log2 - _rows(new_max, shape))
-            correction = jnp.exp2(row_max - new_max)
-            row_sum = row_sum * correction + probs.sum(axis=1)
-            acc = acc * _rows(correction, acc.shape)
-            if schedule is not None:
-                plgpu.barrier_arrive(schedule)
-            plgpu.barrier_wait(v_loaded.at[slot])
-            if schedule is not None:
-                plgpu.barrier_wait(schedule)
-            acc = _accumulate(acc, probs.astype(q_ref.dtype), v_smem.at[slot], staged)
-            plgpu.barrier_arrive(v_consumed.at[slot])
-            return acc, new_max, row_sum
+        def attend_row(j, first_step):
+            work = row(j)
+            q_ref, _, _, out_ref, lse_ref = work.refs
+            q_start = work.row_start + wg * block_q
+            buffer = lax.rem(j, 2)
+            q_tile = q_smem.at[buffer, wg]  # [block_q, head_dim]; holds the output at the end
+            plgpu.barrier_wait(q_loaded.at[buffer * warpgroups + wg])
+            # The other buffer's output store was read at the end of the previous row.
+            pl.when(j + 1 < count)(lambda: load_queries(j + 1, 1 - buffer))
 
-        carry = (_zeros(q_tile.shape), _row_vector(ROW_MAX_INIT, block_q), _row_vector(0.0, block_q))
+            def step(mask, index, carry):
+                acc, row_max, row_sum = carry
+                slot = _slot(first_step + index, stages)
+                plgpu.barrier_wait(k_loaded.at[slot])
+                dots = _matmul(q_tile, k_smem.at[slot].T, while_running=take_turn if schedule is not None else None)
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                if mask is not UNMASKED or scale_log2 < 0:
+                    logits = dots * scale_log2
+                    if mask is not UNMASKED:
+                        active = _tile_mask(static.pattern, seq_len, shape, q_start,
+                                            work.steps.tile(index) * block_k, chosen=mask == CHOSEN)
+                        logits = jnp.where(active, logits, -jnp.inf)
+                    new_max = jnp.maximum(row_max, logits.max(axis=1))
+                    probs = jnp.exp2(logits - _rows(new_max, shape))
+                else:  # max before scaling, then one fused multiply-add per logit
+                    new_max = jnp.maximum(row_max, dots.max(axis=1) * scale_log2)
+                    probs = jnp.exp2(dots * scale_log2 - _rows(new_max, shape))
+                correction = jnp.exp2(row_max - new_max)
+                row_sum = row_sum * correction + probs.sum(axis=1)
+                acc = acc * _rows(correction, acc.shape)
+                if schedule is not None:
+                    plgpu.barrier_arrive(schedule)
+                plgpu.barrier_wait(v_loaded.at[slot])
+                if schedule is not None:
+                    plgpu.barrier_wait(schedule)
+                acc = _accumulate(acc, probs.astype(q_ref.dtype), v_smem.at[slot], staged)
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                return acc, new_max, row_sum
+
+            carry = (_zeros(q_tile.shape), _row_vector(ROW_MAX_INIT, block_q), _row_vector(0.0, block_q))
+            acc, row_max, row_sum = _walk(work.steps, step, carry)
+            seen = row_sum > 0  # rows with no active key give 0, and lse = +inf makes their backward 0
+            safe_sum = jnp.where(seen, row_sum, 1.0)
+            q_tile[...] = (acc * _rows(1.0 / safe_sum, acc.shape)).astype(q_tile.dtype)
+            lse_smem.at[wg][...] = jnp.where(seen, row_max + jnp.log2(safe_sum), jnp.inf)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(q_tile, out_ref.at[work.batch, pl.ds(q_start, block_q), work.head])
+            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[work.batch, work.head, pl.ds(q_start, block_q)])
+            # Both buffers are written again only after this: the queries of row j + 2, the next row's lse.
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            return first_step + work.steps.total
+
+        load_queries(0, 0)
         if schedule is not None:
             pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
-        acc, row_max, row_sum = _walk(steps, step, carry)
+        lax.fori_loop(0, count, attend_row, jnp.int32(0))
         if schedule is not None:
             pl.when(wg == 0)(take_turn)  # pairs with warpgroup 1's first turn
-        seen = row_sum > 0  # rows with no active key give 0, and lse = +inf makes their backward 0
-        safe_sum = jnp.where(seen, row_sum, 1.0)
-        q_tile[...] = (acc * _rows(1.0 / safe_sum, acc.shape)).astype(q_tile.dtype)
-        lse_smem.at[wg][...] = jnp.where(seen, row_max + jnp.log2(safe_sum), jnp.inf)
-        _store_results([(q_tile, out_ref.at[batch, pl.ds(q_start, block_q), head]),
-                        (lse_smem.at[wg], lse_ref.at[batch, head, pl.ds(q_start, block_q)])])
+        plgpu.wait_smem_to_gmem(0)
 
 
 def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
@@ -502,6 +608,7 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
 
         _stream(steps.total, stages, [(v_consumed, [(key_tile(v_ref), v_smem, v_loaded)]),
                                       (k_consumed, [(key_tile(k_ref), k_smem, k_loaded)])])
+        _observe_last(steps.total, stages, [v_consumed, k_consumed])
 
     @pl.when(wg < warpgroups)
     def _compute():
@@ -589,6 +696,7 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
             (query_tile(q_ref, False), q_smem, q_loaded), (query_tile(lse_ref, True), lse_smem, lse_loaded),
             (query_tile(d_out_ref, False), d_out_smem, d_out_loaded),
             (query_tile(delta_ref, True), delta_smem, delta_loaded)])])
+        _observe_last(group * per_head, stages, [consumed])
 
     @pl.when(wg < warpgroups)
     def _compute():
@@ -732,11 +840,11 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
     warpgroups, block_q, block_k, stages = sizes.warpgroups, sizes.block_q, sizes.block_k, sizes.stages
     plan = step_plan(static.pattern, seq_len, *sizes.forward_tile, False)
     scratch = dict(
-        q_smem=_smem((warpgroups, block_q, head_dim), q.dtype),
+        q_smem=_smem((2, warpgroups, block_q, head_dim), q.dtype),  # double: this row's and the next's
         k_smem=_smem((stages, block_k, head_dim), q.dtype),
         v_smem=_smem((stages, block_k, head_dim), q.dtype),
         lse_smem=_smem((warpgroups, block_q), jnp.float32, swizzled=False),
-        q_loaded=_barriers(warpgroups), k_loaded=_barriers(stages), v_loaded=_barriers(stages),
+        q_loaded=_barriers(2 * warpgroups), k_loaded=_barriers(stages), v_loaded=_barriers(stages),
         k_consumed=_barriers(stages, warpgroups), v_consumed=_barriers(stages, warpgroups),
     )
     if warpgroups == 2:
@@ -746,7 +854,9 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
     body = functools.partial(_forward_kernel, static=static, seq_len=seq_len, group=q_heads // k.shape[2],
                              contiguous=all(plan.contiguous))
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32))
-    call = _kernel(body, out_type, scratch, grid=(len(plan.rows), q_heads, batch), static=static,
+    rows = len(plan.rows) * q_heads * batch
+    blocks = min(rows, _resident_blocks(static.interpret)) if persists(sizes, plan) else rows
+    call = _kernel(body, out_type, scratch, grid=(blocks,), grid_names=(_PERSISTENT_GRID,), static=static,
                    name="sparse_attention_forward", warpgroups=warpgroups)
     choice = [] if selected is None else _compacted(selected)
     return _varying_like(call(plan.rows, *plan.steps, *choice, q, k, v), (q, k, v))

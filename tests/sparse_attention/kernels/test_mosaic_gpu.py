@@ -184,9 +184,13 @@ def test_separate_dq_kernel(spec, seq_len, dtype, heads, kv_heads):
                 block_sizes=dict(dataclasses.asdict(SMALL), fused_dq=False), seed=zlib.crc32(spec.encode()) + 1)
 
 
-def test_batch_and_negative_scale():
-    # A negative scale takes the forward's scale-then-max path on full tiles too.
-    run_checked(check_against_reference, spec="block(256)", seq_len=140, batch=2, scale=-0.3, seed=17)
+@pytest.mark.parametrize("persistent", [True, False])
+def test_batch_and_negative_scale(persistent):
+    # A negative scale takes the forward's scale-then-max path on full tiles too. Persistent, the forward's
+    # INTERPRET_BLOCKS (3) blocks walk the 8 rows (2 query tiles x 2 heads x batch 2) 3, 3 and 2; else one block
+    # per row.
+    run_checked(check_against_reference, spec="block(256)", seq_len=140, batch=2, scale=-0.3, seed=17,
+                block_sizes=dict(dataclasses.asdict(SMALL), persistent=persistent))
 
 
 def test_no_races():
@@ -377,6 +381,21 @@ def test_block_sizes_validation_and_defaults(interpreter_pool):
     q = jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match="block_sizes"):
         mosaic_gpu.attention(q, q, q, "dense", scale=1.0, interpret=True, block_sizes={"block_q": 64})
+
+
+def test_persistent_forward_where_it_measured_faster():
+    """By default the forward runs one block per SM where its rows walk fewer than 64 steps on average (at
+    32k: block(512) 2.5, window(1024) 9), and one block per row on dense (128); an explicit choice wins."""
+    sizes = mosaic_gpu.BlockSizes()
+
+    def persistent(spec, block_sizes=sizes):
+        plan = mosaic_gpu.step_plan(parse(spec), 32768, *block_sizes.forward_tile, False)
+        return mosaic_gpu.persists(block_sizes, plan)
+
+    assert persistent("block(512)") and persistent("window(1024)") and persistent("repaired(512, 64, prefix)")
+    assert not persistent("dense")
+    assert persistent("dense", dataclasses.replace(sizes, persistent=True))
+    assert not persistent("block(512)", dataclasses.replace(sizes, persistent=False))
 
 
 def test_fused_dq_where_it_measured_faster():

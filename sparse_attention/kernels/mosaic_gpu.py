@@ -83,6 +83,10 @@ FUSED_DQ_MIN_STEPS = 64
 PERSISTENT_MAX_STEPS = 64
 _GRID_NAMES = ("tile", "head", "batch")
 _PERSISTENT_GRID = "block"
+SMEM_BYTES = 227 * 1024  # the most SMEM a Hopper thread block may have
+# Beyond the buffers, for barriers and alignment: Mosaic GPU counted 2,928 bytes more than the buffers of one
+# forward (one warpgroup, 3 stages, head_dim 128).
+SMEM_MARGIN = 8 * 1024
 HOPPER_SMS = 132  # an H100 or H200 SXM: the persistent forward's block count where no GPU is visible
 # Blocks of the persistent forward in interpret mode: few, so that the tests walk several rows per block.
 INTERPRET_BLOCKS = 3
@@ -407,6 +411,14 @@ def _smem(shape, dtype, swizzled: bool = True):
     return plgpu.SMEM(shape, dtype, transforms=_SWIZZLED if swizzled else ())
 
 
+def _forward_smem_bytes(sizes: BlockSizes, head_dim: int, itemsize: int, q_buffers: int) -> int:
+    """SMEM of a forward block on the hardware: queries, the K and V rings, the lse staging, and a margin
+    for barriers and alignment."""
+    queries = q_buffers * sizes.warpgroups * sizes.block_q * head_dim * itemsize
+    keys_values = 2 * sizes.stages * sizes.block_k * head_dim * itemsize
+    return queries + keys_values + sizes.warpgroups * sizes.block_q * 4 + SMEM_MARGIN
+
+
 def _resident_blocks(interpret) -> int:
     """How many forward blocks run at once: one per SM (each takes most of an SM's SMEM)."""
     if interpret:
@@ -511,6 +523,7 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
         plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
         staged = None if stage is None else stage.at[wg]
         shape = (block_q, block_k)
+        q_buffers = q_smem.shape[0]  # 2: a row's queries load during the row before; 1: at its start
 
         def load_queries(j, buffer):
             work = row(j)
@@ -526,11 +539,13 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
             work = row(j)
             q_ref, _, _, out_ref, lse_ref = work.refs
             q_start = work.row_start + wg * block_q
-            buffer = lax.rem(j, 2)
+            buffer = lax.rem(j, q_buffers)
             q_tile = q_smem.at[buffer, wg]  # [block_q, head_dim]; holds the output at the end
+            if q_buffers == 1:  # the previous row's output store has been read from it
+                load_queries(j, buffer)
             plgpu.barrier_wait(q_loaded.at[buffer * warpgroups + wg])
-            # The other buffer's output store was read at the end of the previous row.
-            pl.when(j + 1 < count)(lambda: load_queries(j + 1, 1 - buffer))
+            if q_buffers == 2:  # the other buffer's output store was read at the end of the previous row
+                pl.when(j + 1 < count)(lambda: load_queries(j + 1, 1 - buffer))
 
             def step(mask, index, carry):
                 acc, row_max, row_sum = carry
@@ -570,11 +585,12 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(q_tile, out_ref.at[work.batch, pl.ds(q_start, block_q), work.head])
             plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[work.batch, work.head, pl.ds(q_start, block_q)])
-            # Both buffers are written again only after this: the queries of row j + 2, the next row's lse.
+            # The buffers are written again only after this: a later row's queries, the next row's lse.
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             return first_step + work.steps.total
 
-        load_queries(0, 0)
+        if q_buffers == 2:
+            load_queries(0, 0)
         if schedule is not None:
             pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
         lax.fori_loop(0, count, attend_row, jnp.int32(0))
@@ -839,12 +855,15 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
     sizes = static.block_sizes
     warpgroups, block_q, block_k, stages = sizes.warpgroups, sizes.block_q, sizes.block_k, sizes.stages
     plan = step_plan(static.pattern, seq_len, *sizes.forward_tile, False)
+    persistent = persists(sizes, plan)
+    # A persistent block double-buffers its queries (this row's and the next's) where SMEM has room.
+    q_buffers = 2 if persistent and _forward_smem_bytes(sizes, head_dim, q.dtype.itemsize, 2) <= SMEM_BYTES else 1
     scratch = dict(
-        q_smem=_smem((2, warpgroups, block_q, head_dim), q.dtype),  # double: this row's and the next's
+        q_smem=_smem((q_buffers, warpgroups, block_q, head_dim), q.dtype),
         k_smem=_smem((stages, block_k, head_dim), q.dtype),
         v_smem=_smem((stages, block_k, head_dim), q.dtype),
         lse_smem=_smem((warpgroups, block_q), jnp.float32, swizzled=False),
-        q_loaded=_barriers(2 * warpgroups), k_loaded=_barriers(stages), v_loaded=_barriers(stages),
+        q_loaded=_barriers(q_buffers * warpgroups), k_loaded=_barriers(stages), v_loaded=_barriers(stages),
         k_consumed=_barriers(stages, warpgroups), v_consumed=_barriers(stages, warpgroups),
     )
     if warpgroups == 2:
@@ -855,7 +874,7 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
                              contiguous=all(plan.contiguous))
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32))
     rows = len(plan.rows) * q_heads * batch
-    blocks = min(rows, _resident_blocks(static.interpret)) if persists(sizes, plan) else rows
+    blocks = min(rows, _resident_blocks(static.interpret)) if persistent else rows
     call = _kernel(body, out_type, scratch, grid=(blocks,), grid_names=(_PERSISTENT_GRID,), static=static,
                    name="sparse_attention_forward", warpgroups=warpgroups)
     choice = [] if selected is None else _compacted(selected)

@@ -172,6 +172,15 @@ def test_one_warpgroup_and_other_stage_counts():
                 block_sizes=sizes, seed=13)
 
 
+def test_persistent_forward_with_one_query_buffer():
+    # One warpgroup with 3 stages of 128 keys at head_dim 128 leaves no room for a second query buffer (on the
+    # H200 it overflowed SMEM by 112 bytes), so each persistent row loads its queries at its start.
+    sizes = dict(warpgroups=1, stages=3, warpgroups_dq=1, warpgroups_dkv=1, persistent=True)
+    assert mosaic_gpu._forward_smem_bytes(mosaic_gpu.BlockSizes(**sizes), 128, 2, 2) > mosaic_gpu.SMEM_BYTES
+    run_checked(check_against_reference, spec="window(100) | sinks(3)", seq_len=300, head_dim=128,
+                block_sizes=sizes, seed=19)
+
+
 def test_rows_without_keys_give_zero_and_finite_grads():
     # sinks(4) & window(2): queries >= 5 see no key at all.
     run_checked(check_against_reference, spec="sinks(4) & window(2)", seq_len=100, keyless_from=5, seed=11)

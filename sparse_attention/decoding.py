@@ -4,8 +4,9 @@ attention over them.
 A query of a local pattern sees only a global prefix and its last few keys (`Pattern.key_extent()`): keys
 [0, first) and the last `recent`. A cache of first + recent slots holds them: position p < first sits in
 slot p for good, later positions cycle through a ring of `recent` slots. Patterns with no bound keep every
-position (a cache as long as the sequence, rounded up to a multiple of 1,024 slots). The slots carry their positions, and each step masks them with
-the pattern's own `mask`, so what a decoding step attends is exactly what the full pass attends.
+position (a cache as long as the sequence, rounded up to a multiple of 1,024 slots). The slots carry their
+positions, and each step masks them with the pattern's own `mask`, so what a decoding step attends is exactly
+what the full pass attends.
 
     layout = CacheLayout.for_pattern(parse("repaired(512, 64, prefix)"), max_len=1_000_000)   # 576 slots
     cache = KVCache.empty(layout, batch, kv_heads, head_dim, jnp.bfloat16).fill(k_prompt, v_prompt)

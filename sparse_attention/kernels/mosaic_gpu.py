@@ -17,7 +17,9 @@ passes, a key tile for dk/dv) and runs `warpgroups` compute warpgroups, each on 
                       In the forward pass two compute warpgroups also take turns on the tensor cores
                       (a schedule barrier), so one's softmax overlaps the other's matrix multiplies.
 
-  forward  rows = query tiles of warpgroups x block_q; saves the base-2 logsumexp per row.
+  forward  rows = query tiles of warpgroups x block_q; saves the base-2 logsumexp per row. Where rows are
+           short, persistent: one block per SM walks row after row, the K/V ring and a double query
+           buffer running on from one row to the next (`persists`).
   dk/dv    rows = key tiles of warpgroups x block_k_dkv, over the transposed layout; with GQA a block owns
            one kv head and streams the query tiles of every q head of its group. With `fused_dq` each step
            also multiplies its dS by the block's keys and reduce-adds that into a float32 dq (TMA), as

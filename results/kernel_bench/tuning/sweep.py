@@ -26,15 +26,15 @@ from sparse_attention.kernels import mosaic_gpu
 from sparse_attention.patterns import parse
 
 
-def compiled(spec: str, shape: Shape, inputs, mode: str, overrides: dict):
-    """`mosaic_gpu` for one pattern and mode with the head_dim's default BlockSizes changed by `overrides`."""
+def compiled(spec: str, shape: Shape, arguments, mode: str, overrides: dict):
+    """`mosaic_gpu` for one pattern and mode (arguments: q, k, v[, d_out]) with the head_dim's default
+    BlockSizes changed by `overrides`."""
     pattern = parse(spec)
     sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(shape.head_dim), **overrides)
 
     def forward(q, k, v):
         return mosaic_gpu.attention(q, k, v, pattern, scale=shape.head_dim ** -0.5, block_sizes=sizes)
 
-    arguments = inputs if mode == "fwd_bwd" else inputs[:3]
     return timed_function(forward, mode).lower(*arguments).compile()
 
 
@@ -68,7 +68,7 @@ def main() -> None:
             for overrides in variants:
                 name = json.dumps(overrides, sort_keys=True)
                 try:
-                    functions[name] = compiled(spec, shape, inputs, mode, overrides)
+                    functions[name] = compiled(spec, shape, arguments, mode, overrides)
                 except Exception as error:  # a variant that does not fit is a result, not a failure
                     rows.append(dict(pattern=spec, mode=mode, variant=name, status=f"error: {error}"[:400]))
                     print(f"{spec:<26} {mode:<8} {name:<48} error: {str(error).splitlines()[0][:120]}", flush=True)

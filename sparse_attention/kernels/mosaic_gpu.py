@@ -84,7 +84,7 @@ FUSED_DQ_MIN_STEPS = 64
 # won at 2.5 to 10 steps and did not at 128 (dense).
 PERSISTENT_MAX_STEPS = 64
 _GRID_NAMES = ("tile", "head", "batch")
-_PERSISTENT_GRID = "block"
+_FLAT_GRID = "block"  # the forward's and dq's grid: one block per row, or per SM (persistent)
 SMEM_BYTES = 227 * 1024  # the most SMEM a Hopper thread block may have
 # Beyond the buffers, for barriers and alignment: Mosaic GPU counted 2,928 bytes more than the buffers of one
 # forward (one warpgroup, 3 stages, head_dim 128).
@@ -108,7 +108,8 @@ class BlockSizes:
     block_k_dkv keys and streams [block_q_dkv] query tiles. `fused_dq`: True, the dk/dv blocks also compute
     dq and add it into a float32 buffer (5 matrix multiplies per tile pair); False, a dq kernel, with the
     *_dq fields laid out as the forward's, computes it (7); None, whichever was faster in the measurements
-    (`fuses_dq`). Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
+    (`fuses_dq`). `persistent_dq`: the dq kernel persistent as the forward (not yet measured on a GPU, so off
+    by default). Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
     """
 
     block_q: int = 64
@@ -128,6 +129,7 @@ class BlockSizes:
 
     fused_dq: bool | None = None
     persistent: bool | None = None
+    persistent_dq: bool = False
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -413,16 +415,21 @@ def _smem(shape, dtype, swizzled: bool = True):
     return plgpu.SMEM(shape, dtype, transforms=_SWIZZLED if swizzled else ())
 
 
-def _forward_smem_bytes(sizes: BlockSizes, head_dim: int, itemsize: int, q_buffers: int) -> int:
-    """SMEM of a forward block on the hardware: queries, the K and V rings, the lse staging, and a margin
-    for barriers and alignment."""
-    queries = q_buffers * sizes.warpgroups * sizes.block_q * head_dim * itemsize
-    keys_values = 2 * sizes.stages * sizes.block_k * head_dim * itemsize
-    return queries + keys_values + sizes.warpgroups * sizes.block_q * 4 + SMEM_MARGIN
+def _resident_buffers(persistent: bool, row_bytes: int, ring_bytes: int, other_bytes: int = 0) -> int:
+    """How many buffers a block keeps of its row-resident operands (row_bytes per row): two for a persistent
+    block, so that the next row's load overlaps this row, where they fit in SMEM beside the ring and the rest
+    (with a margin for barriers and alignment); else one."""
+    fits = 2 * row_bytes + ring_bytes + other_bytes + SMEM_MARGIN <= SMEM_BYTES
+    return 2 if persistent and fits else 1
+
+
+def _flat_grid(rows: int, persistent: bool, interpret) -> tuple[int]:
+    """One block per row, or for a persistent kernel as many as run at once (at most one per row)."""
+    return (min(rows, _resident_blocks(interpret)) if persistent else rows,)
 
 
 def _resident_blocks(interpret) -> int:
-    """How many forward blocks run at once: one per SM (each takes most of an SM's SMEM)."""
+    """How many forward or dq blocks run at once: one per SM (each takes most of an SM's SMEM)."""
     if interpret:
         return INTERPRET_BLOCKS
     try:
@@ -455,25 +462,25 @@ def _store_results(copies):
 
 
 @dataclasses.dataclass(frozen=True)
-class _ForwardRow:
-    """One row of the forward's work (a query tile of one head and batch entry) and its steps."""
+class _Row:
+    """One row of a forward or dq kernel's work (a query tile of one head and batch entry) and its steps."""
 
     head: Any
     batch: Any
     kv_head: Any
     row_start: Any
-    refs: tuple  # q, k, v, out, lse
+    refs: tuple  # the kernel's refs after a topk choice's two
     steps: _Steps
 
 
-def _forward_rows(rows_ref, tiles_ref, counts_ref, refs, static: KernelStatic, group: int, contiguous: bool):
-    """(this block's number of rows, row(j) -> its j-th `_ForwardRow`). A persistent block takes rows
-    block, block + blocks, ... of the (row tiles, q heads, batch) rows, row tiles fastest: in launch order
-    (heaviest first) within a head, so that neighbouring blocks share K and V tiles in L2."""
-    sizes = static.block_sizes
-    block, blocks = lax.axis_index(_PERSISTENT_GRID), lax.axis_size(_PERSISTENT_GRID)
+def _block_rows(rows_ref, tiles_ref, counts_ref, refs, static: KernelStatic, *, group: int, contiguous: bool,
+                row_height: int, column_tile: int, q_heads: int, batches: int):
+    """(this block's number of rows, row(j) -> its j-th `_Row`) over a flat grid. Block b takes rows b,
+    b + blocks, ... of the (row tiles, q heads, batch) rows, row tiles fastest: in launch order (heaviest
+    first) within a head, so that neighbouring blocks share K and V tiles in L2. With one block per row,
+    each block's one row."""
+    block, blocks = lax.axis_index(_FLAT_GRID), lax.axis_size(_FLAT_GRID)
     row_tiles = rows_ref.shape[0]
-    batches, _, q_heads, _ = refs[-5].shape  # q: refs end with q, k, v, out, lse
     count = lax.div(row_tiles * q_heads * batches - 1 - block, blocks) + 1
 
     def row(j):
@@ -481,12 +488,53 @@ def _forward_rows(rows_ref, tiles_ref, counts_ref, refs, static: KernelStatic, g
         program, rest = lax.rem(item, row_tiles), lax.div(item, row_tiles)
         head, batch = lax.rem(rest, q_heads), lax.div(rest, q_heads)
         kv_head = lax.div(head, jnp.int32(group))
-        row_start = rows_ref[program] * (sizes.warpgroups * sizes.block_q)
-        arrays, chosen = _chosen_view(static, refs, sizes.block_k, batch, kv_head, row_start)
+        row_start = rows_ref[program] * row_height
+        arrays, chosen = _chosen_view(static, refs, column_tile, batch, kv_head, row_start)
         steps = _Steps(tiles_ref, program, counts_ref[program, 0], counts_ref[program, 1], contiguous, chosen)
-        return _ForwardRow(head, batch, kv_head, row_start, tuple(arrays), steps)
+        return _Row(head, batch, kv_head, row_start, tuple(arrays), steps)
 
     return count, row
+
+
+def _stream_rows(count, row, stages: int, groups, consumed_barriers):
+    """The memory warpgroup's loop over its block's rows: `_stream` of each row's steps (groups(row) as
+    `_stream`'s groups), the ring running on from one row to the next, then the last consumptions."""
+
+    def stream_row(j, first_step):
+        work = row(j)
+        _stream(work.steps.total, stages, groups(work), first_step)
+        return first_step + work.steps.total
+
+    _observe_last(lax.fori_loop(0, count, stream_row, jnp.int32(0)), stages, consumed_barriers)
+
+
+def _walk_rows(count, buffers: int, load, attend):
+    """A compute warpgroup's loop over its block's rows. load(j, buffer) issues row j's resident loads into
+    `buffer`; attend(j, buffer, first_step) waits for them, walks the row's steps (counted from first_step over
+    the block) and stores its results, and returns the row's step count. With two buffers row j + 1's loads
+    are issued as row j starts: the last reader of their buffer was row j - 1's output store, which attend
+    waited for. With one, each row loads at its start."""
+    if buffers == 2:
+        load(0, 0)
+
+    def row(j, first_step):
+        buffer = lax.rem(j, buffers)
+        if buffers == 1:
+            load(j, buffer)
+        else:
+            pl.when(j + 1 < count)(lambda: load(j + 1, 1 - buffer))
+        return first_step + attend(j, buffer, first_step)
+
+    lax.fori_loop(0, count, row, jnp.int32(0))
+
+
+def _store_row_results(copies):
+    """SMEM -> GMEM TMA stores [(SMEM ref, GMEM ref), ...] of a row's results just written to SMEM, waited for
+    until they have been read: the SMEM is written again by a later row; the kernel's end waits for the rest."""
+    plgpu.commit_smem()
+    for buffer, target in copies:
+        plgpu.copy_smem_to_gmem(buffer, target)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
@@ -494,40 +542,39 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                     v_consumed, schedule=None, stage=None):
     """refs: [the topk choice's lists and counts,] q, k, v, out, lse.
 
-    Persistent: a block walks several rows (`_forward_rows`), and K/V steps are counted over all of them, so
-    the memory warpgroup streams the next row's first tiles while the compute warpgroups finish a row, and
+    A block walks one row, or several when persistent (`_block_rows`); K/V steps are counted over all of them,
+    so the memory warpgroup streams the next row's first tiles while the compute warpgroups finish a row, and
     each compute warpgroup loads its next row's queries into the other half of a double buffer meanwhile."""
     sizes = static.block_sizes
     warpgroups, block_q, block_k, stages = sizes.warpgroups, sizes.block_q, sizes.block_k, sizes.stages
     scale_log2 = static.scale * LOG2_E
     wg = lax.axis_index(_WARPGROUP)
-    count, row = _forward_rows(rows_ref, tiles_ref, counts_ref, refs, static, group, contiguous)
+    batches, _, q_heads, _ = refs[-5].shape  # q: refs end with q, k, v, out, lse
+    count, row = _block_rows(rows_ref, tiles_ref, counts_ref, refs, static, group=group, contiguous=contiguous,
+                             row_height=warpgroups * block_q, column_tile=block_k, q_heads=q_heads, batches=batches)
 
     @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
-        def stream_row(j, first_step):
-            work = row(j)
+        def groups(work):
             _, k_ref, v_ref, _, _ = work.refs
 
             def key_tile(ref):
                 return lambda i: ref.at[work.batch, pl.ds(work.steps.tile(i) * block_k, block_k), work.kv_head]
 
-            _stream(work.steps.total, stages, [(k_consumed, [(key_tile(k_ref), k_smem, k_loaded)]),
-                                               (v_consumed, [(key_tile(v_ref), v_smem, v_loaded)])], first_step)
-            return first_step + work.steps.total
+            return [(k_consumed, [(key_tile(k_ref), k_smem, k_loaded)]),
+                    (v_consumed, [(key_tile(v_ref), v_smem, v_loaded)])]
 
-        _observe_last(lax.fori_loop(0, count, stream_row, jnp.int32(0)), stages, [k_consumed, v_consumed])
+        _stream_rows(count, row, stages, groups, [k_consumed, v_consumed])
 
     @pl.when(wg < warpgroups)
     def _compute():
         plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
         staged = None if stage is None else stage.at[wg]
         shape = (block_q, block_k)
-        q_buffers = q_smem.shape[0]  # 2: a row's queries load during the row before; 1: at its start
 
-        def load_queries(j, buffer):
+        def load(j, buffer):
             work = row(j)
             q_ref = work.refs[0]
             plgpu.copy_gmem_to_smem(q_ref.at[work.batch, pl.ds(work.row_start + wg * block_q, block_q), work.head],
@@ -537,17 +584,12 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
-        def attend_row(j, first_step):
+        def attend(j, buffer, first_step):
             work = row(j)
             q_ref, _, _, out_ref, lse_ref = work.refs
             q_start = work.row_start + wg * block_q
-            buffer = lax.rem(j, q_buffers)
             q_tile = q_smem.at[buffer, wg]  # [block_q, head_dim]; holds the output at the end
-            if q_buffers == 1:  # the previous row's output store has been read from it
-                load_queries(j, buffer)
             plgpu.barrier_wait(q_loaded.at[buffer * warpgroups + wg])
-            if q_buffers == 2:  # the other buffer's output store was read at the end of the previous row
-                pl.when(j + 1 < count)(lambda: load_queries(j + 1, 1 - buffer))
 
             def step(mask, index, carry):
                 acc, row_max, row_sum = carry
@@ -584,18 +626,13 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
             safe_sum = jnp.where(seen, row_sum, 1.0)
             q_tile[...] = (acc * _rows(1.0 / safe_sum, acc.shape)).astype(q_tile.dtype)
             lse_smem.at[wg][...] = jnp.where(seen, row_max + jnp.log2(safe_sum), jnp.inf)
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(q_tile, out_ref.at[work.batch, pl.ds(q_start, block_q), work.head])
-            plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[work.batch, work.head, pl.ds(q_start, block_q)])
-            # The buffers are written again only after this: a later row's queries, the next row's lse.
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            return first_step + work.steps.total
+            _store_row_results([(q_tile, out_ref.at[work.batch, pl.ds(q_start, block_q), work.head]),
+                                (lse_smem.at[wg], lse_ref.at[work.batch, work.head, pl.ds(q_start, block_q)])])
+            return work.steps.total
 
-        if q_buffers == 2:
-            load_queries(0, 0)
         if schedule is not None:
             pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
-        lax.fori_loop(0, count, attend_row, jnp.int32(0))
+        _walk_rows(count, q_smem.shape[0], load, attend)
         if schedule is not None:
             pl.when(wg == 0)(take_turn)  # pairs with warpgroup 1's first turn
         plgpu.wait_smem_to_gmem(0)
@@ -604,64 +641,81 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
 def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
                contiguous: bool, q_smem, d_out_smem, lse_smem, delta_smem, k_smem, v_smem, q_loaded, d_out_loaded,
                lse_loaded, delta_loaded, k_loaded, v_loaded, k_consumed, v_consumed, stage=None):
-    """refs: [the topk choice's lists and counts,] q, k, v, d_out, lse, delta, dq."""
+    """refs: [the topk choice's lists and counts,] q, k, v, d_out, lse, delta, dq. Rows as the forward's, one
+    per block or several (`persistent_dq`), with q, dO, lse and delta resident per row."""
     sizes = static.block_sizes
     warpgroups, block_q, block_k, stages = (sizes.warpgroups_dq, sizes.block_q_dq, sizes.block_k_dq,
                                             sizes.stages_dq)
     scale_log2 = static.scale * LOG2_E
-    program, head, batch = _block_index()
     wg = lax.axis_index(_WARPGROUP)
-    kv_head = lax.div(head, jnp.int32(group))
-    row_start = rows_ref[program] * (warpgroups * block_q)
-    (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_ref), chosen = _chosen_view(
-        static, refs, block_k, batch, kv_head, row_start)
-    steps = _Steps(tiles_ref, program, counts_ref[program, 0], counts_ref[program, 1], contiguous, chosen)
+    batches, _, q_heads, _ = refs[-7].shape  # q: refs end with q, k, v, d_out, lse, delta, dq
+    count, row = _block_rows(rows_ref, tiles_ref, counts_ref, refs, static, group=group, contiguous=contiguous,
+                             row_height=warpgroups * block_q, column_tile=block_k, q_heads=q_heads, batches=batches)
+    resident = ((q_smem, q_loaded), (d_out_smem, d_out_loaded), (lse_smem, lse_loaded), (delta_smem, delta_loaded))
 
     @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
-        def key_tile(ref):
-            return lambda step: ref.at[batch, pl.ds(steps.tile(step) * block_k, block_k), kv_head]
+        def groups(work):
+            _, k_ref, v_ref, *_ = work.refs
 
-        _stream(steps.total, stages, [(v_consumed, [(key_tile(v_ref), v_smem, v_loaded)]),
-                                      (k_consumed, [(key_tile(k_ref), k_smem, k_loaded)])])
-        _observe_last(steps.total, stages, [v_consumed, k_consumed])
+            def key_tile(ref):
+                return lambda i: ref.at[work.batch, pl.ds(work.steps.tile(i) * block_k, block_k), work.kv_head]
+
+            return [(v_consumed, [(key_tile(v_ref), v_smem, v_loaded)]),
+                    (k_consumed, [(key_tile(k_ref), k_smem, k_loaded)])]
+
+        _stream_rows(count, row, stages, groups, [v_consumed, k_consumed])
 
     @pl.when(wg < warpgroups)
     def _compute():
         plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
-        q_start = row_start + wg * block_q
-        queries = pl.ds(q_start, block_q)
-        q_tile, d_out_tile = q_smem.at[wg], d_out_smem.at[wg]  # q_tile holds dq at the end
-        _load_resident([(q_ref.at[batch, queries, head], q_tile), (d_out_ref.at[batch, queries, head], d_out_tile),
-                        (lse_ref.at[batch, head, queries], lse_smem.at[wg]),
-                        (delta_ref.at[batch, head, queries], delta_smem.at[wg])],
-                       [q_loaded, d_out_loaded, lse_loaded, delta_loaded], wg)
         shape = (block_q, block_k)
-        lse = plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-        delta = plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
         staged = None if stage is None else stage.at[wg]
 
-        def step(mask, index, dq):
-            slot = _slot(index, stages)
-            plgpu.barrier_wait(k_loaded.at[slot])
-            probs = jnp.exp2(_matmul(q_tile, k_smem.at[slot].T) * scale_log2 - _rows(lse, shape))
-            if mask is not UNMASKED:
-                active = _tile_mask(static.pattern, seq_len, shape, q_start, steps.tile(index) * block_k,
-                                    chosen=mask == CHOSEN)
-                probs = jnp.where(active, probs, 0.0)
-            plgpu.barrier_wait(v_loaded.at[slot])
-            d_probs = _matmul(d_out_tile, v_smem.at[slot].T)
-            plgpu.barrier_arrive(v_consumed.at[slot])
-            d_logits = probs * (d_probs - _rows(delta, shape))
-            dq = _accumulate(dq, d_logits.astype(q_ref.dtype), k_smem.at[slot], staged)
-            plgpu.barrier_arrive(k_consumed.at[slot])
-            return dq
+        def load(j, buffer):
+            work = row(j)
+            q_ref, _, _, d_out_ref, lse_ref, delta_ref, _ = work.refs
+            queries = pl.ds(work.row_start + wg * block_q, block_q)
+            sources = (q_ref.at[work.batch, queries, work.head], d_out_ref.at[work.batch, queries, work.head],
+                       lse_ref.at[work.batch, work.head, queries], delta_ref.at[work.batch, work.head, queries])
+            for source, (smem, loaded) in zip(sources, resident):
+                plgpu.copy_gmem_to_smem(source, smem.at[buffer, wg], loaded.at[buffer * warpgroups + wg])
 
-        dq = _walk(steps, step, _zeros(q_tile.shape))
-        q_tile[...] = (dq * static.scale).astype(q_tile.dtype)
-        _store_results([(q_tile, dq_ref.at[batch, queries, head])])
+        def attend(j, buffer, first_step):
+            work = row(j)
+            q_ref, _, _, _, _, _, dq_ref = work.refs
+            q_start = work.row_start + wg * block_q
+            for _, loaded in resident:
+                plgpu.barrier_wait(loaded.at[buffer * warpgroups + wg])
+            q_tile, d_out_tile = q_smem.at[buffer, wg], d_out_smem.at[buffer, wg]  # q_tile holds dq at the end
+            lse = plgpu.load(lse_smem.at[buffer, wg], layout=plgpu.Layout.WGMMA.reduce(1))
+            delta = plgpu.load(delta_smem.at[buffer, wg], layout=plgpu.Layout.WGMMA.reduce(1))
+
+            def step(mask, index, dq):
+                slot = _slot(first_step + index, stages)
+                plgpu.barrier_wait(k_loaded.at[slot])
+                probs = jnp.exp2(_matmul(q_tile, k_smem.at[slot].T) * scale_log2 - _rows(lse, shape))
+                if mask is not UNMASKED:
+                    active = _tile_mask(static.pattern, seq_len, shape, q_start, work.steps.tile(index) * block_k,
+                                        chosen=mask == CHOSEN)
+                    probs = jnp.where(active, probs, 0.0)
+                plgpu.barrier_wait(v_loaded.at[slot])
+                d_probs = _matmul(d_out_tile, v_smem.at[slot].T)
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                d_logits = probs * (d_probs - _rows(delta, shape))
+                dq = _accumulate(dq, d_logits.astype(q_ref.dtype), k_smem.at[slot], staged)
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                return dq
+
+            dq = _walk(work.steps, step, _zeros(q_tile.shape))
+            q_tile[...] = (dq * static.scale).astype(q_tile.dtype)
+            _store_row_results([(q_tile, dq_ref.at[work.batch, pl.ds(q_start, block_q), work.head])])
+            return work.steps.total
+
+        _walk_rows(count, q_smem.shape[0], load, attend)
+        plgpu.wait_smem_to_gmem(0)
 
 
 def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
@@ -858,8 +912,8 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
     warpgroups, block_q, block_k, stages = sizes.warpgroups, sizes.block_q, sizes.block_k, sizes.stages
     plan = step_plan(static.pattern, seq_len, *sizes.forward_tile, False)
     persistent = persists(sizes, plan)
-    # A persistent block double-buffers its queries (this row's and the next's) where SMEM has room.
-    q_buffers = 2 if persistent and _forward_smem_bytes(sizes, head_dim, q.dtype.itemsize, 2) <= SMEM_BYTES else 1
+    q_buffers = _resident_buffers(persistent, warpgroups * block_q * head_dim * q.dtype.itemsize,
+                                  2 * stages * block_k * head_dim * q.dtype.itemsize, warpgroups * block_q * 4)
     scratch = dict(
         q_smem=_smem((q_buffers, warpgroups, block_q, head_dim), q.dtype),
         k_smem=_smem((stages, block_k, head_dim), q.dtype),
@@ -875,9 +929,8 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
     body = functools.partial(_forward_kernel, static=static, seq_len=seq_len, group=q_heads // k.shape[2],
                              contiguous=all(plan.contiguous))
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32))
-    rows = len(plan.rows) * q_heads * batch
-    blocks = min(rows, _resident_blocks(static.interpret)) if persistent else rows
-    call = _kernel(body, out_type, scratch, grid=(blocks,), grid_names=(_PERSISTENT_GRID,), static=static,
+    grid = _flat_grid(len(plan.rows) * q_heads * batch, persistent, static.interpret)
+    call = _kernel(body, out_type, scratch, grid=grid, grid_names=(_FLAT_GRID,), static=static,
                    name="sparse_attention_forward", warpgroups=warpgroups)
     choice = [] if selected is None else _compacted(selected)
     return _varying_like(call(plan.rows, *plan.steps, *choice, q, k, v), (q, k, v))
@@ -937,22 +990,27 @@ def _dq(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, selected
     warpgroups, block_q, block_k, stages = (sizes.warpgroups_dq, sizes.block_q_dq, sizes.block_k_dq,
                                             sizes.stages_dq)
     plan = step_plan(static.pattern, seq_len, *sizes.dq_tile, False)
+    # q and dO, lse and delta
+    row_bytes = warpgroups * block_q * (2 * head_dim * dtype.itemsize + 2 * 4)
+    buffers = _resident_buffers(sizes.persistent_dq, row_bytes, 2 * stages * block_k * head_dim * dtype.itemsize)
     scratch = dict(
-        q_smem=_smem((warpgroups, block_q, head_dim), dtype),
-        d_out_smem=_smem((warpgroups, block_q, head_dim), dtype),
-        lse_smem=_smem((warpgroups, block_q), jnp.float32, swizzled=False),
-        delta_smem=_smem((warpgroups, block_q), jnp.float32, swizzled=False),
+        q_smem=_smem((buffers, warpgroups, block_q, head_dim), dtype),
+        d_out_smem=_smem((buffers, warpgroups, block_q, head_dim), dtype),
+        lse_smem=_smem((buffers, warpgroups, block_q), jnp.float32, swizzled=False),
+        delta_smem=_smem((buffers, warpgroups, block_q), jnp.float32, swizzled=False),
         k_smem=_smem((stages, block_k, head_dim), dtype),
         v_smem=_smem((stages, block_k, head_dim), dtype),
-        q_loaded=_barriers(warpgroups), d_out_loaded=_barriers(warpgroups), lse_loaded=_barriers(warpgroups),
-        delta_loaded=_barriers(warpgroups), k_loaded=_barriers(stages), v_loaded=_barriers(stages),
+        q_loaded=_barriers(buffers * warpgroups), d_out_loaded=_barriers(buffers * warpgroups),
+        lse_loaded=_barriers(buffers * warpgroups), delta_loaded=_barriers(buffers * warpgroups),
+        k_loaded=_barriers(stages), v_loaded=_barriers(stages),
         k_consumed=_barriers(stages, warpgroups), v_consumed=_barriers(stages, warpgroups),
     )
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_q, block_k), dtype, swizzled=False)
     body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
                              contiguous=all(plan.contiguous))
-    return _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=(len(plan.rows), q.shape[2], q.shape[0]),
+    grid = _flat_grid(len(plan.rows) * q.shape[2] * q.shape[0], sizes.persistent_dq, static.interpret)
+    return _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=grid, grid_names=(_FLAT_GRID,),
                    static=static, name="sparse_attention_dq", warpgroups=warpgroups)(
         plan.rows, *plan.steps, *([] if selected is None else _compacted(selected)), q, k, v, d_out, lse, delta)
 

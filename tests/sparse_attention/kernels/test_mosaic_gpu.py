@@ -176,7 +176,8 @@ def test_persistent_forward_with_one_query_buffer():
     # One warpgroup with 3 stages of 128 keys at head_dim 128 leaves no room for a second query buffer (on the
     # H200 it overflowed SMEM by 112 bytes), so each persistent row loads its queries at its start.
     sizes = dict(warpgroups=1, stages=3, warpgroups_dq=1, warpgroups_dkv=1, persistent=True)
-    assert mosaic_gpu._forward_smem_bytes(mosaic_gpu.BlockSizes(**sizes), 128, 2, 2) > mosaic_gpu.SMEM_BYTES
+    queries, keys_values = 64 * 128 * 2, 2 * 3 * 128 * 128 * 2  # bytes: one warpgroup's, the 3-stage ring
+    assert mosaic_gpu._resident_buffers(True, queries, keys_values, 64 * 4) == 1
     run_checked(check_against_reference, spec="window(100) | sinks(3)", seq_len=300, head_dim=128,
                 block_sizes=sizes, seed=19)
 
@@ -186,11 +187,13 @@ def test_rows_without_keys_give_zero_and_finite_grads():
     run_checked(check_against_reference, spec="sinks(4) & window(2)", seq_len=100, keyless_from=5, seed=11)
 
 
-@pytest.mark.parametrize("spec, seq_len, dtype, heads, kv_heads", [
-    ("block(256, 128)", 330, "float16", 4, 2), ("repaired(256, 48, prefix)", 320, "bfloat16", 2, 1)])
-def test_separate_dq_kernel(spec, seq_len, dtype, heads, kv_heads):
+@pytest.mark.parametrize("spec, seq_len, dtype, heads, kv_heads, persistent_dq", [
+    ("block(256, 128)", 330, "float16", 4, 2, False), ("repaired(256, 48, prefix)", 320, "bfloat16", 2, 1, False),
+    ("window(200) | sinks(4)", 300, "bfloat16", 4, 2, True)])  # persistent: 3 blocks over 12 rows
+def test_separate_dq_kernel(spec, seq_len, dtype, heads, kv_heads, persistent_dq):
+    sizes = dict(dataclasses.asdict(SMALL), fused_dq=False, persistent_dq=persistent_dq)
     run_checked(check_against_reference, spec=spec, seq_len=seq_len, dtype=dtype, heads=heads, kv_heads=kv_heads,
-                block_sizes=dict(dataclasses.asdict(SMALL), fused_dq=False), seed=zlib.crc32(spec.encode()) + 1)
+                block_sizes=sizes, seed=zlib.crc32(spec.encode()) + 1)
 
 
 @pytest.mark.parametrize("persistent", [True, False])
@@ -204,15 +207,17 @@ def test_batch_and_negative_scale(persistent):
 
 def test_no_races():
     """The interpreter's race detector finds no unsynchronised SMEM access in the pipeline (ring slots,
-    ping-pong, staging, the fused dq's double buffer). The interpreter also fails any kernel in which a
-    warpgroup that waits on a barrier misses one of its phases, in every test.
+    ping-pong, staging, the fused dq's double buffer, the persistent kernels' row buffers). The interpreter
+    also fails any kernel in which a warpgroup that waits on a barrier misses one of its phases, in every
+    test.
 
     In interpret mode the fused dq's reduce-add is a load, an add and a store in GMEM; the detector, which
     does not order thread blocks that the interpreter runs one after another, reports two blocks adding to
     one query tile as a race. So the many-blocks-per-tile case runs the separate dq kernel, and the fused one
     runs block-local (each query tile's dq comes from one dk/dv block, through both of its warpgroups)."""
     run_checked(check_against_reference, spec="window(200) | strided(9)", seq_len=260, dtype="float16",
-                detect_races=True, seed=19, block_sizes=dict(dataclasses.asdict(SMALL), fused_dq=False))
+                detect_races=True, seed=19,
+                block_sizes=dict(dataclasses.asdict(SMALL), fused_dq=False, persistent_dq=True))
     # head_dim 64: the warpgroups take turns adding dq's whole tile; 128: each adds its own columns.
     for head_dim in (64, 128):
         run_checked(check_against_reference, spec="block(128)", seq_len=256, heads=4, kv_heads=2, dtype="bfloat16",
@@ -269,9 +274,9 @@ LOWERING_SCRIPT = textwrap.dedent(
     # Lowering needs no GPU: skip the device check so that the hardware kernels (not interpret mode) lower.
     mosaic_gpu._platform_reason = lambda interpret: None
     results = {}
-    for spec, head_dim, dtype, fused_dq in json.loads(sys.argv[1]):
+    for spec, head_dim, dtype, overrides in json.loads(sys.argv[1]):
         pattern = parse(spec)
-        sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), fused_dq=fused_dq)
+        sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), **overrides)
         q = jax.ShapeDtypeStruct((2, 1000, 4, head_dim), jnp.dtype(dtype))
         kv = jax.ShapeDtypeStruct((2, 1000, 2, head_dim), jnp.dtype(dtype))
         # A topk pattern's choice is an input: [batch, kv_heads, query blocks, K].
@@ -282,21 +287,25 @@ LOWERING_SCRIPT = textwrap.dedent(
                                                                     block_sizes=sizes), q, k, v)
             return (out, *vjp(d_out))
         module = jax.export.export(jax.jit(run), platforms=["cuda"])(q, kv, kv, q, selected).mlir_module()
-        results[f"{spec} {fused_dq}"] = module.count("custom_call @mosaic_gpu")
+        results[f"{spec} {overrides}"] = module.count("custom_call @mosaic_gpu")
     print(json.dumps(results))
     """
 )
 
-# (spec, head_dim, dtype, fused_dq): the default fused backward everywhere, the separate dq kernel on three.
+# (spec, head_dim, dtype, BlockSizes overrides): the fused backward everywhere, the separate dq kernel on three
+# (persistent on two); the forward persistent or not by its default, and forced one block per row on one.
+FUSED, SEPARATE = {"fused_dq": True}, {"fused_dq": False}
+SEPARATE_PERSISTENT = {"fused_dq": False, "persistent_dq": True}
 LOWERED_CASES = [
-    ("dense", 64, "bfloat16", True), ("block(256, 128)", 128, "float16", True), ("window(300)", 64, "float16", True),
-    ("repaired(256, 32, bridge)", 128, "bfloat16", True), ("repaired(256, 32, prefix)", 64, "bfloat16", True),
-    ("strided(7)", 128, "float16", True), ("dilated(64, 3)", 64, "bfloat16", True), ("sinks(4)", 64, "float16", True),
-    ("random_blocks(128, 2, 5)", 128, "bfloat16", True),
-    ("window(300) | sinks(4) & strided(2)", 64, "bfloat16", True),
-    ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", True),
-    ("dense", 128, "bfloat16", False), ("repaired(256, 32, bridge)", 64, "float16", False),
-    ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", False),
+    ("dense", 64, "bfloat16", FUSED), ("block(256, 128)", 128, "float16", FUSED), ("window(300)", 64, "float16", FUSED),
+    ("repaired(256, 32, bridge)", 128, "bfloat16", FUSED), ("repaired(256, 32, prefix)", 64, "bfloat16", FUSED),
+    ("strided(7)", 128, "float16", FUSED), ("dilated(64, 3)", 64, "bfloat16", FUSED),
+    ("sinks(4)", 64, "float16", FUSED),
+    ("random_blocks(128, 2, 5)", 128, "bfloat16", dict(FUSED, persistent=False)),
+    ("window(300) | sinks(4) & strided(2)", 64, "bfloat16", FUSED),
+    ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", FUSED),
+    ("dense", 128, "bfloat16", SEPARATE), ("repaired(256, 32, bridge)", 64, "float16", SEPARATE_PERSISTENT),
+    ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", SEPARATE_PERSISTENT),
 ]
 
 
@@ -309,7 +318,7 @@ def test_hardware_path_lowers_for_sm90():
     assert result.returncode == 0, result.stderr[-3000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     # Mosaic GPU custom calls per case: forward and dk/dv, and a dq kernel unless dk/dv computes dq.
-    assert counts == {f"{spec} {fused}": 2 if fused else 3 for spec, _, _, fused in LOWERED_CASES}
+    assert counts == {f"{spec} {sizes}": 2 if sizes["fused_dq"] else 3 for spec, _, _, sizes in LOWERED_CASES}
 
 
 # ------------------------------------------------------------------------------------- plans and API

@@ -1,8 +1,8 @@
 """Block-sparse flash attention for Hopper and later GPUs (sm90+): Pallas Mosaic GPU kernels.
 
 Warp-specialized kernels: forward, dk/dv (which also computes dq, by default), and optionally a separate
-dq kernel. Each thread block owns one row tile of the block layout (a query tile for the forward and dq
-passes, a key tile for dk/dv) and runs `warpgroups` compute warpgroups, each on its own
+dq kernel. Each thread block owns one row tile of the block layout at a time (a query tile for the forward
+and dq passes, a key tile for dk/dv; one row per block, or, persistent, rows in turn) and runs `warpgroups` compute warpgroups, each on its own
 64-row slice of that tile, plus one memory warpgroup:
 
   memory warpgroup    walks the row's list of tiles (FULL tiles first, then PARTIAL ones, read as int32
@@ -19,7 +19,7 @@ passes, a key tile for dk/dv) and runs `warpgroups` compute warpgroups, each on 
 
   forward  rows = query tiles of warpgroups x block_q; saves the base-2 logsumexp per row. Where rows are
            short, persistent: one block per SM walks row after row, the K/V ring and a double query
-           buffer running on from one row to the next (`persists`).
+           buffer running on from one row to the next (`persists`); dq and dk/dv can run so too.
   dk/dv    rows = key tiles of warpgroups x block_k_dkv, over the transposed layout; with GQA a block owns
            one kv head and streams the query tiles of every q head of its group. With `fused_dq` each step
            also multiplies its dS by the block's keys and reduce-adds that into a float32 dq (TMA), as
@@ -83,8 +83,7 @@ FUSED_DQ_MIN_STEPS = 64
 # Below this mean number of steps per forward row, the persistent forward is the default (`persists`): it
 # won at 2.5 to 10 steps and did not at 128 (dense).
 PERSISTENT_MAX_STEPS = 64
-_GRID_NAMES = ("tile", "head", "batch")
-_FLAT_GRID = "block"  # the forward's and dq's grid: one block per row, or per SM (persistent)
+_FLAT_GRID = "block"  # every kernel's grid: one block per row, or per SM (persistent)
 SMEM_BYTES = 227 * 1024  # the most SMEM a Hopper thread block may have
 # Beyond the buffers, for barriers and alignment: Mosaic GPU counted 2,928 bytes more than the buffers of one
 # forward (one warpgroup, 3 stages, head_dim 128).
@@ -108,8 +107,8 @@ class BlockSizes:
     block_k_dkv keys and streams [block_q_dkv] query tiles. `fused_dq`: True, the dk/dv blocks also compute
     dq and add it into a float32 buffer (5 matrix multiplies per tile pair); False, a dq kernel, with the
     *_dq fields laid out as the forward's, computes it (7); None, whichever was faster in the measurements
-    (`fuses_dq`). `persistent_dq`: the dq kernel persistent as the forward (not yet measured on a GPU, so off
-    by default). Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
+    (`fuses_dq`). `persistent_dq`, `persistent_dkdv`: the dq and dk/dv kernels persistent as the forward (not
+    yet measured on a GPU, so off by default). Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
     """
 
     block_q: int = 64
@@ -130,6 +129,7 @@ class BlockSizes:
     fused_dq: bool | None = None
     persistent: bool | None = None
     persistent_dq: bool = False
+    persistent_dkdv: bool = False
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -390,9 +390,8 @@ def _observe_last(num_steps, stages: int, consumed_barriers):
             plgpu.barrier_wait(consumed.at[_slot(step, stages)])
 
 
-def _kernel(body, out_type, scratch, *, grid, static: KernelStatic, name: str, warpgroups: int,
-            grid_names=_GRID_NAMES):
-    """plgpu.kernel over `grid` blocks (by default (row tiles, heads, batch)) of warpgroups + 1 warpgroups."""
+def _kernel(body, out_type, scratch, *, grid, static: KernelStatic, name: str, warpgroups: int):
+    """plgpu.kernel over a flat grid of blocks (`_flat_grid`) of warpgroups + 1 warpgroups."""
     if isinstance(static.interpret, plgpu.InterpretGPUParams):
         interpret = static.interpret
     else:
@@ -402,7 +401,7 @@ def _kernel(body, out_type, scratch, *, grid, static: KernelStatic, name: str, w
         out_type=out_type,
         scratch_types=scratch,
         grid=grid,
-        grid_names=grid_names,
+        grid_names=(_FLAT_GRID,),
         num_threads=warpgroups + 1,
         thread_name=_WARPGROUP,
         compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -438,32 +437,13 @@ def _resident_blocks(interpret) -> int:
         return HOPPER_SMS
 
 
-def _block_index():
-    return tuple(lax.axis_index(name) for name in _GRID_NAMES)
-
-
-def _load_resident(copies, loaded, wg):
-    """A compute warpgroup's TMA loads of its own operands [(GMEM ref, SMEM ref), ...], then the wait."""
-    for (source, buffer), barriers in zip(copies, loaded):
-        plgpu.copy_gmem_to_smem(source, buffer, barriers.at[wg])
-    for barriers in loaded:
-        plgpu.barrier_wait(barriers.at[wg])
-
-
-def _store_results(copies):
-    """SMEM -> GMEM TMA stores [(SMEM ref, GMEM ref), ...] of values just written to SMEM."""
-    plgpu.commit_smem()
-    for buffer, target in copies:
-        plgpu.copy_smem_to_gmem(buffer, target)
-    plgpu.wait_smem_to_gmem(0)
-
-
 # ---------------------------------------------------------------------------------------------- kernels
 
 
 @dataclasses.dataclass(frozen=True)
 class _Row:
-    """One row of a forward or dq kernel's work (a query tile of one head and batch entry) and its steps."""
+    """One row of a kernel's work and its steps: a query tile of one q head (forward, dq) or a key tile of one
+    kv head (dk/dv), of one batch entry."""
 
     head: Any
     batch: Any
@@ -474,19 +454,20 @@ class _Row:
 
 
 def _block_rows(rows_ref, tiles_ref, counts_ref, refs, static: KernelStatic, *, group: int, contiguous: bool,
-                row_height: int, column_tile: int, q_heads: int, batches: int):
+                row_height: int, column_tile: int, heads: int, batches: int):
     """(this block's number of rows, row(j) -> its j-th `_Row`) over a flat grid. Block b takes rows b,
-    b + blocks, ... of the (row tiles, q heads, batch) rows, row tiles fastest: in launch order (heaviest
+    b + blocks, ... of the (row tiles, heads, batch) rows, row tiles fastest: in launch order (heaviest
     first) within a head, so that neighbouring blocks share K and V tiles in L2. With one block per row,
-    each block's one row."""
+    each block's one row. heads: q heads sharing kv heads in groups of `group`, or for dk/dv kv heads
+    (group 1)."""
     block, blocks = lax.axis_index(_FLAT_GRID), lax.axis_size(_FLAT_GRID)
     row_tiles = rows_ref.shape[0]
-    count = lax.div(row_tiles * q_heads * batches - 1 - block, blocks) + 1
+    count = lax.div(row_tiles * heads * batches - 1 - block, blocks) + 1
 
     def row(j):
         item = block + j * blocks
         program, rest = lax.rem(item, row_tiles), lax.div(item, row_tiles)
-        head, batch = lax.rem(rest, q_heads), lax.div(rest, q_heads)
+        head, batch = lax.rem(rest, heads), lax.div(rest, heads)
         kv_head = lax.div(head, jnp.int32(group))
         row_start = rows_ref[program] * row_height
         arrays, chosen = _chosen_view(static, refs, column_tile, batch, kv_head, row_start)
@@ -496,14 +477,15 @@ def _block_rows(rows_ref, tiles_ref, counts_ref, refs, static: KernelStatic, *, 
     return count, row
 
 
-def _stream_rows(count, row, stages: int, groups, consumed_barriers):
-    """The memory warpgroup's loop over its block's rows: `_stream` of each row's steps (groups(row) as
-    `_stream`'s groups), the ring running on from one row to the next, then the last consumptions."""
+def _stream_rows(count, row, stages: int, groups, consumed_barriers, repeats: int = 1):
+    """The memory warpgroup's loop over its block's rows: `_stream` of each row's steps, `repeats` times over
+    (dk/dv: once per q head of the group; groups(row) as `_stream`'s groups), the ring running on from one row
+    to the next, then the last consumptions."""
 
     def stream_row(j, first_step):
         work = row(j)
-        _stream(work.steps.total, stages, groups(work), first_step)
-        return first_step + work.steps.total
+        _stream(repeats * work.steps.total, stages, groups(work), first_step)
+        return first_step + repeats * work.steps.total
 
     _observe_last(lax.fori_loop(0, count, stream_row, jnp.int32(0)), stages, consumed_barriers)
 
@@ -551,7 +533,7 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
     wg = lax.axis_index(_WARPGROUP)
     batches, _, q_heads, _ = refs[-5].shape  # q: refs end with q, k, v, out, lse
     count, row = _block_rows(rows_ref, tiles_ref, counts_ref, refs, static, group=group, contiguous=contiguous,
-                             row_height=warpgroups * block_q, column_tile=block_k, q_heads=q_heads, batches=batches)
+                             row_height=warpgroups * block_q, column_tile=block_k, heads=q_heads, batches=batches)
 
     @pl.when(wg == warpgroups)
     def _memory():
@@ -650,7 +632,7 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
     wg = lax.axis_index(_WARPGROUP)
     batches, _, q_heads, _ = refs[-7].shape  # q: refs end with q, k, v, d_out, lse, delta, dq
     count, row = _block_rows(rows_ref, tiles_ref, counts_ref, refs, static, group=group, contiguous=contiguous,
-                             row_height=warpgroups * block_q, column_tile=block_k, q_heads=q_heads, batches=batches)
+                             row_height=warpgroups * block_q, column_tile=block_k, heads=q_heads, batches=batches)
     resident = ((q_smem, q_loaded), (d_out_smem, d_out_loaded), (lse_smem, lse_loaded), (delta_smem, delta_loaded))
 
     @pl.when(wg == warpgroups)
@@ -724,6 +706,10 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
                  d_logits_stored=None, dq_previous_smem=None, dq_read=None, stage=None):
     """refs: [the topk choosers' lists and counts,] q, k, v, d_out, lse, delta, [dq_sum,] dk, dv.
 
+    Rows are (key tiles, kv heads, batch), one per block or several (`persistent_dkdv`), with each compute
+    warpgroup's keys and values resident per row (k_smem [buffers, warpgroups * block_k, head_dim], v_smem
+    [buffers, warpgroups, block_k, head_dim]).
+
     With the fused dq (d_logits_smem given), step s also adds dq's share of its tile pair, dS K over the
     block's keys, into dq_sum (float32 [batch, seq, q_heads, head_dim], zeros given by reference): every
     compute warpgroup stores its dSᵀ into d_logits_smem[s % 2] and arrives on d_logits_stored; then each
@@ -732,120 +718,146 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
     is reduce-added with TMA. Neither buffer needs a second barrier: a warpgroup arrives for step s + 1 only
     after its step s multiply has read d_logits_smem[s % 2] (written again at step s + 2) and its add has
     read dq_smem. In interpret mode (`dq_read` given) warpgroup 0 does every add of a tile it does not split
-    (`_reduce_add`).
+    (`_reduce_add`). A row's end syncs the warpgroups again before dk overwrites the keys the others multiply
+    by, so a later row's keys may load over them once this warpgroup's dk store has read them.
     """
     sizes = static.block_sizes
     warpgroups, block_k, block_q, stages = (sizes.warpgroups_dkv, sizes.block_k_dkv, sizes.block_q_dkv,
                                             sizes.stages_dkv)
     scale_log2 = static.scale * LOG2_E
-    program, kv_head, batch = _block_index()
     wg = lax.axis_index(_WARPGROUP)
-    row_start = rows_ref[program] * (warpgroups * block_k)
-    refs, chosen = _chosen_view(static, refs, block_q, batch, kv_head, row_start)
-    if d_logits_smem is not None:  # the fused dq's scratch: dq_sum is among the inputs
-        q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dq_sum_ref, dk_ref, dv_ref = refs
-    else:
-        (q_ref, k_ref, v_ref, d_out_ref, lse_ref, delta_ref, dk_ref, dv_ref), dq_sum_ref = refs, None
-    steps = _Steps(tiles_ref, program, counts_ref[program, 0], counts_ref[program, 1], contiguous, chosen)
-    per_head = steps.total
+    batches, _, kv_heads, _ = refs[-1].shape  # dv
+    count, row = _block_rows(rows_ref, tiles_ref, counts_ref, refs, static, group=1, contiguous=contiguous,
+                             row_height=warpgroups * block_k, column_tile=block_q, heads=kv_heads, batches=batches)
+    fused = d_logits_smem is not None  # the fused dq's scratch: dq_sum is among the inputs
+
+    def arrays(work):
+        """q, k, v, d_out, lse, delta, dq_sum (None unless fused), dk, dv."""
+        return work.refs if fused else (*work.refs[:6], None, *work.refs[6:])
 
     @pl.when(wg == warpgroups)
     def _memory():
         plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
 
-        def query_tile(ref, stats: bool):
-            """Step g * per_head + i: query tile i of the row's steps, for q head g of the group."""
+        def groups(work):
+            q_ref, _, _, d_out_ref, lse_ref, delta_ref, *_ = arrays(work)
+            per_head = work.steps.total
 
-            def source(step):
-                g = lax.div(step, per_head)
-                queries = pl.ds(steps.tile(step - g * per_head) * block_q, block_q)
-                q_head = kv_head * group + g
-                return ref.at[batch, q_head, queries] if stats else ref.at[batch, queries, q_head]
+            def query_tile(ref, stats: bool):
+                """Step g * per_head + i of the row: query tile i of its steps, for q head g of the group."""
 
-            return source
+                def source(step):
+                    g = lax.div(step, per_head)
+                    queries = pl.ds(work.steps.tile(step - g * per_head) * block_q, block_q)
+                    q_head = work.kv_head * group + g
+                    return ref.at[work.batch, q_head, queries] if stats else ref.at[work.batch, queries, q_head]
 
-        _stream(group * per_head, stages, [(consumed, [
-            (query_tile(q_ref, False), q_smem, q_loaded), (query_tile(lse_ref, True), lse_smem, lse_loaded),
-            (query_tile(d_out_ref, False), d_out_smem, d_out_loaded),
-            (query_tile(delta_ref, True), delta_smem, delta_loaded)])])
-        _observe_last(group * per_head, stages, [consumed])
+                return source
+
+            return [(consumed, [
+                (query_tile(q_ref, False), q_smem, q_loaded), (query_tile(lse_ref, True), lse_smem, lse_loaded),
+                (query_tile(d_out_ref, False), d_out_smem, d_out_loaded),
+                (query_tile(delta_ref, True), delta_smem, delta_loaded)])]
+
+        _stream_rows(count, row, stages, groups, [consumed], repeats=group)
 
     @pl.when(wg < warpgroups)
     def _compute():
         plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
-        k_start = row_start + wg * block_k
-        keys = pl.ds(k_start, block_k)
         own_rows = pl.ds(wg * block_k, block_k)
-        # [block_k, head_dim] each; hold dk and dv at the end. k_smem is [warpgroups * block_k, head_dim], so
-        # that the fused dq multiplies by all of the block's keys at once.
-        k_tile, v_tile = k_smem.at[own_rows], v_smem.at[wg]
-        _load_resident([(k_ref.at[batch, keys, kv_head], k_tile), (v_ref.at[batch, keys, kv_head], v_tile)],
-                       [k_loaded, v_loaded], wg)
         staged = None if stage is None else stage.at[wg]
         shape = (block_k, block_q)  # transposed tiles: keys along rows
 
-        def sync():  # every compute warpgroup has stored its dSᵀ (or, at the end, has done its last dq)
+        def load(j, buffer):
+            work = row(j)
+            _, k_ref, v_ref, *_ = arrays(work)
+            keys = pl.ds(work.row_start + wg * block_k, block_k)
+            plgpu.copy_gmem_to_smem(k_ref.at[work.batch, keys, work.kv_head], k_smem.at[buffer, own_rows],
+                                    k_loaded.at[buffer * warpgroups + wg])
+            plgpu.copy_gmem_to_smem(v_ref.at[work.batch, keys, work.kv_head], v_smem.at[buffer, wg],
+                                    v_loaded.at[buffer * warpgroups + wg])
+
+        def sync():  # every compute warpgroup has stored its dSᵀ (or, at a row's end, has done its last dq)
             if d_logits_stored is not None:
                 plgpu.barrier_arrive(d_logits_stored)
                 plgpu.barrier_wait(d_logits_stored)
 
-        def add_dq(step, d_logits_t, q_head, q_first):
-            """Store this warpgroup's dSᵀ; after the sync, add dS K (all of the block's keys) into dq_sum."""
-            parity = lax.rem(step, jnp.int32(2))
-            d_logits_smem.at[parity, own_rows][...] = d_logits_t
-            plgpu.commit_smem()  # visible to wgmma's (async proxy) reads
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this warpgroup's last add has read dq_smem
-            sync()
-            target = dq_sum_ref.at[batch, pl.ds(q_first, block_q), q_head]
+        def attend(j, buffer, first_step):
+            work = row(j)
+            q_ref, _, _, _, _, _, dq_sum_ref, dk_ref, dv_ref = arrays(work)
+            k_start = work.row_start + wg * block_k
+            keys = pl.ds(k_start, block_k)
+            per_head = work.steps.total
+            plgpu.barrier_wait(k_loaded.at[buffer * warpgroups + wg])
+            plgpu.barrier_wait(v_loaded.at[buffer * warpgroups + wg])
+            # [block_k, head_dim] each; hold dk and dv at the end. The block's keys are [warpgroups * block_k,
+            # head_dim], so that the fused dq multiplies by all of them at once.
+            block_keys = k_smem.at[buffer]
+            k_tile, v_tile = block_keys.at[own_rows], v_smem.at[buffer, wg]
 
-            def add(part, columns):
-                """dq_smem[part] = dS K[:, columns], added into target's columns."""
-                dq_smem.at[part][...] = _matmul(d_logits_smem.at[parity].T, k_smem.at[:, columns])
-                _reduce_add(dq_smem.at[part], target.at[:, columns],
-                            None if dq_read is None else (dq_previous_smem.at[part], dq_read.at[part]))
+            def add_dq(step, d_logits_t, q_head, q_first):
+                """Store this warpgroup's dSᵀ; after the sync, add dS K (all of the block's keys) into dq_sum."""
+                parity = lax.rem(step, jnp.int32(2))
+                d_logits_smem.at[parity, own_rows][...] = d_logits_t
+                plgpu.commit_smem()  # visible to wgmma's (async proxy) reads
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this warpgroup's last add has read dq_smem
+                sync()
+                target = dq_sum_ref.at[work.batch, pl.ds(q_first, block_q), q_head]
 
-            parts, width = dq_smem.shape[0], dq_smem.shape[-1]
-            if parts > 1:  # each warpgroup its own columns, at every step
-                for part in range(parts):
-                    pl.when(wg == part)(functools.partial(add, part, pl.ds(part * width, width)))
-                return
-            # One warpgroup adds all columns: they take turns (in interpret mode warpgroup 0 does every add).
-            adder = lax.rem(step, jnp.int32(warpgroups)) if dq_read is None else 0
-            pl.when(adder == wg)(functools.partial(add, 0, pl.ds(0, width)))
+                def add(part, columns):
+                    """dq_smem[part] = dS K[:, columns], added into target's columns."""
+                    dq_smem.at[part][...] = _matmul(d_logits_smem.at[parity].T, block_keys.at[:, columns])
+                    _reduce_add(dq_smem.at[part], target.at[:, columns],
+                                None if dq_read is None else (dq_previous_smem.at[part], dq_read.at[part]))
 
-        def head_in_group(g, carry):
-            def step(mask, index, carry):
-                dk, dv = carry
-                slot = _slot(g * per_head + index, stages)
-                q_first = steps.tile(index) * block_q
-                plgpu.barrier_wait(q_loaded.at[slot])
-                plgpu.barrier_wait(lse_loaded.at[slot])
-                lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                probs_t = jnp.exp2(_matmul(k_tile, q_smem.at[slot].T) * scale_log2 - _columns(lse, shape))
-                if mask is not UNMASKED:
-                    active = _tile_mask(static.pattern, seq_len, shape, q_first, k_start, transposed=True,
-                                        chosen=mask == CHOSEN)
-                    probs_t = jnp.where(active, probs_t, 0.0)
-                plgpu.barrier_wait(d_out_loaded.at[slot])
-                dv = _accumulate(dv, probs_t.astype(q_ref.dtype), d_out_smem.at[slot], staged)
-                d_probs_t = _matmul(v_tile, d_out_smem.at[slot].T)
-                plgpu.barrier_wait(delta_loaded.at[slot])
-                delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                d_logits_t = (probs_t * (d_probs_t - _columns(delta, shape))).astype(q_ref.dtype)
-                dk = _accumulate(dk, d_logits_t, q_smem.at[slot], staged)
-                plgpu.barrier_arrive(consumed.at[slot])
-                if dq_sum_ref is not None:
-                    add_dq(g * per_head + index, d_logits_t, kv_head * group + g, q_first)
-                return dk, dv
+                parts, width = dq_smem.shape[0], dq_smem.shape[-1]
+                if parts > 1:  # each warpgroup its own columns, at every step
+                    for part in range(parts):
+                        pl.when(wg == part)(functools.partial(add, part, pl.ds(part * width, width)))
+                    return
+                # One warpgroup adds all columns: they take turns (in interpret mode warpgroup 0 does every add).
+                adder = lax.rem(step, jnp.int32(warpgroups)) if dq_read is None else 0
+                pl.when(adder == wg)(functools.partial(add, 0, pl.ds(0, width)))
 
-            return _walk(steps, step, carry)
+            def head_in_group(g, carry):
+                def step(mask, index, carry):
+                    dk, dv = carry
+                    block_step = first_step + g * per_head + index
+                    slot = _slot(block_step, stages)
+                    q_first = work.steps.tile(index) * block_q
+                    plgpu.barrier_wait(q_loaded.at[slot])
+                    plgpu.barrier_wait(lse_loaded.at[slot])
+                    lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                    probs_t = jnp.exp2(_matmul(k_tile, q_smem.at[slot].T) * scale_log2 - _columns(lse, shape))
+                    if mask is not UNMASKED:
+                        active = _tile_mask(static.pattern, seq_len, shape, q_first, k_start, transposed=True,
+                                            chosen=mask == CHOSEN)
+                        probs_t = jnp.where(active, probs_t, 0.0)
+                    plgpu.barrier_wait(d_out_loaded.at[slot])
+                    dv = _accumulate(dv, probs_t.astype(q_ref.dtype), d_out_smem.at[slot], staged)
+                    d_probs_t = _matmul(v_tile, d_out_smem.at[slot].T)
+                    plgpu.barrier_wait(delta_loaded.at[slot])
+                    delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                    d_logits_t = (probs_t * (d_probs_t - _columns(delta, shape))).astype(q_ref.dtype)
+                    dk = _accumulate(dk, d_logits_t, q_smem.at[slot], staged)
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    if fused:
+                        add_dq(block_step, d_logits_t, work.kv_head * group + g, q_first)
+                    return dk, dv
 
-        dk, dv = lax.fori_loop(0, group, head_in_group, (_zeros(k_tile.shape), _zeros(v_tile.shape)))
-        if dq_sum_ref is not None:
-            sync()  # the other warpgroups' last dq has read k_smem, which now takes dk
-        k_tile[...] = (dk * static.scale).astype(k_tile.dtype)
-        v_tile[...] = dv.astype(v_tile.dtype)
-        _store_results([(k_tile, dk_ref.at[batch, keys, kv_head]), (v_tile, dv_ref.at[batch, keys, kv_head])])
+                return _walk(work.steps, step, carry)
+
+            dk, dv = lax.fori_loop(0, group, head_in_group, (_zeros(k_tile.shape), _zeros(v_tile.shape)))
+            if fused:
+                sync()  # the other warpgroups' last dq has read the keys, which now take dk
+            k_tile[...] = (dk * static.scale).astype(k_tile.dtype)
+            v_tile[...] = dv.astype(v_tile.dtype)
+            _store_row_results([(k_tile, dk_ref.at[work.batch, keys, work.kv_head]),
+                                (v_tile, dv_ref.at[work.batch, keys, work.kv_head])])
+            return group * per_head
+
+        _walk_rows(count, k_smem.shape[0], load, attend)
+        plgpu.wait_smem_to_gmem(0)
 
 
 def _dq_parts(head_dim: int, warpgroups: int) -> int:
@@ -930,7 +942,7 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
                              contiguous=all(plan.contiguous))
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32))
     grid = _flat_grid(len(plan.rows) * q_heads * batch, persistent, static.interpret)
-    call = _kernel(body, out_type, scratch, grid=grid, grid_names=(_FLAT_GRID,), static=static,
+    call = _kernel(body, out_type, scratch, grid=grid, static=static,
                    name="sparse_attention_forward", warpgroups=warpgroups)
     choice = [] if selected is None else _compacted(selected)
     return _varying_like(call(plan.rows, *plan.steps, *choice, q, k, v), (q, k, v))
@@ -1010,7 +1022,7 @@ def _dq(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, selected
     body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
                              contiguous=all(plan.contiguous))
     grid = _flat_grid(len(plan.rows) * q.shape[2] * q.shape[0], sizes.persistent_dq, static.interpret)
-    return _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=grid, grid_names=(_FLAT_GRID,),
+    return _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=grid,
                    static=static, name="sparse_attention_dq", warpgroups=warpgroups)(
         plan.rows, *plan.steps, *([] if selected is None else _compacted(selected)), q, k, v, d_out, lse, delta)
 
@@ -1023,19 +1035,23 @@ def _dkdv(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, select
     warpgroups, block_k, block_q, stages = (sizes.warpgroups_dkv, sizes.block_k_dkv, sizes.block_q_dkv,
                                             sizes.stages_dkv)
     plan = step_plan(static.pattern, seq_len, *sizes.dkdv_tile, True)
+    parts = _dq_parts(head_dim, warpgroups)
+    row_bytes = 2 * warpgroups * block_k * head_dim * dtype.itemsize  # keys and values
+    ring_bytes = stages * block_q * (2 * head_dim * dtype.itemsize + 2 * 4)  # q, dO, lse, delta
+    fused_bytes = 0 if dq_sum is None else 2 * warpgroups * block_k * block_q * dtype.itemsize + block_q * head_dim * 4
+    buffers = _resident_buffers(sizes.persistent_dkdv, row_bytes, ring_bytes, fused_bytes)
     scratch = dict(
-        k_smem=_smem((warpgroups * block_k, head_dim), dtype),
-        v_smem=_smem((warpgroups, block_k, head_dim), dtype),
+        k_smem=_smem((buffers, warpgroups * block_k, head_dim), dtype),
+        v_smem=_smem((buffers, warpgroups, block_k, head_dim), dtype),
         q_smem=_smem((stages, block_q, head_dim), dtype),
         d_out_smem=_smem((stages, block_q, head_dim), dtype),
         lse_smem=_smem((stages, block_q), jnp.float32, swizzled=False),
         delta_smem=_smem((stages, block_q), jnp.float32, swizzled=False),
-        k_loaded=_barriers(warpgroups), v_loaded=_barriers(warpgroups), q_loaded=_barriers(stages),
+        k_loaded=_barriers(buffers * warpgroups), v_loaded=_barriers(buffers * warpgroups), q_loaded=_barriers(stages),
         d_out_loaded=_barriers(stages), lse_loaded=_barriers(stages), delta_loaded=_barriers(stages),
         consumed=_barriers(stages, warpgroups),
     )
     if dq_sum is not None:
-        parts = _dq_parts(head_dim, warpgroups)
         scratch["d_logits_smem"] = _smem((2, warpgroups * block_k, block_q), dtype)
         scratch["dq_smem"] = _smem((parts, block_q, head_dim // parts), jnp.float32, swizzled=False)
         if warpgroups > 1:
@@ -1048,7 +1064,8 @@ def _dkdv(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, select
     body = functools.partial(_dkdv_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
                              contiguous=all(plan.contiguous))
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
-    return _kernel(body, out_type, scratch, grid=(len(plan.rows), k.shape[2], q.shape[0]), static=static,
+    grid = _flat_grid(len(plan.rows) * k.shape[2] * q.shape[0], sizes.persistent_dkdv, static.interpret)
+    return _kernel(body, out_type, scratch, grid=grid, static=static,
                    name="sparse_attention_dkdv", warpgroups=warpgroups)(
         plan.rows, *plan.steps, *([] if selected is None else choosers(selected)), q, k, v, d_out, lse, delta,
         *([] if dq_sum is None else [dq_sum]))

@@ -172,12 +172,16 @@ def test_one_warpgroup_and_other_stage_counts():
                 block_sizes=sizes, seed=13)
 
 
-def test_persistent_forward_with_one_query_buffer():
+def test_persistent_kernels_with_one_row_buffer():
     # One warpgroup with 3 stages of 128 keys at head_dim 128 leaves no room for a second query buffer (on the
-    # H200 it overflowed SMEM by 112 bytes), so each persistent row loads its queries at its start.
-    sizes = dict(warpgroups=1, stages=3, warpgroups_dq=1, warpgroups_dkv=1, persistent=True)
+    # H200 it overflowed SMEM by 112 bytes), so each persistent row loads its queries at its start; so does
+    # the fused dk/dv kernel its keys and values with 4 stages.
+    sizes = dict(warpgroups=1, stages=3, warpgroups_dq=1, warpgroups_dkv=1, stages_dkv=4, persistent=True,
+                 persistent_dkdv=True)
     queries, keys_values = 64 * 128 * 2, 2 * 3 * 128 * 128 * 2  # bytes: one warpgroup's, the 3-stage ring
     assert mosaic_gpu._resident_buffers(True, queries, keys_values, 64 * 4) == 1
+    keys_values, ring, fused_dq = 2 * 64 * 128 * 2, 4 * 64 * (2 * 128 * 2 + 2 * 4), 2 * 64 * 64 * 2 + 64 * 128 * 4
+    assert mosaic_gpu._resident_buffers(True, keys_values, ring, fused_dq) == 1
     run_checked(check_against_reference, spec="window(100) | sinks(3)", seq_len=300, head_dim=128,
                 block_sizes=sizes, seed=19)
 
@@ -187,11 +191,12 @@ def test_rows_without_keys_give_zero_and_finite_grads():
     run_checked(check_against_reference, spec="sinks(4) & window(2)", seq_len=100, keyless_from=5, seed=11)
 
 
-@pytest.mark.parametrize("spec, seq_len, dtype, heads, kv_heads, persistent_dq", [
+@pytest.mark.parametrize("spec, seq_len, dtype, heads, kv_heads, persistent", [
     ("block(256, 128)", 330, "float16", 4, 2, False), ("repaired(256, 48, prefix)", 320, "bfloat16", 2, 1, False),
-    ("window(200) | sinks(4)", 300, "bfloat16", 4, 2, True)])  # persistent: 3 blocks over 12 rows
-def test_separate_dq_kernel(spec, seq_len, dtype, heads, kv_heads, persistent_dq):
-    sizes = dict(dataclasses.asdict(SMALL), fused_dq=False, persistent_dq=persistent_dq)
+    ("window(200) | sinks(4)", 300, "bfloat16", 4, 2, True)])
+def test_separate_dq_kernel(spec, seq_len, dtype, heads, kv_heads, persistent):
+    # persistent: the dq and dk/dv kernels' 3 blocks walk 12 and 6 rows
+    sizes = dict(dataclasses.asdict(SMALL), fused_dq=False, persistent_dq=persistent, persistent_dkdv=persistent)
     run_checked(check_against_reference, spec=spec, seq_len=seq_len, dtype=dtype, heads=heads, kv_heads=kv_heads,
                 block_sizes=sizes, seed=zlib.crc32(spec.encode()) + 1)
 
@@ -199,10 +204,10 @@ def test_separate_dq_kernel(spec, seq_len, dtype, heads, kv_heads, persistent_dq
 @pytest.mark.parametrize("persistent", [True, False])
 def test_batch_and_negative_scale(persistent):
     # A negative scale takes the forward's scale-then-max path on full tiles too. Persistent, the forward's
-    # INTERPRET_BLOCKS (3) blocks walk the 8 rows (2 query tiles x 2 heads x batch 2) 3, 3 and 2; else one block
-    # per row.
+    # INTERPRET_BLOCKS (3) blocks walk the 8 rows (2 query tiles x 2 heads x batch 2) 3, 3 and 2, and the fused
+    # dk/dv kernel's its 4 (2 key tiles x 1 kv head x batch 2); else one block per row.
     run_checked(check_against_reference, spec="block(256)", seq_len=140, batch=2, scale=-0.3, seed=17,
-                block_sizes=dict(dataclasses.asdict(SMALL), persistent=persistent))
+                block_sizes=dict(dataclasses.asdict(SMALL), persistent=persistent, persistent_dkdv=persistent))
 
 
 def test_no_races():
@@ -217,11 +222,13 @@ def test_no_races():
     runs block-local (each query tile's dq comes from one dk/dv block, through both of its warpgroups)."""
     run_checked(check_against_reference, spec="window(200) | strided(9)", seq_len=260, dtype="float16",
                 detect_races=True, seed=19,
-                block_sizes=dict(dataclasses.asdict(SMALL), fused_dq=False, persistent_dq=True))
+                block_sizes=dict(dataclasses.asdict(SMALL), fused_dq=False, persistent_dq=True,
+                                 persistent_dkdv=True))
     # head_dim 64: the warpgroups take turns adding dq's whole tile; 128: each adds its own columns.
-    for head_dim in (64, 128):
+    for head_dim in (64, 128):  # dk/dv persistent at 64, one block per row at 128
         run_checked(check_against_reference, spec="block(128)", seq_len=256, heads=4, kv_heads=2, dtype="bfloat16",
-                    head_dim=head_dim, detect_races=True, seed=23)
+                    head_dim=head_dim, detect_races=True, seed=23,
+                    block_sizes=dict(dataclasses.asdict(SMALL), persistent_dkdv=head_dim == 64))
 
 
 def test_jit_vmap_grad():
@@ -292,15 +299,17 @@ LOWERING_SCRIPT = textwrap.dedent(
     """
 )
 
-# (spec, head_dim, dtype, BlockSizes overrides): the fused backward everywhere, the separate dq kernel on three
-# (persistent on two); the forward persistent or not by its default, and forced one block per row on one.
+# (spec, head_dim, dtype, BlockSizes overrides): the fused backward everywhere, the separate dq kernel on three;
+# the dq and dk/dv kernels persistent on four (with two dk/dv buffers, at head_dim 64, and one, at 128); the
+# forward persistent or not by its default, and forced one block per row on one.
 FUSED, SEPARATE = {"fused_dq": True}, {"fused_dq": False}
-SEPARATE_PERSISTENT = {"fused_dq": False, "persistent_dq": True}
+SEPARATE_PERSISTENT = {"fused_dq": False, "persistent_dq": True, "persistent_dkdv": True}
+FUSED_PERSISTENT = {"fused_dq": True, "persistent_dkdv": True}
 LOWERED_CASES = [
-    ("dense", 64, "bfloat16", FUSED), ("block(256, 128)", 128, "float16", FUSED), ("window(300)", 64, "float16", FUSED),
-    ("repaired(256, 32, bridge)", 128, "bfloat16", FUSED), ("repaired(256, 32, prefix)", 64, "bfloat16", FUSED),
-    ("strided(7)", 128, "float16", FUSED), ("dilated(64, 3)", 64, "bfloat16", FUSED),
-    ("sinks(4)", 64, "float16", FUSED),
+    ("dense", 64, "bfloat16", FUSED), ("block(256, 128)", 128, "float16", FUSED),
+    ("window(300)", 64, "float16", FUSED_PERSISTENT), ("repaired(256, 32, bridge)", 128, "bfloat16", FUSED_PERSISTENT),
+    ("repaired(256, 32, prefix)", 64, "bfloat16", FUSED), ("strided(7)", 128, "float16", FUSED),
+    ("dilated(64, 3)", 64, "bfloat16", FUSED), ("sinks(4)", 64, "float16", FUSED),
     ("random_blocks(128, 2, 5)", 128, "bfloat16", dict(FUSED, persistent=False)),
     ("window(300) | sinks(4) & strided(2)", 64, "bfloat16", FUSED),
     ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", FUSED),

@@ -103,6 +103,12 @@ class RowPlan:
                                           axis=1)
         return np.where(column < num_full[:, None], from_full, from_partial).astype(np.int32), counts
 
+    @functools.cached_property
+    def partial_tiles(self) -> np.ndarray:
+        """int32 [programs, width]: each program's PARTIAL tiles in step order, explicit even where the list is
+        contiguous, padded by repetition."""
+        return _explicit(self.partial, self.num_partial) if self.contiguous[1] else self.partial
+
 
 def _explicit(first: np.ndarray, count: np.ndarray) -> np.ndarray:
     """A contiguous list ([rows, 1] first tiles) written out as `pad_rows` writes an explicit one."""

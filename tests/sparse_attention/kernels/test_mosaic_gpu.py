@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from sparse_attention.kernels import mosaic_gpu
@@ -184,6 +186,30 @@ def test_persistent_kernels_with_one_row_buffer():
     assert mosaic_gpu._resident_buffers(True, keys_values, ring, fused_dq) == 1
     run_checked(check_against_reference, spec="window(100) | sinks(3)", seq_len=300, head_dim=128,
                 block_sizes=sizes, seed=19)
+
+
+# Forward tiles of 128 keys, so that PARTIAL steps split into halves (`half_tile_codes`); between them, these
+# cases give some warpgroup each code: no key (window(64)'s far edge, and rows past the end), one half, both.
+HALF_TILE_CASES = [("window(64)", 300, "bfloat16", 2, 1), ("repaired(256, 16, bridge)", 300, "float16", 4, 2),
+                   ("dense", 200, "bfloat16", 2, 1)]
+
+
+@pytest.mark.parametrize("case", HALF_TILE_CASES, ids=[c[0] for c in HALF_TILE_CASES])
+def test_half_tiles_match_reference(case):
+    spec, seq_len, dtype, heads, kv_heads = case
+    sizes = dict(dataclasses.asdict(SMALL), block_k=128)
+    run_checked(check_against_reference, spec=spec, seq_len=seq_len, dtype=dtype, heads=heads, kv_heads=kv_heads,
+                block_sizes=sizes, seed=zlib.crc32(spec.encode()) + 2)
+
+
+def test_half_tile_cases_give_every_code():
+    codes = set()
+    for spec, seq_len, *_ in HALF_TILE_CASES:
+        plan = mosaic_gpu.step_plan(parse(spec), seq_len, 128, 128, False)
+        halves = mosaic_gpu.half_tile_codes(parse(spec), seq_len, 64, 128, 2)
+        steps = halves[np.arange(halves.shape[1])[None, :] < plan.num_partial[:, None]]
+        codes |= {int(code) >> (2 * warpgroup) & 3 for code in steps for warpgroup in (0, 1)}
+    assert codes == {0, 1, 2, 3}
 
 
 def test_rows_without_keys_give_zero_and_finite_grads():
@@ -382,6 +408,42 @@ def test_dense_plan_at_one_million_tokens_stores_first_tiles_only(by_key):
         assert plan.rows[0] == seq_len // tile_q - 1
         assert list(counts[0]) == [seq_len // tile_k - 2, seq_len // tile_k]
         assert list(tiles[0]) == [0, seq_len // tile_k - 2]
+
+
+HALF_TILE_SPECS = ["dense", "window({})", "block({}, 7)", "repaired({}, 16, bridge)", "repaired({}, 40, prefix)",
+                   "sinks(3) | window({})", "strided(5)", "dilated({}, 2)", "random_blocks(64, 1, 3)",
+                   "block({}) & strided(3)"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=st.sampled_from(HALF_TILE_SPECS), size=st.integers(40, 300), seq_len=st.integers(1, 700),
+       warpgroups=st.integers(1, 2))
+def test_half_tile_codes_match_the_mask(spec, size, seq_len, warpgroups):
+    """Each PARTIAL forward step's code has warpgroup w's bit for a half exactly where one of its queries
+    attends one of that half's keys; None only where every warpgroup attends both halves of every step."""
+    pattern = parse(spec.format(size))
+    block_q, block_k = 64, 128
+    plan = mosaic_gpu.step_plan(pattern, seq_len, block_q * warpgroups, block_k, False)
+    padded = -(-seq_len // (block_q * warpgroups * block_k)) * block_q * warpgroups * block_k
+    positions = np.arange(padded)
+    mask = pattern.mask(positions[:, None], positions[None, :]) & (positions[:, None] < seq_len) & (
+        positions[None, :] < seq_len)
+    expected = np.zeros(plan.partial_tiles.shape, np.int64)
+    for program, row in enumerate(plan.rows):
+        for step in range(plan.num_partial[program]):
+            tile = plan.partial_tiles[program, step]
+            for warpgroup in range(warpgroups):
+                queries = slice((row * warpgroups + warpgroup) * block_q, (row * warpgroups + warpgroup + 1) * block_q)
+                for half in range(2):
+                    keys = slice(tile * block_k + half * 64, tile * block_k + (half + 1) * 64)
+                    expected[program, step] |= int(mask[queries, keys].any()) << (2 * warpgroup + half)
+    codes = mosaic_gpu.half_tile_codes(pattern, seq_len, block_q, block_k, warpgroups)
+    steps = np.arange(expected.shape[1])[None, :] < plan.num_partial[:, None]
+    if codes is None:
+        assert (expected[steps] == sum(3 << (2 * w) for w in range(warpgroups))).all()
+    else:
+        np.testing.assert_array_equal(codes[steps], expected[steps])
+    assert mosaic_gpu.half_tile_codes(pattern, seq_len, block_q, 64, warpgroups) is None
 
 
 @pytest.fixture

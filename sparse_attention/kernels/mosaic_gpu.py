@@ -85,6 +85,9 @@ FUSED_DQ_MIN_STEPS = 64
 # Below this mean number of steps per forward row, the persistent forward is the default (`persists`): it
 # won at 2.5 to 10 steps and did not at 128 (dense).
 PERSISTENT_MAX_STEPS = 64
+# Below this mean number of steps per dq or dk/dv block (dk/dv: row steps x q heads per kv head), those kernels
+# run persistent by default (`persists_backward`): they won at 5-7 steps and lost at 18 and beyond.
+PERSISTENT_BACKWARD_MAX_STEPS = 16
 _FLAT_GRID = "block"  # every kernel's grid: one block per row, or per SM (persistent)
 SMEM_BYTES = 227 * 1024  # the most SMEM a Hopper thread block may have
 # Beyond the buffers, for barriers and alignment: Mosaic GPU counted 2,928 bytes more than the buffers of one
@@ -109,8 +112,8 @@ class BlockSizes:
     block_k_dkv keys and streams [block_q_dkv] query tiles. `fused_dq`: True, the dk/dv blocks also compute
     dq and add it into a float32 buffer (5 matrix multiplies per tile pair); False, a dq kernel, with the
     *_dq fields laid out as the forward's, computes it (7); None, whichever was faster in the measurements
-    (`fuses_dq`). `persistent_dq`, `persistent_dkdv`: the dq and dk/dv kernels persistent as the forward (not
-    yet measured on a GPU, so off by default). `half_tiles`: a forward warpgroup multiplies only the 64-key
+    (`fuses_dq`). `persistent_dq`, `persistent_dkdv`: the dq and dk/dv kernels persistent as the forward,
+    True, False, or None, whichever was faster in the measurements (`persists_backward`). `half_tiles`: a forward warpgroup multiplies only the 64-key
     halves of a PARTIAL 128-key tile that it attends (`half_tile_codes`). Blocks are multiples of 64 up to
     256, warpgroups 1 or 2, stages 1 to 4.
     """
@@ -132,8 +135,8 @@ class BlockSizes:
 
     fused_dq: bool | None = None
     persistent: bool | None = None
-    persistent_dq: bool = False
-    persistent_dkdv: bool = False
+    persistent_dq: bool | None = None
+    persistent_dkdv: bool | None = None
     half_tiles: bool = True
 
     def __post_init__(self):
@@ -226,9 +229,7 @@ def fuses_dq(block_sizes: BlockSizes, head_dim: int, group: int, dkdv_plan: RowP
     the two passes over the float32 buffer and a barrier per step."""
     if block_sizes.fused_dq is not None:
         return block_sizes.fused_dq
-    rows = len(dkdv_plan.rows)
-    mean_steps = group * float((dkdv_plan.num_full + dkdv_plan.num_partial).sum()) / max(rows, 1)
-    return head_dim <= 64 or mean_steps >= FUSED_DQ_MIN_STEPS
+    return head_dim <= 64 or group * _mean_steps(dkdv_plan) >= FUSED_DQ_MIN_STEPS
 
 
 def persists(block_sizes: BlockSizes, forward_plan: RowPlan) -> bool:
@@ -243,8 +244,26 @@ def persists(block_sizes: BlockSizes, forward_plan: RowPlan) -> bool:
     rows of unequal length better than a fixed round-robin."""
     if block_sizes.persistent is not None:
         return block_sizes.persistent
-    mean_steps = float((forward_plan.num_full + forward_plan.num_partial).sum()) / max(len(forward_plan.rows), 1)
-    return mean_steps < PERSISTENT_MAX_STEPS
+    return _mean_steps(forward_plan) < PERSISTENT_MAX_STEPS
+
+
+def persists_backward(choice: bool | None, plan: RowPlan, repeats: int = 1) -> bool:
+    """Whether the dq kernel (`plan` its plan, repeats 1) or the dk/dv kernel (its plan, `repeats` the q heads
+    per kv head, each of which a row walks) runs one persistent block per SM: `choice`
+    (`BlockSizes.persistent_dq`, `persistent_dkdv`), or if that is None, where its blocks walk fewer than
+    PERSISTENT_BACKWARD_MAX_STEPS steps on average.
+
+    On the H200 at 32k (results/kernel_bench/persistent_backward/) both persistent took 0.86x the
+    forward+backward time of block(512) and 0.93x of bridge at head_dim 128 (dk/dv rows of 5-7 steps), 0.94x
+    of block(512) at head_dim 64; 1.01-1.02x of window(1024) (18 steps), 1.26x of dense, and with 4 q heads
+    per kv head (dk/dv rows of 20 and 72 steps) 1.04x of block(512) and 1.26x of window(1024)."""
+    if choice is not None:
+        return choice
+    return repeats * _mean_steps(plan) < PERSISTENT_BACKWARD_MAX_STEPS
+
+
+def _mean_steps(plan: RowPlan) -> float:
+    return float((plan.num_full + plan.num_partial).sum()) / max(len(plan.rows), 1)
 
 
 def _step_tile(tiles_ref, program, step, num_full, contiguous: bool):
@@ -1071,9 +1090,10 @@ def _dq(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, selected
     warpgroups, block_q, block_k, stages = (sizes.warpgroups_dq, sizes.block_q_dq, sizes.block_k_dq,
                                             sizes.stages_dq)
     plan = step_plan(static.pattern, seq_len, *sizes.dq_tile, False)
+    persistent = persists_backward(sizes.persistent_dq, plan)
     # q and dO, lse and delta
     row_bytes = warpgroups * block_q * (2 * head_dim * dtype.itemsize + 2 * 4)
-    buffers = _resident_buffers(sizes.persistent_dq, row_bytes, 2 * stages * block_k * head_dim * dtype.itemsize)
+    buffers = _resident_buffers(persistent, row_bytes, 2 * stages * block_k * head_dim * dtype.itemsize)
     scratch = dict(
         q_smem=_smem((buffers, warpgroups, block_q, head_dim), dtype),
         d_out_smem=_smem((buffers, warpgroups, block_q, head_dim), dtype),
@@ -1090,7 +1110,7 @@ def _dq(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, selected
         scratch["stage"] = _smem((warpgroups, block_q, block_k), dtype, swizzled=False)
     body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
                              contiguous=all(plan.contiguous))
-    grid = _flat_grid(len(plan.rows) * q.shape[2] * q.shape[0], sizes.persistent_dq, static.interpret)
+    grid = _flat_grid(len(plan.rows) * q.shape[2] * q.shape[0], persistent, static.interpret)
     return _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=grid,
                    static=static, name="sparse_attention_dq", warpgroups=warpgroups)(
         plan.rows, *plan.steps, *([] if selected is None else _compacted(selected)), q, k, v, d_out, lse, delta)
@@ -1108,7 +1128,8 @@ def _dkdv(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, select
     row_bytes = 2 * warpgroups * block_k * head_dim * dtype.itemsize  # keys and values
     ring_bytes = stages * block_q * (2 * head_dim * dtype.itemsize + 2 * 4)  # q, dO, lse, delta
     fused_bytes = 0 if dq_sum is None else 2 * warpgroups * block_k * block_q * dtype.itemsize + block_q * head_dim * 4
-    buffers = _resident_buffers(sizes.persistent_dkdv, row_bytes, ring_bytes, fused_bytes)
+    persistent = persists_backward(sizes.persistent_dkdv, plan, q.shape[2] // k.shape[2])
+    buffers = _resident_buffers(persistent, row_bytes, ring_bytes, fused_bytes)
     scratch = dict(
         k_smem=_smem((buffers, warpgroups * block_k, head_dim), dtype),
         v_smem=_smem((buffers, warpgroups, block_k, head_dim), dtype),
@@ -1133,7 +1154,7 @@ def _dkdv(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, select
     body = functools.partial(_dkdv_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
                              contiguous=all(plan.contiguous))
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
-    grid = _flat_grid(len(plan.rows) * k.shape[2] * q.shape[0], sizes.persistent_dkdv, static.interpret)
+    grid = _flat_grid(len(plan.rows) * k.shape[2] * q.shape[0], persistent, static.interpret)
     return _kernel(body, out_type, scratch, grid=grid, static=static,
                    name="sparse_attention_dkdv", warpgroups=warpgroups)(
         plan.rows, *plan.steps, *([] if selected is None else choosers(selected)), q, k, v, d_out, lse, delta,

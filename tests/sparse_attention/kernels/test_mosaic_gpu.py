@@ -487,6 +487,24 @@ def test_persistent_forward_where_it_measured_faster():
     assert not persistent("block(512)", dataclasses.replace(sizes, persistent=False))
 
 
+def test_persistent_backward_where_it_measured_faster():
+    """By default the dq and dk/dv kernels run one block per SM where their blocks walk fewer than 16 steps on
+    average (at 32k: block(512) 5, and 20 for dk/dv with 4 q heads per kv head; window(1024) 18); an explicit
+    choice wins."""
+    sizes = mosaic_gpu.BlockSizes()
+
+    def persistent(spec, tile, by_key, repeats=1, choice=None):
+        plan = mosaic_gpu.step_plan(parse(spec), 32768, *tile, by_key)
+        return mosaic_gpu.persists_backward(choice, plan, repeats)
+
+    for tile, by_key in ((sizes.dq_tile, False), (sizes.dkdv_tile, True)):
+        assert persistent("block(512)", tile, by_key) and persistent("repaired(512, 64, bridge)", tile, by_key)
+        assert not persistent("window(1024)", tile, by_key) and not persistent("dense", tile, by_key)
+        assert persistent("dense", tile, by_key, choice=True)
+        assert not persistent("block(512)", tile, by_key, choice=False)
+    assert not persistent("block(512)", sizes.dkdv_tile, True, repeats=4)
+
+
 def test_fused_dq_where_it_measured_faster():
     """By default dq is computed in the dk/dv kernel at head_dim 64, and at 128 only where a dk/dv block walks
     at least 64 steps on average (dense at 32k: 257 steps; window(1024): 18 per q head, so 71 with 4 q heads

@@ -2,8 +2,8 @@
 
 Warp-specialized kernels: forward, dk/dv (which also computes dq, by default), and optionally a separate
 dq kernel. Each thread block owns one row tile of the block layout at a time (a query tile for the forward
-and dq passes, a key tile for dk/dv; one row per block, or, persistent, rows in turn) and runs `warpgroups` compute warpgroups, each on its own
-64-row slice of that tile, plus one memory warpgroup:
+and dq passes, a key tile for dk/dv; one row per block, or, persistent, rows in turn) and runs `warpgroups`
+compute warpgroups, each on its own 64-row slice of that tile, plus one memory warpgroup:
 
   memory warpgroup    walks the row's list of tiles (FULL tiles first, then PARTIAL ones, read as int32
                       scalars from GMEM) and issues the TMA loads of the streamed operands (K and V, or
@@ -19,7 +19,9 @@ and dq passes, a key tile for dk/dv; one row per block, or, persistent, rows in 
 
   forward  rows = query tiles of warpgroups x block_q; saves the base-2 logsumexp per row. Where rows are
            short, persistent: one block per SM walks row after row, the K/V ring and a double query
-           buffer running on from one row to the next (`persists`); dq and dk/dv can run so too.
+           buffer running on from one row to the next (`persists`); so do dq and dk/dv where their rows are
+           shorter still (`persists_backward`). A warpgroup multiplies only the 64-key halves of a PARTIAL
+           tile that it attends (`half_tile_codes`).
   dk/dv    rows = key tiles of warpgroups x block_k_dkv, over the transposed layout; with GQA a block owns
            one kv head and streams the query tiles of every q head of its group. With `fused_dq` each step
            also multiplies its dS by the block's keys and reduce-adds that into a float32 dq (TMA), as
@@ -113,9 +115,9 @@ class BlockSizes:
     dq and add it into a float32 buffer (5 matrix multiplies per tile pair); False, a dq kernel, with the
     *_dq fields laid out as the forward's, computes it (7); None, whichever was faster in the measurements
     (`fuses_dq`). `persistent_dq`, `persistent_dkdv`: the dq and dk/dv kernels persistent as the forward,
-    True, False, or None, whichever was faster in the measurements (`persists_backward`). `half_tiles`: a forward warpgroup multiplies only the 64-key
-    halves of a PARTIAL 128-key tile that it attends (`half_tile_codes`). Blocks are multiples of 64 up to
-    256, warpgroups 1 or 2, stages 1 to 4.
+    True, False, or None, whichever was faster in the measurements (`persists_backward`). `half_tiles`: a
+    forward warpgroup multiplies only the 64-key halves of a PARTIAL 128-key tile that it attends
+    (`half_tile_codes`). Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
     """
 
     block_q: int = 64

@@ -424,7 +424,7 @@ def test_half_tile_codes_match_the_mask(spec, size, seq_len, warpgroups):
     pattern = parse(spec.format(size))
     block_q, block_k = 64, 128
     plan = mosaic_gpu.step_plan(pattern, seq_len, block_q * warpgroups, block_k, False)
-    padded = -(-seq_len // (block_q * warpgroups * block_k)) * block_q * warpgroups * block_k
+    padded = -(-seq_len // block_k) * block_k  # a multiple of both tiles (rows of 64 or 128, 128 keys)
     positions = np.arange(padded)
     mask = pattern.mask(positions[:, None], positions[None, :]) & (positions[:, None] < seq_len) & (
         positions[None, :] < seq_len)

@@ -5,6 +5,10 @@ i + 1 overlaps the device's work on call i, as in a training loop, and launch ov
 between frameworks: a torch.compile'd function checks its guards on every call) are not counted as
 kernel time unless the device waits for them. A round holds enough calls to last about ROUND_SECONDS;
 the result is the median over rounds of the round's time per call.
+
+To compare implementations within one process, `interleaved_ms` times them in alternating rounds, so that a
+drift in the device's speed during the run falls on all of them alike, and `ratio_interval` gives the median
+of their round-by-round time ratios with a distribution-free confidence interval.
 """
 
 from __future__ import annotations
@@ -40,3 +44,50 @@ def median_ms(call: Callable[[], object], wait: Callable[[object], None], runs: 
         if index + 1 >= MIN_ROUNDS and time.perf_counter() > budget_end:
             break
     return 1e3 * statistics.median(per_call)
+
+
+def interleaved_ms(calls: dict[str, Callable[[], object]], wait: Callable[[object], None], rounds: int,
+                   warmup: int) -> dict[str, list[float]]:
+    """Milliseconds per call of every function in `calls`, one value per round, their rounds interleaved: round
+    r of each (in order) before round r + 1 of any. A function's rounds are sized as `median_ms` sizes them;
+    `rounds` rounds (at least MIN_ROUNDS), fewer once TIMED_SECONDS_CAP per function has passed."""
+    per_round = {}
+    for name, call in calls.items():
+        for _ in range(warmup):
+            wait(call())
+        start = time.perf_counter()
+        wait(call())
+        per_round[name] = max(1, math.ceil(ROUND_SECONDS / max(time.perf_counter() - start, 1e-9)))
+    samples = {name: [] for name in calls}
+    budget_end = time.perf_counter() + TIMED_SECONDS_CAP * len(calls)
+    for index in range(max(MIN_ROUNDS, rounds)):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(per_round[name] - 1):
+                call()
+            wait(call())
+            samples[name].append(1e3 * (time.perf_counter() - start) / per_round[name])
+        if index + 1 >= MIN_ROUNDS and time.perf_counter() > budget_end:
+            break
+    return samples
+
+
+def ratio_interval(numerator: list[float], denominator: list[float], confidence: float = 0.95
+                   ) -> tuple[float, float, float]:
+    """(median, low, high) of the round-by-round ratios numerator[r] / denominator[r] (`interleaved_ms`
+    samples of two functions): the interval is the order-statistic confidence interval of the median, exact
+    for any distribution of independent ratios (the sign test's: the j-th smallest and j-th largest ratio,
+    with j the largest count such that a Binomial(n, 1/2) falls below j with probability at most
+    (1 - confidence) / 2). With fewer than 6 rounds no such j exists at 95 %; the interval is then the
+    smallest and largest ratio, whose coverage is lower."""
+    if len(numerator) != len(denominator) or not numerator:
+        raise ValueError(f"ratio_interval needs two equally long, non-empty sample lists; got {len(numerator)} "
+                         f"and {len(denominator)}")
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    n, tail = len(ratios), (1 - confidence) / 2
+    below, j = 0.0, 0
+    while j < n and below + math.comb(n, j) / 2 ** n <= tail:
+        below += math.comb(n, j) / 2 ** n
+        j += 1
+    j = max(j, 1)
+    return statistics.median(ratios), ratios[j - 1], ratios[n - j]

@@ -132,6 +132,49 @@ def test_median_ms_times_rounds_of_back_to_back_calls(monkeypatch):
     assert len(calls) == 2 + 1 + max(timing.MIN_ROUNDS, 100 // per_round) * per_round
 
 
+def test_interleaved_ms_alternates_rounds_of_each_function(monkeypatch):
+    # A fake clock: a call of "a" costs 2 ms of host time, one of "b" 4 ms, each wait 1 ms.
+    clock, order = [0.0], []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+
+    def costing(name, seconds):
+        def call():
+            clock[0] += seconds
+            order.append(name)
+        return call
+
+    def wait(_):
+        clock[0] += 0.001
+
+    samples = timing.interleaved_ms({"a": costing("a", 0.002), "b": costing("b", 0.004)}, wait, rounds=7, warmup=1)
+    per_round = {name: math.ceil(timing.ROUND_SECONDS / (cost + 0.001)) for name, cost in (("a", 0.002), ("b", 0.004))}
+    assert [len(values) for values in samples.values()] == [7, 7]
+    assert samples["a"] == pytest.approx([(2 * per_round["a"] + 1) / per_round["a"]] * 7)
+    assert samples["b"] == pytest.approx([(4 * per_round["b"] + 1) / per_round["b"]] * 7)
+    timed = order[4:]  # after each function's warmup call and its sizing call
+    assert timed == (["a"] * per_round["a"] + ["b"] * per_round["b"]) * 7
+
+
+@pytest.mark.parametrize("n", [1, 5, 6, 10, 30, 101])
+def test_ratio_interval_is_the_sign_test_interval_of_the_median(n):
+    rng = np.random.default_rng(n)
+    numerator, denominator = list(rng.uniform(1, 2, n)), list(rng.uniform(1, 2, n))
+    median, low, high = timing.ratio_interval(numerator, denominator)
+    ratios = sorted(a / b for a, b in zip(numerator, denominator))
+    assert median == pytest.approx(float(np.median(ratios)))
+    # Outside [j-th smallest, j-th largest] lie j - 1 ratios on each side: at most 2.5 % likely for each
+    # side by the Binomial(n, 1/2), and j is the largest such count (or 1 where none is small enough).
+    j = ratios.index(low) + 1
+    assert high == ratios[n - j] and low <= median <= high
+    below = sum(math.comb(n, i) for i in range(j)) / 2 ** n  # P(Binomial(n, 1/2) <= j - 1)
+    if n >= 6:
+        assert below <= 0.025 < below + math.comb(n, j) / 2 ** n
+    else:
+        assert (low, high) == (ratios[0], ratios[-1])
+    with pytest.raises(ValueError, match="equally long"):
+        timing.ratio_interval(numerator, denominator[:-1] or [1.0, 1.0])
+
+
 TOPK_SPECS = ["topk(16, 2)", "topk(16, 3) | repaired(16, 4, bridge)", "topk(8, 2) | window(20)",
               "topk(16, 1) | sinks(3)"]
 

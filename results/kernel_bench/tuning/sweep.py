@@ -5,22 +5,26 @@
         --variants '[{"block_k": 64, "stages": 3}, {"warpgroups_dkv": 1}]' --out sweep.json
 
 Every variant overrides some fields of `BlockSizes.for_head_dim(head_dim)`; the defaults always run first. Each
-case compiles all its variants once, then times them in turn, `--repeats` times over, so that drift shows as
-the spread between repeats; the reported time is the smallest repeat's median. A variant that does not compile
-(SMEM, registers, an invalid field) is recorded with its error. Inputs and timing are the benchmark's
-(`lm_experiment/bench.py`, `lm_experiment/timing.py`): batch 1, bfloat16, normal random.
+case compiles all its variants and cuDNN (where it supports the pattern) once, then times them in `--rounds`
+interleaved rounds (`timing.interleaved_ms`), so that drift during the run falls on all alike; it reports each
+one's median time, and its time over the defaults' and over cuDNN's as the median of the round-by-round ratios
+with a 95 % interval (`timing.ratio_interval`). A variant that does not compile (SMEM, registers, an invalid
+field) is recorded with its error. Inputs are the benchmark's (`lm_experiment/bench.py`): batch 1, bfloat16,
+normal random.
 """
 
 import argparse
 import dataclasses
+import functools
 import json
 import platform
+import statistics
 import time
 
 import jax
 
 from lm_experiment.bench import Shape, Unsupported, attention_function, make_inputs, timed_function
-from lm_experiment.timing import median_ms
+from lm_experiment.timing import interleaved_ms, ratio_interval
 from sparse_attention.atomic_io import write_json
 from sparse_attention.kernels import mosaic_gpu
 from sparse_attention.patterns import parse
@@ -38,6 +42,15 @@ def compiled(spec: str, shape: Shape, arguments, mode: str, overrides: dict):
     return timed_function(forward, mode).lower(*arguments).compile()
 
 
+CUDNN = "cudnn"  # cuDNN's entry among the timed functions
+
+
+def _ratio_text(row: dict, key: str, label: str) -> str:
+    if key not in row:
+        return ""
+    return f"  / {label} {row[key]:.3f} [{row[key + '_low']:.3f}, {row[key + '_high']:.3f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seq", type=int, default=32768)
@@ -48,8 +61,7 @@ def main() -> None:
     parser.add_argument("--modes", default="fwd,fwd_bwd")
     parser.add_argument("--variants", type=json.loads, required=True,
                         help="JSON list of objects of BlockSizes fields overriding the head_dim's defaults")
-    parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     if not isinstance(args.variants, list) or not all(isinstance(v, dict) for v in args.variants):
@@ -72,31 +84,28 @@ def main() -> None:
                 except Exception as error:  # a variant that does not fit is a result, not a failure
                     rows.append(dict(pattern=spec, mode=mode, variant=name, status=f"error: {error}"[:400]))
                     print(f"{spec:<26} {mode:<8} {name:<48} error: {str(error).splitlines()[0][:120]}", flush=True)
-            times = {name: [] for name in functions}
-            for _ in range(args.repeats):
-                for name, function in functions.items():
-                    times[name].append(median_ms(lambda: function(*arguments), jax.block_until_ready, args.runs,
-                                                 warmup=2))
+            calls = {name: functools.partial(function, *arguments) for name, function in functions.items()}
             try:
                 peer = timed_function(attention_function("cudnn", parse(spec), shape, mode, False, None), mode)
-                cudnn_ms = min(median_ms(lambda: peer(*arguments), jax.block_until_ready, args.runs, warmup=2)
-                               for _ in range(args.repeats))
+                calls[CUDNN] = functools.partial(peer.lower(*arguments).compile(), *arguments)
             except Unsupported:
-                cudnn_ms = None
-            default_ms = min(times["{}"]) if "{}" in times else None
-            for name, repeats in times.items():
-                best = min(repeats)
-                row = dict(pattern=spec, mode=mode, variant=name, status="ok", ms=best, repeats_ms=repeats,
-                           cudnn_ms=cudnn_ms, over_default=None if default_ms is None else best / default_ms,
-                           over_cudnn=None if cudnn_ms is None else best / cudnn_ms)
+                pass
+            samples = interleaved_ms(calls, jax.block_until_ready, args.rounds, warmup=2)
+            for name in functions:
+                row = dict(pattern=spec, mode=mode, variant=name, status="ok", ms=statistics.median(samples[name]),
+                           rounds=len(samples[name]))
+                for key, base in (("over_default", "{}"), ("over_cudnn", CUDNN)):
+                    if base in samples:
+                        row[key], row[f"{key}_low"], row[f"{key}_high"] = ratio_interval(samples[name], samples[base])
+                if CUDNN in samples:
+                    row["cudnn_ms"] = statistics.median(samples[CUDNN])
                 rows.append(row)
-                spread = " ".join(f"{t:9.3f}" for t in repeats)
-                cudnn_text = "" if cudnn_ms is None else f"  / cuDNN {cudnn_ms:9.3f} = {row['over_cudnn']:.3f}"
-                default_text = "" if default_ms is None else f"  / default {row['over_default']:.3f}"
-                print(f"{spec:<26} {mode:<8} {name:<48} {spread}{default_text}{cudnn_text}", flush=True)
+                print(f"{spec:<26} {mode:<8} {name:<48} {row['ms']:9.3f} ms"
+                      f"{_ratio_text(row, 'over_default', 'default')}{_ratio_text(row, 'over_cudnn', 'cuDNN')}",
+                      flush=True)
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, python=platform.python_version(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seq_len=args.seq, heads=args.heads,
-                kv_heads=args.kv_heads, head_dim=args.head_dim, runs=args.runs, repeats=args.repeats,
+                kv_heads=args.kv_heads, head_dim=args.head_dim, rounds=args.rounds, confidence=0.95,
                 defaults=dataclasses.asdict(mosaic_gpu.BlockSizes.for_head_dim(args.head_dim)))
     write_json(args.out, dict(meta=meta, rows=rows))
 

@@ -28,6 +28,12 @@ and is skipped with the reason where torch or a CUDA device is missing); JAX's P
 dense causal, forward only as it has no causal backward, sm90+, float16 as it fails inside on bfloat16);
 this package's `xla` and `reference` paths where they fit in memory ("oom" otherwise).
 
+Ratios: our fastest implementation's time over each peer's median. Against a peer that runs in this process
+(cuDNN), each case is also timed again with both functions in `--paired-rounds` interleaved rounds
+(`timing.interleaved_ms`), and the ratio is quoted as the median of the round-by-round ratios with a 95 %
+interval (`timing.ratio_interval`, `vs_cudnn_paired`): drift during the run falls on both alike. The interval
+covers this process's rounds only; other machines and runs of the same command have differed by more.
+
 A `topk(B, K)` case attends a fixed choice of blocks (`bench_choice.fixed_choice`), the same indices for
 every implementation of this package (`attention.IMPLEMENTATIONS`) and for FlexAttention's block mask;
 its work counts the chosen pairs too. Impl `selection` times the choice itself, `select_blocks` on the same
@@ -43,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import importlib.util
 import json
 import math
@@ -68,6 +75,8 @@ IMPLS = ("mosaic_gpu", "triton", "mosaic_tpu", "cudnn", "flex", "mosaic_mha", "p
 # This package's implementations, against which the peers' ratios are quoted.
 OWN_IMPLS = ("mosaic_gpu", "triton", "mosaic_tpu")
 RATIO_PEERS = ("flex", "cudnn")
+# Peers that run in this process: each case's ratio to them is measured again with both in interleaved rounds.
+PAIRED_PEERS = ("cudnn",)
 # The backend each Pallas kernel compiles for; on CPU they run in interpret mode.
 KERNEL_BACKENDS = {"mosaic_gpu": "gpu", "triton": "gpu", "mosaic_tpu": "tpu"}
 # JAX's Mosaic GPU attention: its own benchmark's tiles (block_q 64, block_kv 128, two stages).
@@ -279,9 +288,7 @@ def run_case(impl: str, pattern: Pattern, mode: str, shape: Shape, inputs, *, ru
     row = dict(seq_len=shape.seq_len, pattern=pattern.spec, impl=impl, mode=mode,
                ms=None, memory_bytes=None, runs=None, status="ok")
     try:
-        forward = attention_function(impl, pattern, shape, mode, interpret, block_sizes, selected)
-        args = inputs if mode == "fwd_bwd" else inputs[:3]
-        compiled = timed_function(forward, mode).lower(*args).compile()
+        compiled, args = compiled_case(impl, pattern, mode, shape, inputs, interpret, block_sizes, selected)
         row["memory_bytes"] = compiled_memory_bytes(compiled)
         limit = device_memory_limit()
         if limit is not None and row["memory_bytes"] is not None and row["memory_bytes"] > limit:
@@ -293,6 +300,38 @@ def run_case(impl: str, pattern: Pattern, mode: str, shape: Shape, inputs, *, ru
     except Exception as error:  # a peer failing must not end the whole benchmark
         row["status"] = "oom" if is_oom(error) else f"error: {type(error).__name__}: {str(error)[:300]}"
     return row
+
+
+def compiled_case(impl: str, pattern: Pattern, mode: str, shape: Shape, inputs, interpret: bool, block_sizes,
+                  selected=None):
+    """(the compiled timed function of one case, its arguments)."""
+    forward = attention_function(impl, pattern, shape, mode, interpret, block_sizes, selected)
+    args = inputs if mode == "fwd_bwd" else inputs[:3]
+    return timed_function(forward, mode).lower(*args).compile(), args
+
+
+def paired_ratios(rows: list[dict], call_for, rounds: int) -> list[dict]:
+    """For each case of `rows` where our fastest implementation (OWN_IMPLS) and a PAIRED_PEERS peer both ran:
+    call_for(impl, pattern spec, mode) -> a function of no arguments for each, timed in `rounds` interleaved
+    rounds; the median of our time over the peer's, round by round, and its 95 % interval (`ratio`, `low`,
+    `high`)."""
+    cases: dict[tuple, dict] = {}
+    for row in rows:
+        if row["status"] == "ok":
+            cases.setdefault((row["seq_len"], row["pattern"], row["mode"]), {})[row["impl"]] = row["ms"]
+    paired = []
+    for (seq_len, pattern, mode), times in cases.items():
+        own = {impl: ms for impl, ms in times.items() if impl in OWN_IMPLS}
+        if not own:
+            continue
+        best = min(own, key=own.get)
+        for peer in (peer for peer in PAIRED_PEERS if peer in times):
+            samples = timing.interleaved_ms({best: call_for(best, pattern, mode), peer: call_for(peer, pattern, mode)},
+                                            jax.block_until_ready, rounds, warmup=2)
+            ratio, low, high = timing.ratio_interval(samples[best], samples[peer])
+            paired.append(dict(seq_len=seq_len, pattern=pattern, mode=mode, best=best, peer=peer,
+                               rounds=len(samples[best]), ratio=ratio, low=low, high=high))
+    return paired
 
 
 def flex_rows(seq_lens, patterns, modes, args, kv_heads) -> list[dict]:
@@ -312,8 +351,10 @@ def flex_rows(seq_lens, patterns, modes, args, kv_heads) -> list[dict]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def peer_ratios(rows: list[dict]) -> list[dict]:
-    """For each case: the fastest of OWN_IMPLS and its time over each RATIO_PEERS peer's (below 1: ours is faster)."""
+def peer_ratios(rows: list[dict], paired: list[dict] = ()) -> list[dict]:
+    """For each case: the fastest of OWN_IMPLS and its time over each RATIO_PEERS peer's (below 1: ours is
+    faster), and from `paired_ratios` the interleaved ratio and its interval ([ratio, low, high]) where
+    measured."""
     cases: dict[tuple, dict] = {}
     for row in rows:
         if row["status"] == "ok":
@@ -325,7 +366,11 @@ def peer_ratios(rows: list[dict]) -> list[dict]:
             continue
         best = min(own, key=own.get)
         ratio = dict(seq_len=seq_len, pattern=pattern, mode=mode, best=best, best_ms=own[best])
-        ratios.append(ratio | {f"vs_{peer}": own[best] / times[peer] for peer in RATIO_PEERS if peer in times})
+        ratio |= {f"vs_{peer}": own[best] / times[peer] for peer in RATIO_PEERS if peer in times}
+        for pair in paired:
+            if (pair["seq_len"], pair["pattern"], pair["mode"], pair["best"]) == (seq_len, pattern, mode, best):
+                ratio[f"vs_{pair['peer']}_paired"] = [pair["ratio"], pair["low"], pair["high"]]
+        ratios.append(ratio)
     return ratios
 
 
@@ -384,6 +429,10 @@ def format_cost(cost: dict) -> str:
 
 def format_ratio(ratio: dict) -> str:
     peers = "  ".join(f"/ {peer} {ratio[f'vs_{peer}']:.2f}" for peer in RATIO_PEERS if f"vs_{peer}" in ratio)
+    for peer in PAIRED_PEERS:
+        if f"vs_{peer}_paired" in ratio:
+            median, low, high = ratio[f"vs_{peer}_paired"]
+            peers += f"  (interleaved {median:.3f} [{low:.3f}, {high:.3f}])"
     return (f"{ratio['seq_len']:>7} {ratio['pattern']:<28} {ratio['mode']:<8} {ratio['best']:<11} "
             f"{ratio['best_ms']:10.3f} ms  {peers or 'no peer'}")
 
@@ -406,6 +455,8 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--paired-rounds", type=int, default=30,
+                        help="interleaved rounds of each case against an in-process peer (0: none)")
     parser.add_argument("--block-sizes", default=None,
                         help="JSON object of triton.BlockSizes fields overriding the defaults")
     parser.add_argument("--out", default="reports/bench.json")
@@ -453,6 +504,7 @@ def main(argv=None) -> dict:
         meta=dict(device=getattr(device, "device_kind", str(device)), backend=jax.default_backend(),
                   jax=jax.__version__, batch=args.batch, heads=args.heads, kv_heads=kv_heads,
                   head_dim=args.head_dim, dtype=args.dtype, runs=args.runs, warmup=args.warmup,
+                  paired_rounds=args.paired_rounds,
                   interpret=interpret, block_sizes=None if block_sizes is None else dataclasses.asdict(block_sizes),
                   ceilings=ceilings, torch=_torch_version() if "flex" in impls else None,
                   started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
@@ -485,8 +537,20 @@ def main(argv=None) -> dict:
                     report["results"].append(complete_row(row, pattern, shape, ceilings, pairs[pattern.spec]))
                     print(format_row(report["results"][-1]), flush=True)
                     atomic_io.write_json(args.out, report)
+        if args.paired_rounds > 0:
+            by_spec = {pattern.spec: pattern for pattern in patterns}
+
+            def call_for(impl, spec, mode):
+                chosen = choices[spec]
+                compiled, case_args = compiled_case(impl, by_spec[spec], mode, shape, inputs, interpret, block_sizes,
+                                                    None if chosen is None else jnp.asarray(chosen))
+                return functools.partial(compiled, *case_args)
+
+            rows = [row for row in report["results"] if row["seq_len"] == seq_len]
+            report["paired"] = report.get("paired", []) + paired_ratios(rows, call_for, args.paired_rounds)
+            atomic_io.write_json(args.out, report)
         del inputs
-    report["ratios"] = peer_ratios(report["results"])
+    report["ratios"] = peer_ratios(report["results"], report.get("paired", []))
     report["selection_costs"] = selection_costs(report["results"])
     atomic_io.write_json(args.out, report)
     print("\n# summary", flush=True)

@@ -83,6 +83,34 @@ def test_peer_ratios_take_our_fastest_implementation_against_each_peer():
     assert "window(8)" not in ratios
 
 
+def test_paired_ratios_time_our_fastest_against_in_process_peers_in_interleaved_rounds(monkeypatch):
+    # A fake clock: mosaic_gpu's dense call costs 3 ms, cuDNN's 2 ms; waits cost nothing.
+    clock, asked = [0.0], []
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(bench.jax, "block_until_ready", lambda x: x)
+    cost = {"mosaic_gpu": 0.003, "cudnn": 0.002}
+
+    def call_for(impl, spec, mode):
+        asked.append((impl, spec, mode))
+        return lambda: clock.__setitem__(0, clock[0] + cost[impl])
+
+    def row(impl, ms, pattern="dense"):
+        return dict(seq_len=4096, pattern=pattern, mode="fwd", impl=impl, ms=ms, status="ok")
+
+    rows = [row("mosaic_gpu", 3.1), row("triton", 3.5), row("cudnn", 2.2), row("flex", 4.0),
+            row("mosaic_gpu", 1.0, "block(512)"), row("flex", 2.0, "block(512)")]
+    paired = bench.paired_ratios(rows, call_for, rounds=12)
+    # Only our fastest implementation, only against cuDNN (FlexAttention runs in its own process).
+    assert asked == [("mosaic_gpu", "dense", "fwd"), ("cudnn", "dense", "fwd")]
+    assert len(paired) == 1 and paired[0]["rounds"] == 12
+    assert [paired[0][key] for key in ("ratio", "low", "high")] == pytest.approx([1.5, 1.5, 1.5])
+    ratios = {r["pattern"]: r for r in bench.peer_ratios(rows, paired)}
+    assert ratios["dense"]["vs_cudnn"] == pytest.approx(3.1 / 2.2)
+    assert ratios["dense"]["vs_cudnn_paired"] == pytest.approx([1.5, 1.5, 1.5])
+    assert "vs_cudnn_paired" not in ratios["block(512)"]
+    assert "interleaved 1.500 [1.500, 1.500]" in bench.format_ratio(ratios["dense"])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed here")
 def test_flex_peer_without_torch_says_why(tmp_path):
     args, seq_lens, patterns, _, modes, kv_heads, _ = bench.parse_args(

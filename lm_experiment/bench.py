@@ -310,21 +310,28 @@ def compiled_case(impl: str, pattern: Pattern, mode: str, shape: Shape, inputs, 
     return timed_function(forward, mode).lower(*args).compile(), args
 
 
+def _fastest_own(rows: list[dict]) -> dict[tuple, tuple[str, dict]]:
+    """(seq_len, pattern, mode) -> (the fastest of OWN_IMPLS that ran, {impl: ms} of every row that ran), for
+    the cases where one of ours ran."""
+    cases: dict[tuple, dict] = {}
+    for row in rows:
+        if row["status"] == "ok":
+            cases.setdefault((row["seq_len"], row["pattern"], row["mode"]), {})[row["impl"]] = row["ms"]
+    fastest = {}
+    for case, times in cases.items():
+        own = {impl: ms for impl, ms in times.items() if impl in OWN_IMPLS}
+        if own:
+            fastest[case] = (min(own, key=own.get), times)
+    return fastest
+
+
 def paired_ratios(rows: list[dict], call_for, rounds: int) -> list[dict]:
     """For each case of `rows` where our fastest implementation (OWN_IMPLS) and a PAIRED_PEERS peer both ran:
     call_for(impl, pattern spec, mode) -> a function of no arguments for each, timed in `rounds` interleaved
     rounds; the median of our time over the peer's, round by round, and its 95 % interval (`ratio`, `low`,
     `high`)."""
-    cases: dict[tuple, dict] = {}
-    for row in rows:
-        if row["status"] == "ok":
-            cases.setdefault((row["seq_len"], row["pattern"], row["mode"]), {})[row["impl"]] = row["ms"]
     paired = []
-    for (seq_len, pattern, mode), times in cases.items():
-        own = {impl: ms for impl, ms in times.items() if impl in OWN_IMPLS}
-        if not own:
-            continue
-        best = min(own, key=own.get)
+    for (seq_len, pattern, mode), (best, times) in _fastest_own(rows).items():
         for peer in (peer for peer in PAIRED_PEERS if peer in times):
             samples = timing.interleaved_ms({best: call_for(best, pattern, mode), peer: call_for(peer, pattern, mode)},
                                             jax.block_until_ready, rounds, warmup=2)
@@ -355,18 +362,10 @@ def peer_ratios(rows: list[dict], paired: list[dict] = ()) -> list[dict]:
     """For each case: the fastest of OWN_IMPLS and its time over each RATIO_PEERS peer's (below 1: ours is
     faster), and from `paired_ratios` the interleaved ratio and its interval ([ratio, low, high]) where
     measured."""
-    cases: dict[tuple, dict] = {}
-    for row in rows:
-        if row["status"] == "ok":
-            cases.setdefault((row["seq_len"], row["pattern"], row["mode"]), {})[row["impl"]] = row["ms"]
     ratios = []
-    for (seq_len, pattern, mode), times in cases.items():
-        own = {impl: ms for impl, ms in times.items() if impl in OWN_IMPLS}
-        if not own:
-            continue
-        best = min(own, key=own.get)
-        ratio = dict(seq_len=seq_len, pattern=pattern, mode=mode, best=best, best_ms=own[best])
-        ratio |= {f"vs_{peer}": own[best] / times[peer] for peer in RATIO_PEERS if peer in times}
+    for (seq_len, pattern, mode), (best, times) in _fastest_own(rows).items():
+        ratio = dict(seq_len=seq_len, pattern=pattern, mode=mode, best=best, best_ms=times[best])
+        ratio |= {f"vs_{peer}": times[best] / times[peer] for peer in RATIO_PEERS if peer in times}
         for pair in paired:
             if (pair["seq_len"], pair["pattern"], pair["mode"], pair["best"]) == (seq_len, pattern, mode, best):
                 ratio[f"vs_{pair['peer']}_paired"] = [pair["ratio"], pair["low"], pair["high"]]

@@ -111,6 +111,18 @@ def test_paired_ratios_time_our_fastest_against_in_process_peers_in_interleaved_
     assert "interleaved 1.500 [1.500, 1.500]" in bench.format_ratio(ratios["dense"])
 
 
+def test_bench_smoke_times_pairs_against_an_in_process_peer(tmp_path, monkeypatch):
+    # cuDNN does not run on CPU; xla stands in for it, to run the pairing end to end on compiled cases.
+    monkeypatch.setattr(bench, "PAIRED_PEERS", ("xla",))
+    report = bench.main(["--smoke", "--seq", "48", "--patterns", "window(16)", "--impls", "triton,xla", "--modes",
+                         "fwd,fwd_bwd", "--paired-rounds", "5", "--out", str(tmp_path / "bench.json")])
+    assert [(pair["mode"], pair["best"], pair["peer"], pair["rounds"]) for pair in report["paired"]] == [
+        ("fwd", "triton", "xla", 5), ("fwd_bwd", "triton", "xla", 5)]
+    for pair, ratio in zip(report["paired"], report["ratios"]):
+        assert 0 < pair["low"] <= pair["ratio"] <= pair["high"]
+        assert ratio["vs_xla_paired"] == [pair["ratio"], pair["low"], pair["high"]]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed here")
 def test_flex_peer_without_torch_says_why(tmp_path):
     args, seq_lens, patterns, _, modes, kv_heads, _ = bench.parse_args(

@@ -27,23 +27,13 @@ MIN_ROUNDS = 5
 def median_ms(call: Callable[[], object], wait: Callable[[object], None], runs: int, warmup: int) -> float:
     """Median milliseconds per call over rounds of back-to-back calls; at most `runs` timed calls (or
     MIN_ROUNDS rounds of one call, whichever is more), after `warmup` calls each waited for."""
-    for _ in range(warmup):
-        wait(call())
-    start = time.perf_counter()
-    wait(call())
-    single = time.perf_counter() - start
-    per_round = max(1, min(runs, math.ceil(ROUND_SECONDS / max(single, 1e-9))))
-    rounds = max(MIN_ROUNDS, runs // per_round)
+    per_round = min(runs, _round_size(call, wait, warmup))
     per_call, budget_end = [], time.perf_counter() + TIMED_SECONDS_CAP
-    for index in range(rounds):
-        start = time.perf_counter()
-        for _ in range(per_round - 1):
-            call()
-        wait(call())
-        per_call.append((time.perf_counter() - start) / per_round)
+    for index in range(max(MIN_ROUNDS, runs // per_round)):
+        per_call.append(_round_ms(call, wait, per_round))
         if index + 1 >= MIN_ROUNDS and time.perf_counter() > budget_end:
             break
-    return 1e3 * statistics.median(per_call)
+    return statistics.median(per_call)
 
 
 def interleaved_ms(calls: dict[str, Callable[[], object]], wait: Callable[[object], None], rounds: int,
@@ -51,25 +41,33 @@ def interleaved_ms(calls: dict[str, Callable[[], object]], wait: Callable[[objec
     """Milliseconds per call of every function in `calls`, one value per round, their rounds interleaved: round
     r of each (in order) before round r + 1 of any. A function's rounds are sized as `median_ms` sizes them;
     `rounds` rounds (at least MIN_ROUNDS), fewer once TIMED_SECONDS_CAP per function has passed."""
-    per_round = {}
-    for name, call in calls.items():
-        for _ in range(warmup):
-            wait(call())
-        start = time.perf_counter()
-        wait(call())
-        per_round[name] = max(1, math.ceil(ROUND_SECONDS / max(time.perf_counter() - start, 1e-9)))
+    per_round = {name: _round_size(call, wait, warmup) for name, call in calls.items()}
     samples = {name: [] for name in calls}
     budget_end = time.perf_counter() + TIMED_SECONDS_CAP * len(calls)
     for index in range(max(MIN_ROUNDS, rounds)):
         for name, call in calls.items():
-            start = time.perf_counter()
-            for _ in range(per_round[name] - 1):
-                call()
-            wait(call())
-            samples[name].append(1e3 * (time.perf_counter() - start) / per_round[name])
+            samples[name].append(_round_ms(call, wait, per_round[name]))
         if index + 1 >= MIN_ROUNDS and time.perf_counter() > budget_end:
             break
     return samples
+
+
+def _round_size(call: Callable[[], object], wait: Callable[[object], None], warmup: int) -> int:
+    """Calls per round: enough to last ROUND_SECONDS by one waited call, timed after `warmup` waited calls."""
+    for _ in range(warmup):
+        wait(call())
+    start = time.perf_counter()
+    wait(call())
+    return max(1, math.ceil(ROUND_SECONDS / max(time.perf_counter() - start, 1e-9)))
+
+
+def _round_ms(call: Callable[[], object], wait: Callable[[object], None], calls: int) -> float:
+    """Milliseconds per call of `calls` back-to-back calls with one wait at the end."""
+    start = time.perf_counter()
+    for _ in range(calls - 1):
+        call()
+    wait(call())
+    return 1e3 * (time.perf_counter() - start) / calls
 
 
 def ratio_interval(numerator: list[float], denominator: list[float], confidence: float = 0.95

@@ -485,7 +485,7 @@ def _flat_grid(rows: int, persistent: bool, interpret) -> tuple[int]:
 
 
 def _resident_blocks(interpret) -> int:
-    """How many forward or dq blocks run at once: one per SM (each takes most of an SM's SMEM)."""
+    """How many blocks of a persistent kernel run at once: one per SM (each takes most of an SM's SMEM)."""
     if interpret:
         return INTERPRET_BLOCKS
     try:

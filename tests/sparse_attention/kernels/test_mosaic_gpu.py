@@ -325,10 +325,11 @@ LOWERING_SCRIPT = textwrap.dedent(
     """
 )
 
-# (spec, head_dim, dtype, BlockSizes overrides): the fused backward everywhere, the separate dq kernel on three;
-# the dq and dk/dv kernels persistent on four (with two dk/dv buffers, at head_dim 64, and one, at 128); the
-# forward persistent or not by its default, and forced one block per row on one.
-FUSED, SEPARATE = {"fused_dq": True}, {"fused_dq": False}
+# (spec, head_dim, dtype, BlockSizes overrides): the fused backward everywhere, the separate dq kernel on three.
+# At 1,000 tokens the rows are short, so the kernels run persistent by default, except dk/dv on dense and
+# strided(7) (two q heads per kv head); forced persistent dk/dv on four (with two dk/dv buffers, at head_dim
+# 64, and one, at 128), one forward block per row on one, and one dq block per row on dense.
+FUSED, SEPARATE = {"fused_dq": True}, {"fused_dq": False, "persistent_dq": False}
 SEPARATE_PERSISTENT = {"fused_dq": False, "persistent_dq": True, "persistent_dkdv": True}
 FUSED_PERSISTENT = {"fused_dq": True, "persistent_dkdv": True}
 LOWERED_CASES = [

@@ -117,7 +117,9 @@ class BlockSizes:
     (`fuses_dq`). `persistent_dq`, `persistent_dkdv`: the dq and dk/dv kernels persistent as the forward,
     True, False, or None, whichever was faster in the measurements (`persists_backward`). `half_tiles`: a
     forward warpgroup multiplies only the 64-key halves of a PARTIAL 128-key tile that it attends
-    (`half_tile_codes`). Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
+    (`half_tile_codes`). `skip_empty_steps`: a dq or dk/dv warpgroup skips the multiplies of a PARTIAL step in
+    which it has no pair (`empty_step_codes`). Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1
+    to 4.
     """
 
     block_q: int = 64
@@ -140,6 +142,7 @@ class BlockSizes:
     persistent_dq: bool | None = None
     persistent_dkdv: bool | None = None
     half_tiles: bool = True
+    skip_empty_steps: bool = True
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -188,11 +191,40 @@ def step_plan(pattern: Pattern, seq_len: int, block_q: int, block_k: int, by_key
 
 
 @functools.lru_cache(maxsize=128)
+def piece_codes(pattern: Pattern, seq_len: int, part: int, column_tile: int, parts: int, pieces: int,
+                by_key: bool) -> np.ndarray | None:
+    """Which pieces of each PARTIAL step's column tile each compute warpgroup attends: int32 [programs, width]
+    over the PARTIAL steps of `step_plan`'s programs (rows of `parts` warpgroups of `part` positions each, queries
+    or, `by_key`, keys; columns of `column_tile`, cut into `pieces` equal pieces). Warpgroup w's bit for piece h
+    is bit pieces * w + h, set where one of its rows' pairs with one of the piece's columns attends. None where
+    every warpgroup attends every piece of every PARTIAL step, so that no step would change."""
+    piece = column_tile // pieces
+    if by_key:
+        plan = step_plan(pattern, seq_len, column_tile, parts * part, True)
+        grid = TileGrid(seq_len, piece, part)
+    else:
+        plan = step_plan(pattern, seq_len, parts * part, column_tile, False)
+        grid = TileGrid(seq_len, part, piece)
+    tiles = plan.partial_tiles
+    programs, steps = np.nonzero(np.arange(tiles.shape[1])[None, :] < plan.num_partial[:, None])
+    codes = np.zeros(tiles.shape, np.int32)
+    for warpgroup in range(parts):
+        row_parts = plan.rows[programs].astype(np.int64) * parts + warpgroup
+        for index in range(pieces):
+            column_pieces = tiles[programs, steps].astype(np.int64) * pieces + index
+            q_units, k_units = (column_pieces, row_parts) if by_key else (row_parts, column_pieces)
+            inside = (q_units * grid.block_q < seq_len) & (k_units * grid.block_k < seq_len)
+            attends = np.zeros(len(programs), bool)
+            attends[inside] = pattern.classify_tiles(grid, q_units[inside], k_units[inside]) != EMPTY
+            codes[programs, steps] |= attends.astype(np.int32) << (pieces * warpgroup + index)
+    return None if (codes[programs, steps] == (1 << pieces * parts) - 1).all() else codes
+
+
 def half_tile_codes(pattern: Pattern, seq_len: int, block_q: int, block_k: int,
                     warpgroups: int) -> np.ndarray | None:
     """Which halves of each PARTIAL forward step's key tile each compute warpgroup attends, so that it multiplies
-    only those: int32 [programs, width] over `step_plan`'s programs and PARTIAL steps, 2 bits per warpgroup
-    (warpgroup w's low half at bit 2w, high half at 2w + 1; 0: it has no key in the tile).
+    only those: `piece_codes` of the forward's plan in two pieces (warpgroup w's low half at bit 2w, high half at
+    2w + 1; 0: it has no key in the tile).
 
     The causal diagonal gives warpgroup 0 only the low half of its tile, a window's far edge gives the last
     warpgroup only the high half, and a 64-key bridge is one half: at 32k, whole tiles would multiply 6 % more
@@ -201,21 +233,18 @@ def half_tile_codes(pattern: Pattern, seq_len: int, block_q: int, block_k: int,
     both halves of every PARTIAL step."""
     if block_k != 2 * HALF_TILE_KEYS:
         return None
-    plan = step_plan(pattern, seq_len, block_q * warpgroups, block_k, False)
-    tiles = plan.partial_tiles
-    programs, steps = np.nonzero(np.arange(tiles.shape[1])[None, :] < plan.num_partial[:, None])
-    halves = TileGrid(seq_len, block_q, HALF_TILE_KEYS)
-    codes = np.zeros(tiles.shape, np.int32)
-    for warpgroup in range(warpgroups):
-        q_halves = plan.rows[programs].astype(np.int64) * warpgroups + warpgroup
-        for half in range(2):
-            k_halves = tiles[programs, steps].astype(np.int64) * 2 + half
-            inside = (q_halves * block_q < seq_len) & (k_halves * HALF_TILE_KEYS < seq_len)
-            attends = np.zeros(len(programs), bool)
-            attends[inside] = pattern.classify_tiles(halves, q_halves[inside], k_halves[inside]) != EMPTY
-            codes[programs, steps] |= attends.astype(np.int32) << (2 * warpgroup + half)
-    every_half = sum(3 << (2 * warpgroup) for warpgroup in range(warpgroups))
-    return None if (codes[programs, steps] == every_half).all() else codes
+    return piece_codes(pattern, seq_len, block_q, block_k, warpgroups, 2, False)
+
+
+def empty_step_codes(pattern: Pattern, seq_len: int, part: int, column_tile: int, warpgroups: int,
+                     by_key: bool) -> np.ndarray | None:
+    """Which compute warpgroups of the dq kernel (by_key False: `part` queries each over [column_tile] key
+    tiles) or of the dk/dv kernel (by_key True: `part` keys each over [column_tile] query tiles) have a pair in
+    each PARTIAL step: `piece_codes` in one piece, warpgroup w's bit at w. A warpgroup whose bit is clear skips
+    the step's multiplies (`BlockSizes.skip_empty_steps`): the causal diagonal leaves dq's warpgroup 0 and dk/dv's
+    last warpgroup without a pair, as does a window's far edge the others. None where every warpgroup has a pair
+    in every PARTIAL step."""
+    return piece_codes(pattern, seq_len, part, column_tile, warpgroups, 1, by_key)
 
 
 def fuses_dq(block_sizes: BlockSizes, head_dim: int, group: int, dkdv_plan: RowPlan) -> bool:
@@ -321,6 +350,12 @@ def _chosen_view(static: KernelStatic, refs, column_tile: int, batch, head, row_
     lists_ref, counts_ref, *rest = refs
     return rest, (lists_ref, counts_ref, batch, head, lax.div(row_start, jnp.int32(topk.size)),
                   topk.size // column_tile)
+
+
+def _step_code(codes_ref, steps: _Steps, index, warpgroup, bits: int):
+    """Warpgroup `warpgroup`'s `bits`-bit code of the row's PARTIAL step `index`, from `piece_codes`."""
+    code = codes_ref[steps.program, index - steps.num_full]
+    return lax.rem(lax.shift_right_logical(code, bits * warpgroup), 1 << bits)
 
 
 def _walk(steps: _Steps, step, carry):
@@ -687,8 +722,7 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
             def step(mask, index, carry):
                 if mask is not PATTERN or halves_ref is None:
                     return attend_keys(mask, 0, block_k, index, carry)
-                codes = halves_ref[work.steps.program, index - work.steps.num_full]
-                return lax.switch(lax.rem(lax.shift_right_logical(codes, 2 * wg), 4), by_code, index, carry)
+                return lax.switch(_step_code(halves_ref, work.steps, index, wg, 2), by_code, index, carry)
 
             carry = (_zeros(q_tile.shape), _row_vector(ROW_MAX_INIT, block_q), _row_vector(0.0, block_q))
             acc, row_max, row_sum = _walk(work.steps, step, carry)
@@ -709,15 +743,17 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
 
 
 def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
-               contiguous: bool, q_smem, d_out_smem, lse_smem, delta_smem, k_smem, v_smem, q_loaded, d_out_loaded,
+               contiguous: bool, skips: bool, q_smem, d_out_smem, lse_smem, delta_smem, k_smem, v_smem, q_loaded, d_out_loaded,
                lse_loaded, delta_loaded, k_loaded, v_loaded, k_consumed, v_consumed, stage=None):
-    """refs: [the topk choice's lists and counts,] q, k, v, d_out, lse, delta, dq. Rows as the forward's, one
-    per block or several (`persistent_dq`), with q, dO, lse and delta resident per row."""
+    """refs: [`empty_step_codes` where `skips`,] [the topk choice's lists and counts,] q, k, v, d_out, lse, delta,
+    dq. Rows as the forward's, one per block or several (`persistent_dq`), with q, dO, lse and delta resident per
+    row."""
     sizes = static.block_sizes
     warpgroups, block_q, block_k, stages = (sizes.warpgroups_dq, sizes.block_q_dq, sizes.block_k_dq,
                                             sizes.stages_dq)
     scale_log2 = static.scale * LOG2_E
     wg = lax.axis_index(_WARPGROUP)
+    codes_ref, refs = (refs[0], refs[1:]) if skips else (None, refs)
     batches, _, q_heads, _ = refs[-7].shape  # q: refs end with q, k, v, d_out, lse, delta, dq
     count, row = _block_rows(rows_ref, tiles_ref, counts_ref, refs, static, group=group, contiguous=contiguous,
                              row_height=warpgroups * block_q, column_tile=block_k, heads=q_heads, batches=batches)
@@ -763,7 +799,7 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
             lse = plgpu.load(lse_smem.at[buffer, wg], layout=plgpu.Layout.WGMMA.reduce(1))
             delta = plgpu.load(delta_smem.at[buffer, wg], layout=plgpu.Layout.WGMMA.reduce(1))
 
-            def step(mask, index, dq):
+            def attend_keys(mask, index, dq):
                 slot = _slot(first_step + index, stages)
                 plgpu.barrier_wait(k_loaded.at[slot])
                 probs = jnp.exp2(_matmul(q_tile, k_smem.at[slot].T) * scale_log2 - _rows(lse, shape))
@@ -779,6 +815,21 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
                 plgpu.barrier_arrive(k_consumed.at[slot])
                 return dq
 
+            def skip_keys(index, dq):
+                """A step with no pair of this warpgroup's: its barriers only, so that the ring goes on."""
+                slot = _slot(first_step + index, stages)
+                plgpu.barrier_wait(k_loaded.at[slot])
+                plgpu.barrier_wait(v_loaded.at[slot])
+                plgpu.barrier_arrive(v_consumed.at[slot])
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                return dq
+
+            def step(mask, index, dq):
+                if mask is not PATTERN or codes_ref is None:
+                    return attend_keys(mask, index, dq)
+                return lax.switch(_step_code(codes_ref, work.steps, index, wg, 1),
+                                  [skip_keys, functools.partial(attend_keys, PATTERN)], index, dq)
+
             dq = _walk(work.steps, step, _zeros(q_tile.shape))
             q_tile[...] = (dq * static.scale).astype(q_tile.dtype)
             _store_row_results([(q_tile, dq_ref.at[work.batch, pl.ds(q_start, block_q), work.head])])
@@ -789,10 +840,11 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
 
 
 def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
-                 contiguous: bool, k_smem, v_smem, q_smem, d_out_smem, lse_smem, delta_smem, k_loaded, v_loaded,
+                 contiguous: bool, skips: bool, k_smem, v_smem, q_smem, d_out_smem, lse_smem, delta_smem, k_loaded, v_loaded,
                  q_loaded, d_out_loaded, lse_loaded, delta_loaded, consumed, d_logits_smem=None, dq_smem=None,
                  d_logits_stored=None, dq_previous_smem=None, dq_read=None, stage=None):
-    """refs: [the topk choosers' lists and counts,] q, k, v, d_out, lse, delta, [dq_sum,] dk, dv.
+    """refs: [`empty_step_codes` where `skips`,] [the topk choosers' lists and counts,] q, k, v, d_out, lse, delta,
+    [dq_sum,] dk, dv.
 
     Rows are (key tiles, kv heads, batch), one per block or several (`persistent_dkdv`), with each compute
     warpgroup's keys and values resident per row (k_smem [buffers, warpgroups * block_k, head_dim], v_smem
@@ -814,6 +866,7 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
                                             sizes.stages_dkv)
     scale_log2 = static.scale * LOG2_E
     wg = lax.axis_index(_WARPGROUP)
+    codes_ref, refs = (refs[0], refs[1:]) if skips else (None, refs)
     batches, _, kv_heads, _ = refs[-1].shape  # dv
     count, row = _block_rows(rows_ref, tiles_ref, counts_ref, refs, static, group=1, contiguous=contiguous,
                              row_height=warpgroups * block_k, column_tile=block_q, heads=kv_heads, batches=batches)
@@ -883,11 +936,14 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
             block_keys = k_smem.at[buffer]
             k_tile, v_tile = block_keys.at[own_rows], v_smem.at[buffer, wg]
 
-            def add_dq(step, d_logits_t, q_head, q_first):
-                """Store this warpgroup's dSᵀ; after the sync, add dS K (all of the block's keys) into dq_sum."""
+            def store_d_logits(step, d_logits_t):
+                d_logits_smem.at[lax.rem(step, jnp.int32(2)), own_rows][...] = d_logits_t
+
+            def add_dq(step, q_head, q_first):
+                """Once every warpgroup has stored its dSᵀ (the sync), add dS K (all of the block's keys) into
+                dq_sum."""
                 parity = lax.rem(step, jnp.int32(2))
-                d_logits_smem.at[parity, own_rows][...] = d_logits_t
-                plgpu.commit_smem()  # visible to wgmma's (async proxy) reads
+                plgpu.commit_smem()  # this warpgroup's dSᵀ visible to wgmma's (async proxy) reads
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # this warpgroup's last add has read dq_smem
                 sync()
                 target = dq_sum_ref.at[work.batch, pl.ds(q_first, block_q), q_head]
@@ -908,7 +964,7 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
                 pl.when(adder == wg)(functools.partial(add, 0, pl.ds(0, width)))
 
             def head_in_group(g, carry):
-                def step(mask, index, carry):
+                def attend_queries(mask, index, carry):
                     dk, dv = carry
                     block_step = first_step + g * per_head + index
                     slot = _slot(block_step, stages)
@@ -930,8 +986,31 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
                     dk = _accumulate(dk, d_logits_t, q_smem.at[slot], staged)
                     plgpu.barrier_arrive(consumed.at[slot])
                     if fused:
-                        add_dq(block_step, d_logits_t, work.kv_head * group + g, q_first)
+                        store_d_logits(block_step, d_logits_t)
                     return dk, dv
+
+                def skip_queries(index, carry):
+                    """A step with no pair of this warpgroup's: its barriers only, so that the ring goes on, and
+                    with the fused dq a dSᵀ of zeros, as the dq multiply reads every warpgroup's rows."""
+                    block_step = first_step + g * per_head + index
+                    slot = _slot(block_step, stages)
+                    for loaded in (q_loaded, lse_loaded, d_out_loaded, delta_loaded):
+                        plgpu.barrier_wait(loaded.at[slot])
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    if fused:
+                        store_d_logits(block_step, _zeros(shape).astype(d_logits_smem.dtype))
+                    return carry
+
+                def step(mask, index, carry):
+                    if mask is not PATTERN or codes_ref is None:
+                        carry = attend_queries(mask, index, carry)
+                    else:
+                        carry = lax.switch(_step_code(codes_ref, work.steps, index, wg, 1),
+                                           [skip_queries, functools.partial(attend_queries, PATTERN)], index, carry)
+                    if fused:
+                        add_dq(first_step + g * per_head + index, work.kv_head * group + g,
+                               work.steps.tile(index) * block_q)
+                    return carry
 
                 return _walk(work.steps, step, carry)
 
@@ -979,6 +1058,15 @@ def _reduce_add(source, target, interpreted):
 
 
 # ------------------------------------------------------------------------------------------- launchers
+
+
+def _skipping(sizes: BlockSizes, pattern: Pattern, seq_len: int, part: int, column_tile: int, warpgroups: int,
+              by_key: bool) -> list[np.ndarray]:
+    """The dq (by_key False) or dk/dv kernel's `empty_step_codes` as its first ref, or none where it walks
+    every step: `skip_empty_steps` is off, or no warpgroup lacks a pair in any PARTIAL step."""
+    codes = empty_step_codes(pattern, seq_len, part, column_tile, warpgroups, by_key) if sizes.skip_empty_steps \
+        else None
+    return [] if codes is None else [codes]
 
 
 def _varying_like(results, inputs):
@@ -1110,12 +1198,14 @@ def _dq(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, selected
     )
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_q, block_k), dtype, swizzled=False)
+    codes = _skipping(sizes, static.pattern, seq_len, block_q, block_k, warpgroups, by_key=False)
     body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
-                             contiguous=all(plan.contiguous))
+                             contiguous=all(plan.contiguous), skips=bool(codes))
     grid = _flat_grid(len(plan.rows) * q.shape[2] * q.shape[0], persistent, static.interpret)
     return _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=grid,
                    static=static, name="sparse_attention_dq", warpgroups=warpgroups)(
-        plan.rows, *plan.steps, *([] if selected is None else _compacted(selected)), q, k, v, d_out, lse, delta)
+        plan.rows, *plan.steps, *codes, *([] if selected is None else _compacted(selected)), q, k, v, d_out, lse,
+        delta)
 
 
 def _dkdv(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, selected, dq_sum=None):
@@ -1153,14 +1243,15 @@ def _dkdv(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, select
             scratch["dq_read"] = _barriers(parts)
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_k, block_q), dtype, swizzled=False)
+    codes = _skipping(sizes, static.pattern, seq_len, block_k, block_q, warpgroups, by_key=True)
     body = functools.partial(_dkdv_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
-                             contiguous=all(plan.contiguous))
+                             contiguous=all(plan.contiguous), skips=bool(codes))
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     grid = _flat_grid(len(plan.rows) * k.shape[2] * q.shape[0], persistent, static.interpret)
     return _kernel(body, out_type, scratch, grid=grid, static=static,
                    name="sparse_attention_dkdv", warpgroups=warpgroups)(
-        plan.rows, *plan.steps, *([] if selected is None else choosers(selected)), q, k, v, d_out, lse, delta,
-        *([] if dq_sum is None else [dq_sum]))
+        plan.rows, *plan.steps, *codes, *([] if selected is None else choosers(selected)), q, k, v, d_out, lse,
+        delta, *([] if dq_sum is None else [dq_sum]))
 
 
 _flash = padded_flash(_forward, _backward, sequence_multiple=lambda static: static.block_sizes.sequence_multiple)

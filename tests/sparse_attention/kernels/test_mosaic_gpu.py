@@ -212,6 +212,29 @@ def test_half_tile_cases_give_every_code():
     assert codes == {0, 1, 2, 3}
 
 
+def test_pattern_cases_skip_steps_in_both_backward_kernels():
+    # With SMALL's tiles (dq: 2 x 64 queries over 64 keys; dk/dv: 2 x 64 keys over 64 queries), the causal
+    # diagonal leaves one warpgroup of each kernel without a pair in some PARTIAL steps, and windows the other,
+    # so test_pattern_matches_reference runs both kernels' skipped steps (`empty_step_codes`) for each warpgroup.
+    for by_key in (False, True):
+        skipped = set()
+        for spec, seq_len, *_ in PATTERN_CASES:
+            plan = mosaic_gpu.step_plan(parse(spec), seq_len, *((64, 128) if by_key else (128, 64)), by_key)
+            codes = mosaic_gpu.empty_step_codes(parse(spec), seq_len, 64, 64, 2, by_key)
+            if codes is not None:
+                steps = codes[np.arange(codes.shape[1])[None, :] < plan.num_partial[:, None]]
+                skipped |= {warpgroup for warpgroup in (0, 1) if (steps >> warpgroup & 1 == 0).any()}
+        assert skipped == {0, 1}
+
+
+@pytest.mark.parametrize("fused_dq", [True, False])
+def test_whole_backward_steps(fused_dq):
+    # skip_empty_steps off: every warpgroup multiplies every PARTIAL step, and its masked pairs give zeros.
+    sizes = dict(dataclasses.asdict(SMALL), fused_dq=fused_dq, skip_empty_steps=False)
+    run_checked(check_against_reference, spec="repaired(128, 32, bridge)", seq_len=300, dtype="bfloat16", heads=4,
+                kv_heads=2, block_sizes=sizes, seed=23 + fused_dq)
+
+
 def test_rows_without_keys_give_zero_and_finite_grads():
     # sinks(4) & window(2): queries >= 5 see no key at all.
     run_checked(check_against_reference, spec="sinks(4) & window(2)", seq_len=100, keyless_from=5, seed=11)
@@ -411,40 +434,53 @@ def test_dense_plan_at_one_million_tokens_stores_first_tiles_only(by_key):
         assert list(tiles[0]) == [0, seq_len // tile_k - 2]
 
 
-HALF_TILE_SPECS = ["dense", "window({})", "block({}, 7)", "repaired({}, 16, bridge)", "repaired({}, 40, prefix)",
-                   "sinks(3) | window({})", "strided(5)", "dilated({}, 2)", "random_blocks(64, 1, 3)",
-                   "block({}) & strided(3)"]
+PIECE_CODE_SPECS = ["dense", "window({})", "block({}, 7)", "repaired({}, 16, bridge)", "repaired({}, 40, prefix)",
+                    "sinks(3) | window({})", "strided(5)", "dilated({}, 2)", "random_blocks(64, 1, 3)",
+                    "block({}) & strided(3)"]
 
 
-@settings(max_examples=60, deadline=None)
-@given(spec=st.sampled_from(HALF_TILE_SPECS), size=st.integers(40, 300), seq_len=st.integers(1, 700),
-       warpgroups=st.integers(1, 2))
-def test_half_tile_codes_match_the_mask(spec, size, seq_len, warpgroups):
-    """Each PARTIAL forward step's code has warpgroup w's bit for a half exactly where one of its queries
-    attends one of that half's keys; None only where every warpgroup attends both halves of every step."""
+@settings(max_examples=80, deadline=None)
+@given(spec=st.sampled_from(PIECE_CODE_SPECS), size=st.integers(40, 300), seq_len=st.integers(1, 700),
+       warpgroups=st.integers(1, 2), pieces=st.sampled_from([1, 2]), by_key=st.booleans())
+def test_piece_codes_match_the_mask(spec, size, seq_len, warpgroups, pieces, by_key):
+    """Each PARTIAL step's code has warpgroup w's bit for a piece exactly where one of its 64 rows (queries, or
+    keys `by_key`) pairs with one of the piece's columns in the mask; None only where every bit of every step
+    is set. half_tile_codes (2 pieces of 128 keys) and empty_step_codes (1 piece) are its two uses."""
     pattern = parse(spec.format(size))
-    block_q, block_k = 64, 128
-    plan = mosaic_gpu.step_plan(pattern, seq_len, block_q * warpgroups, block_k, False)
-    padded = -(-seq_len // block_k) * block_k  # a multiple of both tiles (rows of 64 or 128, 128 keys)
+    part, column_tile = 64, 128
+    tile = (column_tile, warpgroups * part) if by_key else (warpgroups * part, column_tile)
+    plan = mosaic_gpu.step_plan(pattern, seq_len, *tile, by_key)
+    padded = -(-seq_len // 128) * 128  # a multiple of every tile side here
     positions = np.arange(padded)
     mask = pattern.mask(positions[:, None], positions[None, :]) & (positions[:, None] < seq_len) & (
         positions[None, :] < seq_len)
+    if by_key:
+        mask = mask.T  # [keys, queries]: rows are the kernel's rows
+    piece = column_tile // pieces
     expected = np.zeros(plan.partial_tiles.shape, np.int64)
     for program, row in enumerate(plan.rows):
         for step in range(plan.num_partial[program]):
-            tile = plan.partial_tiles[program, step]
+            tile_start = plan.partial_tiles[program, step] * column_tile
             for warpgroup in range(warpgroups):
-                queries = slice((row * warpgroups + warpgroup) * block_q, (row * warpgroups + warpgroup + 1) * block_q)
-                for half in range(2):
-                    keys = slice(tile * block_k + half * 64, tile * block_k + (half + 1) * 64)
-                    expected[program, step] |= int(mask[queries, keys].any()) << (2 * warpgroup + half)
-    codes = mosaic_gpu.half_tile_codes(pattern, seq_len, block_q, block_k, warpgroups)
+                rows = slice((row * warpgroups + warpgroup) * part, (row * warpgroups + warpgroup + 1) * part)
+                for index in range(pieces):
+                    columns = slice(tile_start + index * piece, tile_start + (index + 1) * piece)
+                    expected[program, step] |= int(mask[rows, columns].any()) << (pieces * warpgroup + index)
+    codes = mosaic_gpu.piece_codes(pattern, seq_len, part, column_tile, warpgroups, pieces, by_key)
     steps = np.arange(expected.shape[1])[None, :] < plan.num_partial[:, None]
     if codes is None:
-        assert (expected[steps] == sum(3 << (2 * w) for w in range(warpgroups))).all()
+        assert (expected[steps] == (1 << pieces * warpgroups) - 1).all()
     else:
         np.testing.assert_array_equal(codes[steps], expected[steps])
-    assert mosaic_gpu.half_tile_codes(pattern, seq_len, block_q, 64, warpgroups) is None
+
+
+def test_half_tile_and_empty_step_codes_are_piece_codes():
+    pattern = parse("window(200)")
+    np.testing.assert_array_equal(mosaic_gpu.half_tile_codes(pattern, 700, 64, 128, 2),
+                                  mosaic_gpu.piece_codes(pattern, 700, 64, 128, 2, 2, False))
+    assert mosaic_gpu.half_tile_codes(pattern, 700, 64, 64, 2) is None  # 64-key tiles do not split
+    np.testing.assert_array_equal(mosaic_gpu.empty_step_codes(pattern, 700, 64, 64, 2, True),
+                                  mosaic_gpu.piece_codes(pattern, 700, 64, 64, 2, 1, True))
 
 
 @pytest.fixture

@@ -90,6 +90,9 @@ PERSISTENT_MAX_STEPS = 64
 # Below this mean number of steps per dq or dk/dv block (dk/dv: row steps x q heads per kv head), those kernels
 # run persistent by default (`persists_backward`): they won at 5-7 steps and lost at 18 and beyond.
 PERSISTENT_BACKWARD_MAX_STEPS = 16
+# From this fraction of a dq or dk/dv kernel's warpgroup steps without a pair on, the kernel skips them by default
+# (`skips_empty_steps`): it won at 5.6 % and more (window, block, repairs) and lost at 0.2 % (dense).
+SKIP_MIN_FRACTION = 0.01
 _FLAT_GRID = "block"  # every kernel's grid: one block per row, or per SM (persistent)
 SMEM_BYTES = 227 * 1024  # the most SMEM a Hopper thread block may have
 # Beyond the buffers, for barriers and alignment: Mosaic GPU counted 2,928 bytes more than the buffers of one
@@ -118,8 +121,9 @@ class BlockSizes:
     True, False, or None, whichever was faster in the measurements (`persists_backward`). `half_tiles`: a
     forward warpgroup multiplies only the 64-key halves of a PARTIAL 128-key tile that it attends
     (`half_tile_codes`). `skip_empty_steps`: a dq or dk/dv warpgroup skips the multiplies of a PARTIAL step in
-    which it has no pair (`empty_step_codes`). Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1
-    to 4.
+    which it has no pair (`empty_step_codes`); True, False, or None, where the measurements say it pays
+    (`skips_empty_steps`). Blocks are multiples of 64 up to
+    256, warpgroups 1 or 2, stages 1 to 4.
     """
 
     block_q: int = 64
@@ -142,7 +146,7 @@ class BlockSizes:
     persistent_dq: bool | None = None
     persistent_dkdv: bool | None = None
     half_tiles: bool = True
-    skip_empty_steps: bool = True
+    skip_empty_steps: bool | None = None
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -291,6 +295,31 @@ def persists_backward(choice: bool | None, plan: RowPlan, repeats: int = 1) -> b
     if choice is not None:
         return choice
     return repeats * _mean_steps(plan) < PERSISTENT_BACKWARD_MAX_STEPS
+
+
+def skips_empty_steps(choice: bool | None, plan: RowPlan, codes: np.ndarray | None, warpgroups: int) -> bool:
+    """Whether the dq or dk/dv kernel (`plan`, and `codes` its `empty_step_codes` over `warpgroups`) skips the steps in which a
+    warpgroup has no pair: never where no warpgroup lacks a pair (codes None); else `choice`
+    (`BlockSizes.skip_empty_steps`), or if that is None, where at least SKIP_MIN_FRACTION of its warpgroups'
+    steps have no pair (`empty_step_fraction`).
+
+    On the H200 at 32k (results/kernel_bench/empty_steps/) walking every step took 1.03-1.08x the
+    forward+backward time of skipping on block(512), window(1024) and the repairs at head_dim 128 (5.6-21 % of
+    warpgroup steps skipped), 1.00-1.07x at head_dim 64 and with 4 q heads per kv head; on dense (0.2 %) it took
+    0.98x: there the switch between the two step bodies costs more than the steps it saves."""
+    if codes is None:
+        return False
+    if choice is not None:
+        return choice
+    return empty_step_fraction(plan, codes, warpgroups) >= SKIP_MIN_FRACTION
+
+
+def empty_step_fraction(plan: RowPlan, codes: np.ndarray, warpgroups: int) -> float:
+    """The fraction of a kernel's warpgroup steps (rows' steps x warpgroups) in which the warpgroup has no pair,
+    from its `empty_step_codes`."""
+    partial = codes[np.arange(codes.shape[1])[None, :] < plan.num_partial[:, None]]
+    empty = sum(int((partial >> warpgroup & 1 == 0).sum()) for warpgroup in range(warpgroups))
+    return empty / max(warpgroups * int((plan.num_full + plan.num_partial).sum()), 1)
 
 
 def _mean_steps(plan: RowPlan) -> float:
@@ -1060,13 +1089,12 @@ def _reduce_add(source, target, interpreted):
 # ------------------------------------------------------------------------------------------- launchers
 
 
-def _skipping(sizes: BlockSizes, pattern: Pattern, seq_len: int, part: int, column_tile: int, warpgroups: int,
-              by_key: bool) -> list[np.ndarray]:
-    """The dq (by_key False) or dk/dv kernel's `empty_step_codes` as its first ref, or none where it walks
-    every step: `skip_empty_steps` is off, or no warpgroup lacks a pair in any PARTIAL step."""
-    codes = empty_step_codes(pattern, seq_len, part, column_tile, warpgroups, by_key) if sizes.skip_empty_steps \
-        else None
-    return [] if codes is None else [codes]
+def _skipping(sizes: BlockSizes, pattern: Pattern, seq_len: int, plan: RowPlan, part: int, column_tile: int,
+              warpgroups: int, by_key: bool) -> list[np.ndarray]:
+    """The dq (by_key False) or dk/dv kernel's `empty_step_codes` as its first ref where it skips steps
+    (`skips_empty_steps`), else none."""
+    codes = empty_step_codes(pattern, seq_len, part, column_tile, warpgroups, by_key)
+    return [codes] if skips_empty_steps(sizes.skip_empty_steps, plan, codes, warpgroups) else []
 
 
 def _varying_like(results, inputs):
@@ -1198,7 +1226,7 @@ def _dq(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, selected
     )
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_q, block_k), dtype, swizzled=False)
-    codes = _skipping(sizes, static.pattern, seq_len, block_q, block_k, warpgroups, by_key=False)
+    codes = _skipping(sizes, static.pattern, seq_len, plan, block_q, block_k, warpgroups, by_key=False)
     body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
                              contiguous=all(plan.contiguous), skips=bool(codes))
     grid = _flat_grid(len(plan.rows) * q.shape[2] * q.shape[0], persistent, static.interpret)
@@ -1243,7 +1271,7 @@ def _dkdv(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, select
             scratch["dq_read"] = _barriers(parts)
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_k, block_q), dtype, swizzled=False)
-    codes = _skipping(sizes, static.pattern, seq_len, block_k, block_q, warpgroups, by_key=True)
+    codes = _skipping(sizes, static.pattern, seq_len, plan, block_k, block_q, warpgroups, by_key=True)
     body = functools.partial(_dkdv_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
                              contiguous=all(plan.contiguous), skips=bool(codes))
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))

@@ -221,10 +221,29 @@ def test_pattern_cases_skip_steps_in_both_backward_kernels():
         for spec, seq_len, *_ in PATTERN_CASES:
             plan = mosaic_gpu.step_plan(parse(spec), seq_len, *((64, 128) if by_key else (128, 64)), by_key)
             codes = mosaic_gpu.empty_step_codes(parse(spec), seq_len, 64, 64, 2, by_key)
-            if codes is not None:
+            if mosaic_gpu.skips_empty_steps(None, plan, codes, 2):
                 steps = codes[np.arange(codes.shape[1])[None, :] < plan.num_partial[:, None]]
                 skipped |= {warpgroup for warpgroup in (0, 1) if (steps >> warpgroup & 1 == 0).any()}
         assert skipped == {0, 1}
+
+
+def test_empty_step_fraction_and_default():
+    # dense at 1024 over dq tiles of 2 x 64 queries and 64 keys: query row r walks key tiles 0 to 2r + 1, and
+    # its last one (the diagonal's upper half) is empty for warpgroup 0: 8 empty of 2 x 72 warpgroup steps.
+    pattern = parse("dense")
+    plan = mosaic_gpu.step_plan(pattern, 1024, 128, 64, False)
+    codes = mosaic_gpu.empty_step_codes(pattern, 1024, 64, 64, 2, False)
+    assert int((plan.num_full + plan.num_partial).sum()) == 72
+    assert mosaic_gpu.empty_step_fraction(plan, codes, 2) == pytest.approx(8 / 144)
+    assert mosaic_gpu.skips_empty_steps(None, plan, codes, 2)
+    # At 32k dense leaves 0.2 % of its steps empty, below SKIP_MIN_FRACTION: it walks them all by default.
+    long_plan = mosaic_gpu.step_plan(pattern, 32768, 128, 64, False)
+    long_codes = mosaic_gpu.empty_step_codes(pattern, 32768, 64, 64, 2, False)
+    assert mosaic_gpu.empty_step_fraction(long_plan, long_codes, 2) < mosaic_gpu.SKIP_MIN_FRACTION
+    assert not mosaic_gpu.skips_empty_steps(None, long_plan, long_codes, 2)
+    assert mosaic_gpu.skips_empty_steps(True, long_plan, long_codes, 2)
+    assert not mosaic_gpu.skips_empty_steps(False, plan, codes, 2)
+    assert not mosaic_gpu.skips_empty_steps(True, plan, None, 2)  # nothing to skip
 
 
 @pytest.mark.parametrize("fused_dq", [True, False])

@@ -122,8 +122,10 @@ class BlockSizes:
     forward warpgroup multiplies only the 64-key halves of a PARTIAL 128-key tile that it attends
     (`half_tile_codes`). `skip_empty_steps`: a dq or dk/dv warpgroup skips the multiplies of a PARTIAL step in
     which it has no pair (`empty_step_codes`); True, False, or None, where the measurements say it pays
-    (`skips_empty_steps`). Blocks are multiples of 64 up to
-    256, warpgroups 1 or 2, stages 1 to 4.
+    (`skips_empty_steps`). `heads_fastest`: every kernel's rows launch (or, persistent, are
+    dealt out) with heads and batch entries fastest, so that every head's longest row starts first, rather than
+    row tiles fastest (`_block_rows`). Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1
+    to 4.
     """
 
     block_q: int = 64
@@ -147,6 +149,7 @@ class BlockSizes:
     persistent_dkdv: bool | None = None
     half_tiles: bool = True
     skip_empty_steps: bool | None = None
+    heads_fastest: bool = False
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -577,9 +580,10 @@ class _Row:
 def _block_rows(rows_ref, tiles_ref, counts_ref, refs, static: KernelStatic, *, group: int, contiguous: bool,
                 row_height: int, column_tile: int, heads: int, batches: int):
     """(this block's number of rows, row(j) -> its j-th `_Row`) over a flat grid. Block b takes rows b,
-    b + blocks, ... of the (row tiles, heads, batch) rows, row tiles fastest: in launch order (heaviest
-    first) within a head, so that neighbouring blocks share K and V tiles in L2. With one block per row,
-    each block's one row. heads: q heads sharing kv heads in groups of `group`, or for dk/dv kv heads
+    b + blocks, ... of the (row tiles, heads, batch) rows, row tiles fastest (in launch order, heaviest first,
+    within a head, so that neighbouring blocks share K and V tiles in L2), or with
+    `BlockSizes.heads_fastest` (heads, batch) fastest (every head's heaviest row first). With one block per
+    row, each block's one row. heads: q heads sharing kv heads in groups of `group`, or for dk/dv kv heads
     (group 1)."""
     block, blocks = lax.axis_index(_FLAT_GRID), lax.axis_size(_FLAT_GRID)
     row_tiles = rows_ref.shape[0]
@@ -587,7 +591,10 @@ def _block_rows(rows_ref, tiles_ref, counts_ref, refs, static: KernelStatic, *, 
 
     def row(j):
         item = block + j * blocks
-        program, rest = lax.rem(item, row_tiles), lax.div(item, row_tiles)
+        if static.block_sizes.heads_fastest:
+            program, rest = lax.div(item, heads * batches), lax.rem(item, heads * batches)
+        else:
+            program, rest = lax.rem(item, row_tiles), lax.div(item, row_tiles)
         head, batch = lax.rem(rest, heads), lax.div(rest, heads)
         kv_head = lax.div(head, jnp.int32(group))
         row_start = rows_ref[program] * row_height

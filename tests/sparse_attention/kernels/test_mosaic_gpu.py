@@ -278,6 +278,16 @@ def test_batch_and_negative_scale(persistent):
                 block_sizes=dict(dataclasses.asdict(SMALL), persistent=persistent, persistent_dkdv=persistent))
 
 
+@pytest.mark.parametrize("persistent", [True, False])
+def test_heads_fastest(persistent):
+    # Rows dealt out with (heads, batch) fastest: 3 query tiles x 4 q heads x batch 2 for the forward and dq
+    # (GQA: 2 kv heads), 3 key tiles x 2 kv heads x batch 2 for dk/dv; persistent, over 3 blocks.
+    sizes = dict(dataclasses.asdict(SMALL), heads_fastest=True, fused_dq=False, persistent=persistent,
+                 persistent_dq=persistent, persistent_dkdv=persistent)
+    run_checked(check_against_reference, spec="sinks(8) | window(100)", seq_len=330, heads=4, kv_heads=2, batch=2,
+                seed=31, block_sizes=sizes)
+
+
 def test_no_races():
     """The interpreter's race detector finds no unsynchronised SMEM access in the pipeline (ring slots,
     ping-pong, staging, the fused dq's double buffer, the persistent kernels' row buffers). The interpreter

@@ -122,10 +122,10 @@ class BlockSizes:
     forward warpgroup multiplies only the 64-key halves of a PARTIAL 128-key tile that it attends
     (`half_tile_codes`). `skip_empty_steps`: a dq or dk/dv warpgroup skips the multiplies of a PARTIAL step in
     which it has no pair (`empty_step_codes`); True, False, or None, where the measurements say it pays
-    (`skips_empty_steps`). `heads_fastest`: every kernel's rows launch (or, persistent, are
-    dealt out) with heads and batch entries fastest, so that every head's longest row starts first, rather than
-    row tiles fastest (`_block_rows`). Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1
-    to 4.
+    (`skips_empty_steps`). `heads_fastest`: a kernel's rows launch (or, persistent, are dealt out) with heads
+    and batch entries fastest, so that every head's longest row starts first, rather than row tiles fastest
+    (`_block_rows`); True, False, or None, whichever was faster (`deals_heads_fastest`). Blocks are multiples
+    of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
     """
 
     block_q: int = 64
@@ -149,7 +149,7 @@ class BlockSizes:
     persistent_dkdv: bool | None = None
     half_tiles: bool = True
     skip_empty_steps: bool | None = None
-    heads_fastest: bool = False
+    heads_fastest: bool | None = None
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -301,8 +301,8 @@ def persists_backward(choice: bool | None, plan: RowPlan, repeats: int = 1) -> b
 
 
 def skips_empty_steps(choice: bool | None, plan: RowPlan, codes: np.ndarray | None, warpgroups: int) -> bool:
-    """Whether the dq or dk/dv kernel (`plan`, and `codes` its `empty_step_codes` over `warpgroups`) skips the steps in which a
-    warpgroup has no pair: never where no warpgroup lacks a pair (codes None); else `choice`
+    """Whether the dq or dk/dv kernel (`plan`, and `codes` its `empty_step_codes` over `warpgroups`) skips the
+    steps in which a warpgroup has no pair: never where no warpgroup lacks a pair (codes None); else `choice`
     (`BlockSizes.skip_empty_steps`), or if that is None, where at least SKIP_MIN_FRACTION of its warpgroups'
     steps have no pair (`empty_step_fraction`).
 
@@ -323,6 +323,21 @@ def empty_step_fraction(plan: RowPlan, codes: np.ndarray, warpgroups: int) -> fl
     partial = codes[np.arange(codes.shape[1])[None, :] < plan.num_partial[:, None]]
     empty = sum(int((partial >> warpgroup & 1 == 0).sum()) for warpgroup in range(warpgroups))
     return empty / max(warpgroups * int((plan.num_full + plan.num_partial).sum()), 1)
+
+
+def deals_heads_fastest(choice: bool | None, persistent: bool) -> bool:
+    """Whether a kernel's rows go out with (heads, batch) fastest rather than row tiles fastest (`_block_rows`):
+    `choice` (`BlockSizes.heads_fastest`), or if that is None, where the kernel runs one block per row.
+
+    On the H200 at 32k (results/kernel_bench/row_order/) heads fastest took 0.78x the forward+backward time of
+    sinks(64) | window(1024): its dk/dv row of the sink keys walks every query tile (512 steps, 20 on average),
+    and with row tiles fastest the last heads' such rows launched near the kernel's end and ran on after the
+    rest. It took 0.98x of dense's forward+backward, 0.99-1.00x of window(1024)'s and random_blocks(512, 3,
+    0)'s; but 1.10x of block(512)'s forward and 1.05x of its forward+backward, all of whose kernels are
+    persistent, so persistent kernels keep row tiles fastest."""
+    if choice is not None:
+        return choice
+    return not persistent
 
 
 def _mean_steps(plan: RowPlan) -> float:
@@ -578,20 +593,19 @@ class _Row:
 
 
 def _block_rows(rows_ref, tiles_ref, counts_ref, refs, static: KernelStatic, *, group: int, contiguous: bool,
-                row_height: int, column_tile: int, heads: int, batches: int):
+                heads_fastest: bool, row_height: int, column_tile: int, heads: int, batches: int):
     """(this block's number of rows, row(j) -> its j-th `_Row`) over a flat grid. Block b takes rows b,
     b + blocks, ... of the (row tiles, heads, batch) rows, row tiles fastest (in launch order, heaviest first,
-    within a head, so that neighbouring blocks share K and V tiles in L2), or with
-    `BlockSizes.heads_fastest` (heads, batch) fastest (every head's heaviest row first). With one block per
-    row, each block's one row. heads: q heads sharing kv heads in groups of `group`, or for dk/dv kv heads
-    (group 1)."""
+    within a head), or `heads_fastest`, (heads, batch) fastest (every head's heaviest row first;
+    `deals_heads_fastest`). With one block per row, each block's one row. heads: q heads sharing kv heads in
+    groups of `group`, or for dk/dv kv heads (group 1)."""
     block, blocks = lax.axis_index(_FLAT_GRID), lax.axis_size(_FLAT_GRID)
     row_tiles = rows_ref.shape[0]
     count = lax.div(row_tiles * heads * batches - 1 - block, blocks) + 1
 
     def row(j):
         item = block + j * blocks
-        if static.block_sizes.heads_fastest:
+        if heads_fastest:
             program, rest = lax.div(item, heads * batches), lax.rem(item, heads * batches)
         else:
             program, rest = lax.rem(item, row_tiles), lax.div(item, row_tiles)
@@ -648,8 +662,8 @@ def _store_row_results(copies):
 
 
 def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
-                    contiguous: bool, split: bool, q_smem, k_smem, v_smem, lse_smem, q_loaded, k_loaded, v_loaded,
-                    k_consumed, v_consumed, schedule=None, stage=None):
+                    contiguous: bool, heads_fastest: bool, split: bool, q_smem, k_smem, v_smem, lse_smem, q_loaded,
+                    k_loaded, v_loaded, k_consumed, v_consumed, schedule=None, stage=None):
     """refs: [`half_tile_codes` where `split`,] [the topk choice's lists and counts,] q, k, v, out, lse.
 
     A block walks one row, or several when persistent (`_block_rows`); K/V steps are counted over all of them,
@@ -662,7 +676,8 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
     halves_ref, refs = (refs[0], refs[1:]) if split else (None, refs)
     batches, _, q_heads, _ = refs[-5].shape  # q: refs end with q, k, v, out, lse
     count, row = _block_rows(rows_ref, tiles_ref, counts_ref, refs, static, group=group, contiguous=contiguous,
-                             row_height=warpgroups * block_q, column_tile=block_k, heads=q_heads, batches=batches)
+                             heads_fastest=heads_fastest, row_height=warpgroups * block_q, column_tile=block_k,
+                             heads=q_heads, batches=batches)
 
     @pl.when(wg == warpgroups)
     def _memory():
@@ -779,8 +794,9 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
 
 
 def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
-               contiguous: bool, skips: bool, q_smem, d_out_smem, lse_smem, delta_smem, k_smem, v_smem, q_loaded, d_out_loaded,
-               lse_loaded, delta_loaded, k_loaded, v_loaded, k_consumed, v_consumed, stage=None):
+               contiguous: bool, heads_fastest: bool, skips: bool, q_smem, d_out_smem, lse_smem, delta_smem, k_smem,
+               v_smem, q_loaded, d_out_loaded, lse_loaded, delta_loaded, k_loaded, v_loaded, k_consumed, v_consumed,
+               stage=None):
     """refs: [`empty_step_codes` where `skips`,] [the topk choice's lists and counts,] q, k, v, d_out, lse, delta,
     dq. Rows as the forward's, one per block or several (`persistent_dq`), with q, dO, lse and delta resident per
     row."""
@@ -792,7 +808,8 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
     codes_ref, refs = (refs[0], refs[1:]) if skips else (None, refs)
     batches, _, q_heads, _ = refs[-7].shape  # q: refs end with q, k, v, d_out, lse, delta, dq
     count, row = _block_rows(rows_ref, tiles_ref, counts_ref, refs, static, group=group, contiguous=contiguous,
-                             row_height=warpgroups * block_q, column_tile=block_k, heads=q_heads, batches=batches)
+                             heads_fastest=heads_fastest, row_height=warpgroups * block_q, column_tile=block_k,
+                             heads=q_heads, batches=batches)
     resident = ((q_smem, q_loaded), (d_out_smem, d_out_loaded), (lse_smem, lse_loaded), (delta_smem, delta_loaded))
 
     @pl.when(wg == warpgroups)
@@ -876,9 +893,10 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
 
 
 def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
-                 contiguous: bool, skips: bool, k_smem, v_smem, q_smem, d_out_smem, lse_smem, delta_smem, k_loaded, v_loaded,
-                 q_loaded, d_out_loaded, lse_loaded, delta_loaded, consumed, d_logits_smem=None, dq_smem=None,
-                 d_logits_stored=None, dq_previous_smem=None, dq_read=None, stage=None):
+                 contiguous: bool, heads_fastest: bool, skips: bool, k_smem, v_smem, q_smem, d_out_smem, lse_smem,
+                 delta_smem, k_loaded, v_loaded, q_loaded, d_out_loaded, lse_loaded, delta_loaded, consumed,
+                 d_logits_smem=None, dq_smem=None, d_logits_stored=None, dq_previous_smem=None, dq_read=None,
+                 stage=None):
     """refs: [`empty_step_codes` where `skips`,] [the topk choosers' lists and counts,] q, k, v, d_out, lse, delta,
     [dq_sum,] dk, dv.
 
@@ -905,7 +923,8 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
     codes_ref, refs = (refs[0], refs[1:]) if skips else (None, refs)
     batches, _, kv_heads, _ = refs[-1].shape  # dv
     count, row = _block_rows(rows_ref, tiles_ref, counts_ref, refs, static, group=1, contiguous=contiguous,
-                             row_height=warpgroups * block_k, column_tile=block_q, heads=kv_heads, batches=batches)
+                             heads_fastest=heads_fastest, row_height=warpgroups * block_k, column_tile=block_q,
+                             heads=kv_heads, batches=batches)
     fused = d_logits_smem is not None  # the fused dq's scratch: dq_sum is among the inputs
 
     def arrays(work):
@@ -1151,7 +1170,8 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
         scratch["stage"] = _smem((warpgroups, block_q, block_k), q.dtype, swizzled=False)
     halves = half_tile_codes(static.pattern, seq_len, block_q, block_k, warpgroups) if sizes.half_tiles else None
     body = functools.partial(_forward_kernel, static=static, seq_len=seq_len, group=q_heads // k.shape[2],
-                             contiguous=all(plan.contiguous), split=halves is not None)
+                             contiguous=all(plan.contiguous), split=halves is not None,
+                             heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent))
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32))
     grid = _flat_grid(len(plan.rows) * q_heads * batch, persistent, static.interpret)
     call = _kernel(body, out_type, scratch, grid=grid, static=static,
@@ -1235,7 +1255,8 @@ def _dq(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, selected
         scratch["stage"] = _smem((warpgroups, block_q, block_k), dtype, swizzled=False)
     codes = _skipping(sizes, static.pattern, seq_len, plan, block_q, block_k, warpgroups, by_key=False)
     body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
-                             contiguous=all(plan.contiguous), skips=bool(codes))
+                             contiguous=all(plan.contiguous), skips=bool(codes),
+                             heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent))
     grid = _flat_grid(len(plan.rows) * q.shape[2] * q.shape[0], persistent, static.interpret)
     return _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=grid,
                    static=static, name="sparse_attention_dq", warpgroups=warpgroups)(
@@ -1280,7 +1301,8 @@ def _dkdv(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, select
         scratch["stage"] = _smem((warpgroups, block_k, block_q), dtype, swizzled=False)
     codes = _skipping(sizes, static.pattern, seq_len, plan, block_k, block_q, warpgroups, by_key=True)
     body = functools.partial(_dkdv_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
-                             contiguous=all(plan.contiguous), skips=bool(codes))
+                             contiguous=all(plan.contiguous), skips=bool(codes),
+                             heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent))
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     grid = _flat_grid(len(plan.rows) * k.shape[2] * q.shape[0], persistent, static.interpret)
     return _kernel(body, out_type, scratch, grid=grid, static=static,

@@ -288,6 +288,14 @@ def test_heads_fastest(persistent):
                 seed=31, block_sizes=sizes)
 
 
+def test_heads_fastest_default():
+    # By default only kernels of one block per row launch heads fastest; persistent ones deal row tiles fastest.
+    assert mosaic_gpu.deals_heads_fastest(None, persistent=False)
+    assert not mosaic_gpu.deals_heads_fastest(None, persistent=True)
+    assert mosaic_gpu.deals_heads_fastest(True, persistent=True)
+    assert not mosaic_gpu.deals_heads_fastest(False, persistent=False)
+
+
 def test_no_races():
     """The interpreter's race detector finds no unsynchronised SMEM access in the pipeline (ring slots,
     ping-pong, staging, the fused dq's double buffer, the persistent kernels' row buffers). The interpreter

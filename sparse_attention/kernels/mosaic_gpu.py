@@ -93,6 +93,10 @@ PERSISTENT_BACKWARD_MAX_STEPS = 16
 # From this fraction of a dq or dk/dv kernel's warpgroup steps without a pair on, the kernel skips them by default
 # (`skips_empty_steps`): it won at 5.6 % and more (window, block, repairs) and lost at 0.2 % (dense).
 SKIP_MIN_FRACTION = 0.01
+# From this ratio of a kernel's longest row to its mean row on, a kernel of one block per row launches heads
+# fastest by default (`deals_heads_fastest`): it won 22 % at 26x (a sink's dk/dv row), 2 % at 2x (dense, at 32k,
+# and is suspected of dense's slowdown at 128k), nothing at 1x and 4.5x.
+HEADS_FASTEST_MIN_SKEW = 8
 _FLAT_GRID = "block"  # every kernel's grid: one block per row, or per SM (persistent)
 SMEM_BYTES = 227 * 1024  # the most SMEM a Hopper thread block may have
 # Beyond the buffers, for barriers and alignment: Mosaic GPU counted 2,928 bytes more than the buffers of one
@@ -325,19 +329,25 @@ def empty_step_fraction(plan: RowPlan, codes: np.ndarray, warpgroups: int) -> fl
     return empty / max(warpgroups * int((plan.num_full + plan.num_partial).sum()), 1)
 
 
-def deals_heads_fastest(choice: bool | None, persistent: bool) -> bool:
+def deals_heads_fastest(choice: bool | None, persistent: bool, plan: RowPlan) -> bool:
     """Whether a kernel's rows go out with (heads, batch) fastest rather than row tiles fastest (`_block_rows`):
-    `choice` (`BlockSizes.heads_fastest`), or if that is None, where the kernel runs one block per row.
+    `choice` (`BlockSizes.heads_fastest`), or if that is None, where the kernel runs one block per row and its
+    longest row (`plan`) walks at least HEADS_FASTEST_MIN_SKEW times the mean row's steps.
 
     On the H200 at 32k (results/kernel_bench/row_order/) heads fastest took 0.78x the forward+backward time of
-    sinks(64) | window(1024): its dk/dv row of the sink keys walks every query tile (512 steps, 20 on average),
-    and with row tiles fastest the last heads' such rows launched near the kernel's end and ran on after the
-    rest. It took 0.98x of dense's forward+backward, 0.99-1.00x of window(1024)'s and random_blocks(512, 3,
-    0)'s; but 1.10x of block(512)'s forward and 1.05x of its forward+backward, all of whose kernels are
-    persistent, so persistent kernels keep row tiles fastest."""
+    sinks(64) | window(1024): its dk/dv row of the sink keys walks every query tile (512 steps, 20 on average,
+    26x), and with row tiles fastest the last heads' such rows launched near the kernel's end and ran on after
+    the rest. It took 0.98x of dense's forward+backward (2x), 0.99-1.00x of window(1024)'s (1x) and
+    random_blocks(512, 3, 0)'s (4.5x); but 1.10x of block(512)'s forward and 1.05x of its forward+backward,
+    whose kernels are all persistent. At 128k, with heads fastest for every kernel of one block per row, dense's
+    forward+backward took 1.19x cuDNN's time, against 1.08x before (results/kernel_bench/h200_128k_all/; the
+    GPU ran at its power cap). Row tiles fastest, where the blocks at work share one head's stream of keys and
+    values in L2, was not timed against it at 128k, so only rows far more unequal than dense's go heads
+    fastest."""
     if choice is not None:
         return choice
-    return not persistent
+    steps = plan.num_full + plan.num_partial
+    return not persistent and int(steps.max(initial=0)) >= HEADS_FASTEST_MIN_SKEW * _mean_steps(plan)
 
 
 def _mean_steps(plan: RowPlan) -> float:
@@ -1171,7 +1181,7 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
     halves = half_tile_codes(static.pattern, seq_len, block_q, block_k, warpgroups) if sizes.half_tiles else None
     body = functools.partial(_forward_kernel, static=static, seq_len=seq_len, group=q_heads // k.shape[2],
                              contiguous=all(plan.contiguous), split=halves is not None,
-                             heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent))
+                             heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent, plan))
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32))
     grid = _flat_grid(len(plan.rows) * q_heads * batch, persistent, static.interpret)
     call = _kernel(body, out_type, scratch, grid=grid, static=static,
@@ -1256,7 +1266,7 @@ def _dq(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, selected
     codes = _skipping(sizes, static.pattern, seq_len, plan, block_q, block_k, warpgroups, by_key=False)
     body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
                              contiguous=all(plan.contiguous), skips=bool(codes),
-                             heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent))
+                             heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent, plan))
     grid = _flat_grid(len(plan.rows) * q.shape[2] * q.shape[0], persistent, static.interpret)
     return _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=grid,
                    static=static, name="sparse_attention_dq", warpgroups=warpgroups)(
@@ -1302,7 +1312,7 @@ def _dkdv(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, select
     codes = _skipping(sizes, static.pattern, seq_len, plan, block_k, block_q, warpgroups, by_key=True)
     body = functools.partial(_dkdv_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
                              contiguous=all(plan.contiguous), skips=bool(codes),
-                             heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent))
+                             heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent, plan))
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     grid = _flat_grid(len(plan.rows) * k.shape[2] * q.shape[0], persistent, static.interpret)
     return _kernel(body, out_type, scratch, grid=grid, static=static,

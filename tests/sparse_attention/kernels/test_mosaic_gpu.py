@@ -289,11 +289,17 @@ def test_heads_fastest(persistent):
 
 
 def test_heads_fastest_default():
-    # By default only kernels of one block per row launch heads fastest; persistent ones deal row tiles fastest.
-    assert mosaic_gpu.deals_heads_fastest(None, persistent=False)
-    assert not mosaic_gpu.deals_heads_fastest(None, persistent=True)
-    assert mosaic_gpu.deals_heads_fastest(True, persistent=True)
-    assert not mosaic_gpu.deals_heads_fastest(False, persistent=False)
+    # By default only kernels of one block per row whose longest row is far longer than the mean launch heads
+    # fastest: at 32k sinks(64) | window(1024)'s dk/dv kernel (the sink keys' row walks 512 steps, 20 on
+    # average), not its dq kernel, nor dense's (2x) or window(1024)'s; persistent kernels never by default.
+    sinks, dense = parse("sinks(64) | window(1024)"), parse("dense")
+    dkdv = mosaic_gpu.step_plan(sinks, 32768, 64, 128, True)
+    assert mosaic_gpu.deals_heads_fastest(None, False, dkdv)
+    assert not mosaic_gpu.deals_heads_fastest(None, True, dkdv)
+    assert not mosaic_gpu.deals_heads_fastest(None, False, mosaic_gpu.step_plan(sinks, 32768, 128, 64, False))
+    assert not mosaic_gpu.deals_heads_fastest(None, False, mosaic_gpu.step_plan(dense, 32768, 64, 128, True))
+    assert mosaic_gpu.deals_heads_fastest(True, True, dkdv)
+    assert not mosaic_gpu.deals_heads_fastest(False, False, dkdv)
 
 
 def test_no_races():

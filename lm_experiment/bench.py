@@ -29,10 +29,12 @@ dense causal, forward only as it has no causal backward, sm90+, float16 as it fa
 this package's `xla` and `reference` paths where they fit in memory ("oom" otherwise).
 
 Ratios: our fastest implementation's time over each peer's median. Against a peer that runs in this process
-(cuDNN), each case is also timed again with both functions in `--paired-rounds` interleaved rounds
-(`timing.interleaved_ms`), and the ratio is quoted as the median of the round-by-round ratios with a 95 %
-interval (`timing.ratio_interval`, `vs_cudnn_paired`): drift during the run falls on both alike. The interval
-covers this process's rounds only; other machines and runs of the same command have differed by more.
+(cuDNN), each case is also timed again, as soon as both have run, with both functions in `--paired-rounds`
+interleaved rounds (`timing.interleaved_ms`), and the ratio is quoted as the median of the round-by-round
+ratios with a 95 % interval (`timing.ratio_interval`, `vs_cudnn_paired`): drift during the run falls on both
+alike. The interval covers this process's rounds only; other machines and runs of the same command have
+differed by more. The report's ratios and pairs are rewritten with every case, so a run stopped early keeps
+those of the cases it finished.
 
 A `topk(B, K)` case attends a fixed choice of blocks (`bench_choice.fixed_choice`), the same indices for
 every implementation of this package (`attention.IMPLEMENTATIONS`) and for FlexAttention's block mask;
@@ -508,10 +510,15 @@ def main(argv=None) -> dict:
                   ceilings=ceilings, torch=_torch_version() if "flex" in impls else None,
                   started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")),
         results=[],
+        paired=[],
     )
     print(f"# {report['meta']['device']} jax {jax.__version__}  B={args.batch} H={args.heads} "
           f"KV={kv_heads} D={args.head_dim} {args.dtype}  matmul {ceilings['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s, "
           f"copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+    # The last implementation of each case that a pairing needs: once it has run, the case is paired at once,
+    # so that a run stopped by a time limit keeps the cases paired so far.
+    pairing = [impl for impl in impls if impl in OWN_IMPLS or impl in PAIRED_PEERS]
+    pair_after = pairing[-1] if args.paired_rounds > 0 and pairing else None
     for seq_len in seq_lens:
         shape = Shape(args.batch, seq_len, args.heads, kv_heads, args.head_dim, args.dtype)
         inputs = make_inputs(shape)
@@ -520,6 +527,14 @@ def main(argv=None) -> dict:
         # Counted once per case: a topk case's count walks its whole choice in Python.
         pairs = {pattern.spec: bench_choice.attended_pairs(pattern, seq_len, choices[pattern.spec])
                  for pattern in patterns}
+        by_spec = {pattern.spec: pattern for pattern in patterns}
+
+        def call_for(impl, spec, mode):
+            chosen = choices[spec]
+            compiled, case_args = compiled_case(impl, by_spec[spec], mode, shape, inputs, interpret, block_sizes,
+                                                None if chosen is None else jnp.asarray(chosen))
+            return functools.partial(compiled, *case_args)
+
         # Implementations in the outer loop: the kernels are timed before the memory-hungry dense paths
         # (xla, reference) of the same length run, so their allocations cannot disturb the short kernels.
         for impl in impls:
@@ -535,21 +550,13 @@ def main(argv=None) -> dict:
                                        selected=None if chosen is None else jnp.asarray(chosen))
                     report["results"].append(complete_row(row, pattern, shape, ceilings, pairs[pattern.spec]))
                     print(format_row(report["results"][-1]), flush=True)
+                    if impl == pair_after:
+                        case = (seq_len, pattern.spec, mode)
+                        case_rows = [r for r in report["results"] if (r["seq_len"], r["pattern"], r["mode"]) == case]
+                        report["paired"] += paired_ratios(case_rows, call_for, args.paired_rounds)
+                    report["ratios"] = peer_ratios(report["results"], report["paired"])
                     atomic_io.write_json(args.out, report)
-        if args.paired_rounds > 0:
-            by_spec = {pattern.spec: pattern for pattern in patterns}
-
-            def call_for(impl, spec, mode):
-                chosen = choices[spec]
-                compiled, case_args = compiled_case(impl, by_spec[spec], mode, shape, inputs, interpret, block_sizes,
-                                                    None if chosen is None else jnp.asarray(chosen))
-                return functools.partial(compiled, *case_args)
-
-            rows = [row for row in report["results"] if row["seq_len"] == seq_len]
-            report["paired"] = report.get("paired", []) + paired_ratios(rows, call_for, args.paired_rounds)
-            atomic_io.write_json(args.out, report)
         del inputs
-    report["ratios"] = peer_ratios(report["results"], report.get("paired", []))
     report["selection_costs"] = selection_costs(report["results"])
     atomic_io.write_json(args.out, report)
     print("\n# summary", flush=True)

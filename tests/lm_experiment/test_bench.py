@@ -123,6 +123,18 @@ def test_bench_smoke_times_pairs_against_an_in_process_peer(tmp_path, monkeypatc
         assert ratio["vs_xla_paired"] == [pair["ratio"], pair["low"], pair["high"]]
 
 
+def test_bench_writes_each_pair_as_soon_as_its_case_has_run(tmp_path, monkeypatch):
+    # A run stopped by a time limit keeps the pairs and ratios of the cases it finished: the fwd case is paired
+    # in the report written right after xla's fwd row, before xla's fwd_bwd row runs.
+    monkeypatch.setattr(bench, "PAIRED_PEERS", ("xla",))
+    written = []
+    monkeypatch.setattr(bench.atomic_io, "write_json", lambda path, report: written.append(
+        (len(report["results"]), [pair["mode"] for pair in report["paired"]], len(report.get("ratios", [])))))
+    bench.main(["--smoke", "--seq", "48", "--patterns", "window(16)", "--impls", "triton,xla", "--modes",
+                "fwd,fwd_bwd", "--paired-rounds", "3", "--out", str(tmp_path / "bench.json")])
+    assert written[:4] == [(1, [], 1), (2, [], 2), (3, ["fwd"], 2), (4, ["fwd", "fwd_bwd"], 2)]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed here")
 def test_flex_peer_without_torch_says_why(tmp_path):
     args, seq_lens, patterns, _, modes, kv_heads, _ = bench.parse_args(

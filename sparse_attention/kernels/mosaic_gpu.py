@@ -27,6 +27,9 @@ compute warpgroups, each on its own 64-row slice of that tile, plus one memory w
            also multiplies its dS by the block's keys and reduce-adds that into a float32 dq (TMA), as
            FlashAttention-3's Hopper backward does: 5 matrix multiplies per tile pair.
   dq       (fused_dq=False) rows as the forward's; recomputes S and dP from the saved logsumexp: 7 in all.
+           In both backward kernels a warpgroup skips the PARTIAL steps in which it has no pair
+           (`empty_step_codes`), and a kernel whose rows are very unequal launches every head's longest row
+           first (`deals_heads_fastest`).
 
 Shapes: q [batch, seq, q_heads, head_dim], k/v [batch, seq, kv_heads, head_dim]; bfloat16 or float16,
 head_dim 64 or 128. Sequences are zero-padded to a tile multiple inside and sliced outside.

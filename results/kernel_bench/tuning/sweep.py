@@ -9,8 +9,9 @@ case compiles all its variants and cuDNN (where it supports the pattern) once, t
 interleaved rounds (`timing.interleaved_ms`), so that drift during the run falls on all alike; it reports each
 one's median time, and its time over the defaults' and over cuDNN's as the median of the round-by-round ratios
 with a 95 % interval (`timing.ratio_interval`). A variant that does not compile (SMEM, registers, an invalid
-field) is recorded with its error. Inputs are the benchmark's (`lm_experiment/bench.py`): batch 1, bfloat16,
-normal random.
+field) is recorded with its error. The JSON is rewritten (atomically) after every case, so a run stopped by a
+time limit keeps the cases it finished. Inputs are the benchmark's (`lm_experiment/bench.py`): batch 1,
+bfloat16, normal random.
 """
 
 import argparse
@@ -72,6 +73,10 @@ def main() -> None:
     variants = [{}] + [v for v in args.variants if v]
     shape = Shape(1, args.seq, args.heads, args.kv_heads, args.head_dim, "bfloat16")
     inputs = make_inputs(shape)
+    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, python=platform.python_version(),
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seq_len=args.seq, heads=args.heads,
+                kv_heads=args.kv_heads, head_dim=args.head_dim, rounds=args.rounds, confidence=0.95,
+                defaults=dataclasses.asdict(mosaic_gpu.BlockSizes.for_head_dim(args.head_dim)))
     rows = []
     for spec in args.patterns.split(";"):
         for mode in modes:
@@ -103,11 +108,7 @@ def main() -> None:
                 print(f"{spec:<26} {mode:<8} {name:<48} {row['ms']:9.3f} ms"
                       f"{_ratio_text(row, 'over_default', 'default')}{_ratio_text(row, 'over_cudnn', 'cuDNN')}",
                       flush=True)
-    meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, python=platform.python_version(),
-                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seq_len=args.seq, heads=args.heads,
-                kv_heads=args.kv_heads, head_dim=args.head_dim, rounds=args.rounds, confidence=0.95,
-                defaults=dataclasses.asdict(mosaic_gpu.BlockSizes.for_head_dim(args.head_dim)))
-    write_json(args.out, dict(meta=meta, rows=rows))
+            write_json(args.out, dict(meta=meta, rows=rows))  # after every case: a stopped run keeps its rows
 
 
 if __name__ == "__main__":

@@ -109,6 +109,11 @@ class RowPlan:
         contiguous, padded by repetition."""
         return _explicit(self.partial, self.num_partial) if self.contiguous[1] else self.partial
 
+    @functools.cached_property
+    def partial_steps(self) -> np.ndarray:
+        """bool [programs, width] like `partial_tiles`: which entries are real PARTIAL steps, not padding."""
+        return np.arange(self.partial_tiles.shape[1])[None, :] < self.num_partial[:, None]
+
 
 def _explicit(first: np.ndarray, count: np.ndarray) -> np.ndarray:
     """A contiguous list ([rows, 1] first tiles) written out as `pad_rows` writes an explicit one."""

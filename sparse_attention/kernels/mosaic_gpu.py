@@ -220,7 +220,7 @@ def piece_codes(pattern: Pattern, seq_len: int, part: int, column_tile: int, par
         plan = step_plan(pattern, seq_len, parts * part, column_tile, False)
         grid = TileGrid(seq_len, part, piece)
     tiles = plan.partial_tiles
-    programs, steps = np.nonzero(np.arange(tiles.shape[1])[None, :] < plan.num_partial[:, None])
+    programs, steps = np.nonzero(plan.partial_steps)
     codes = np.zeros(tiles.shape, np.int32)
     for warpgroup in range(parts):
         row_parts = plan.rows[programs].astype(np.int64) * parts + warpgroup
@@ -327,7 +327,7 @@ def skips_empty_steps(choice: bool | None, plan: RowPlan, codes: np.ndarray | No
 def empty_step_fraction(plan: RowPlan, codes: np.ndarray, warpgroups: int) -> float:
     """The fraction of a kernel's warpgroup steps (rows' steps x warpgroups) in which the warpgroup has no pair,
     from its `empty_step_codes`."""
-    partial = codes[np.arange(codes.shape[1])[None, :] < plan.num_partial[:, None]]
+    partial = codes[plan.partial_steps]
     empty = sum(int((partial >> warpgroup & 1 == 0).sum()) for warpgroup in range(warpgroups))
     return empty / max(warpgroups * int((plan.num_full + plan.num_partial).sum()), 1)
 

@@ -207,7 +207,7 @@ def test_half_tile_cases_give_every_code():
     for spec, seq_len, *_ in HALF_TILE_CASES:
         plan = mosaic_gpu.step_plan(parse(spec), seq_len, 128, 128, False)
         halves = mosaic_gpu.half_tile_codes(parse(spec), seq_len, 64, 128, 2)
-        steps = halves[np.arange(halves.shape[1])[None, :] < plan.num_partial[:, None]]
+        steps = halves[plan.partial_steps]
         codes |= {int(code) >> (2 * warpgroup) & 3 for code in steps for warpgroup in (0, 1)}
     assert codes == {0, 1, 2, 3}
 
@@ -222,7 +222,7 @@ def test_pattern_cases_skip_steps_in_both_backward_kernels():
             plan = mosaic_gpu.step_plan(parse(spec), seq_len, *((64, 128) if by_key else (128, 64)), by_key)
             codes = mosaic_gpu.empty_step_codes(parse(spec), seq_len, 64, 64, 2, by_key)
             if mosaic_gpu.skips_empty_steps(None, plan, codes, 2):
-                steps = codes[np.arange(codes.shape[1])[None, :] < plan.num_partial[:, None]]
+                steps = codes[plan.partial_steps]
                 skipped |= {warpgroup for warpgroup in (0, 1) if (steps >> warpgroup & 1 == 0).any()}
         assert skipped == {0, 1}
 

@@ -1032,11 +1032,9 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
                 pl.when(adder == wg)(functools.partial(add, 0, pl.ds(0, width)))
 
             def head_in_group(g, carry):
-                def attend_queries(mask, index, carry):
+                def attend_queries(mask, block_step, q_first, carry):
                     dk, dv = carry
-                    block_step = first_step + g * per_head + index
                     slot = _slot(block_step, stages)
-                    q_first = work.steps.tile(index) * block_q
                     plgpu.barrier_wait(q_loaded.at[slot])
                     plgpu.barrier_wait(lse_loaded.at[slot])
                     lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
@@ -1057,10 +1055,9 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
                         store_d_logits(block_step, d_logits_t)
                     return dk, dv
 
-                def skip_queries(index, carry):
+                def skip_queries(block_step, carry):
                     """A step with no pair of this warpgroup's: its barriers only, so that the ring goes on, and
                     with the fused dq a dSᵀ of zeros, as the dq multiply reads every warpgroup's rows."""
-                    block_step = first_step + g * per_head + index
                     slot = _slot(block_step, stages)
                     for loaded in (q_loaded, lse_loaded, d_out_loaded, delta_loaded):
                         plgpu.barrier_wait(loaded.at[slot])
@@ -1070,14 +1067,16 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
                     return carry
 
                 def step(mask, index, carry):
+                    block_step = first_step + g * per_head + index
+                    q_first = work.steps.tile(index) * block_q
+                    attend = functools.partial(attend_queries, mask, block_step, q_first)
                     if mask is not PATTERN or codes_ref is None:
-                        carry = attend_queries(mask, index, carry)
+                        carry = attend(carry)
                     else:
                         carry = lax.switch(_step_code(codes_ref, work.steps, index, wg, 1),
-                                           [skip_queries, functools.partial(attend_queries, PATTERN)], index, carry)
+                                           [functools.partial(skip_queries, block_step), attend], carry)
                     if fused:
-                        add_dq(first_step + g * per_head + index, work.kv_head * group + g,
-                               work.steps.tile(index) * block_q)
+                        add_dq(block_step, work.kv_head * group + g, q_first)
                     return carry
 
                 return _walk(work.steps, step, carry)

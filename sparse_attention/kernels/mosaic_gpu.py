@@ -131,8 +131,9 @@ class BlockSizes:
     which it has no pair (`empty_step_codes`); True, False, or None, where the measurements say it pays
     (`skips_empty_steps`). `heads_fastest`: a kernel's rows launch (or, persistent, are dealt out) with heads
     and batch entries fastest, so that every head's longest row starts first, rather than row tiles fastest
-    (`_block_rows`); True, False, or None, whichever was faster (`deals_heads_fastest`). Blocks are multiples
-    of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
+    (`_block_rows`); True, False, or None, whichever was faster (`deals_heads_fastest`). `overlap_softmax`: on
+    FULL forward steps a warpgroup issues each step's P V together with the next step's Q Kᵀ and takes that
+    step's softmax while P V runs. Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
     """
 
     block_q: int = 64
@@ -157,6 +158,7 @@ class BlockSizes:
     half_tiles: bool = True
     skip_empty_steps: bool | None = None
     heads_fastest: bool | None = None
+    overlap_softmax: bool = False
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -418,9 +420,11 @@ def _step_code(codes_ref, steps: _Steps, index, warpgroup, bits: int):
     return lax.rem(lax.shift_right_logical(code, bits * warpgroup), 1 << bits)
 
 
-def _walk(steps: _Steps, step, carry):
-    """carry through step(mask, index, carry) over the block's FULL, PARTIAL and chosen steps."""
-    carry = lax.fori_loop(0, steps.num_full, functools.partial(step, UNMASKED), carry)
+def _walk(steps: _Steps, step, carry, full: bool = True):
+    """carry through step(mask, index, carry) over the block's FULL (unless not `full`: walked already),
+    PARTIAL and chosen steps."""
+    if full:
+        carry = lax.fori_loop(0, steps.num_full, functools.partial(step, UNMASKED), carry)
     carry = lax.fori_loop(steps.num_full, steps.num_steps, functools.partial(step, PATTERN), carry)
     if steps.chosen is None:
         return carry
@@ -729,15 +733,10 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
             q_tile = q_smem.at[buffer, wg]  # [block_q, head_dim]; holds the output at the end
             plgpu.barrier_wait(q_loaded.at[buffer * warpgroups + wg])
 
-            def attend_keys(mask, first, width, index, carry):
-                """One step over the keys [first, first + width) of its tile."""
-                acc, row_max, row_sum = carry
-                slot = _slot(first_step + index, stages)
-                shape = (block_q, width)
-                plgpu.barrier_wait(k_loaded.at[slot])
-                dots = _matmul(q_tile, k_smem.at[slot, pl.ds(first, width)].T,
-                               while_running=take_turn if schedule is not None else None)
-                plgpu.barrier_arrive(k_consumed.at[slot])
+            def softmax(dots, mask, index, first, row_max, row_sum):
+                """The online softmax of step `index`'s dots over the keys from `first` of its tile:
+                (probabilities, new row max, new row sum, the correction of what came before)."""
+                shape = dots.shape
                 if mask is not UNMASKED or scale_log2 < 0:
                     logits = dots * scale_log2
                     if mask is not UNMASKED:
@@ -750,7 +749,17 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                     new_max = jnp.maximum(row_max, dots.max(axis=1) * scale_log2)
                     probs = jnp.exp2(dots * scale_log2 - _rows(new_max, shape))
                 correction = jnp.exp2(row_max - new_max)
-                row_sum = row_sum * correction + probs.sum(axis=1)
+                return probs, new_max, row_sum * correction + probs.sum(axis=1), correction
+
+            def attend_keys(mask, first, width, index, carry):
+                """One step over the keys [first, first + width) of its tile."""
+                acc, row_max, row_sum = carry
+                slot = _slot(first_step + index, stages)
+                plgpu.barrier_wait(k_loaded.at[slot])
+                dots = _matmul(q_tile, k_smem.at[slot, pl.ds(first, width)].T,
+                               while_running=take_turn if schedule is not None else None)
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                probs, row_max, row_sum, correction = softmax(dots, mask, index, first, row_max, row_sum)
                 acc = acc * _rows(correction, acc.shape)
                 if schedule is not None:
                     plgpu.barrier_arrive(schedule)
@@ -760,7 +769,7 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                 acc = _accumulate(acc, probs.astype(q_ref.dtype), v_smem.at[slot, pl.ds(first, width)],
                                   None if staged is None else staged.at[:, pl.ds(0, width)])
                 plgpu.barrier_arrive(v_consumed.at[slot])
-                return acc, new_max, row_sum
+                return acc, row_max, row_sum
 
             def skip_keys(index, carry):
                 """A step with no key of this warpgroup's: its barriers only, so that the ring and the other
@@ -788,8 +797,78 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                     return attend_keys(mask, 0, block_k, index, carry)
                 return lax.switch(_step_code(halves_ref, work.steps, index, wg, 2), by_code, index, carry)
 
+            def overlapped_full_steps(carry):
+                """The row's FULL steps with each step's P V issued together with the next step's Q Kᵀ, so that
+                a warpgroup's softmax of step i runs while its P V of step i - 1 is on the tensor cores
+                (FlashAttention-3's intra-warpgroup overlap). The tensor cores are issued to, and the barriers
+                taken, in the order of `attend_keys`; only the wait for each P V moves a step later."""
+                acc, row_max, row_sum = carry
+                slot = _slot(first_step, stages)
+                plgpu.barrier_wait(k_loaded.at[slot])
+                dots = _matmul(q_tile, k_smem.at[slot].T, while_running=take_turn if schedule is not None else None)
+                plgpu.barrier_arrive(k_consumed.at[slot])
+                probs, row_max, row_sum, correction = softmax(dots, UNMASKED, 0, 0, row_max, row_sum)
+                acc = acc * _rows(correction, acc.shape)
+                if schedule is not None:
+                    plgpu.barrier_arrive(schedule)
+
+                def softmax_while_multiplying(index, slot, previous, acc, row_max, row_sum, probs):
+                    """Issue S = Q Kᵀ of step `index` and acc += P V of the step before, then take the softmax
+                    of S while the second runs: (acc, new row max, new row sum, probabilities, correction)."""
+                    if staged is not None:  # the interpreter's wgmma is synchronous and starts from zero
+                        dots = _matmul(q_tile, k_smem.at[slot].T,
+                                       while_running=take_turn if schedule is not None else None)
+                        acc = _accumulate(acc, probs, v_smem.at[previous], staged)
+                        plgpu.barrier_arrive(k_consumed.at[slot])
+                        probs, row_max, row_sum, correction = softmax(dots, UNMASKED, index, 0, row_max, row_sum)
+                        return acc, row_max, row_sum, probs.astype(q_ref.dtype), correction
+
+                    def issue_both(refs):
+                        acc_ref, dots_ref, max_ref, sum_ref, probs_ref, correction_ref = refs
+                        plgpu.wgmma(dots_ref, q_tile, k_smem.at[slot].T)
+                        plgpu.wgmma(acc_ref, probs_ref[...], v_smem.at[previous])
+                        if schedule is not None:
+                            take_turn()
+                        dots = plgpu.wgmma_accumulator_load(dots_ref, wait_n=1)  # S only: P V may still run
+                        plgpu.barrier_arrive(k_consumed.at[slot])
+                        new_probs, max_ref[...], sum_ref[...], correction_ref[...] = softmax(
+                            dots, UNMASKED, index, 0, max_ref[...], sum_ref[...])
+                        probs_ref[...] = new_probs.astype(q_ref.dtype)
+
+                    acc, _, row_max, row_sum, probs, correction = pl.run_state(issue_both)(
+                        (plgpu.ACC.init(acc), plgpu.ACC.init(_zeros((block_q, block_k))), row_max, row_sum, probs,
+                         row_max))
+                    return acc, row_max, row_sum, probs, correction
+
+                def full_step(index, carry):
+                    acc, row_max, row_sum, probs = carry
+                    slot, previous = _slot(first_step + index, stages), _slot(first_step + index - 1, stages)
+                    plgpu.barrier_wait(k_loaded.at[slot])
+                    plgpu.barrier_wait(v_loaded.at[previous])
+                    if schedule is not None:
+                        plgpu.barrier_wait(schedule)
+                    acc, row_max, row_sum, probs, correction = softmax_while_multiplying(
+                        index, slot, previous, acc, row_max, row_sum, probs)
+                    plgpu.barrier_arrive(v_consumed.at[previous])
+                    acc = acc * _rows(correction, acc.shape)
+                    if schedule is not None:
+                        plgpu.barrier_arrive(schedule)
+                    return acc, row_max, row_sum, probs
+
+                acc, row_max, row_sum, probs = lax.fori_loop(
+                    1, work.steps.num_full, full_step, (acc, row_max, row_sum, probs.astype(q_ref.dtype)))
+                last = _slot(first_step + work.steps.num_full - 1, stages)
+                plgpu.barrier_wait(v_loaded.at[last])
+                if schedule is not None:
+                    plgpu.barrier_wait(schedule)
+                acc = _accumulate(acc, probs, v_smem.at[last], staged)
+                plgpu.barrier_arrive(v_consumed.at[last])
+                return acc, row_max, row_sum
+
             carry = (_zeros(q_tile.shape), _row_vector(ROW_MAX_INIT, block_q), _row_vector(0.0, block_q))
-            acc, row_max, row_sum = _walk(work.steps, step, carry)
+            if sizes.overlap_softmax:
+                carry = lax.cond(work.steps.num_full > 0, overlapped_full_steps, lambda carry: carry, carry)
+            acc, row_max, row_sum = _walk(work.steps, step, carry, full=not sizes.overlap_softmax)
             seen = row_sum > 0  # rows with no active key give 0, and lse = +inf makes their backward 0
             safe_sum = jnp.where(seen, row_sum, 1.0)
             q_tile[...] = (acc * _rows(1.0 / safe_sum, acc.shape)).astype(q_tile.dtype)

@@ -254,6 +254,23 @@ def test_whole_backward_steps(fused_dq):
                 kv_heads=2, block_sizes=sizes, seed=23 + fused_dq)
 
 
+# overlap_softmax: FULL forward steps issue each step's P V with the next step's Q Kᵀ. Rows of 2-5 FULL steps
+# (the loop, its first and last step) and rows of none; two warpgroups with the ping-pong, persistent rows, and
+# one warpgroup with one stage, whose K and V share the slot that the next K refills.
+OVERLAP_CASES = [("dense", 300, "bfloat16", {}), ("window(300) | sinks(4)", 330, "float16", {"persistent": True}),
+                 ("block(256)", 300, "bfloat16", {"warpgroups": 1, "stages": 1})]
+
+
+@pytest.mark.parametrize("case", OVERLAP_CASES, ids=[c[0] for c in OVERLAP_CASES])
+def test_overlap_softmax(case):
+    spec, seq_len, dtype, overrides = case
+    sizes = dataclasses.replace(SMALL, overlap_softmax=True, **overrides)
+    full_steps = mosaic_gpu.step_plan(parse(spec), seq_len, *sizes.forward_tile, False).num_full
+    assert full_steps.max() >= 2 and full_steps.min() == 0
+    run_checked(check_against_reference, spec=spec, seq_len=seq_len, dtype=dtype, heads=4, kv_heads=2,
+                block_sizes=dataclasses.asdict(sizes), seed=zlib.crc32(spec.encode()) + 5)
+
+
 def test_rows_without_keys_give_zero_and_finite_grads():
     # sinks(4) & window(2): queries >= 5 see no key at all.
     run_checked(check_against_reference, spec="sinks(4) & window(2)", seq_len=100, keyless_from=5, seed=11)
@@ -394,7 +411,8 @@ LOWERING_SCRIPT = textwrap.dedent(
 # (spec, head_dim, dtype, BlockSizes overrides): the fused backward everywhere, the separate dq kernel on three.
 # At 1,000 tokens the rows are short, so the kernels run persistent by default, except dk/dv on dense and
 # strided(7) (two q heads per kv head); forced persistent dk/dv on four (with two dk/dv buffers, at head_dim
-# 64, and one, at 128), one forward block per row on one, and one dq block per row on dense.
+# 64, and one, at 128), one forward block per row on one, and one dq block per row on dense; the forward's
+# overlapped softmax (`overlap_softmax`) on two, one of them with one compute warpgroup.
 FUSED, SEPARATE = {"fused_dq": True}, {"fused_dq": False, "persistent_dq": False}
 SEPARATE_PERSISTENT = {"fused_dq": False, "persistent_dq": True, "persistent_dkdv": True}
 FUSED_PERSISTENT = {"fused_dq": True, "persistent_dkdv": True}
@@ -407,6 +425,8 @@ LOWERED_CASES = [
     ("window(300) | sinks(4) & strided(2)", 64, "bfloat16", FUSED),
     ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", FUSED),
     ("dense", 128, "bfloat16", SEPARATE), ("repaired(256, 32, bridge)", 64, "float16", SEPARATE_PERSISTENT),
+    ("dense", 128, "bfloat16", dict(FUSED, overlap_softmax=True)),
+    ("window(300)", 64, "float16", dict(FUSED, overlap_softmax=True, warpgroups=1)),
     ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", SEPARATE_PERSISTENT),
 ]
 
@@ -674,6 +694,12 @@ class TestGpu:
         sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), fused_dq=fused_dq)
         check_against_reference(spec, seq_len=3000, heads=4, kv_heads=2, head_dim=head_dim,
                                 block_sizes=dataclasses.asdict(sizes), seed=29, interpret=False)
+
+    @pytest.mark.parametrize("spec, head_dim", [("dense", 128), ("window(1024)", 64), ("repaired(512, 64, prefix)", 128)])
+    def test_overlap_softmax(self, spec, head_dim):
+        sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), overlap_softmax=True)
+        check_against_reference(spec, seq_len=3000, heads=4, kv_heads=2, head_dim=head_dim,
+                                block_sizes=dataclasses.asdict(sizes), seed=37, interpret=False)
 
     def test_shard_map_checks_vma(self):
         assert_shard_map_matches_reference(mosaic_gpu.attention)

@@ -133,7 +133,8 @@ class BlockSizes:
     and batch entries fastest, so that every head's longest row starts first, rather than row tiles fastest
     (`_block_rows`); True, False, or None, whichever was faster (`deals_heads_fastest`). `overlap_softmax`: on
     FULL forward steps a warpgroup issues each step's P V together with the next step's Q Kᵀ and takes that
-    step's softmax while P V runs. Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
+    step's softmax while P V runs; True, False, or None, where it was faster (`overlaps_softmax`). Blocks are
+    multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
     """
 
     block_q: int = 64
@@ -158,7 +159,7 @@ class BlockSizes:
     half_tiles: bool = True
     skip_empty_steps: bool | None = None
     heads_fastest: bool | None = None
-    overlap_softmax: bool = False
+    overlap_softmax: bool | None = None
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -277,6 +278,20 @@ def fuses_dq(block_sizes: BlockSizes, head_dim: int, group: int, dkdv_plan: RowP
     if block_sizes.fused_dq is not None:
         return block_sizes.fused_dq
     return head_dim <= 64 or group * _mean_steps(dkdv_plan) >= FUSED_DQ_MIN_STEPS
+
+
+def overlaps_softmax(choice: bool | None, head_dim: int) -> bool:
+    """Whether the forward overlaps a step's softmax with the step before's P V (`BlockSizes.overlap_softmax`):
+    `choice`, or if that is None, at head_dim 128 and not at 64.
+
+    On the H200 at 32k (docs/benchmarks.md, "The overlapped softmax") it took 0.961-0.981x the forward time of
+    the plain steps on dense and window(1024) at head_dim 128, with 16 and 4 kv heads, and 0.991-0.998x on
+    block(512) and the prefix repair, whose rows have 2-3 FULL steps; at head_dim 64 1.055-1.058x on dense and
+    window(1024): there P V is half as long while the softmax is as long as at 128, and the softmax's
+    exponentials are the bottleneck already."""
+    if choice is not None:
+        return choice
+    return head_dim > 64
 
 
 def persists(block_sizes: BlockSizes, forward_plan: RowPlan) -> bool:
@@ -679,8 +694,8 @@ def _store_row_results(copies):
 
 
 def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
-                    contiguous: bool, heads_fastest: bool, split: bool, q_smem, k_smem, v_smem, lse_smem, q_loaded,
-                    k_loaded, v_loaded, k_consumed, v_consumed, schedule=None, stage=None):
+                    contiguous: bool, heads_fastest: bool, split: bool, overlap: bool, q_smem, k_smem, v_smem, lse_smem,
+                    q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, schedule=None, stage=None):
     """refs: [`half_tile_codes` where `split`,] [the topk choice's lists and counts,] q, k, v, out, lse.
 
     A block walks one row, or several when persistent (`_block_rows`); K/V steps are counted over all of them,
@@ -866,9 +881,9 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                 return acc, row_max, row_sum
 
             carry = (_zeros(q_tile.shape), _row_vector(ROW_MAX_INIT, block_q), _row_vector(0.0, block_q))
-            if sizes.overlap_softmax:
+            if overlap:
                 carry = lax.cond(work.steps.num_full > 0, overlapped_full_steps, lambda carry: carry, carry)
-            acc, row_max, row_sum = _walk(work.steps, step, carry, full=not sizes.overlap_softmax)
+            acc, row_max, row_sum = _walk(work.steps, step, carry, full=not overlap)
             seen = row_sum > 0  # rows with no active key give 0, and lse = +inf makes their backward 0
             safe_sum = jnp.where(seen, row_sum, 1.0)
             q_tile[...] = (acc * _rows(1.0 / safe_sum, acc.shape)).astype(q_tile.dtype)
@@ -1262,7 +1277,8 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
     halves = half_tile_codes(static.pattern, seq_len, block_q, block_k, warpgroups) if sizes.half_tiles else None
     body = functools.partial(_forward_kernel, static=static, seq_len=seq_len, group=q_heads // k.shape[2],
                              contiguous=all(plan.contiguous), split=halves is not None,
-                             heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent, plan))
+                             heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent, plan),
+                             overlap=overlaps_softmax(sizes.overlap_softmax, head_dim))
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32))
     grid = _flat_grid(len(plan.rows) * q_heads * batch, persistent, static.interpret)
     call = _kernel(body, out_type, scratch, grid=grid, static=static,

@@ -133,7 +133,9 @@ class BlockSizes:
     and batch entries fastest, so that every head's longest row starts first, rather than row tiles fastest
     (`_block_rows`); True, False, or None, whichever was faster (`deals_heads_fastest`). `overlap_softmax`: on
     FULL forward steps a warpgroup issues each step's P V together with the next step's Q Kᵀ and takes that
-    step's softmax while P V runs; True, False, or None, where it was faster (`overlaps_softmax`). Blocks are
+    step's softmax while P V runs; True, False, or None, where it was faster (`overlaps_softmax`).
+    `overlap_backward`: a dq or dk/dv warpgroup issues a step's S and dP products at once and takes the
+    probabilities while dP runs. Blocks are
     multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
     """
 
@@ -160,6 +162,7 @@ class BlockSizes:
     skip_empty_steps: bool | None = None
     heads_fastest: bool | None = None
     overlap_softmax: bool | None = None
+    overlap_backward: bool = False
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -462,6 +465,21 @@ def _matmul(a, b, *, while_running=None):
         return acc_ref[...]
 
     return pl.run_scoped(issue_and_read, plgpu.ACC((a.shape[0], b.shape[1]), jnp.float32))
+
+
+def _matmul_pair(first, second, then, interpreted: bool):
+    """(then(a1 @ b1), a2 @ b2) in float32 for first = (a1, b1) and second = (a2, b2), SMEM refs: both products
+    are issued at once, and then() runs on the first while the second is still on the tensor cores. In interpret
+    mode (whose wgmma is synchronous) the same, in order."""
+    if interpreted:
+        return then(_matmul(*first)), _matmul(*second)
+
+    def issue_both(first_ref, second_ref):
+        plgpu.wgmma(first_ref, *first)
+        plgpu.wgmma(second_ref, *second)
+        return then(plgpu.wgmma_accumulator_load(first_ref, wait_n=1)), second_ref[...]
+
+    return pl.run_scoped(issue_both, *[plgpu.ACC((a.shape[0], b.shape[1]), jnp.float32) for a, b in (first, second)])
 
 
 def _accumulate(acc, a, b, stage):
@@ -961,14 +979,24 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
 
             def attend_keys(mask, index, dq):
                 slot = _slot(first_step + index, stages)
-                plgpu.barrier_wait(k_loaded.at[slot])
-                probs = jnp.exp2(_matmul(q_tile, k_smem.at[slot].T) * scale_log2 - _rows(lse, shape))
-                if mask is not UNMASKED:
+
+                def probabilities(dots):
+                    probs = jnp.exp2(dots * scale_log2 - _rows(lse, shape))
+                    if mask is UNMASKED:
+                        return probs
                     active = _tile_mask(static.pattern, seq_len, shape, q_start, work.steps.tile(index) * block_k,
                                         chosen=mask == CHOSEN)
-                    probs = jnp.where(active, probs, 0.0)
-                plgpu.barrier_wait(v_loaded.at[slot])
-                d_probs = _matmul(d_out_tile, v_smem.at[slot].T)
+                    return jnp.where(active, probs, 0.0)
+
+                plgpu.barrier_wait(k_loaded.at[slot])
+                if sizes.overlap_backward:  # dP = dO Vᵀ runs while the probabilities are taken
+                    plgpu.barrier_wait(v_loaded.at[slot])
+                    probs, d_probs = _matmul_pair((q_tile, k_smem.at[slot].T), (d_out_tile, v_smem.at[slot].T),
+                                                  probabilities, staged is not None)
+                else:
+                    probs = probabilities(_matmul(q_tile, k_smem.at[slot].T))
+                    plgpu.barrier_wait(v_loaded.at[slot])
+                    d_probs = _matmul(d_out_tile, v_smem.at[slot].T)
                 plgpu.barrier_arrive(v_consumed.at[slot])
                 d_logits = probs * (d_probs - _rows(delta, shape))
                 dq = _accumulate(dq, d_logits.astype(q_ref.dtype), k_smem.at[slot], staged)
@@ -1132,14 +1160,25 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
                     plgpu.barrier_wait(q_loaded.at[slot])
                     plgpu.barrier_wait(lse_loaded.at[slot])
                     lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                    probs_t = jnp.exp2(_matmul(k_tile, q_smem.at[slot].T) * scale_log2 - _columns(lse, shape))
-                    if mask is not UNMASKED:
+
+                    def probabilities(dots_t):
+                        probs_t = jnp.exp2(dots_t * scale_log2 - _columns(lse, shape))
+                        if mask is UNMASKED:
+                            return probs_t
                         active = _tile_mask(static.pattern, seq_len, shape, q_first, k_start, transposed=True,
                                             chosen=mask == CHOSEN)
-                        probs_t = jnp.where(active, probs_t, 0.0)
-                    plgpu.barrier_wait(d_out_loaded.at[slot])
-                    dv = _accumulate(dv, probs_t.astype(q_ref.dtype), d_out_smem.at[slot], staged)
-                    d_probs_t = _matmul(v_tile, d_out_smem.at[slot].T)
+                        return jnp.where(active, probs_t, 0.0)
+
+                    if sizes.overlap_backward:  # dPᵀ = V dOᵀ runs while the probabilities are taken
+                        plgpu.barrier_wait(d_out_loaded.at[slot])
+                        probs_t, d_probs_t = _matmul_pair((k_tile, q_smem.at[slot].T), (v_tile, d_out_smem.at[slot].T),
+                                                          probabilities, staged is not None)
+                        dv = _accumulate(dv, probs_t.astype(q_ref.dtype), d_out_smem.at[slot], staged)
+                    else:
+                        probs_t = probabilities(_matmul(k_tile, q_smem.at[slot].T))
+                        plgpu.barrier_wait(d_out_loaded.at[slot])
+                        dv = _accumulate(dv, probs_t.astype(q_ref.dtype), d_out_smem.at[slot], staged)
+                        d_probs_t = _matmul(v_tile, d_out_smem.at[slot].T)
                     plgpu.barrier_wait(delta_loaded.at[slot])
                     delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
                     d_logits_t = (probs_t * (d_probs_t - _columns(delta, shape))).astype(q_ref.dtype)

@@ -271,6 +271,15 @@ def test_overlap_softmax(case):
                 block_sizes=dataclasses.asdict(sizes), seed=zlib.crc32(spec.encode()) + 5)
 
 
+@pytest.mark.parametrize("fused_dq", [True, False])
+def test_overlap_backward(fused_dq):
+    # overlap_backward: the dq and dk/dv kernels issue a step's S and dP products at once; FULL and PARTIAL
+    # steps, GQA (the dk/dv steps walk both q heads of a kv head), skipped empty steps.
+    sizes = dataclasses.replace(SMALL, overlap_backward=True, fused_dq=fused_dq)
+    run_checked(check_against_reference, spec="window(300) | sinks(4)", seq_len=330, dtype="bfloat16", heads=4,
+                kv_heads=2, block_sizes=dataclasses.asdict(sizes), seed=43 + fused_dq)
+
+
 def test_overlap_softmax_default():
     # On by default at head_dim 128, where it measured faster, and off at 64, where it measured slower.
     assert mosaic_gpu.overlaps_softmax(None, 128) and not mosaic_gpu.overlaps_softmax(None, 64)
@@ -418,7 +427,8 @@ LOWERING_SCRIPT = textwrap.dedent(
 # At 1,000 tokens the rows are short, so the kernels run persistent by default, except dk/dv on dense and
 # strided(7) (two q heads per kv head); forced persistent dk/dv on four (with two dk/dv buffers, at head_dim
 # 64, and one, at 128), one forward block per row on one, and one dq block per row on dense; the forward's
-# overlapped softmax (`overlap_softmax`) on two, one of them with one compute warpgroup.
+# overlapped softmax (`overlap_softmax`) on two, one of them with one compute warpgroup, with the backward's
+# overlapped products (`overlap_backward`), fused and separate.
 FUSED, SEPARATE = {"fused_dq": True}, {"fused_dq": False, "persistent_dq": False}
 SEPARATE_PERSISTENT = {"fused_dq": False, "persistent_dq": True, "persistent_dkdv": True}
 FUSED_PERSISTENT = {"fused_dq": True, "persistent_dkdv": True}
@@ -431,8 +441,8 @@ LOWERED_CASES = [
     ("window(300) | sinks(4) & strided(2)", 64, "bfloat16", FUSED),
     ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", FUSED),
     ("dense", 128, "bfloat16", SEPARATE), ("repaired(256, 32, bridge)", 64, "float16", SEPARATE_PERSISTENT),
-    ("dense", 128, "bfloat16", dict(FUSED, overlap_softmax=True)),
-    ("window(300)", 64, "float16", dict(FUSED, overlap_softmax=True, warpgroups=1)),
+    ("dense", 128, "bfloat16", dict(FUSED, overlap_softmax=True, overlap_backward=True)),
+    ("window(300)", 64, "float16", dict(SEPARATE, overlap_softmax=True, warpgroups=1, overlap_backward=True)),
     ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", SEPARATE_PERSISTENT),
 ]
 
@@ -707,6 +717,14 @@ class TestGpu:
         sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), overlap_softmax=True)
         check_against_reference(spec, seq_len=3000, heads=4, kv_heads=2, head_dim=head_dim,
                                 block_sizes=dataclasses.asdict(sizes), seed=37, interpret=False)
+
+    @pytest.mark.parametrize("spec, head_dim, fused_dq", [("dense", 128, True), ("window(1024)", 128, False),
+                                                          ("repaired(512, 64, bridge)", 64, True)])
+    def test_overlap_backward(self, spec, head_dim, fused_dq):
+        sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), overlap_backward=True,
+                                    fused_dq=fused_dq)
+        check_against_reference(spec, seq_len=3000, heads=4, kv_heads=2, head_dim=head_dim,
+                                block_sizes=dataclasses.asdict(sizes), seed=47, interpret=False)
 
     def test_shard_map_checks_vma(self):
         assert_shard_map_matches_reference(mosaic_gpu.attention)

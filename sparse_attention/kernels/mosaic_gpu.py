@@ -759,6 +759,8 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
             plgpu.barrier_arrive(schedule)
             plgpu.barrier_wait(schedule)
 
+        turn = take_turn if schedule is not None else None  # what runs while a warpgroup's Q Kᵀ is issued
+
         def attend(j, buffer, first_step):
             work = row(j)
             q_ref, _, _, out_ref, lse_ref = work.refs
@@ -789,8 +791,7 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                 acc, row_max, row_sum = carry
                 slot = _slot(first_step + index, stages)
                 plgpu.barrier_wait(k_loaded.at[slot])
-                dots = _matmul(q_tile, k_smem.at[slot, pl.ds(first, width)].T,
-                               while_running=take_turn if schedule is not None else None)
+                dots = _matmul(q_tile, k_smem.at[slot, pl.ds(first, width)].T, while_running=turn)
                 plgpu.barrier_arrive(k_consumed.at[slot])
                 probs, row_max, row_sum, correction = softmax(dots, mask, index, first, row_max, row_sum)
                 acc = acc * _rows(correction, acc.shape)
@@ -838,7 +839,7 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                 acc, row_max, row_sum = carry
                 slot = _slot(first_step, stages)
                 plgpu.barrier_wait(k_loaded.at[slot])
-                dots = _matmul(q_tile, k_smem.at[slot].T, while_running=take_turn if schedule is not None else None)
+                dots = _matmul(q_tile, k_smem.at[slot].T, while_running=turn)
                 plgpu.barrier_arrive(k_consumed.at[slot])
                 probs, row_max, row_sum, correction = softmax(dots, UNMASKED, 0, 0, row_max, row_sum)
                 acc = acc * _rows(correction, acc.shape)
@@ -849,8 +850,7 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                     """Issue S = Q Kᵀ of step `index` and acc += P V of the step before, then take the softmax
                     of S while the second runs: (acc, new row max, new row sum, probabilities, correction)."""
                     if staged is not None:  # the interpreter's wgmma is synchronous and starts from zero
-                        dots = _matmul(q_tile, k_smem.at[slot].T,
-                                       while_running=take_turn if schedule is not None else None)
+                        dots = _matmul(q_tile, k_smem.at[slot].T, while_running=turn)
                         acc = _accumulate(acc, probs, v_smem.at[previous], staged)
                         plgpu.barrier_arrive(k_consumed.at[slot])
                         probs, row_max, row_sum, correction = softmax(dots, UNMASKED, index, 0, row_max, row_sum)
@@ -860,8 +860,8 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                         acc_ref, dots_ref, max_ref, sum_ref, probs_ref, correction_ref = refs
                         plgpu.wgmma(dots_ref, q_tile, k_smem.at[slot].T)
                         plgpu.wgmma(acc_ref, probs_ref[...], v_smem.at[previous])
-                        if schedule is not None:
-                            take_turn()
+                        if turn is not None:
+                            turn()
                         dots = plgpu.wgmma_accumulator_load(dots_ref, wait_n=1)  # S only: P V may still run
                         plgpu.barrier_arrive(k_consumed.at[slot])
                         new_probs, max_ref[...], sum_ref[...], correction_ref[...] = softmax(

@@ -135,9 +135,8 @@ class BlockSizes:
     FULL forward steps a warpgroup issues each step's P V together with the next step's Q Kᵀ and takes that
     step's softmax while P V runs; True, False, or None, where it was faster (`overlaps_softmax`).
     `overlap_backward`: a dq or dk/dv warpgroup issues a step's S and dP products at once and takes the
-    probabilities while dP runs (off by default: it lost 3-23 % on persistent and GQA backwards, docs/mosaic_gpu.md).
-    Blocks are
-    multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
+    probabilities while dP runs (off by default: it lost 3-23 % on persistent and GQA backwards,
+    docs/mosaic_gpu.md). Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
     """
 
     block_q: int = 64

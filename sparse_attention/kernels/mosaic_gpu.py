@@ -786,8 +786,9 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                 correction = jnp.exp2(row_max - new_max)
                 return probs, new_max, row_sum * correction + probs.sum(axis=1), correction
 
-            def attend_keys(mask, first, width, index, carry):
-                """One step over the keys [first, first + width) of its tile."""
+            def take_scores(mask, first, width, index, carry):
+                """The first half of a step over the keys [first, first + width) of its tile: S = Q Kᵀ and its
+                softmax, the output rescaled; (acc, row max, row sum, probabilities)."""
                 acc, row_max, row_sum = carry
                 slot = _slot(first_step + index, stages)
                 plgpu.barrier_wait(k_loaded.at[slot])
@@ -797,13 +798,23 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                 acc = acc * _rows(correction, acc.shape)
                 if schedule is not None:
                     plgpu.barrier_arrive(schedule)
+                return acc, row_max, row_sum, probs.astype(q_ref.dtype)
+
+            def add_values(first, width, index, acc, probs):
+                """The second half: acc + P V over the same keys."""
+                slot = _slot(first_step + index, stages)
                 plgpu.barrier_wait(v_loaded.at[slot])
                 if schedule is not None:
                     plgpu.barrier_wait(schedule)
-                acc = _accumulate(acc, probs.astype(q_ref.dtype), v_smem.at[slot, pl.ds(first, width)],
+                acc = _accumulate(acc, probs, v_smem.at[slot, pl.ds(first, width)],
                                   None if staged is None else staged.at[:, pl.ds(0, width)])
                 plgpu.barrier_arrive(v_consumed.at[slot])
-                return acc, row_max, row_sum
+                return acc
+
+            def attend_keys(mask, first, width, index, carry):
+                """One step over the keys [first, first + width) of its tile."""
+                acc, row_max, row_sum, probs = take_scores(mask, first, width, index, carry)
+                return add_values(first, width, index, acc, probs), row_max, row_sum
 
             def skip_keys(index, carry):
                 """A step with no key of this warpgroup's: its barriers only, so that the ring and the other
@@ -836,15 +847,6 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                 a warpgroup's softmax of step i runs while its P V of step i - 1 is on the tensor cores
                 (FlashAttention-3's intra-warpgroup overlap). The tensor cores are issued to, and the barriers
                 taken, in the order of `attend_keys`; only the wait for each P V moves a step later."""
-                acc, row_max, row_sum = carry
-                slot = _slot(first_step, stages)
-                plgpu.barrier_wait(k_loaded.at[slot])
-                dots = _matmul(q_tile, k_smem.at[slot].T, while_running=turn)
-                plgpu.barrier_arrive(k_consumed.at[slot])
-                probs, row_max, row_sum, correction = softmax(dots, UNMASKED, 0, 0, row_max, row_sum)
-                acc = acc * _rows(correction, acc.shape)
-                if schedule is not None:
-                    plgpu.barrier_arrive(schedule)
 
                 def softmax_while_multiplying(index, slot, previous, acc, row_max, row_sum, probs):
                     """Issue S = Q Kᵀ of step `index` and acc += P V of the step before, then take the softmax
@@ -889,14 +891,8 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                     return acc, row_max, row_sum, probs
 
                 acc, row_max, row_sum, probs = lax.fori_loop(
-                    1, work.steps.num_full, full_step, (acc, row_max, row_sum, probs.astype(q_ref.dtype)))
-                last = _slot(first_step + work.steps.num_full - 1, stages)
-                plgpu.barrier_wait(v_loaded.at[last])
-                if schedule is not None:
-                    plgpu.barrier_wait(schedule)
-                acc = _accumulate(acc, probs, v_smem.at[last], staged)
-                plgpu.barrier_arrive(v_consumed.at[last])
-                return acc, row_max, row_sum
+                    1, work.steps.num_full, full_step, take_scores(UNMASKED, 0, block_k, 0, carry))
+                return add_values(0, block_k, work.steps.num_full - 1, acc, probs), row_max, row_sum
 
             carry = (_zeros(q_tile.shape), _row_vector(ROW_MAX_INIT, block_q), _row_vector(0.0, block_q))
             if overlap:

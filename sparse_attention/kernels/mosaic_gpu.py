@@ -136,7 +136,9 @@ class BlockSizes:
     step's softmax while P V runs; True, False, or None, where it was faster (`overlaps_softmax`).
     `overlap_backward`: a dq or dk/dv warpgroup issues a step's S and dP products at once and takes the
     probabilities while dP runs (off by default: it lost 3-23 % on persistent and GQA backwards,
-    docs/mosaic_gpu.md). Blocks are multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
+    docs/mosaic_gpu.md). `defer_backward_waits`: a dk/dv warpgroup waits for a product only where it reads it:
+    it takes dS while dV's product runs, and stores dS and multiplies the fused dq while dK's runs. Blocks are
+    multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
     """
 
     block_q: int = 64
@@ -163,6 +165,7 @@ class BlockSizes:
     heads_fastest: bool | None = None
     overlap_softmax: bool | None = None
     overlap_backward: bool = False
+    defer_backward_waits: bool = False
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -1093,6 +1096,7 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
         plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
         own_rows = pl.ds(wg * block_k, block_k)
         staged = None if stage is None else stage.at[wg]
+        deferred = sizes.defer_backward_waits and staged is None  # the interpreter's wgmma is synchronous
         shape = (block_k, block_q)  # transposed tiles: keys along rows
 
         def load(j, buffer):
@@ -1150,9 +1154,11 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
                 pl.when(adder == wg)(functools.partial(add, 0, pl.ds(0, width)))
 
             def head_in_group(g, carry):
-                def attend_queries(mask, block_step, q_first, carry):
+                def attend_queries(mask, block_step, q_first, then, carry):
+                    """One step's dk and dv; then(dSᵀ) runs after dK's product is issued (the fused dq)."""
                     dk, dv = carry
                     slot = _slot(block_step, stages)
+                    d_out_tile = d_out_smem.at[slot]
                     plgpu.barrier_wait(q_loaded.at[slot])
                     plgpu.barrier_wait(lse_loaded.at[slot])
                     lse = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
@@ -1165,48 +1171,82 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
                                             chosen=mask == CHOSEN)
                         return jnp.where(active, probs_t, 0.0)
 
+                    def gradients(probs_t, d_probs_t):
+                        plgpu.barrier_wait(delta_loaded.at[slot])
+                        delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+                        return (probs_t * (d_probs_t - _columns(delta, shape))).astype(q_ref.dtype)
+
+                    def values_while_gradients(dv, probs_t, d_probs_t):
+                        """(dv + Pᵀ dO, dSᵀ), dSᵀ taken while Pᵀ dO runs; dPᵀ = V dOᵀ, where not given, is issued
+                        just before it and waited for alone."""
+
+                        def issue(refs):
+                            dv_ref, d_logits_ref, *d_probs_ref = refs
+                            if d_probs_ref:
+                                plgpu.wgmma(d_probs_ref[0], v_tile, d_out_tile.T)
+                            plgpu.wgmma(dv_ref, probs_t.astype(q_ref.dtype), d_out_tile)
+                            if d_probs_ref:  # dPᵀ only: Pᵀ dO may still run
+                                d_logits_ref[...] = gradients(
+                                    probs_t, plgpu.wgmma_accumulator_load(d_probs_ref[0], wait_n=1))
+                            else:
+                                d_logits_ref[...] = gradients(probs_t, d_probs_t)
+
+                        state = (plgpu.ACC.init(dv), _zeros(shape).astype(q_ref.dtype))
+                        if d_probs_t is None:
+                            state += (plgpu.ACC.init(_zeros(shape)),)
+                        dv, d_logits_t, *_ = pl.run_state(issue)(state)
+                        return dv, d_logits_t
+
                     if sizes.overlap_backward:  # dPᵀ = V dOᵀ runs while the probabilities are taken
                         plgpu.barrier_wait(d_out_loaded.at[slot])
-                        probs_t, d_probs_t = _matmul_pair((k_tile, q_smem.at[slot].T), (v_tile, d_out_smem.at[slot].T),
+                        probs_t, d_probs_t = _matmul_pair((k_tile, q_smem.at[slot].T), (v_tile, d_out_tile.T),
                                                           probabilities, staged is not None)
-                        dv = _accumulate(dv, probs_t.astype(q_ref.dtype), d_out_smem.at[slot], staged)
                     else:
-                        probs_t = probabilities(_matmul(k_tile, q_smem.at[slot].T))
+                        probs_t, d_probs_t = probabilities(_matmul(k_tile, q_smem.at[slot].T)), None
                         plgpu.barrier_wait(d_out_loaded.at[slot])
-                        dv = _accumulate(dv, probs_t.astype(q_ref.dtype), d_out_smem.at[slot], staged)
-                        d_probs_t = _matmul(v_tile, d_out_smem.at[slot].T)
-                    plgpu.barrier_wait(delta_loaded.at[slot])
-                    delta = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-                    d_logits_t = (probs_t * (d_probs_t - _columns(delta, shape))).astype(q_ref.dtype)
+                    if deferred:
+                        dv, d_logits_t = values_while_gradients(dv, probs_t, d_probs_t)
+
+                        def keys_while_then(dk_ref):
+                            plgpu.wgmma(dk_ref, d_logits_t, q_smem.at[slot])
+                            then(d_logits_t)
+
+                        dk = pl.run_state(keys_while_then)(plgpu.ACC.init(dk))
+                        plgpu.barrier_arrive(consumed.at[slot])
+                        return dk, dv
+                    dv = _accumulate(dv, probs_t.astype(q_ref.dtype), d_out_tile, staged)
+                    if d_probs_t is None:
+                        d_probs_t = _matmul(v_tile, d_out_tile.T)
+                    d_logits_t = gradients(probs_t, d_probs_t)
                     dk = _accumulate(dk, d_logits_t, q_smem.at[slot], staged)
                     plgpu.barrier_arrive(consumed.at[slot])
-                    if fused:
-                        store_d_logits(block_step, d_logits_t)
+                    then(d_logits_t)
                     return dk, dv
 
-                def skip_queries(block_step, carry):
+                def skip_queries(block_step, then, carry):
                     """A step with no pair of this warpgroup's: its barriers only, so that the ring goes on, and
                     with the fused dq a dSᵀ of zeros, as the dq multiply reads every warpgroup's rows."""
                     slot = _slot(block_step, stages)
                     for loaded in (q_loaded, lse_loaded, d_out_loaded, delta_loaded):
                         plgpu.barrier_wait(loaded.at[slot])
                     plgpu.barrier_arrive(consumed.at[slot])
-                    if fused:
-                        store_d_logits(block_step, _zeros(shape).astype(d_logits_smem.dtype))
+                    then(_zeros(shape).astype(q_ref.dtype))
                     return carry
 
                 def step(mask, index, carry):
                     block_step = first_step + g * per_head + index
                     q_first = work.steps.tile(index) * block_q
-                    attend = functools.partial(attend_queries, mask, block_step, q_first)
+
+                    def then(d_logits_t):  # the fused dq: store this warpgroup's dSᵀ, add the block's dS K
+                        if fused:
+                            store_d_logits(block_step, d_logits_t)
+                            add_dq(block_step, work.kv_head * group + g, q_first)
+
+                    attend = functools.partial(attend_queries, mask, block_step, q_first, then)
                     if mask is not PATTERN or codes_ref is None:
-                        carry = attend(carry)
-                    else:
-                        carry = lax.switch(_step_code(codes_ref, work.steps, index, wg, 1),
-                                           [functools.partial(skip_queries, block_step), attend], carry)
-                    if fused:
-                        add_dq(block_step, work.kv_head * group + g, q_first)
-                    return carry
+                        return attend(carry)
+                    return lax.switch(_step_code(codes_ref, work.steps, index, wg, 1),
+                                      [functools.partial(skip_queries, block_step, then), attend], carry)
 
                 return _walk(work.steps, step, carry)
 

@@ -428,7 +428,8 @@ LOWERING_SCRIPT = textwrap.dedent(
 # strided(7) (two q heads per kv head); forced persistent dk/dv on four (with two dk/dv buffers, at head_dim
 # 64, and one, at 128), one forward block per row on one, and one dq block per row on dense; the forward's
 # overlapped softmax (`overlap_softmax`) on two, one of them with one compute warpgroup, with the backward's
-# overlapped products (`overlap_backward`), fused and separate.
+# overlapped products (`overlap_backward`), fused and separate; the dk/dv kernel's deferred waits
+# (`defer_backward_waits`) fused with split and with whole dq tiles, separate, and with the overlapped products.
 FUSED, SEPARATE = {"fused_dq": True}, {"fused_dq": False, "persistent_dq": False}
 SEPARATE_PERSISTENT = {"fused_dq": False, "persistent_dq": True, "persistent_dkdv": True}
 FUSED_PERSISTENT = {"fused_dq": True, "persistent_dkdv": True}
@@ -444,6 +445,9 @@ LOWERED_CASES = [
     ("dense", 128, "bfloat16", dict(FUSED, overlap_softmax=True, overlap_backward=True)),
     ("window(300)", 64, "float16", dict(SEPARATE, overlap_softmax=True, warpgroups=1, overlap_backward=True)),
     ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", SEPARATE_PERSISTENT),
+    ("window(300) | sinks(4)", 64, "bfloat16", dict(FUSED_PERSISTENT, defer_backward_waits=True)),
+    ("dense", 128, "float16", dict(FUSED, overlap_backward=True, defer_backward_waits=True)),
+    ("repaired(256, 32, prefix)", 128, "bfloat16", dict(SEPARATE, defer_backward_waits=True)),
 ]
 
 
@@ -725,6 +729,16 @@ class TestGpu:
                                     fused_dq=fused_dq)
         check_against_reference(spec, seq_len=3000, heads=4, kv_heads=2, head_dim=head_dim,
                                 block_sizes=dataclasses.asdict(sizes), seed=47, interpret=False)
+
+    @pytest.mark.parametrize("spec, head_dim, overrides", [
+        ("dense", 128, {"fused_dq": True}), ("window(1024) | sinks(64)", 64, {"fused_dq": True}),  # split, whole dq
+        ("repaired(512, 64, prefix)", 128, {"fused_dq": False}),
+        ("window(1024)", 128, {"fused_dq": True, "overlap_backward": True})])
+    def test_defer_backward_waits(self, spec, head_dim, overrides):
+        sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), defer_backward_waits=True,
+                                    **overrides)
+        check_against_reference(spec, seq_len=3000, heads=4, kv_heads=2, head_dim=head_dim,
+                                block_sizes=dataclasses.asdict(sizes), seed=53, interpret=False)
 
     def test_shard_map_checks_vma(self):
         assert_shard_map_matches_reference(mosaic_gpu.attention)

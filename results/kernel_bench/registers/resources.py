@@ -1,0 +1,129 @@
+"""Issue 15: what ptxas made of the `mosaic_gpu` kernels: registers, spills, and the wgmma waits in the SASS.
+
+    python results/kernel_bench/registers/resources.py --patterns "dense;window(1024)" --head-dims 128,64 \
+        --variants '[{"overlap_backward": true}]' --out resources.json
+
+Each case (pattern, head_dim, kv heads, variant) compiles forward+backward at --seq in a child process with
+Mosaic GPU's dumps on (`MOSAIC_GPU_DUMP_PTXAS`, `MOSAIC_GPU_DUMP_SASS`, `MOSAIC_GPU_DUMP_TO` a fresh folder), and
+this script reads the dumps back. Per kernel: ptxas's registers, stack frame and spill bytes, and in its SASS
+the number of HGMMA instructions (wgmma), WARPGROUP.DEPBAR (waits for wgmma groups), MUFU.EX2 (exponentials)
+and LDL/STL (local memory: spills). Variants override fields of `BlockSizes.for_head_dim`, as in
+`../tuning/sweep.py`, which times them. Needs a Hopper GPU.
+"""
+
+import argparse
+import collections
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+from sparse_attention.atomic_io import write_json
+
+PTXAS_FUNCTION = re.compile(r"Compiling entry function '([^']+)'")
+PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
+PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+SASS_FUNCTION = re.compile(r"Function : (\S+)")
+SASS_OPCODES = {"hgmma": r"\bHGMMA\.", "wgmma_waits": r"\bWARPGROUP\.DEPBAR", "exp2": r"\bMUFU\.EX2",
+                "local_loads": r"\bLDL\b", "local_stores": r"\bSTL\b"}
+
+CHILD = """
+import dataclasses, json, sys
+import jax
+from lm_experiment.bench import Shape, make_inputs, timed_function
+from sparse_attention.kernels import mosaic_gpu
+from sparse_attention.patterns import parse
+spec, head_dim, kv_heads, heads, seq, overrides = json.loads(sys.argv[1])
+shape = Shape(1, seq, heads, kv_heads, head_dim, "bfloat16")
+sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), **overrides)
+def forward(q, k, v):
+    return mosaic_gpu.attention(q, k, v, parse(spec), scale=head_dim ** -0.5, block_sizes=sizes)
+jax.block_until_ready(timed_function(forward, "fwd_bwd")(*make_inputs(shape)))
+"""
+
+
+def read_ptxas(text: str) -> dict[str, dict]:
+    """{function: {registers, stack, spill_stores, spill_loads}} from ptxas's verbose log."""
+    kernels, current = {}, None
+    for line in text.splitlines():
+        if match := PTXAS_FUNCTION.search(line):
+            current = kernels.setdefault(match.group(1), {})
+        elif current is not None and (match := PTXAS_REGISTERS.search(line)):
+            current["registers"] = int(match.group(1))
+        elif current is not None and (match := PTXAS_SPILLS.search(line)):
+            current.update(stack=int(match.group(1)), spill_stores=int(match.group(2)),
+                           spill_loads=int(match.group(3)))
+    return kernels
+
+
+def read_sass(text: str) -> dict[str, dict]:
+    """{function: opcode counts} from a SASS listing (one `Function :` header per kernel)."""
+    counts, current = {}, None
+    for line in text.splitlines():
+        if match := SASS_FUNCTION.search(line):
+            current = counts.setdefault(match.group(1), collections.Counter())
+        elif current is not None:
+            for name, pattern in SASS_OPCODES.items():
+                if re.search(pattern, line):
+                    current[name] += 1
+    return {name: dict(counter) for name, counter in counts.items()}
+
+
+def resources(dump: pathlib.Path) -> dict[str, dict]:
+    """{file: {function: figures}} for every dump file with ptxas figures or SASS in it. Files, not function
+    names, are the keys: the dump names a file after its kernel, and several kernels may share a function name."""
+    found = {}
+    for path in sorted(p for p in dump.rglob("*") if p.is_file()):
+        text = path.read_text(errors="replace")
+        if kernels := {**read_sass(text), **read_ptxas(text)}:
+            found[path.name] = kernels
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seq", type=int, default=32768)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", default="16", help="','-separated kv head counts")
+    parser.add_argument("--head-dims", default="128", help="','-separated head dims")
+    parser.add_argument("--patterns", default="dense;window(1024)", help="';'-separated pattern specs")
+    parser.add_argument("--variants", type=json.loads, default=[],
+                        help="JSON list of objects of BlockSizes fields overriding the head_dim's defaults")
+    parser.add_argument("--keep-dumps", help="a folder to copy each case's dump folder into")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    rows = []
+    for spec in args.patterns.split(";"):
+        for head_dim in map(int, args.head_dims.split(",")):
+            for kv_heads in map(int, args.kv_heads.split(",")):
+                for overrides in [{}] + args.variants:
+                    with tempfile.TemporaryDirectory() as dump:
+                        environment = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_SASS="1",
+                                           MOSAIC_GPU_DUMP_TO=dump)
+                        case = [spec, head_dim, kv_heads, args.heads, args.seq, overrides]
+                        child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(case)], env=environment,
+                                               capture_output=True, text=True)
+                        row = dict(pattern=spec, head_dim=head_dim, kv_heads=kv_heads, variant=overrides,
+                                   status="ok" if child.returncode == 0 else f"error: {child.stderr[-400:]}",
+                                   files=sorted(p.name for p in pathlib.Path(dump).rglob("*") if p.is_file()),
+                                   kernels=resources(pathlib.Path(dump)))
+                        if args.keep_dumps:
+                            target = pathlib.Path(args.keep_dumps) / f"case_{len(rows)}"
+                            subprocess.run(["cp", "-r", dump, str(target)], check=True)
+                    rows.append(row)
+                    for file, kernels in sorted(row["kernels"].items()):
+                        for name, figures in kernels.items():
+                            print(f"{spec:<22} d{head_dim:<4} kv{kv_heads:<3} {json.dumps(overrides):<34} "
+                                  f"{file[:40]:<40} {name[:30]:<30} "
+                                  + " ".join(f"{key}={value}" for key, value in figures.items()), flush=True)
+                    if not row["kernels"]:
+                        print(f"{spec:<22} d{head_dim:<4} kv{kv_heads:<3} {json.dumps(overrides):<34} no kernels found; "
+                              f"{row['status'][:200]} files={row['files'][:8]}", flush=True)
+                    write_json(args.out, dict(seq=args.seq, heads=args.heads, rows=rows))
+
+
+if __name__ == "__main__":
+    main()

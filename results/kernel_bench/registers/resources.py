@@ -26,7 +26,9 @@ from sparse_attention.atomic_io import write_json
 PTXAS_FUNCTION = re.compile(r"Compiling entry function '([^']+)'")
 PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+PTXAS_WARNING = re.compile(r"(warning|Performance Loss)", re.IGNORECASE)  # e.g. wgmma serialized by ptxas
 SASS_FUNCTION = re.compile(r"Function : (\S+)")
+WHOLE_FILE = "(file)"  # the key of a SASS listing without function headers
 SASS_OPCODES = {"hgmma": r"\bHGMMA\.", "wgmma_waits": r"\bWARPGROUP\.DEPBAR", "exp2": r"\bMUFU\.EX2",
                 "local_loads": r"\bLDL\b", "local_stores": r"\bSTL\b"}
 
@@ -47,11 +49,14 @@ jax.block_until_ready(timed_function(forward, "fwd_bwd")(*make_inputs(shape)))
 
 
 def read_ptxas(text: str) -> dict[str, dict]:
-    """{function: {registers, stack, spill_stores, spill_loads}} from ptxas's verbose log."""
+    """{function: {registers, stack, spill_stores, spill_loads, warnings}} from ptxas's verbose log."""
     kernels, current = {}, None
     for line in text.splitlines():
         if match := PTXAS_FUNCTION.search(line):
             current = kernels.setdefault(match.group(1), {})
+        elif PTXAS_WARNING.search(line):
+            (current if current is not None else kernels.setdefault(WHOLE_FILE, {})).setdefault(
+                "warnings", []).append(line.strip()[:300])
         elif current is not None and (match := PTXAS_REGISTERS.search(line)):
             current["registers"] = int(match.group(1))
         elif current is not None and (match := PTXAS_SPILLS.search(line)):
@@ -61,16 +66,18 @@ def read_ptxas(text: str) -> dict[str, dict]:
 
 
 def read_sass(text: str) -> dict[str, dict]:
-    """{function: opcode counts} from a SASS listing (one `Function :` header per kernel)."""
+    """{function: opcode counts} from a SASS listing (one `Function :` header per kernel, or none)."""
     counts, current = {}, None
     for line in text.splitlines():
         if match := SASS_FUNCTION.search(line):
             current = counts.setdefault(match.group(1), collections.Counter())
-        elif current is not None:
+        else:
+            if current is None:
+                current = counts.setdefault(WHOLE_FILE, collections.Counter())
             for name, pattern in SASS_OPCODES.items():
                 if re.search(pattern, line):
                     current[name] += 1
-    return {name: dict(counter) for name, counter in counts.items()}
+    return {name: dict(counter) for name, counter in counts.items() if counter}
 
 
 def resources(dump: pathlib.Path) -> dict[str, dict]:
@@ -119,7 +126,10 @@ def main() -> None:
                         for name, figures in kernels.items():
                             print(f"{spec:<22} d{head_dim:<4} kv{kv_heads:<3} {json.dumps(overrides):<34} "
                                   f"{file[:40]:<40} {name[:30]:<30} "
-                                  + " ".join(f"{key}={value}" for key, value in figures.items()), flush=True)
+                                  + " ".join(f"{key}={value}" for key, value in figures.items()
+                                             if key != "warnings"), flush=True)
+                            for warning in figures.get("warnings", []):
+                                print(f"    {warning}", flush=True)
                     if not row["kernels"]:
                         print(f"{spec:<22} d{head_dim:<4} kv{kv_heads:<3} {json.dumps(overrides):<34} no kernels found; "
                               f"{row['status'][:200]} files={row['files'][:8]}", flush=True)

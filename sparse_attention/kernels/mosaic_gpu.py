@@ -83,6 +83,9 @@ MAX_STAGES = 4
 # attention on them for a ptxas miscompilation; the partial tiles here are masked the same way.
 MISCOMPILING_CUDA = (12080, 12091)
 MEMORY_REGISTERS = 40  # per-thread registers left to the memory warpgroup, which only issues TMA
+# ... and in the dk/dv kernel with the fused dq and deferred waits, whose compute warpgroups spilled 244-392 bytes
+# at head_dim 128 with 40: 24 gives each 240 registers instead of 232 (`_dkdv_memory_registers`).
+FUSED_DEFERRED_MEMORY_REGISTERS = 24
 DQ_SLICE_MULTIPLE = 64  # columns of one 128-byte swizzle tile of 16-bit keys: a wgmma B operand's slice unit
 # From this mean number of steps per dk/dv block (row steps x q heads per kv head) on, the fused dq is the
 # default at head_dim 128 (`fuses_dq`): it lost at 5 to 20 steps and won at 71 to 1,025.
@@ -137,8 +140,9 @@ class BlockSizes:
     `overlap_backward`: a dq or dk/dv warpgroup issues a step's S and dP products at once and takes the
     probabilities while dP runs (off by default: it lost 3-23 % on persistent and GQA backwards,
     docs/mosaic_gpu.md). `defer_backward_waits`: a dk/dv warpgroup waits for a product only where it reads it:
-    it takes dS while dV's product runs, and stores dS and multiplies the fused dq while dK's runs. Blocks are
-    multiples of 64 up to 256, warpgroups 1 or 2, stages 1 to 4.
+    it takes dS while dV's product runs, and stores dS and multiplies the fused dq while dK's runs; True, False,
+    or None, where it was faster (`defers_backward_waits`). Blocks are multiples of 64 up to 256, warpgroups 1
+    or 2, stages 1 to 4.
     """
 
     block_q: int = 64
@@ -165,7 +169,7 @@ class BlockSizes:
     heads_fastest: bool | None = None
     overlap_softmax: bool | None = None
     overlap_backward: bool = False
-    defer_backward_waits: bool = False
+    defer_backward_waits: bool | None = None
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -313,6 +317,26 @@ def persists(block_sizes: BlockSizes, forward_plan: RowPlan) -> bool:
     if block_sizes.persistent is not None:
         return block_sizes.persistent
     return _mean_steps(forward_plan) < PERSISTENT_MAX_STEPS
+
+
+def defers_backward_waits(choice: bool | None, persistent_dkdv: bool) -> bool:
+    """Whether the dk/dv kernel defers its waits (`BlockSizes.defer_backward_waits`): `choice`, or if that is None,
+    where the kernel is not persistent.
+
+    On the H200 at 32k (results/kernel_bench/defer_backward_waits/) deferring took 0.91-0.98x the forward+backward
+    time of dense and window(1024) (16 and 4 kv heads, head_dim 128 and 64; with 4 kv heads only with
+    `FUSED_DEFERRED_MEMORY_REGISTERS`) and 0.93x of random_blocks(512, 3, 0), whose dk/dv kernels run one block
+    per row; and 1.01x of block(512), 1.03x of the prefix repair and 1.13x of the bridge, whose short dk/dv
+    rows run persistent."""
+    return choice if choice is not None else not persistent_dkdv
+
+
+def _dkdv_memory_registers(fused: bool, deferred: bool) -> int:
+    """The dk/dv kernel's memory warpgroup's registers: FUSED_DEFERRED_MEMORY_REGISTERS where its compute
+    warpgroups hold dk, dv and the fused dq's product with deferred waits, else MEMORY_REGISTERS. At 32k on the
+    H200 (with 24 in every kernel) that took 0.94-0.97x the deferred forward+backward time of dense and of
+    window(1024) with 4 kv heads, whose dk/dv kernels fuse dq, and 1.02x of window(1024) with 16, whose do not."""
+    return FUSED_DEFERRED_MEMORY_REGISTERS if fused and deferred else MEMORY_REGISTERS
 
 
 def persists_backward(choice: bool | None, plan: RowPlan, repeats: int = 1) -> bool:
@@ -538,10 +562,10 @@ def _row_vector(value, rows):
     return plgpu.layout_cast(jnp.full((rows,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
 
 
-def _compute_registers(warpgroups: int) -> int:
+def _compute_registers(warpgroups: int, memory_registers: int = MEMORY_REGISTERS) -> int:
     """Per-thread registers of each compute warpgroup: the 512 per thread of a 128-thread share of the
     register file, less the memory warpgroup's, split evenly, at most 256, in multiples of 8."""
-    return min(256, (512 - MEMORY_REGISTERS) // warpgroups) // 8 * 8
+    return min(256, (512 - memory_registers) // warpgroups) // 8 * 8
 
 
 def _slot(step, stages: int):
@@ -1027,8 +1051,9 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
 
 
 def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
-                 contiguous: bool, heads_fastest: bool, skips: bool, k_smem, v_smem, q_smem, d_out_smem, lse_smem,
-                 delta_smem, k_loaded, v_loaded, q_loaded, d_out_loaded, lse_loaded, delta_loaded, consumed,
+                 contiguous: bool, heads_fastest: bool, skips: bool, defer_waits: bool, memory_registers: int, k_smem,
+                 v_smem, q_smem, d_out_smem, lse_smem, delta_smem, k_loaded, v_loaded, q_loaded, d_out_loaded,
+                 lse_loaded, delta_loaded, consumed,
                  d_logits_smem=None, dq_smem=None, d_logits_stored=None, dq_previous_smem=None, dq_read=None,
                  stage=None):
     """refs: [`empty_step_codes` where `skips`,] [the topk choosers' lists and counts,] q, k, v, d_out, lse, delta,
@@ -1067,7 +1092,7 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
 
     @pl.when(wg == warpgroups)
     def _memory():
-        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+        plgpu.set_max_registers(memory_registers, action="decrease")
 
         def groups(work):
             q_ref, _, _, d_out_ref, lse_ref, delta_ref, *_ = arrays(work)
@@ -1093,10 +1118,10 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
 
     @pl.when(wg < warpgroups)
     def _compute():
-        plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
+        plgpu.set_max_registers(_compute_registers(warpgroups, memory_registers), action="increase")
         own_rows = pl.ds(wg * block_k, block_k)
         staged = None if stage is None else stage.at[wg]
-        deferred = sizes.defer_backward_waits and staged is None  # the interpreter's wgmma is synchronous
+        deferred = defer_waits and staged is None  # the interpreter's wgmma is synchronous
         shape = (block_k, block_q)  # transposed tiles: keys along rows
 
         def load(j, buffer):
@@ -1177,8 +1202,8 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
                         return (probs_t * (d_probs_t - _columns(delta, shape))).astype(q_ref.dtype)
 
                     def values_while_gradients(dv, probs_t, d_probs_t):
-                        """(dv + Pᵀ dO, dSᵀ), dSᵀ taken while Pᵀ dO runs; dPᵀ = V dOᵀ, where not given, is issued
-                        just before it and waited for alone."""
+                        """(dv + Pᵀ dO, dSᵀ), dSᵀ taken while Pᵀ dO runs; dPᵀ = V dOᵀ, where not given, is
+                        issued just before it and waited for alone."""
 
                         def issue(refs):
                             dv_ref, d_logits_ref, *d_probs_ref = refs
@@ -1482,8 +1507,10 @@ def _dkdv(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, select
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_k, block_q), dtype, swizzled=False)
     codes = _skipping(sizes, static.pattern, seq_len, plan, block_k, block_q, warpgroups, by_key=True)
+    deferred = defers_backward_waits(sizes.defer_backward_waits, persistent)
     body = functools.partial(_dkdv_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
-                             contiguous=all(plan.contiguous), skips=bool(codes),
+                             contiguous=all(plan.contiguous), skips=bool(codes), defer_waits=deferred,
+                             memory_registers=_dkdv_memory_registers(dq_sum is not None, deferred),
                              heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent, plan))
     out_type = (jax.ShapeDtypeStruct(k.shape, dtype), jax.ShapeDtypeStruct(v.shape, dtype))
     grid = _flat_grid(len(plan.rows) * k.shape[2] * q.shape[0], persistent, static.interpret)

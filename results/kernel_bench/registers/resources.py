@@ -7,8 +7,8 @@ Each case (pattern, head_dim, kv heads, variant) compiles forward+backward at --
 Mosaic GPU's dumps on (`MOSAIC_GPU_DUMP_PTXAS`, `MOSAIC_GPU_DUMP_SASS`, `MOSAIC_GPU_DUMP_TO` a fresh folder), and
 this script reads the dumps back. Per kernel: ptxas's registers, stack frame and spill bytes, and in its SASS
 the number of HGMMA instructions (wgmma), WARPGROUP.DEPBAR (waits for wgmma groups), MUFU.EX2 (exponentials)
-and LDL/STL (local memory: spills). Variants override fields of `BlockSizes.for_head_dim`, or set
-"memory_registers", as in `../tuning/sweep.py`, which times them. Needs a Hopper GPU.
+and LDL/STL (local memory: spills). Variants override fields of `BlockSizes.for_head_dim`, as in
+`../tuning/sweep.py`, which times them. Needs a Hopper GPU.
 """
 
 import argparse
@@ -39,7 +39,6 @@ from lm_experiment.bench import Shape, make_inputs, timed_function
 from sparse_attention.kernels import mosaic_gpu
 from sparse_attention.patterns import parse
 spec, head_dim, kv_heads, heads, seq, overrides = json.loads(sys.argv[1])
-mosaic_gpu.MEMORY_REGISTERS = overrides.pop("memory_registers", mosaic_gpu.MEMORY_REGISTERS)
 shape = Shape(1, seq, heads, kv_heads, head_dim, "bfloat16")
 sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), **overrides)
 def forward(q, k, v):
@@ -131,8 +130,8 @@ def main() -> None:
                             for warning in figures.get("warnings", []):
                                 print(f"    {warning}", flush=True)
                     if not row["kernels"]:
-                        print(f"{spec:<22} d{head_dim:<4} kv{kv_heads:<3} {json.dumps(overrides):<34} no kernels found; "
-                              f"{row['status'][:200]} files={row['files'][:8]}", flush=True)
+                        print(f"{spec:<22} d{head_dim:<4} kv{kv_heads:<3} {json.dumps(overrides):<34} "
+                              f"no kernels found; {row['status'][:200]} files={row['files'][:8]}", flush=True)
                     write_json(args.out, dict(seq=args.seq, heads=args.heads, rows=rows))
 
 

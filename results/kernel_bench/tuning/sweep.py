@@ -4,8 +4,7 @@
         --patterns "window(1024);dense" --modes fwd,fwd_bwd \
         --variants '[{"block_k": 64, "stages": 3}, {"warpgroups_dkv": 1}]' --out sweep.json
 
-Every variant overrides some fields of `BlockSizes.for_head_dim(head_dim)`, and may set "memory_registers"
-(the memory warpgroup's per-thread registers; see `compiled`); the defaults always run first. Each
+Every variant overrides some fields of `BlockSizes.for_head_dim(head_dim)`; the defaults always run first. Each
 case compiles all its variants and cuDNN (where it supports the pattern) once, then times them in `--rounds`
 interleaved rounds (`timing.interleaved_ms`), so that drift during the run falls on all alike; it reports each
 one's median time, and its time over the defaults' and over cuDNN's as the median of the round-by-round ratios
@@ -34,23 +33,14 @@ from sparse_attention.patterns import parse
 
 def compiled(spec: str, shape: Shape, arguments, mode: str, overrides: dict):
     """`mosaic_gpu` for one pattern and mode (arguments: q, k, v[, d_out]) with the head_dim's default
-    BlockSizes changed by `overrides`; its key "memory_registers" (not a BlockSizes field) sets the memory
-    warpgroup's registers (`mosaic_gpu.MEMORY_REGISTERS`, which the compute warpgroups' follow) while it
-    compiles."""
-    overrides = dict(overrides)
-    memory_registers = overrides.pop("memory_registers", mosaic_gpu.MEMORY_REGISTERS)
+    BlockSizes changed by `overrides`."""
     pattern = parse(spec)
     sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(shape.head_dim), **overrides)
 
     def forward(q, k, v):
         return mosaic_gpu.attention(q, k, v, pattern, scale=shape.head_dim ** -0.5, block_sizes=sizes)
 
-    default_registers = mosaic_gpu.MEMORY_REGISTERS
-    mosaic_gpu.MEMORY_REGISTERS = memory_registers
-    try:
-        return timed_function(forward, mode).lower(*arguments).compile()
-    finally:
-        mosaic_gpu.MEMORY_REGISTERS = default_registers
+    return timed_function(forward, mode).lower(*arguments).compile()
 
 
 CUDNN = "cudnn"  # cuDNN's entry among the timed functions

@@ -280,6 +280,16 @@ def test_overlap_backward(fused_dq):
                 kv_heads=2, block_sizes=dataclasses.asdict(sizes), seed=43 + fused_dq)
 
 
+def test_defer_backward_waits_default():
+    # Deferred where the dk/dv kernel runs one block per row (it won there) and not where it is persistent (it
+    # lost); the memory warpgroup gives up 16 registers only where the fused dq's product joins the deferred ones.
+    assert mosaic_gpu.defers_backward_waits(None, False) and not mosaic_gpu.defers_backward_waits(None, True)
+    assert mosaic_gpu.defers_backward_waits(True, True) and not mosaic_gpu.defers_backward_waits(False, False)
+    registers = {(fused, deferred): mosaic_gpu._compute_registers(2, mosaic_gpu._dkdv_memory_registers(fused, deferred))
+                 for fused in (True, False) for deferred in (True, False)}
+    assert registers == {(True, True): 240, (True, False): 232, (False, True): 232, (False, False): 232}
+
+
 def test_overlap_softmax_default():
     # On by default at head_dim 128, where it measured faster, and off at 64, where it measured slower.
     assert mosaic_gpu.overlaps_softmax(None, 128) and not mosaic_gpu.overlaps_softmax(None, 64)
@@ -428,8 +438,9 @@ LOWERING_SCRIPT = textwrap.dedent(
 # strided(7) (two q heads per kv head); forced persistent dk/dv on four (with two dk/dv buffers, at head_dim
 # 64, and one, at 128), one forward block per row on one, and one dq block per row on dense; the forward's
 # overlapped softmax (`overlap_softmax`) on two, one of them with one compute warpgroup, with the backward's
-# overlapped products (`overlap_backward`), fused and separate; the dk/dv kernel's deferred waits
-# (`defer_backward_waits`) fused with split and with whole dq tiles, separate, and with the overlapped products.
+# overlapped products (`overlap_backward`), fused and separate. The dk/dv kernel defers its waits
+# (`defer_backward_waits`) by default where it is not persistent (dense, strided(7)); explicitly also persistent
+# with whole dq tiles and with the separate dq, and not on a fused dense with the overlapped products.
 FUSED, SEPARATE = {"fused_dq": True}, {"fused_dq": False, "persistent_dq": False}
 SEPARATE_PERSISTENT = {"fused_dq": False, "persistent_dq": True, "persistent_dkdv": True}
 FUSED_PERSISTENT = {"fused_dq": True, "persistent_dkdv": True}
@@ -446,7 +457,7 @@ LOWERED_CASES = [
     ("window(300)", 64, "float16", dict(SEPARATE, overlap_softmax=True, warpgroups=1, overlap_backward=True)),
     ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", SEPARATE_PERSISTENT),
     ("window(300) | sinks(4)", 64, "bfloat16", dict(FUSED_PERSISTENT, defer_backward_waits=True)),
-    ("dense", 128, "float16", dict(FUSED, overlap_backward=True, defer_backward_waits=True)),
+    ("dense", 128, "float16", dict(FUSED, overlap_backward=True, defer_backward_waits=False)),
     ("repaired(256, 32, prefix)", 128, "bfloat16", dict(SEPARATE, defer_backward_waits=True)),
 ]
 

@@ -83,8 +83,9 @@ MAX_STAGES = 4
 # attention on them for a ptxas miscompilation; the partial tiles here are masked the same way.
 MISCOMPILING_CUDA = (12080, 12091)
 MEMORY_REGISTERS = 40  # per-thread registers left to the memory warpgroup, which only issues TMA
-# ... and in the dk/dv kernel with the fused dq and deferred waits, whose compute warpgroups spilled 244-392 bytes
-# at head_dim 128 with 40: 24 gives each 240 registers instead of 232 (`_dkdv_memory_registers`).
+# The memory warpgroup's registers in the dk/dv kernel with the fused dq and deferred waits, whose compute
+# warpgroups spilled 244-392 bytes at head_dim 128 with 232 registers each: 24 gives them 240
+# (`_dkdv_memory_registers`).
 FUSED_DEFERRED_MEMORY_REGISTERS = 24
 DQ_SLICE_MULTIPLE = 64  # columns of one 128-byte swizzle tile of 16-bit keys: a wgmma B operand's slice unit
 # From this mean number of steps per dk/dv block (row steps x q heads per kv head) on, the fused dq is the
@@ -323,19 +324,21 @@ def defers_backward_waits(choice: bool | None, persistent_dkdv: bool) -> bool:
     """Whether the dk/dv kernel defers its waits (`BlockSizes.defer_backward_waits`): `choice`, or if that is None,
     where the kernel is not persistent.
 
-    On the H200 at 32k (results/kernel_bench/defer_backward_waits/) deferring took 0.91-0.98x the forward+backward
-    time of dense and window(1024) (16 and 4 kv heads, head_dim 128 and 64; with 4 kv heads only with
-    `FUSED_DEFERRED_MEMORY_REGISTERS`) and 0.93x of random_blocks(512, 3, 0), whose dk/dv kernels run one block
-    per row; and 1.01x of block(512), 1.03x of the prefix repair and 1.13x of the bridge, whose short dk/dv
-    rows run persistent."""
+    On the H200 at 32k (results/kernel_bench/defer_backward_waits/) the defaults with it took 0.93-0.94x the
+    forward+backward time of those without on dense (16 and 4 kv heads, head_dim 128 and 64), 0.94-0.98x on
+    window(1024), 0.92x on random_blocks(512, 3, 0) and 0.96-0.97x on window(256) and the prefix repair with the
+    `small` preset's 3 q heads per kv head, whose dk/dv kernels run one block per row; explicitly deferred, it
+    took 1.01x of block(512), 1.03x of the prefix repair and 1.13x of the bridge with 16 kv heads, whose short
+    dk/dv rows run persistent."""
     return choice if choice is not None else not persistent_dkdv
 
 
 def _dkdv_memory_registers(fused: bool, deferred: bool) -> int:
     """The dk/dv kernel's memory warpgroup's registers: FUSED_DEFERRED_MEMORY_REGISTERS where its compute
     warpgroups hold dk, dv and the fused dq's product with deferred waits, else MEMORY_REGISTERS. At 32k on the
-    H200 (with 24 in every kernel) that took 0.94-0.97x the deferred forward+backward time of dense and of
-    window(1024) with 4 kv heads, whose dk/dv kernels fuse dq, and 1.02x of window(1024) with 16, whose do not."""
+    H200 (with 24 in every kernel) that took 0.89-0.96x the deferred forward+backward time of dense and of
+    window(1024) with 4 kv heads, whose dk/dv kernels fuse dq, and 1.02x of window(1024) with 16, whose does
+    not; without deferred waits 0.97-1.03x."""
     return FUSED_DEFERRED_MEMORY_REGISTERS if fused and deferred else MEMORY_REGISTERS
 
 

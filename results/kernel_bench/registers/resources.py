@@ -1,18 +1,17 @@
-"""Issue 15: what ptxas made of the `mosaic_gpu` kernels: registers, spills, and the wgmma waits in the SASS.
+"""Issue 15: what ptxas made of the `mosaic_gpu` kernels: registers, spills and its warnings.
 
     python results/kernel_bench/registers/resources.py --patterns "dense;window(1024)" --head-dims 128,64 \
         --variants '[{"overlap_backward": true}]' --out resources.json
 
 Each case (pattern, head_dim, kv heads, variant) compiles forward+backward at --seq in a child process with
-Mosaic GPU's dumps on (`MOSAIC_GPU_DUMP_PTXAS`, `MOSAIC_GPU_DUMP_SASS`, `MOSAIC_GPU_DUMP_TO` a fresh folder), and
-this script reads the dumps back. Per kernel: ptxas's registers, stack frame and spill bytes, and in its SASS
-the number of HGMMA instructions (wgmma), WARPGROUP.DEPBAR (waits for wgmma groups), MUFU.EX2 (exponentials)
-and LDL/STL (local memory: spills). Variants override fields of `BlockSizes.for_head_dim`, as in
+Mosaic GPU's dumps on (`MOSAIC_GPU_DUMP_PTXAS`, `MOSAIC_GPU_DUMP_TO` a fresh folder), and this script reads
+each kernel's `.ptxas` log back: registers, stack frame and spill bytes, and ptxas's warnings (spills, wgmma
+serialized). The folder also receives the PTX and Mosaic GPU's MLIR passes, which are not read; no SASS
+listing appeared there on the H200 image. Variants override fields of `BlockSizes.for_head_dim`, as in
 `../tuning/sweep.py`, which times them. Needs a Hopper GPU.
 """
 
 import argparse
-import collections
 import json
 import os
 import pathlib
@@ -27,10 +26,7 @@ PTXAS_FUNCTION = re.compile(r"Compiling entry function '([^']+)'")
 PTXAS_REGISTERS = re.compile(r"Used (\d+) registers")
 PTXAS_SPILLS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 PTXAS_WARNING = re.compile(r"(warning|Performance Loss)", re.IGNORECASE)  # e.g. wgmma serialized by ptxas
-SASS_FUNCTION = re.compile(r"Function : (\S+)")
-WHOLE_FILE = "(file)"  # the key of a SASS listing without function headers
-SASS_OPCODES = {"hgmma": r"\bHGMMA\.", "wgmma_waits": r"\bWARPGROUP\.DEPBAR", "exp2": r"\bMUFU\.EX2",
-                "local_loads": r"\bLDL\b", "local_stores": r"\bSTL\b"}
+BEFORE_FUNCTIONS = "(file)"  # the key of warnings that come before a log's first function
 
 CHILD = """
 import dataclasses, json, sys
@@ -54,7 +50,7 @@ def read_ptxas(text: str) -> dict[str, dict]:
         if match := PTXAS_FUNCTION.search(line):
             current = kernels.setdefault(match.group(1), {})
         elif PTXAS_WARNING.search(line):
-            (current if current is not None else kernels.setdefault(WHOLE_FILE, {})).setdefault(
+            (current if current is not None else kernels.setdefault(BEFORE_FUNCTIONS, {})).setdefault(
                 "warnings", []).append(line.strip()[:300])
         elif current is not None and (match := PTXAS_REGISTERS.search(line)):
             current["registers"] = int(match.group(1))
@@ -64,30 +60,10 @@ def read_ptxas(text: str) -> dict[str, dict]:
     return kernels
 
 
-def read_sass(text: str) -> dict[str, dict]:
-    """{function: opcode counts} from a SASS listing (one `Function :` header per kernel, or none)."""
-    counts, current = {}, None
-    for line in text.splitlines():
-        if match := SASS_FUNCTION.search(line):
-            current = counts.setdefault(match.group(1), collections.Counter())
-        else:
-            if current is None:
-                current = counts.setdefault(WHOLE_FILE, collections.Counter())
-            for name, pattern in SASS_OPCODES.items():
-                if re.search(pattern, line):
-                    current[name] += 1
-    return {name: dict(counter) for name, counter in counts.items() if counter}
-
-
 def resources(dump: pathlib.Path) -> dict[str, dict]:
-    """{file: {function: figures}} for every dump file with ptxas figures or SASS in it. Files, not function
-    names, are the keys: the dump names a file after its kernel, and several kernels may share a function name."""
-    found = {}
-    for path in sorted(p for p in dump.rglob("*") if p.is_file()):
-        text = path.read_text(errors="replace")
-        if kernels := {**read_sass(text), **read_ptxas(text)}:
-            found[path.name] = kernels
-    return found
+    """{file: {function: figures}} for every ptxas log in the dump. Files, not function names, are the keys: the
+    dump names a file after its kernel, and every kernel's function has the same name."""
+    return {path.name: read_ptxas(path.read_text(errors="replace")) for path in sorted(dump.rglob("*.ptxas"))}
 
 
 def main() -> None:
@@ -99,7 +75,6 @@ def main() -> None:
     parser.add_argument("--patterns", default="dense;window(1024)", help="';'-separated pattern specs")
     parser.add_argument("--variants", type=json.loads, default=[],
                         help="JSON list of objects of BlockSizes fields overriding the head_dim's defaults")
-    parser.add_argument("--keep-dumps", help="a folder to copy each case's dump folder into")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     rows = []
@@ -108,8 +83,7 @@ def main() -> None:
             for kv_heads in map(int, args.kv_heads.split(",")):
                 for overrides in [{}] + args.variants:
                     with tempfile.TemporaryDirectory() as dump:
-                        environment = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_SASS="1",
-                                           MOSAIC_GPU_DUMP_TO=dump)
+                        environment = dict(os.environ, MOSAIC_GPU_DUMP_PTXAS="1", MOSAIC_GPU_DUMP_TO=dump)
                         case = [spec, head_dim, kv_heads, args.heads, args.seq, overrides]
                         child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(case)], env=environment,
                                                capture_output=True, text=True)
@@ -117,9 +91,6 @@ def main() -> None:
                                    status="ok" if child.returncode == 0 else f"error: {child.stderr[-400:]}",
                                    files=sorted(p.name for p in pathlib.Path(dump).rglob("*") if p.is_file()),
                                    kernels=resources(pathlib.Path(dump)))
-                        if args.keep_dumps:
-                            target = pathlib.Path(args.keep_dumps) / f"case_{len(rows)}"
-                            subprocess.run(["cp", "-r", dump, str(target)], check=True)
                     rows.append(row)
                     for file, kernels in sorted(row["kernels"].items()):
                         for name, figures in kernels.items():

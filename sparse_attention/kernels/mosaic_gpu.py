@@ -138,9 +138,9 @@ class BlockSizes:
     (`_block_rows`); True, False, or None, whichever was faster (`deals_heads_fastest`). `overlap_softmax`: on
     FULL forward steps a warpgroup issues each step's P V together with the next step's Q Kᵀ and takes that
     step's softmax while P V runs; True, False, or None, where it was faster (`overlaps_softmax`).
-    `overlap_backward`: a dq or dk/dv warpgroup issues a step's S and dP products at once and takes the
-    probabilities while dP runs (off by default: it lost 3-23 % on persistent and GQA backwards,
-    docs/mosaic_gpu.md). `defer_backward_waits`: a dk/dv warpgroup waits for a product only where it reads it:
+    `overlap_dq`, `overlap_dkdv`: a warpgroup of the separate dq kernel, or of the dk/dv kernel, issues a step's
+    S and dP products at once and takes the probabilities while dP runs (off by default: in both kernels at once
+    it lost 3-23 % on persistent and GQA backwards, docs/mosaic_gpu.md). `defer_backward_waits`: a dk/dv warpgroup waits for a product only where it reads it:
     it takes dS while dV's product runs, and stores dS and multiplies the fused dq while dK's runs; True, False,
     or None, where it was faster (`defers_backward_waits`). Blocks are multiples of 64 up to 256, warpgroups 1
     or 2, stages 1 to 4.
@@ -169,7 +169,8 @@ class BlockSizes:
     skip_empty_steps: bool | None = None
     heads_fastest: bool | None = None
     overlap_softmax: bool | None = None
-    overlap_backward: bool = False
+    overlap_dq: bool = False
+    overlap_dkdv: bool = False
     defer_backward_waits: bool | None = None
 
     def __post_init__(self):
@@ -1015,7 +1016,7 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
                     return jnp.where(active, probs, 0.0)
 
                 plgpu.barrier_wait(k_loaded.at[slot])
-                if sizes.overlap_backward:  # dP = dO Vᵀ runs while the probabilities are taken
+                if sizes.overlap_dq:  # dP = dO Vᵀ runs while the probabilities are taken
                     plgpu.barrier_wait(v_loaded.at[slot])
                     probs, d_probs = _matmul_pair((q_tile, k_smem.at[slot].T), (d_out_tile, v_smem.at[slot].T),
                                                   probabilities, staged is not None)
@@ -1225,7 +1226,7 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
                         dv, d_logits_t, *_ = pl.run_state(issue)(state)
                         return dv, d_logits_t
 
-                    if sizes.overlap_backward:  # dPᵀ = V dOᵀ runs while the probabilities are taken
+                    if sizes.overlap_dkdv:  # dPᵀ = V dOᵀ runs while the probabilities are taken
                         plgpu.barrier_wait(d_out_loaded.at[slot])
                         probs_t, d_probs_t = _matmul_pair((k_tile, q_smem.at[slot].T), (v_tile, d_out_tile.T),
                                                           probabilities, staged is not None)

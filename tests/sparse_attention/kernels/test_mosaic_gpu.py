@@ -271,13 +271,15 @@ def test_overlap_softmax(case):
                 block_sizes=dataclasses.asdict(sizes), seed=zlib.crc32(spec.encode()) + 5)
 
 
-@pytest.mark.parametrize("fused_dq", [True, False])
-def test_overlap_backward(fused_dq):
-    # overlap_backward: the dq and dk/dv kernels issue a step's S and dP products at once; FULL and PARTIAL
+@pytest.mark.parametrize("overlaps", [dict(fused_dq=True, overlap_dkdv=True),
+                                      dict(fused_dq=False, overlap_dq=True, overlap_dkdv=True),
+                                      dict(fused_dq=False, overlap_dq=True)], ids=["fused", "both", "dq"])
+def test_overlap_backward(overlaps):
+    # overlap_dq, overlap_dkdv: the dq or dk/dv kernel issues a step's S and dP products at once; FULL and PARTIAL
     # steps, GQA (the dk/dv steps walk both q heads of a kv head), skipped empty steps.
-    sizes = dataclasses.replace(SMALL, overlap_backward=True, fused_dq=fused_dq)
+    sizes = dataclasses.replace(SMALL, **overlaps)
     run_checked(check_against_reference, spec="window(300) | sinks(4)", seq_len=330, dtype="bfloat16", heads=4,
-                kv_heads=2, block_sizes=dataclasses.asdict(sizes), seed=43 + fused_dq)
+                kv_heads=2, block_sizes=dataclasses.asdict(sizes), seed=43 + len(overlaps))
 
 
 def test_defer_backward_waits_default():
@@ -438,7 +440,7 @@ LOWERING_SCRIPT = textwrap.dedent(
 # strided(7) (two q heads per kv head); forced persistent dk/dv on four (with two dk/dv buffers, at head_dim
 # 64, and one, at 128), one forward block per row on one, and one dq block per row on dense; the forward's
 # overlapped softmax (`overlap_softmax`) on two, one of them with one compute warpgroup, with the backward's
-# overlapped products (`overlap_backward`), fused and separate. The dk/dv kernel defers its waits
+# overlapped products (`overlap_dq`, `overlap_dkdv`), fused and separate. The dk/dv kernel defers its waits
 # (`defer_backward_waits`) by default where it is not persistent (dense, strided(7)); explicitly also persistent
 # with whole dq tiles and with the separate dq, and not on a fused dense with the overlapped products.
 FUSED, SEPARATE = {"fused_dq": True}, {"fused_dq": False, "persistent_dq": False}
@@ -453,11 +455,11 @@ LOWERED_CASES = [
     ("window(300) | sinks(4) & strided(2)", 64, "bfloat16", FUSED),
     ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", FUSED),
     ("dense", 128, "bfloat16", SEPARATE), ("repaired(256, 32, bridge)", 64, "float16", SEPARATE_PERSISTENT),
-    ("dense", 128, "bfloat16", dict(FUSED, overlap_softmax=True, overlap_backward=True)),
-    ("window(300)", 64, "float16", dict(SEPARATE, overlap_softmax=True, warpgroups=1, overlap_backward=True)),
+    ("dense", 128, "bfloat16", dict(FUSED, overlap_softmax=True, overlap_dkdv=True)),
+    ("window(300)", 64, "float16", dict(SEPARATE, overlap_softmax=True, warpgroups=1, overlap_dq=True, overlap_dkdv=True)),
     ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", SEPARATE_PERSISTENT),
     ("window(300) | sinks(4)", 64, "bfloat16", dict(FUSED_PERSISTENT, defer_backward_waits=True)),
-    ("dense", 128, "float16", dict(FUSED, overlap_backward=True, defer_backward_waits=False)),
+    ("dense", 128, "float16", dict(FUSED, overlap_dkdv=True, defer_backward_waits=False)),
     ("repaired(256, 32, prefix)", 128, "bfloat16", dict(SEPARATE, defer_backward_waits=True)),
 ]
 
@@ -733,18 +735,20 @@ class TestGpu:
         check_against_reference(spec, seq_len=3000, heads=4, kv_heads=2, head_dim=head_dim,
                                 block_sizes=dataclasses.asdict(sizes), seed=37, interpret=False)
 
-    @pytest.mark.parametrize("spec, head_dim, fused_dq", [("dense", 128, True), ("window(1024)", 128, False),
-                                                          ("repaired(512, 64, bridge)", 64, True)])
-    def test_overlap_backward(self, spec, head_dim, fused_dq):
-        sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), overlap_backward=True,
-                                    fused_dq=fused_dq)
+    @pytest.mark.parametrize("spec, head_dim, overlaps", [
+        ("dense", 128, {"fused_dq": True, "overlap_dkdv": True}),
+        ("window(1024)", 128, {"fused_dq": False, "overlap_dq": True, "overlap_dkdv": True}),
+        ("repaired(512, 64, prefix)", 128, {"fused_dq": False, "overlap_dq": True}),
+        ("repaired(512, 64, bridge)", 64, {"fused_dq": True, "overlap_dkdv": True})])
+    def test_overlap_backward(self, spec, head_dim, overlaps):
+        sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), **overlaps)
         check_against_reference(spec, seq_len=3000, heads=4, kv_heads=2, head_dim=head_dim,
                                 block_sizes=dataclasses.asdict(sizes), seed=47, interpret=False)
 
     @pytest.mark.parametrize("spec, head_dim, overrides", [
         ("dense", 128, {"fused_dq": True}), ("window(1024) | sinks(64)", 64, {"fused_dq": True}),  # split, whole dq
         ("repaired(512, 64, prefix)", 128, {"fused_dq": False}),
-        ("window(1024)", 128, {"fused_dq": True, "overlap_backward": True})])
+        ("window(1024)", 128, {"fused_dq": True, "overlap_dkdv": True})])
     def test_defer_backward_waits(self, spec, head_dim, overrides):
         sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), defer_backward_waits=True,
                                     **overrides)

@@ -77,16 +77,19 @@ INTERPRETER_MIN_THREADS = 16
 WGMMA_ROWS = 64  # rows of one warpgroup's wgmma; every block is a multiple
 HALF_TILE_KEYS = 64  # a PARTIAL forward step of 128 keys multiplies only the halves a warpgroup attends
 MAX_BLOCK = 256
-MAX_WARPGROUPS = 2
+MAX_WARPGROUPS = 2  # per block of the dq and dk/dv kernels
+# The forward may run three, FlashAttention-3's choice at head_dim 64 (192-row tiles, without ping-pong), each
+# with 160 registers while its memory warpgroup keeps 24 (`_forward_memory_registers`).
+MAX_FORWARD_WARPGROUPS = 3
 MAX_STAGES = 4
 # CUDA runtimes [12.8.0, 12.9.1): jax.experimental.pallas.ops.gpu.attention_mgpu refuses masked (causal)
 # attention on them for a ptxas miscompilation; the partial tiles here are masked the same way.
 MISCOMPILING_CUDA = (12080, 12091)
 MEMORY_REGISTERS = 40  # per-thread registers left to the memory warpgroup, which only issues TMA
-# The memory warpgroup's registers in the dk/dv kernel with the fused dq and deferred waits, whose compute
-# warpgroups spilled 244-392 bytes at head_dim 128 with 232 registers each: 24 gives them 240
-# (`_dkdv_memory_registers`).
-FUSED_DEFERRED_MEMORY_REGISTERS = 24
+# The memory warpgroup's registers where the compute warpgroups need more: in the dk/dv kernel with the fused dq
+# and deferred waits, whose compute warpgroups spilled 244-392 bytes at head_dim 128 with 232 registers each (24
+# gives them 240, `_dkdv_memory_registers`), and in a forward of three compute warpgroups (160 each).
+LEAN_MEMORY_REGISTERS = 24
 DQ_SLICE_MULTIPLE = 64  # columns of one 128-byte swizzle tile of 16-bit keys: a wgmma B operand's slice unit
 # From this mean number of steps per dk/dv block (row steps x q heads per kv head) on, the fused dq is the
 # default at head_dim 128 (`fuses_dq`): it lost at 5 to 20 steps and won at 71 to 1,025.
@@ -143,7 +146,8 @@ class BlockSizes:
     it lost 3-23 % on persistent and GQA backwards, docs/mosaic_gpu.md). `defer_backward_waits`: a dk/dv warpgroup waits for a product only where it reads it:
     it takes dS while dV's product runs, and stores dS and multiplies the fused dq while dK's runs; True, False,
     or None, where it was faster (`defers_backward_waits`). Blocks are multiples of 64 up to 256, warpgroups 1
-    or 2, stages 1 to 4.
+    to 3 in the forward (two take turns on the tensor cores; one or three do not) and 1 or 2 in the others, stages
+    1 to 4.
     """
 
     block_q: int = 64
@@ -177,7 +181,8 @@ class BlockSizes:
         check_block_fields(self, {
             "block_": (lambda block: block % WGMMA_ROWS == 0 and block <= MAX_BLOCK,
                        f"a multiple of {WGMMA_ROWS} up to {MAX_BLOCK}"),
-            "warpgroups": (lambda count: count <= MAX_WARPGROUPS, f"1 to {MAX_WARPGROUPS}"),
+            "warpgroups": (lambda count: count <= MAX_FORWARD_WARPGROUPS, f"1 to {MAX_FORWARD_WARPGROUPS}"),
+            "warpgroups_": (lambda count: count <= MAX_WARPGROUPS, f"1 to {MAX_WARPGROUPS}"),
             "stages": (lambda count: count <= MAX_STAGES, f"1 to {MAX_STAGES}"),
         })
 
@@ -335,12 +340,18 @@ def defers_backward_waits(choice: bool | None, persistent_dkdv: bool) -> bool:
 
 
 def _dkdv_memory_registers(fused: bool, deferred: bool) -> int:
-    """The dk/dv kernel's memory warpgroup's registers: FUSED_DEFERRED_MEMORY_REGISTERS where its compute
+    """The dk/dv kernel's memory warpgroup's registers: LEAN_MEMORY_REGISTERS where its compute
     warpgroups hold dk, dv and the fused dq's product with deferred waits, else MEMORY_REGISTERS. At 32k on the
     H200 (with 24 in every kernel) that took 0.89-0.96x the deferred forward+backward time of dense and of
     window(1024) with 4 kv heads, whose dk/dv kernels fuse dq, and 1.02x of window(1024) with 16, whose does
     not; without deferred waits 0.97-1.03x."""
-    return FUSED_DEFERRED_MEMORY_REGISTERS if fused and deferred else MEMORY_REGISTERS
+    return LEAN_MEMORY_REGISTERS if fused and deferred else MEMORY_REGISTERS
+
+
+def _forward_memory_registers(warpgroups: int) -> int:
+    """The forward's memory warpgroup's registers: LEAN_MEMORY_REGISTERS beside three compute warpgroups, so
+    that each gets 160 (as in FlashAttention-3's three-warpgroup forward), else MEMORY_REGISTERS."""
+    return LEAN_MEMORY_REGISTERS if warpgroups == MAX_FORWARD_WARPGROUPS else MEMORY_REGISTERS
 
 
 def persists_backward(choice: bool | None, plan: RowPlan, repeats: int = 1) -> bool:
@@ -762,7 +773,7 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
 
     @pl.when(wg == warpgroups)
     def _memory():
-        plgpu.set_max_registers(MEMORY_REGISTERS, action="decrease")
+        plgpu.set_max_registers(_forward_memory_registers(warpgroups), action="decrease")
 
         def groups(work):
             _, k_ref, v_ref, _, _ = work.refs
@@ -777,7 +788,8 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
 
     @pl.when(wg < warpgroups)
     def _compute():
-        plgpu.set_max_registers(_compute_registers(warpgroups), action="increase")
+        plgpu.set_max_registers(_compute_registers(warpgroups, _forward_memory_registers(warpgroups)),
+                                action="increase")
         staged = None if stage is None else stage.at[wg]
 
         def load(j, buffer):

@@ -271,6 +271,30 @@ def test_overlap_softmax(case):
                 block_sizes=dataclasses.asdict(sizes), seed=zlib.crc32(spec.encode()) + 5)
 
 
+# Three forward warpgroups (192-row tiles, no ping-pong; sequences padded to 384 with the other tiles of 128):
+# half tiles with the third warpgroup's codes, the overlapped softmax, persistent rows and one block per row.
+THREE_WARPGROUP_CASES = [("window(300) | sinks(4)", 500, "bfloat16", {"block_k": 128, "overlap_softmax": True}),
+                         ("repaired(256, 16, bridge)", 420, "float16", {"block_k": 128, "persistent": True}),
+                         ("dense", 400, "bfloat16", {"overlap_softmax": False, "persistent": False})]
+
+
+@pytest.mark.parametrize("case", THREE_WARPGROUP_CASES, ids=[c[0] for c in THREE_WARPGROUP_CASES])
+def test_three_forward_warpgroups(case):
+    spec, seq_len, dtype, overrides = case
+    sizes = dataclasses.replace(SMALL, warpgroups=3, **overrides)
+    assert sizes.forward_tile[0] == 192 and mosaic_gpu._forward_memory_registers(3) == 24
+    assert mosaic_gpu._compute_registers(3, mosaic_gpu._forward_memory_registers(3)) == 160
+    run_checked(check_against_reference, spec=spec, seq_len=seq_len, dtype=dtype, heads=4, kv_heads=2,
+                block_sizes=dataclasses.asdict(sizes), seed=zlib.crc32(spec.encode()) + 7)
+
+
+def test_three_warpgroups_only_in_the_forward():
+    with pytest.raises(ValueError, match="warpgroups_dkv must be 1 to 2"):
+        mosaic_gpu.BlockSizes(warpgroups_dkv=3)
+    with pytest.raises(ValueError, match="warpgroups must be 1 to 3"):
+        mosaic_gpu.BlockSizes(warpgroups=4)
+
+
 @pytest.mark.parametrize("overlaps", [dict(fused_dq=True, overlap_dkdv=True),
                                       dict(fused_dq=False, overlap_dq=True, overlap_dkdv=True),
                                       dict(fused_dq=False, overlap_dq=True)], ids=["fused", "both", "dq"])
@@ -442,7 +466,8 @@ LOWERING_SCRIPT = textwrap.dedent(
 # overlapped softmax (`overlap_softmax`) on two, one of them with one compute warpgroup, with the backward's
 # overlapped products (`overlap_dq`, `overlap_dkdv`), fused and separate. The dk/dv kernel defers its waits
 # (`defer_backward_waits`) by default where it is not persistent (dense, strided(7)); explicitly also persistent
-# with whole dq tiles and with the separate dq, and not on a fused dense with the overlapped products.
+# with whole dq tiles and with the separate dq, and not on a fused dense with the overlapped products. Three
+# forward warpgroups on two, with and without the overlapped softmax.
 FUSED, SEPARATE = {"fused_dq": True}, {"fused_dq": False, "persistent_dq": False}
 SEPARATE_PERSISTENT = {"fused_dq": False, "persistent_dq": True, "persistent_dkdv": True}
 FUSED_PERSISTENT = {"fused_dq": True, "persistent_dkdv": True}
@@ -461,6 +486,8 @@ LOWERED_CASES = [
     ("window(300) | sinks(4)", 64, "bfloat16", dict(FUSED_PERSISTENT, defer_backward_waits=True)),
     ("dense", 128, "float16", dict(FUSED, overlap_dkdv=True, defer_backward_waits=False)),
     ("repaired(256, 32, prefix)", 128, "bfloat16", dict(SEPARATE, defer_backward_waits=True)),
+    ("dense", 64, "bfloat16", dict(FUSED, warpgroups=3, overlap_softmax=True)),
+    ("window(300)", 64, "float16", dict(FUSED, warpgroups=3)),
 ]
 
 
@@ -734,6 +761,14 @@ class TestGpu:
         sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), overlap_softmax=True)
         check_against_reference(spec, seq_len=3000, heads=4, kv_heads=2, head_dim=head_dim,
                                 block_sizes=dataclasses.asdict(sizes), seed=37, interpret=False)
+
+    @pytest.mark.parametrize("spec, head_dim, overrides", [
+        ("dense", 64, {"overlap_softmax": True}), ("window(1024)", 64, {"overlap_softmax": False}),
+        ("repaired(512, 64, prefix)", 64, {"persistent": True})])
+    def test_three_forward_warpgroups(self, spec, head_dim, overrides):
+        sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), warpgroups=3, **overrides)
+        check_against_reference(spec, seq_len=3000, heads=4, kv_heads=2, head_dim=head_dim,
+                                block_sizes=dataclasses.asdict(sizes), seed=59, interpret=False)
 
     @pytest.mark.parametrize("spec, head_dim, overlaps", [
         ("dense", 128, {"fused_dq": True, "overlap_dkdv": True}),

@@ -142,8 +142,9 @@ class BlockSizes:
     FULL forward steps a warpgroup issues each step's P V together with the next step's Q Kᵀ and takes that
     step's softmax while P V runs; True, False, or None, where it was faster (`overlaps_softmax`).
     `overlap_dq`, `overlap_dkdv`: a warpgroup of the separate dq kernel, or of the dk/dv kernel, issues a step's
-    S and dP products at once and takes the probabilities while dP runs (off by default: in both kernels at once
-    it lost 3-23 % on persistent and GQA backwards, docs/mosaic_gpu.md). `defer_backward_waits`: a dk/dv warpgroup waits for a product only where it reads it:
+    S and dP products at once and takes the probabilities while dP runs: in the dq kernel True, False, or None,
+    where it was faster (`overlaps_dq`); in the dk/dv kernel off by default (it lost 0.6-22 %).
+    `defer_backward_waits`: a dk/dv warpgroup waits for a product only where it reads it:
     it takes dS while dV's product runs, and stores dS and multiplies the fused dq while dK's runs; True, False,
     or None, where it was faster (`defers_backward_waits`). Blocks are multiples of 64 up to 256, warpgroups 1
     to 3 in the forward (two take turns on the tensor cores; one or three do not) and 1 or 2 in the others, stages
@@ -173,7 +174,7 @@ class BlockSizes:
     skip_empty_steps: bool | None = None
     heads_fastest: bool | None = None
     overlap_softmax: bool | None = None
-    overlap_dq: bool = False
+    overlap_dq: bool | None = None
     overlap_dkdv: bool = False
     defer_backward_waits: bool | None = None
 
@@ -337,6 +338,17 @@ def defers_backward_waits(choice: bool | None, persistent_dkdv: bool) -> bool:
     took 1.01x of block(512), 1.03x of the prefix repair and 1.13x of the bridge with 16 kv heads, whose short
     dk/dv rows run persistent."""
     return choice if choice is not None else not persistent_dkdv
+
+
+def overlaps_dq(choice: bool | None, persistent_dq: bool) -> bool:
+    """Whether the separate dq kernel overlaps its products (`BlockSizes.overlap_dq`): `choice`, or if that is
+    None, where the kernel is not persistent.
+
+    On the H200 at 32k with head_dim 128 (results/kernel_bench/overlap_by_kernel/) it took 0.978-0.989x the
+    forward+backward time of window(1024), sinks(64) | window(1024) and random_blocks(512, 3, 0), whose dq
+    kernels run one block per row, and 0.998x and 1.011x (level) of block(512) and the prefix repair, whose run
+    persistent. The dk/dv kernel's own overlap (`overlap_dkdv`) lost 0.6-22 % in the same runs."""
+    return choice if choice is not None else not persistent_dq
 
 
 def _dkdv_memory_registers(fused: bool, deferred: bool) -> int:
@@ -958,7 +970,8 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
 
 
 def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
-               contiguous: bool, heads_fastest: bool, skips: bool, q_smem, d_out_smem, lse_smem, delta_smem, k_smem,
+               contiguous: bool, heads_fastest: bool, skips: bool, overlap: bool, q_smem, d_out_smem, lse_smem,
+               delta_smem, k_smem,
                v_smem, q_loaded, d_out_loaded, lse_loaded, delta_loaded, k_loaded, v_loaded, k_consumed, v_consumed,
                stage=None):
     """refs: [`empty_step_codes` where `skips`,] [the topk choice's lists and counts,] q, k, v, d_out, lse, delta,
@@ -1028,7 +1041,7 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
                     return jnp.where(active, probs, 0.0)
 
                 plgpu.barrier_wait(k_loaded.at[slot])
-                if sizes.overlap_dq:  # dP = dO Vᵀ runs while the probabilities are taken
+                if overlap:  # dP = dO Vᵀ runs while the probabilities are taken
                     plgpu.barrier_wait(v_loaded.at[slot])
                     probs, d_probs = _matmul_pair((q_tile, k_smem.at[slot].T), (d_out_tile, v_smem.at[slot].T),
                                                   probabilities, staged is not None)
@@ -1479,6 +1492,7 @@ def _dq(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, selected
     codes = _skipping(sizes, static.pattern, seq_len, plan, block_q, block_k, warpgroups, by_key=False)
     body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
                              contiguous=all(plan.contiguous), skips=bool(codes),
+                             overlap=overlaps_dq(sizes.overlap_dq, persistent),
                              heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent, plan))
     grid = _flat_grid(len(plan.rows) * q.shape[2] * q.shape[0], persistent, static.interpret)
     return _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=grid,

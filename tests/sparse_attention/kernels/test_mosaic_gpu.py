@@ -316,6 +316,14 @@ def test_defer_backward_waits_default():
     assert registers == {(True, True): 240, (True, False): 232, (False, True): 232, (False, False): 232}
 
 
+def test_overlap_dq_default():
+    # The separate dq kernel overlaps its products where it runs one block per row (it won there) and not where it
+    # is persistent (level); the dk/dv kernel's overlap lost everywhere measured and stays off.
+    assert mosaic_gpu.overlaps_dq(None, False) and not mosaic_gpu.overlaps_dq(None, True)
+    assert mosaic_gpu.overlaps_dq(True, True) and not mosaic_gpu.overlaps_dq(False, False)
+    assert mosaic_gpu.BlockSizes().overlap_dkdv is False
+
+
 def test_overlap_softmax_default():
     # On by default at head_dim 128, where it measured faster, and off at 64, where it measured slower.
     assert mosaic_gpu.overlaps_softmax(None, 128) and not mosaic_gpu.overlaps_softmax(None, 64)

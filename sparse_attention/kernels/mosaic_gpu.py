@@ -81,6 +81,9 @@ MAX_WARPGROUPS = 2  # per block of the dq and dk/dv kernels
 # The forward may run three, FlashAttention-3's choice at head_dim 64 (192-row tiles, without ping-pong), each
 # with 160 registers while its memory warpgroup keeps 24 (`_forward_memory_registers`).
 MAX_FORWARD_WARPGROUPS = 3
+# From this mean number of FULL steps per forward row (at two warpgroups' tiles) on, the default forward runs
+# three warpgroups (`widens_forward`): it won on dense at 32k (127.5) and lost on rows of 0.5-7.
+WIDE_FORWARD_MIN_FULL_STEPS = 64
 MAX_STAGES = 4
 # CUDA runtimes [12.8.0, 12.9.1): jax.experimental.pallas.ops.gpu.attention_mgpu refuses masked (causal)
 # attention on them for a ptxas miscompilation; the partial tiles here are masked the same way.
@@ -188,9 +191,13 @@ class BlockSizes:
         })
 
     @classmethod
-    def for_head_dim(cls, head_dim: int) -> "BlockSizes":
-        """Defaults for head_dim 64 or 128: a third forward stage fits in SMEM at 64."""
-        return cls(stages=3) if head_dim <= 64 else cls()
+    def for_head_dim(cls, head_dim: int, pattern: Pattern | None = None, seq_len: int | None = None) -> "BlockSizes":
+        """Defaults for head_dim 64 or 128: a third forward stage fits in SMEM at 64. Given the pattern and the
+        sequence length, also three forward warpgroups where its rows are long and unmasked (`widens_forward`)."""
+        sizes = cls(stages=3) if head_dim <= 64 else cls()
+        if pattern is not None and widens_forward(sizes, pattern, seq_len):
+            sizes = dataclasses.replace(sizes, warpgroups=MAX_FORWARD_WARPGROUPS)
+        return sizes
 
     @property
     def forward_tile(self) -> tuple[int, int]:
@@ -298,18 +305,35 @@ def fuses_dq(block_sizes: BlockSizes, head_dim: int, group: int, dkdv_plan: RowP
     return head_dim <= 64 or group * _mean_steps(dkdv_plan) >= FUSED_DQ_MIN_STEPS
 
 
-def overlaps_softmax(choice: bool | None, head_dim: int) -> bool:
-    """Whether the forward overlaps a step's softmax with the step before's P V (`BlockSizes.overlap_softmax`):
-    `choice`, or if that is None, at head_dim 128 and not at 64.
+def widens_forward(defaults: BlockSizes, pattern: Pattern, seq_len: int) -> bool:
+    """Whether the default forward takes three compute warpgroups (192-row tiles) rather than two: where the
+    rows of the two-warpgroup tiles walk at least WIDE_FORWARD_MIN_FULL_STEPS FULL (unmasked) steps on average,
+    and the pattern chooses no blocks on the device (whose block must be a multiple of every tile side).
 
-    On the H200 at 32k (docs/benchmarks.md, "The overlapped softmax") it took 0.961-0.981x the forward time of
-    the plain steps on dense and window(1024) at head_dim 128, with 16 and 4 kv heads, and 0.991-0.998x on
-    block(512) and the prefix repair, whose rows have 2-3 FULL steps; at head_dim 64 1.055-1.058x on dense and
-    window(1024): there P V is half as long while the softmax is as long as at 128, and the softmax's
-    exponentials are the bottleneck already."""
+    On the H200 at 32k (results/kernel_bench/three_warpgroups/) three warpgroups took dense's forward to 0.874x
+    (head_dim 64, with the overlapped softmax) and 0.925x (128, without it) of two's, but 1.31-1.83x on
+    window(1024), 1.50x on window(256), 1.83-1.98x on block(512) and the prefix repair, whose rows are short and
+    a large share of their steps masked."""
+    if pattern.block_selection() is not None:
+        return False
+    plan = step_plan(pattern, seq_len, *defaults.forward_tile, False)
+    return float(np.mean(plan.num_full)) >= WIDE_FORWARD_MIN_FULL_STEPS
+
+
+def overlaps_softmax(choice: bool | None, head_dim: int, warpgroups: int) -> bool:
+    """Whether the forward overlaps a step's softmax with the step before's P V (`BlockSizes.overlap_softmax`):
+    `choice`, or if that is None, at head_dim 128 with one or two compute warpgroups and at 64 with three.
+
+    On the H200 at 32k (docs/benchmarks.md, "The overlapped softmax") with two it took 0.961-0.981x the forward
+    time of the plain steps on dense and window(1024) at head_dim 128, with 16 and 4 kv heads, and 0.991-0.998x
+    on block(512) and the prefix repair, whose rows have 2-3 FULL steps; at head_dim 64 1.055-1.058x on dense
+    and window(1024): there P V is half as long while the softmax is as long as at 128, and the softmax's
+    exponentials are the bottleneck already. With three (160 registers each; results/kernel_bench/
+    three_warpgroups/) it took dense's forward from 0.940x to 0.874x two warpgroups' time at head_dim 64, and from
+    0.925x to 1.310x at 128, where the two score tiles it holds do not fit."""
     if choice is not None:
         return choice
-    return head_dim > 64
+    return (head_dim > 64) != (warpgroups == MAX_FORWARD_WARPGROUPS)
 
 
 def persists(block_sizes: BlockSizes, forward_plan: RowPlan) -> bool:
@@ -1407,7 +1431,7 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
     body = functools.partial(_forward_kernel, static=static, seq_len=seq_len, group=q_heads // k.shape[2],
                              contiguous=all(plan.contiguous), split=halves is not None,
                              heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent, plan),
-                             overlap=overlaps_softmax(sizes.overlap_softmax, head_dim))
+                             overlap=overlaps_softmax(sizes.overlap_softmax, head_dim, warpgroups))
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32))
     grid = _flat_grid(len(plan.rows) * q_heads * batch, persistent, static.interpret)
     call = _kernel(body, out_type, scratch, grid=grid, static=static,
@@ -1562,7 +1586,7 @@ def unsupported_reason(q, k, v, pattern: Pattern, *, interpret: bool) -> str | N
     del k, v  # shapes and patterns are validated by attention.check_inputs / as_pattern
     reasons = _input_reasons(q, interpret)
     if q.shape[-1] in HEAD_DIMS:
-        reasons.append(_selection_reason(pattern, BlockSizes.for_head_dim(q.shape[-1])))
+        reasons.append(_selection_reason(pattern, BlockSizes.for_head_dim(q.shape[-1], pattern, q.shape[1])))
     return "; ".join(reason for reason in reasons if reason) or None
 
 
@@ -1615,7 +1639,7 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float,
     """Causal block-sparse attention of q [batch, seq, q_heads, d] over k, v [batch, seq, kv_heads, d].
 
     Differentiable (custom VJP); works under jit and vmap. `block_sizes` defaults to
-    `BlockSizes.for_head_dim(d)`. `interpret=True` runs the kernels in Pallas' GPU interpreter (CPU);
+    `BlockSizes.for_head_dim(d, pattern, seq)`. `interpret=True` runs the kernels in Pallas' GPU interpreter (CPU);
     an `InterpretGPUParams` instead of True sets its options (race detection, uninitialized memory).
     `selected`: the blocks a `topk` pattern chose (int32 [batch, kv_heads, query blocks, K], -1: none;
     `selection.select_blocks`), required exactly when the pattern has a topk part; its block must be a
@@ -1623,7 +1647,8 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float,
     """
     pattern = as_pattern(pattern)
     check_selected(pattern, selected)
-    block_sizes = checked_block_sizes(block_sizes, BlockSizes, lambda: BlockSizes.for_head_dim(q.shape[-1]))
+    block_sizes = checked_block_sizes(block_sizes, BlockSizes,
+                                      lambda: BlockSizes.for_head_dim(q.shape[-1], pattern, q.shape[1]))
     reasons = _input_reasons(q, interpret) + [_selection_reason(pattern, block_sizes)]
     refuse_unsupported("mosaic_gpu", "; ".join(reason for reason in reasons if reason) or None)
     if not isinstance(interpret, plgpu.InterpretGPUParams):

@@ -40,8 +40,8 @@ def compiled_fwd_bwd(spec: str, shape: Shape, inputs, fused_dq: bool, overrides:
     """`mosaic_gpu`'s forward + backward, compiled; tiles: the defaults for the head_dim with `overrides`
     (BlockSizes fields, e.g. {"warpgroups_dkv": 1})."""
     pattern = parse(spec)
-    sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(shape.head_dim), **(overrides or {}),
-                                fused_dq=fused_dq)
+    defaults = mosaic_gpu.BlockSizes.for_head_dim(shape.head_dim, pattern, shape.seq_len)
+    sizes = dataclasses.replace(defaults, **(overrides or {}), fused_dq=fused_dq)
 
     def forward(q, k, v):
         return mosaic_gpu.attention(q, k, v, pattern, scale=shape.head_dim ** -0.5, block_sizes=sizes)

@@ -7,8 +7,9 @@ Each case (pattern, head_dim, kv heads, variant) compiles forward+backward at --
 Mosaic GPU's dumps on (`MOSAIC_GPU_DUMP_PTXAS`, `MOSAIC_GPU_DUMP_TO` a fresh folder), and this script reads
 each kernel's `.ptxas` log back: registers, stack frame and spill bytes, and ptxas's warnings (spills, wgmma
 serialized). The folder also receives the PTX and Mosaic GPU's MLIR passes, which are not read; no SASS
-listing appeared there on the H200 image. Variants override fields of `BlockSizes.for_head_dim`, as in
-`../tuning/sweep.py`, which times them. Needs a Hopper GPU.
+listing appeared there on the H200 image. Variants override fields of the defaults
+(`BlockSizes.for_head_dim(head_dim, pattern, seq)`), as in `../tuning/sweep.py`, which times them. Needs a
+Hopper GPU.
 """
 
 import argparse
@@ -36,7 +37,7 @@ from sparse_attention.kernels import mosaic_gpu
 from sparse_attention.patterns import parse
 spec, head_dim, kv_heads, heads, seq, overrides = json.loads(sys.argv[1])
 shape = Shape(1, seq, heads, kv_heads, head_dim, "bfloat16")
-sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), **overrides)
+sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim, parse(spec), seq), **overrides)
 def forward(q, k, v):
     return mosaic_gpu.attention(q, k, v, parse(spec), scale=head_dim ** -0.5, block_sizes=sizes)
 jax.block_until_ready(timed_function(forward, "fwd_bwd")(*make_inputs(shape)))

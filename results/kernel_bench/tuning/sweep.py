@@ -4,7 +4,8 @@
         --patterns "window(1024);dense" --modes fwd,fwd_bwd \
         --variants '[{"block_k": 64, "stages": 3}, {"warpgroups_dkv": 1}]' --out sweep.json
 
-Every variant overrides some fields of `BlockSizes.for_head_dim(head_dim)`; the defaults always run first. Each
+Every variant overrides some fields of the defaults, `BlockSizes.for_head_dim(head_dim, pattern, seq)`, which
+always run first. Each
 case compiles all its variants and cuDNN (where it supports the pattern) once, then times them in `--rounds`
 interleaved rounds (`timing.interleaved_ms`), so that drift during the run falls on all alike; it reports each
 one's median time, and its time over the defaults' and over cuDNN's as the median of the round-by-round ratios
@@ -32,10 +33,11 @@ from sparse_attention.patterns import parse
 
 
 def compiled(spec: str, shape: Shape, arguments, mode: str, overrides: dict):
-    """`mosaic_gpu` for one pattern and mode (arguments: q, k, v[, d_out]) with the head_dim's default
-    BlockSizes changed by `overrides`."""
+    """`mosaic_gpu` for one pattern and mode (arguments: q, k, v[, d_out]) with the default BlockSizes for the
+    head_dim, pattern and length changed by `overrides`."""
     pattern = parse(spec)
-    sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(shape.head_dim), **overrides)
+    sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(shape.head_dim, pattern, shape.seq_len),
+                                **overrides)
 
     def forward(q, k, v):
         return mosaic_gpu.attention(q, k, v, pattern, scale=shape.head_dim ** -0.5, block_sizes=sizes)
@@ -61,7 +63,7 @@ def main() -> None:
     parser.add_argument("--patterns", default="window(1024);dense", help="';'-separated pattern specs")
     parser.add_argument("--modes", default="fwd,fwd_bwd")
     parser.add_argument("--variants", type=json.loads, required=True,
-                        help="JSON list of objects of BlockSizes fields overriding the head_dim's defaults")
+                        help="JSON list of objects of BlockSizes fields overriding the defaults")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -76,7 +78,9 @@ def main() -> None:
     meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, python=platform.python_version(),
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), seq_len=args.seq, heads=args.heads,
                 kv_heads=args.kv_heads, head_dim=args.head_dim, rounds=args.rounds, confidence=0.95,
-                defaults=dataclasses.asdict(mosaic_gpu.BlockSizes.for_head_dim(args.head_dim)))
+                defaults={spec: dataclasses.asdict(
+                    mosaic_gpu.BlockSizes.for_head_dim(args.head_dim, parse(spec), args.seq))
+                    for spec in args.patterns.split(";")})
     rows = []
     for spec in args.patterns.split(";"):
         for mode in modes:

@@ -325,9 +325,22 @@ def test_overlap_dq_default():
 
 
 def test_overlap_softmax_default():
-    # On by default at head_dim 128, where it measured faster, and off at 64, where it measured slower.
-    assert mosaic_gpu.overlaps_softmax(None, 128) and not mosaic_gpu.overlaps_softmax(None, 64)
-    assert mosaic_gpu.overlaps_softmax(True, 64) and not mosaic_gpu.overlaps_softmax(False, 128)
+    # By default where it measured faster: head_dim 128 with two warpgroups (or one), 64 with three.
+    assert mosaic_gpu.overlaps_softmax(None, 128, 2) and not mosaic_gpu.overlaps_softmax(None, 64, 2)
+    assert mosaic_gpu.overlaps_softmax(None, 64, 3) and not mosaic_gpu.overlaps_softmax(None, 128, 3)
+    assert mosaic_gpu.overlaps_softmax(None, 128, 1)
+    assert mosaic_gpu.overlaps_softmax(True, 64, 2) and not mosaic_gpu.overlaps_softmax(False, 128, 2)
+
+
+@pytest.mark.parametrize("spec, seq_len, wide", [
+    ("dense", 32768, True), ("dense", 16384, False),  # 127.5 and 63.5 FULL steps per row on average
+    ("window(1024)", 32768, False), ("strided(64)", 32768, False),  # long rows, all masked
+    ("window(16384)", 65536, True), ("topk(512, 2) | dense", 32768, False)])
+def test_three_forward_warpgroups_by_default_on_long_unmasked_rows(spec, seq_len, wide):
+    sizes = mosaic_gpu.BlockSizes.for_head_dim(64, parse(spec), seq_len)
+    assert sizes.warpgroups == (3 if wide else 2) and sizes.stages == 3
+    assert mosaic_gpu.BlockSizes.for_head_dim(128, parse(spec), seq_len).warpgroups == sizes.warpgroups
+    assert mosaic_gpu.BlockSizes.for_head_dim(64).warpgroups == 2
 
 
 def test_rows_without_keys_give_zero_and_finite_grads():
@@ -489,7 +502,8 @@ LOWERED_CASES = [
     ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", FUSED),
     ("dense", 128, "bfloat16", SEPARATE), ("repaired(256, 32, bridge)", 64, "float16", SEPARATE_PERSISTENT),
     ("dense", 128, "bfloat16", dict(FUSED, overlap_softmax=True, overlap_dkdv=True)),
-    ("window(300)", 64, "float16", dict(SEPARATE, overlap_softmax=True, warpgroups=1, overlap_dq=True, overlap_dkdv=True)),
+    ("window(300)", 64, "float16",
+     dict(SEPARATE, overlap_softmax=True, warpgroups=1, overlap_dq=True, overlap_dkdv=True)),
     ("topk(256, 2) | repaired(256, 32, bridge)", 128, "bfloat16", SEPARATE_PERSISTENT),
     ("window(300) | sinks(4)", 64, "bfloat16", dict(FUSED_PERSISTENT, defer_backward_waits=True)),
     ("dense", 128, "float16", dict(FUSED, overlap_dkdv=True, defer_backward_waits=False)),

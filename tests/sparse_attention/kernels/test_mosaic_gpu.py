@@ -641,7 +641,7 @@ def test_block_sizes_validation_and_defaults(interpreter_pool):
     with pytest.raises(ValueError, match="block_k_dkv"):
         mosaic_gpu.BlockSizes(block_k_dkv=320)
     with pytest.raises(ValueError, match="warpgroups"):
-        mosaic_gpu.BlockSizes(warpgroups=3)
+        mosaic_gpu.BlockSizes(warpgroups=4)
     with pytest.raises(ValueError, match="stages_dq"):
         mosaic_gpu.BlockSizes(stages_dq=0)
     with pytest.raises(ValueError, match="fused_dq must be True, False or None, got 1"):

@@ -194,6 +194,8 @@ class BlockSizes:
     def for_head_dim(cls, head_dim: int, pattern: Pattern | None = None, seq_len: int | None = None) -> "BlockSizes":
         """Defaults for head_dim 64 or 128: a third forward stage fits in SMEM at 64. Given the pattern and the
         sequence length, also three forward warpgroups where its rows are long and unmasked (`widens_forward`)."""
+        if (pattern is None) != (seq_len is None):
+            raise ValueError("BlockSizes.for_head_dim: give the pattern and seq_len together, or neither")
         sizes = cls(stages=3) if head_dim <= 64 else cls()
         if pattern is not None and widens_forward(sizes, pattern, seq_len):
             sizes = dataclasses.replace(sizes, warpgroups=MAX_FORWARD_WARPGROUPS)
@@ -995,9 +997,8 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
 
 def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
                contiguous: bool, heads_fastest: bool, skips: bool, overlap: bool, q_smem, d_out_smem, lse_smem,
-               delta_smem, k_smem,
-               v_smem, q_loaded, d_out_loaded, lse_loaded, delta_loaded, k_loaded, v_loaded, k_consumed, v_consumed,
-               stage=None):
+               delta_smem, k_smem, v_smem, q_loaded, d_out_loaded, lse_loaded, delta_loaded, k_loaded, v_loaded,
+               k_consumed, v_consumed, stage=None):
     """refs: [`empty_step_codes` where `skips`,] [the topk choice's lists and counts,] q, k, v, d_out, lse, delta,
     dq. Rows as the forward's, one per block or several (`persistent_dq`), with q, dO, lse and delta resident per
     row."""

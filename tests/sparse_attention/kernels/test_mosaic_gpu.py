@@ -341,6 +341,8 @@ def test_three_forward_warpgroups_by_default_on_long_unmasked_rows(spec, seq_len
     assert sizes.warpgroups == (3 if wide else 2) and sizes.stages == 3
     assert mosaic_gpu.BlockSizes.for_head_dim(128, parse(spec), seq_len).warpgroups == sizes.warpgroups
     assert mosaic_gpu.BlockSizes.for_head_dim(64).warpgroups == 2
+    with pytest.raises(ValueError, match="pattern and seq_len together"):
+        mosaic_gpu.BlockSizes.for_head_dim(64, parse(spec))
 
 
 def test_rows_without_keys_give_zero_and_finite_grads():

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 DURATION = "gpu__time_duration.sum"
+MICROSECONDS_PER = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}
 COLUMNS = {  # heading: metric
     "registers": "launch__registers_per_thread",
     "grid": "launch__grid_size",
@@ -42,7 +43,7 @@ def read_profile(path: Path) -> list[dict[str, str]]:
     for launch in launches:
         kernel = dict(zip(header, launch))
         if DURATION in kernel:
-            scale = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3}.get(unit_of.get(DURATION, ""), None)
+            scale = MICROSECONDS_PER.get(unit_of.get(DURATION, ""))
             if scale is None:
                 raise ValueError(f"{path}: unknown unit {unit_of.get(DURATION)!r} of {DURATION}")
             kernel[DURATION] = f"{_number(kernel[DURATION]) * scale:.1f}"

@@ -149,7 +149,10 @@ class BlockSizes:
     where it was faster (`overlaps_dq`); in the dk/dv kernel off by default (it lost 0.6-22 %).
     `defer_backward_waits`: a dk/dv warpgroup waits for a product only where it reads it:
     it takes dS while dV's product runs, and stores dS and multiplies the fused dq while dK's runs; True, False,
-    or None, where it was faster (`defers_backward_waits`). Blocks are multiples of 64 up to 256, warpgroups 1
+    or None, where it was faster (`defers_backward_waits`). `late_prefetch`: a forward or dq block that walks
+    several rows with two buffers issues the next row's resident loads after the row's first step rather than at
+    its start, so that the wait for the last row's results to leave SMEM overlaps that step (`_walk_rows`). Blocks
+    are multiples of 64 up to 256, warpgroups 1
     to 3 in the forward (two take turns on the tensor cores; one or three do not) and 1 or 2 in the others, stages
     1 to 4.
     """
@@ -180,6 +183,7 @@ class BlockSizes:
     overlap_dq: bool | None = None
     overlap_dkdv: bool = False
     defer_backward_waits: bool | None = None
+    late_prefetch: bool = False
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -518,9 +522,25 @@ def _step_code(codes_ref, steps: _Steps, index, warpgroup, bits: int):
     return lax.rem(lax.shift_right_logical(code, bits * warpgroup), 1 << bits)
 
 
-def _walk(steps: _Steps, step, carry, full: bool = True):
+def _walk(steps: _Steps, step, carry, full: bool = True, after_first=None):
     """carry through step(mask, index, carry) over the block's FULL (unless not `full`: walked already),
-    PARTIAL and chosen steps."""
+    PARTIAL and chosen steps. after_first() runs once: after step 0 where it is walked here, or at the end of a
+    row without steps."""
+    if after_first is not None:
+        inner = step
+
+        def step(mask, index, carry):
+            carry = inner(mask, index, carry)
+            pl.when(index == 0)(after_first)
+            return carry
+
+    carry = _walk_kinds(steps, step, carry, full)
+    if after_first is not None:
+        pl.when(steps.total == 0)(after_first)
+    return carry
+
+
+def _walk_kinds(steps: _Steps, step, carry, full: bool):
     if full:
         carry = lax.fori_loop(0, steps.num_full, functools.partial(step, UNMASKED), carry)
     carry = lax.fori_loop(steps.num_full, steps.num_steps, functools.partial(step, PATTERN), carry)
@@ -762,33 +782,43 @@ def _stream_rows(count, row, stages: int, groups, consumed_barriers, repeats: in
     _observe_last(lax.fori_loop(0, count, stream_row, jnp.int32(0)), stages, consumed_barriers)
 
 
-def _walk_rows(count, buffers: int, load, attend):
+def _walk_rows(count, buffers: int, load, attend, late: bool = False):
     """A compute warpgroup's loop over its block's rows. load(j, buffer) issues row j's resident loads into
-    `buffer`; attend(j, buffer, first_step) waits for them, walks the row's steps (counted from first_step over
-    the block) and stores its results, and returns the row's step count. With two buffers row j + 1's loads
-    are issued as row j starts: the last reader of their buffer was row j - 1's output store, which attend
-    waited for. With one, each row loads at its start."""
+    `buffer`; attend(j, buffer, first_step, prefetch) waits for them, walks the row's steps (counted from
+    first_step over the block), stores its results (`_store_row_results`), returns the row's step count, and
+    calls prefetch() once, before it writes its results. With two buffers, prefetch waits until the
+    earlier rows' result stores have read their SMEM (row j - 1's output sat in the buffer row j + 1 loads into)
+    and issues row j + 1's loads; it runs as row j starts, or, `late`, wherever attend calls it. With one
+    buffer each row waits for those reads and loads at its start, and prefetch does nothing."""
     if buffers == 2:
         load(0, 0)
 
     def row(j, first_step):
         buffer = lax.rem(j, buffers)
         if buffers == 1:
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             load(j, buffer)
-        else:
+            return first_step + attend(j, buffer, first_step, lambda: None)
+
+        def prefetch():
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             pl.when(j + 1 < count)(lambda: load(j + 1, 1 - buffer))
-        return first_step + attend(j, buffer, first_step)
+
+        if late:
+            return first_step + attend(j, buffer, first_step, prefetch)
+        prefetch()
+        return first_step + attend(j, buffer, first_step, lambda: None)
 
     lax.fori_loop(0, count, row, jnp.int32(0))
 
 
 def _store_row_results(copies):
-    """SMEM -> GMEM TMA stores [(SMEM ref, GMEM ref), ...] of a row's results just written to SMEM, waited for
-    until they have been read: the SMEM is written again by a later row; the kernel's end waits for the rest."""
+    """SMEM -> GMEM TMA stores [(SMEM ref, GMEM ref), ...] of a row's results just written to SMEM. A later
+    row waits for their reads before it writes that SMEM again (`_walk_rows`); the kernel's end waits for the
+    rest."""
     plgpu.commit_smem()
     for buffer, target in copies:
         plgpu.copy_smem_to_gmem(buffer, target)
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
 
 def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
@@ -842,7 +872,7 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
 
         turn = take_turn if schedule is not None else None  # what runs while a warpgroup's Q Kᵀ is issued
 
-        def attend(j, buffer, first_step):
+        def attend(j, buffer, first_step, prefetch):
             work = row(j)
             q_ref, _, _, out_ref, lse_ref = work.refs
             q_start = work.row_start + wg * block_q
@@ -971,14 +1001,15 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                         plgpu.barrier_arrive(schedule)
                     return acc, row_max, row_sum, probs
 
-                acc, row_max, row_sum, probs = lax.fori_loop(
-                    1, work.steps.num_full, full_step, take_scores(UNMASKED, 0, block_k, 0, carry))
+                first = take_scores(UNMASKED, 0, block_k, 0, carry)
+                prefetch()
+                acc, row_max, row_sum, probs = lax.fori_loop(1, work.steps.num_full, full_step, first)
                 return add_values(0, block_k, work.steps.num_full - 1, acc, probs), row_max, row_sum
 
             carry = (_zeros(q_tile.shape), _row_vector(ROW_MAX_INIT, block_q), _row_vector(0.0, block_q))
             if overlap:
                 carry = lax.cond(work.steps.num_full > 0, overlapped_full_steps, lambda carry: carry, carry)
-            acc, row_max, row_sum = _walk(work.steps, step, carry, full=not overlap)
+            acc, row_max, row_sum = _walk(work.steps, step, carry, full=not overlap, after_first=prefetch)
             seen = row_sum > 0  # rows with no active key give 0, and lse = +inf makes their backward 0
             safe_sum = jnp.where(seen, row_sum, 1.0)
             q_tile[...] = (acc * _rows(1.0 / safe_sum, acc.shape)).astype(q_tile.dtype)
@@ -989,7 +1020,7 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
 
         if schedule is not None:
             pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
-        _walk_rows(count, q_smem.shape[0], load, attend)
+        _walk_rows(count, q_smem.shape[0], load, attend, late=sizes.late_prefetch)
         if schedule is not None:
             pl.when(wg == 0)(take_turn)  # pairs with warpgroup 1's first turn
         plgpu.wait_smem_to_gmem(0)
@@ -1044,7 +1075,7 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
             for source, (smem, loaded) in zip(sources, resident):
                 plgpu.copy_gmem_to_smem(source, smem.at[buffer, wg], loaded.at[buffer * warpgroups + wg])
 
-        def attend(j, buffer, first_step):
+        def attend(j, buffer, first_step, prefetch):
             work = row(j)
             q_ref, _, _, _, _, _, dq_ref = work.refs
             q_start = work.row_start + wg * block_q
@@ -1095,12 +1126,12 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
                 return lax.switch(_step_code(codes_ref, work.steps, index, wg, 1),
                                   [skip_keys, functools.partial(attend_keys, PATTERN)], index, dq)
 
-            dq = _walk(work.steps, step, _zeros(q_tile.shape))
+            dq = _walk(work.steps, step, _zeros(q_tile.shape), after_first=prefetch)
             q_tile[...] = (dq * static.scale).astype(q_tile.dtype)
             _store_row_results([(q_tile, dq_ref.at[work.batch, pl.ds(q_start, block_q), work.head])])
             return work.steps.total
 
-        _walk_rows(count, q_smem.shape[0], load, attend)
+        _walk_rows(count, q_smem.shape[0], load, attend, late=sizes.late_prefetch)
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -1192,7 +1223,8 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
                 plgpu.barrier_arrive(d_logits_stored)
                 plgpu.barrier_wait(d_logits_stored)
 
-        def attend(j, buffer, first_step):
+        def attend(j, buffer, first_step, prefetch):
+            prefetch()  # its rows always load at their start: `late_prefetch` is the forward's and dq's
             work = row(j)
             q_ref, _, _, _, _, _, dq_sum_ref, dk_ref, dv_ref = arrays(work)
             k_start = work.row_start + wg * block_k

@@ -288,6 +288,27 @@ def test_three_forward_warpgroups(case):
                 block_sizes=dataclasses.asdict(sizes), seed=zlib.crc32(spec.encode()) + 7)
 
 
+# late_prefetch: persistent forward and dq blocks issue the next row's loads after the row's first step: in the
+# overlapped FULL loop, after a first PARTIAL step (rows without FULL steps), after a first FULL step walked
+# one by one, and at the end of rows without any step (queries >= 5 of sinks(4) & window(2) see no key).
+LATE_PREFETCH_CASES = [("window(300) | sinks(4)", 330, "float16", {"overlap_softmax": True}),
+                       ("block(256)", 300, "bfloat16", {"overlap_softmax": False}),
+                       ("sinks(4) & window(2)", 300, "bfloat16", {})]
+
+
+@pytest.mark.parametrize("case", LATE_PREFETCH_CASES, ids=[c[0] for c in LATE_PREFETCH_CASES])
+def test_late_prefetch(case):
+    spec, seq_len, dtype, overrides = case
+    sizes = dataclasses.replace(SMALL, late_prefetch=True, persistent=True, fused_dq=False, persistent_dq=True,
+                                **overrides)
+    plan = mosaic_gpu.step_plan(parse(spec), seq_len, *sizes.forward_tile, False)
+    rows_per_block = -(-len(plan.rows) * 2 // mosaic_gpu.INTERPRET_BLOCKS)  # 2 heads
+    assert rows_per_block >= 2, "blocks must walk several rows, so that prefetches happen"
+    run_checked(check_against_reference, spec=spec, seq_len=seq_len, dtype=dtype, block_sizes=dataclasses.asdict(sizes),
+                keyless_from=5 if "&" in spec else None, detect_races=spec == "block(256)",
+                seed=zlib.crc32(spec.encode()) + 11)
+
+
 def test_three_warpgroups_only_in_the_forward():
     with pytest.raises(ValueError, match="warpgroups_dkv must be 1 to 2"):
         mosaic_gpu.BlockSizes(warpgroups_dkv=3)
@@ -512,6 +533,7 @@ LOWERED_CASES = [
     ("repaired(256, 32, prefix)", 128, "bfloat16", dict(SEPARATE, defer_backward_waits=True)),
     ("dense", 64, "bfloat16", dict(FUSED, warpgroups=3, overlap_softmax=True)),
     ("window(300)", 64, "float16", dict(FUSED, warpgroups=3)),
+    ("window(300) | sinks(4)", 128, "bfloat16", dict(SEPARATE_PERSISTENT, persistent=True, late_prefetch=True)),
 ]
 
 
@@ -813,6 +835,14 @@ class TestGpu:
                                     **overrides)
         check_against_reference(spec, seq_len=3000, heads=4, kv_heads=2, head_dim=head_dim,
                                 block_sizes=dataclasses.asdict(sizes), seed=53, interpret=False)
+
+    @pytest.mark.parametrize("spec, head_dim", [("window(1024)", 128), ("block(512)", 64),
+                                                ("repaired(512, 64, prefix)", 128)])
+    def test_late_prefetch(self, spec, head_dim):
+        sizes = dataclasses.replace(mosaic_gpu.BlockSizes.for_head_dim(head_dim), late_prefetch=True, persistent=True,
+                                    fused_dq=False, persistent_dq=True)
+        check_against_reference(spec, seq_len=3000, heads=4, kv_heads=2, head_dim=head_dim,
+                                block_sizes=dataclasses.asdict(sizes), seed=61, interpret=False)
 
     def test_shard_map_checks_vma(self):
         assert_shard_map_matches_reference(mosaic_gpu.attention)

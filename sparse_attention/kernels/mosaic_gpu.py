@@ -151,8 +151,8 @@ class BlockSizes:
     it takes dS while dV's product runs, and stores dS and multiplies the fused dq while dK's runs; True, False,
     or None, where it was faster (`defers_backward_waits`). `late_prefetch`: a forward or dq block that walks
     several rows with two buffers issues the next row's resident loads after the row's first step rather than at
-    its start, so that the wait for the last row's results to leave SMEM overlaps that step (`_walk_rows`). Blocks
-    are multiples of 64 up to 256, warpgroups 1
+    its start, so that the wait for the last row's results to leave SMEM overlaps that step (`_walk_rows`); True,
+    False, or None, where it was faster (`prefetches_late`). Blocks are multiples of 64 up to 256, warpgroups 1
     to 3 in the forward (two take turns on the tensor cores; one or three do not) and 1 or 2 in the others, stages
     1 to 4.
     """
@@ -183,7 +183,7 @@ class BlockSizes:
     overlap_dq: bool | None = None
     overlap_dkdv: bool = False
     defer_backward_waits: bool | None = None
-    late_prefetch: bool = False
+    late_prefetch: bool | None = None
 
     def __post_init__(self):
         check_block_fields(self, {
@@ -368,6 +368,20 @@ def defers_backward_waits(choice: bool | None, persistent_dkdv: bool) -> bool:
     took 1.01x of block(512), 1.03x of the prefix repair and 1.13x of the bridge with 16 kv heads, whose short
     dk/dv rows run persistent."""
     return choice if choice is not None else not persistent_dkdv
+
+
+def prefetches_late(choice: bool | None, overlapped_forward: bool) -> bool:
+    """Whether persistent forward and dq blocks issue a row's next loads after its first step
+    (`BlockSizes.late_prefetch`): `choice`, or if that is None, where the forward overlaps its softmax
+    (`overlaps_softmax`).
+
+    On the H200 at 32k (results/kernel_bench/late_prefetch/) it took 0.944-0.983x the forward time of the
+    defaults on block(512), the prefix repair, window(1024) and sinks(64) | window(1024) at head_dim 128, where the
+    forward overlaps, and 0.978-1.000x their forward+backward time; at head_dim 64, where it does not, 1.009-1.018x
+    on block(512) and window(1024)'s forward: there the hook runs in every step of the loop (`_walk`)."""
+    if choice is not None:
+        return choice
+    return overlapped_forward
 
 
 def overlaps_dq(choice: bool | None, persistent_dq: bool) -> bool:
@@ -822,8 +836,8 @@ def _store_row_results(copies):
 
 
 def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
-                    contiguous: bool, heads_fastest: bool, split: bool, overlap: bool, q_smem, k_smem, v_smem, lse_smem,
-                    q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, schedule=None, stage=None):
+                    contiguous: bool, heads_fastest: bool, split: bool, overlap: bool, late: bool, q_smem, k_smem,
+                    v_smem, lse_smem, q_loaded, k_loaded, v_loaded, k_consumed, v_consumed, schedule=None, stage=None):
     """refs: [`half_tile_codes` where `split`,] [the topk choice's lists and counts,] q, k, v, out, lse.
 
     A block walks one row, or several when persistent (`_block_rows`); K/V steps are counted over all of them,
@@ -1020,16 +1034,16 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
 
         if schedule is not None:
             pl.when(wg == 1)(take_turn)  # warpgroup 0 goes first
-        _walk_rows(count, q_smem.shape[0], load, attend, late=sizes.late_prefetch)
+        _walk_rows(count, q_smem.shape[0], load, attend, late=late)
         if schedule is not None:
             pl.when(wg == 0)(take_turn)  # pairs with warpgroup 1's first turn
         plgpu.wait_smem_to_gmem(0)
 
 
 def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq_len: int, group: int,
-               contiguous: bool, heads_fastest: bool, skips: bool, overlap: bool, q_smem, d_out_smem, lse_smem,
-               delta_smem, k_smem, v_smem, q_loaded, d_out_loaded, lse_loaded, delta_loaded, k_loaded, v_loaded,
-               k_consumed, v_consumed, stage=None):
+               contiguous: bool, heads_fastest: bool, skips: bool, overlap: bool, late: bool, q_smem, d_out_smem,
+               lse_smem, delta_smem, k_smem, v_smem, q_loaded, d_out_loaded, lse_loaded, delta_loaded, k_loaded,
+               v_loaded, k_consumed, v_consumed, stage=None):
     """refs: [`empty_step_codes` where `skips`,] [the topk choice's lists and counts,] q, k, v, d_out, lse, delta,
     dq. Rows as the forward's, one per block or several (`persistent_dq`), with q, dO, lse and delta resident per
     row."""
@@ -1131,7 +1145,7 @@ def _dq_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, seq
             _store_row_results([(q_tile, dq_ref.at[work.batch, pl.ds(q_start, block_q), work.head])])
             return work.steps.total
 
-        _walk_rows(count, q_smem.shape[0], load, attend, late=sizes.late_prefetch)
+        _walk_rows(count, q_smem.shape[0], load, attend, late=late)
         plgpu.wait_smem_to_gmem(0)
 
 
@@ -1461,10 +1475,11 @@ def _forward(q, k, v, static: KernelStatic, seq_len: int, selected=None):
     if static.interpret:
         scratch["stage"] = _smem((warpgroups, block_q, block_k), q.dtype, swizzled=False)
     halves = half_tile_codes(static.pattern, seq_len, block_q, block_k, warpgroups) if sizes.half_tiles else None
+    overlap = overlaps_softmax(sizes.overlap_softmax, head_dim, warpgroups)
     body = functools.partial(_forward_kernel, static=static, seq_len=seq_len, group=q_heads // k.shape[2],
                              contiguous=all(plan.contiguous), split=halves is not None,
                              heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent, plan),
-                             overlap=overlaps_softmax(sizes.overlap_softmax, head_dim, warpgroups))
+                             overlap=overlap, late=prefetches_late(sizes.late_prefetch, overlap))
     out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((batch, q_heads, padded_len), jnp.float32))
     grid = _flat_grid(len(plan.rows) * q_heads * batch, persistent, static.interpret)
     call = _kernel(body, out_type, scratch, grid=grid, static=static,
@@ -1550,6 +1565,8 @@ def _dq(q, k, v, d_out, lse, delta, static: KernelStatic, seq_len: int, selected
     body = functools.partial(_dq_kernel, static=static, seq_len=seq_len, group=q.shape[2] // k.shape[2],
                              contiguous=all(plan.contiguous), skips=bool(codes),
                              overlap=overlaps_dq(sizes.overlap_dq, persistent),
+                             late=prefetches_late(sizes.late_prefetch, overlaps_softmax(
+                                 sizes.overlap_softmax, head_dim, sizes.warpgroups)),
                              heads_fastest=deals_heads_fastest(sizes.heads_fastest, persistent, plan))
     grid = _flat_grid(len(plan.rows) * q.shape[2] * q.shape[0], persistent, static.interpret)
     return _kernel(body, jax.ShapeDtypeStruct(q.shape, dtype), scratch, grid=grid,

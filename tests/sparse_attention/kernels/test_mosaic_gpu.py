@@ -345,6 +345,15 @@ def test_overlap_dq_default():
     assert mosaic_gpu.BlockSizes().overlap_dkdv is False
 
 
+def test_late_prefetch_default():
+    # Late where the forward overlaps its softmax (head_dim 128 with two warpgroups: it won there), not where its
+    # steps run one by one (head_dim 64 with two: it lost).
+    overlapped = mosaic_gpu.overlaps_softmax(None, 128, 2)
+    assert overlapped and mosaic_gpu.prefetches_late(None, overlapped)
+    assert not mosaic_gpu.prefetches_late(None, mosaic_gpu.overlaps_softmax(None, 64, 2))
+    assert mosaic_gpu.prefetches_late(True, False) and not mosaic_gpu.prefetches_late(False, True)
+
+
 def test_overlap_softmax_default():
     # By default where it measured faster: head_dim 128 with two warpgroups (or one), 64 with three.
     assert mosaic_gpu.overlaps_softmax(None, 128, 2) and not mosaic_gpu.overlaps_softmax(None, 64, 2)

@@ -538,8 +538,8 @@ def _step_code(codes_ref, steps: _Steps, index, warpgroup, bits: int):
 
 def _walk(steps: _Steps, step, carry, full: bool = True, after_first=None):
     """carry through step(mask, index, carry) over the block's FULL (unless not `full`: walked already),
-    PARTIAL and chosen steps. after_first() runs once: after step 0 where it is walked here, or at the end of a
-    row without steps."""
+    PARTIAL and chosen steps. after_first(), if given, runs once: after step 0 where it is walked here, or at the
+    end of a row without steps."""
     if after_first is not None:
         inner = step
 
@@ -799,29 +799,28 @@ def _stream_rows(count, row, stages: int, groups, consumed_barriers, repeats: in
 def _walk_rows(count, buffers: int, load, attend, late: bool = False):
     """A compute warpgroup's loop over its block's rows. load(j, buffer) issues row j's resident loads into
     `buffer`; attend(j, buffer, first_step, prefetch) waits for them, walks the row's steps (counted from
-    first_step over the block), stores its results (`_store_row_results`), returns the row's step count, and
-    calls prefetch() once, before it writes its results. With two buffers, prefetch waits until the
-    earlier rows' result stores have read their SMEM (row j - 1's output sat in the buffer row j + 1 loads into)
-    and issues row j + 1's loads; it runs as row j starts, or, `late`, wherever attend calls it. With one
-    buffer each row waits for those reads and loads at its start, and prefetch does nothing."""
+    first_step over the block), stores its results (`_store_row_results`) and returns the row's step count.
+    Before a row's loads go into a buffer, the earlier rows' result stores must have read their SMEM (row j - 1's
+    output sat in the buffer row j + 1 loads into). With one buffer each row waits for that and loads at its
+    start. With two, row j waits and issues row j + 1's loads as it starts, or, `late`, attend gets that as
+    prefetch and calls it once, before it writes its results; otherwise prefetch is None."""
     if buffers == 2:
         load(0, 0)
 
     def row(j, first_step):
         buffer = lax.rem(j, buffers)
-        if buffers == 1:
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            load(j, buffer)
-            return first_step + attend(j, buffer, first_step, lambda: None)
 
         def prefetch():
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            pl.when(j + 1 < count)(lambda: load(j + 1, 1 - buffer))
+            if buffers == 1:
+                load(j, buffer)
+            else:
+                pl.when(j + 1 < count)(lambda: load(j + 1, 1 - buffer))
 
-        if late:
+        if late and buffers == 2:
             return first_step + attend(j, buffer, first_step, prefetch)
         prefetch()
-        return first_step + attend(j, buffer, first_step, lambda: None)
+        return first_step + attend(j, buffer, first_step, None)
 
     lax.fori_loop(0, count, row, jnp.int32(0))
 
@@ -1016,7 +1015,8 @@ def _forward_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic
                     return acc, row_max, row_sum, probs
 
                 first = take_scores(UNMASKED, 0, block_k, 0, carry)
-                prefetch()
+                if prefetch is not None:
+                    prefetch()
                 acc, row_max, row_sum, probs = lax.fori_loop(1, work.steps.num_full, full_step, first)
                 return add_values(0, block_k, work.steps.num_full - 1, acc, probs), row_max, row_sum
 
@@ -1238,7 +1238,7 @@ def _dkdv_kernel(rows_ref, tiles_ref, counts_ref, *refs, static: KernelStatic, s
                 plgpu.barrier_wait(d_logits_stored)
 
         def attend(j, buffer, first_step, prefetch):
-            prefetch()  # its rows always load at their start: `late_prefetch` is the forward's and dq's
+            del prefetch  # None: its rows load at their start (`late_prefetch` is the forward's and dq's)
             work = row(j)
             q_ref, _, _, _, _, _, dq_sum_ref, dk_ref, dv_ref = arrays(work)
             k_start = work.row_start + wg * block_k

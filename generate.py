@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from lm_experiment import generation
+from lm_experiment import fused_decode, generation
 from lm_experiment.checkpointing import CorruptCheckpointError, restore_model
 
 
@@ -25,6 +25,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    p.add_argument("--decode-impl", default="xla", choices=fused_decode.IMPLS,
+                   help="the decoding step: XLA, or fused Triton kernels (GPU); auto picks (docs/generation.md)")
     return p
 
 
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
             raise ValueError("prompt: must hold at least one character")
         model, config, step = restore_model(args.workdir, args.step)
         tokens = generation.generate(model, [prompt], args.max_new_tokens, sampling=sampling, seed=args.seed,
-                                     trained_seq_len=config.train.seq_len)
+                                     trained_seq_len=config.train.seq_len, impl=args.decode_impl)
     except (ValueError, CorruptCheckpointError) as error:
         print(f"generate.py: {error}", file=sys.stderr)
         return 1

@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lm_experiment import fused_decode
 from lm_experiment.model import DecoderLM
 from sparse_attention.decoding import KVCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,19 +82,32 @@ def _prefill(graphdef, state, prompt, max_len: int):
     return logits[:, -1], caches
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling"))
-def _decode(graphdef, state, caches, first_logits, start, key, steps: int, sampling: Sampling):
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "sampling", "impl", "interpret"))
+def _decode(graphdef, state, caches, first_logits, start, key, steps: int, sampling: Sampling, impl: str,
+            interpret: bool):
     model = nnx.merge(graphdef, state)
+    if impl == "triton":
+        decode_one = functools.partial(fused_decode.decode_step, model, fused_decode.LayerWeights.of(model),
+                                       interpret=interpret)
+    else:
+        decode_one = model.decode
 
     def step(carry, key):
         caches, logits, position = carry
         token = sample(logits, sampling, key)
-        out, caches = model.decode(token[:, None], caches, position)
+        out, caches = decode_one(token[:, None], caches, position)
         return (caches, out[:, 0], position + 1), token
 
     keys = jax.random.split(key, steps)
     _, tokens = jax.lax.scan(step, (caches, first_logits, start), keys)
     return tokens.T
+
+
+def decode_impl(model: DecoderLM, impl: str, interpret: bool = False) -> str:
+    """The decoding step `impl` ("auto", "xla" or "triton": `fused_decode.resolve_impl`) runs as, logged."""
+    chosen, why = fused_decode.resolve_impl(impl, model, interpret=interpret)
+    log.info("decoding step: %s (%s)", chosen, why)
+    return chosen
 
 
 def split_for_inference(model: DecoderLM):
@@ -114,24 +131,28 @@ def prefill(model: DecoderLM, prompt, max_len: int) -> tuple[jax.Array, list[KVC
     return _prefill(graphdef, state, prompt, max_len)
 
 
-def decoder(model: DecoderLM, steps: int, sampling: Sampling = Sampling()):
+def decoder(model: DecoderLM, steps: int, sampling: Sampling = Sampling(), *, impl: str = "xla",
+            interpret: bool = False):
     """The jitted decoding loop of `model` as a function (caches, logits, start, key) -> int32 [batch, steps]:
     the first token sampled from logits [batch, vocab] and placed at position `start` (int32), each then
     decoded through the caches to give the next one's logits, in one lax.scan. The model is split once, so
-    repeated calls (a benchmark's) cost no host work beyond the dispatch."""
+    repeated calls (a benchmark's) cost no host work beyond the dispatch. `impl`: the decoding step's kernels
+    (`decode_impl`)."""
     graphdef, state = split_for_inference(model)
-    return functools.partial(_decode, graphdef, state, steps=steps, sampling=sampling)
+    return functools.partial(_decode, graphdef, state, steps=steps, sampling=sampling,
+                             impl=decode_impl(model, impl, interpret), interpret=interpret)
 
 
 def generate(model: DecoderLM, prompt, max_new_tokens: int, *, sampling: Sampling = Sampling(), seed: int = 0,
-             trained_seq_len: int) -> jax.Array:
+             trained_seq_len: int, impl: str = "xla", interpret: bool = False) -> jax.Array:
     """prompt int32 [batch, prompt_len] (every row the same length) -> int32 [batch, max_new_tokens], the
     tokens that follow it."""
     prompt = jnp.asarray(prompt, jnp.int32)
     if prompt.ndim != 2:
         raise ValueError(f"prompt must be int tokens [batch, length], got shape {prompt.shape}")
     check_lengths(model, prompt.shape[1], max_new_tokens, trained_seq_len)
+    impl = decode_impl(model, impl, interpret)
     graphdef, state = split_for_inference(model)  # once for both calls
     logits, caches = _prefill(graphdef, state, prompt, prompt.shape[1] + max_new_tokens)
     return _decode(graphdef, state, caches, logits, jnp.int32(prompt.shape[1]), jax.random.key(seed),
-                   max_new_tokens, sampling)
+                   max_new_tokens, sampling, impl, interpret)

@@ -46,7 +46,7 @@ MIN_BLOCK = 16  # smallest matrix-multiply tile Triton accepts
 SHORT_ROW_KEYS = 768
 # jax 0.11.2 warns on every lowering of a Triton pallas_call; the warning fires when the caller's jit
 # lowers, after `attention` has returned, so a scoped catch_warnings cannot reach it.
-_TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
+TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
 
 
 def _power_of_two(value: int) -> bool:
@@ -547,6 +547,6 @@ def attention(q, k, v, pattern: Pattern | str, *, scale: float, interpret: bool 
     block_sizes = checked_block_sizes(block_sizes, BlockSizes, lambda: _default_block_sizes(q, pattern))
     block_sizes = block_sizes.clipped(q.shape[1])
     refuse_unsupported("triton", _selection_reason(pattern, block_sizes))
-    warnings.filterwarnings("ignore", message=_TRITON_DEPRECATION, category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     static = KernelStatic(pattern, float(scale), bool(interpret), block_sizes)
     return _flash(q, k, v, static, selected)

@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import logging
 import math
+import operator
 import warnings
 
 import jax
@@ -45,9 +46,9 @@ log = logging.getLogger(__name__)
 IMPLS = ("auto", "xla", "triton")
 
 ROW_MULTIPLE = 16  # Triton's smallest matrix-multiply tile: the batch is padded to it
-REDUCTION_CHUNK = 256  # columns of the contracted dimension per loop step (bounds the registers)
-PROJECTION_TILE = 32  # output columns per program of residual_project and the SwiGLU norm_project
-SLOT_CHUNK = 64  # cache slots per loop step of ring_attention
+REDUCTION_CHUNK = 256  # columns of the contracted dimension per matrix multiply
+PROJECTION_TILE = 16  # output columns per program of the projections: 40-128 programs at the small preset
+SLOT_CHUNK = 128  # cache slots per step of ring_attention
 NUM_WARPS = 4
 NUM_STAGES = 2
 
@@ -105,77 +106,59 @@ def norm_project_reference(x, scale, weights, rope=None, *, eps: float, epilogue
     return (jax.nn.silu(gate) * up).astype(dtype)
 
 
+def _sum(terms):
+    return functools.reduce(operator.add, terms)
+
+
 def _norm_project_kernel(*refs, eps, epilogue, head_dim, rope_heads, tile, chunk):
     if epilogue == "rope":
         x_ref, scale_ref, w_ref, cos_ref, sin_ref, out_ref = refs
     else:
         x_ref, scale_ref, gate_ref, up_ref, out_ref = refs
-    d = x_ref.shape[1]
     dtype = out_ref.dtype
-    column = pl.program_id(0) * tile
+    # The contracted dimension is unrolled in chunks: every load is issued up front, none waits on a loop.
+    starts = range(0, x_ref.shape[1], chunk)
+    inputs = [x_ref[:, pl.ds(start, chunk)].astype(dtype).astype(jnp.float32) for start in starts]
+    inverse = jax.lax.rsqrt(_sum(jnp.sum(part * part, axis=1, keepdims=True) for part in inputs) / x_ref.shape[1]
+                            + eps)
+    normed = [(part * (inverse * scale_ref[pl.ds(start, chunk)].astype(jnp.float32)[None, :])).astype(dtype)
+              for part, start in zip(inputs, starts)]
 
-    def rounded_input(start):
-        return x_ref[:, pl.ds(start, chunk)].astype(dtype).astype(jnp.float32)
-
-    def squares(i, total):
-        part = rounded_input(i * chunk)
-        return total + jnp.sum(part * part, axis=1, keepdims=True)
-
-    rows = x_ref.shape[0]
-    total = jax.lax.fori_loop(0, d // chunk, squares, jnp.zeros((rows, 1), jnp.float32))
-    inverse = jax.lax.rsqrt(total / d + eps)
-
-    def normed(start):
-        scale = scale_ref[pl.ds(start, chunk)].astype(jnp.float32)
-        return (rounded_input(start) * (inverse * scale[None, :])).astype(dtype)
+    def project(w_ref, column):  # -> the projection's columns [column, column + tile), rounded to dtype
+        total = _sum(_dot(h, w_ref[pl.ds(start, chunk), pl.ds(column, tile)]) for h, start in zip(normed, starts))
+        return total.astype(dtype).astype(jnp.float32)
 
     if epilogue == "rope":
+        # A program's columns: `tile` of one head's first half and the matching `tile` of its second half.
         half = head_dim // 2
-
-        def step(i, accumulators):
-            lo, hi = accumulators
-            h = normed(i * chunk)
-            rows_slice = pl.ds(i * chunk, chunk)
-            lo += _dot(h, w_ref[rows_slice, pl.ds(column, half)])
-            hi += _dot(h, w_ref[rows_slice, pl.ds(column + half, half)])
-            return lo, hi
-
-        zeros = jnp.zeros((rows, half), jnp.float32)
-        lo, hi = jax.lax.fori_loop(0, d // chunk, step, (zeros, zeros))
-        lo = lo.astype(dtype).astype(jnp.float32)
-        hi = hi.astype(dtype).astype(jnp.float32)
-        cos, sin = cos_ref[...], sin_ref[...]
-        rotate = pl.program_id(0) < rope_heads
-        out_ref[:, pl.ds(column, half)] = jnp.where(rotate, lo * cos - hi * sin, lo).astype(dtype)
-        out_ref[:, pl.ds(column + half, half)] = jnp.where(rotate, hi * cos + lo * sin, hi).astype(dtype)
+        parts = half // tile
+        head, part = pl.program_id(0) // parts, pl.program_id(0) % parts
+        column = head * head_dim + part * tile
+        lo, hi = project(w_ref, column), project(w_ref, column + half)
+        cos, sin = cos_ref[:, pl.ds(part * tile, tile)], sin_ref[:, pl.ds(part * tile, tile)]
+        rotate = head < rope_heads
+        out_ref[:, pl.ds(column, tile)] = jnp.where(rotate, lo * cos - hi * sin, lo).astype(dtype)
+        out_ref[:, pl.ds(column + half, tile)] = jnp.where(rotate, hi * cos + lo * sin, hi).astype(dtype)
         return
-
-    def step(i, accumulators):
-        gate, up = accumulators
-        h = normed(i * chunk)
-        rows_slice = pl.ds(i * chunk, chunk)
-        gate += _dot(h, gate_ref[rows_slice, pl.ds(column, tile)])
-        up += _dot(h, up_ref[rows_slice, pl.ds(column, tile)])
-        return gate, up
-
-    zeros = jnp.zeros((rows, tile), jnp.float32)
-    gate, up = jax.lax.fori_loop(0, d // chunk, step, (zeros, zeros))
-    gate = gate.astype(dtype).astype(jnp.float32)
+    column = pl.program_id(0) * tile
+    gate = project(gate_ref, column)
     silu = (gate * jax.nn.sigmoid(gate)).astype(dtype).astype(jnp.float32)
-    out_ref[:, pl.ds(column, tile)] = (silu * up.astype(dtype).astype(jnp.float32)).astype(dtype)
+    out_ref[:, pl.ds(column, tile)] = (silu * project(up_ref, column)).astype(dtype)
 
 
 def norm_project(x, scale, weights, rope=None, *, eps: float, epilogue: str, head_dim: int, rope_heads: int,
                  interpret: bool = False):
-    """norm_project_reference in one kernel: a program per head ("rope") or per PROJECTION_TILE columns."""
+    """norm_project_reference in one kernel: a program per PROJECTION_TILE output columns (for "rope", per
+    PROJECTION_TILE columns of both halves of a head)."""
     d = x.shape[1]
     columns = weights[0].shape[1]
-    tile = head_dim if epilogue == "rope" else PROJECTION_TILE
+    tile = _largest_power_of_two_dividing(head_dim // 2 if epilogue == "rope" else columns, PROJECTION_TILE)
     chunk = _largest_power_of_two_dividing(d, REDUCTION_CHUNK)
     kernel = functools.partial(_norm_project_kernel, eps=eps, epilogue=epilogue, head_dim=head_dim,
                                rope_heads=rope_heads, tile=tile, chunk=chunk)
+    programs = columns // tile // (2 if epilogue == "rope" else 1)
     operands = (x, scale, *weights, *(rope or ()))
-    return _call(kernel, grid=(columns // tile,), out_shape=jax.ShapeDtypeStruct((x.shape[0], columns), scale.dtype),
+    return _call(kernel, grid=(programs,), out_shape=jax.ShapeDtypeStruct((x.shape[0], columns), scale.dtype),
                  interpret=interpret, name=f"decode_norm_project_{epilogue}")(*operands)
 
 
@@ -189,13 +172,8 @@ def residual_project_reference(a, w, x):
 
 def _residual_project_kernel(a_ref, w_ref, x_ref, out_ref, *, tile, chunk):
     column = pl.ds(pl.program_id(0) * tile, tile)
-
-    def step(i, total):
-        rows_slice = pl.ds(i * chunk, chunk)
-        return total + _dot(a_ref[:, rows_slice], w_ref[rows_slice, column])
-
-    n = a_ref.shape[1]
-    total = jax.lax.fori_loop(0, n // chunk, step, jnp.zeros((a_ref.shape[0], tile), jnp.float32))
+    total = _sum(_dot(a_ref[:, pl.ds(start, chunk)], w_ref[pl.ds(start, chunk), column])
+                 for start in range(0, a_ref.shape[1], chunk))  # unrolled, as in norm_project
     out_ref[:, column] = x_ref[:, column] + total.astype(a_ref.dtype).astype(jnp.float32)
 
 
@@ -236,9 +214,8 @@ def _ring_attention_kernel(qkv_ref, position_ref, k_ref, v_ref, positions_ref, o
     k_new = qkv_ref[pl.ds(b, 1), pl.ds((heads + kv_head) * head_dim, head_dim)]
     v_new = qkv_ref[pl.ds(b, 1), pl.ds((heads + k_ref.shape[2] + kv_head) * head_dim, head_dim)]
 
-    def step(i, carry):
+    def step(start, carry):
         row_max, row_sum, accumulator = carry
-        start = i * chunk
         ids = start + jax.lax.broadcasted_iota(jnp.int32, (chunk,), 0)
         written = ids == slot
         keys = jnp.where(written[:, None], k_new, k_ref[b, pl.ds(start, chunk), kv_head, :]).astype(jnp.float32)
@@ -253,8 +230,10 @@ def _ring_attention_kernel(qkv_ref, position_ref, k_ref, v_ref, positions_ref, o
         accumulator = accumulator * correction + jnp.sum(weights[:, None] * values, axis=0, keepdims=True)
         return new_max, row_sum, accumulator
 
-    init = (jnp.float32(ROW_MAX_INIT), jnp.float32(0), jnp.zeros((1, head_dim), jnp.float32))
-    _, row_sum, accumulator = jax.lax.fori_loop(0, slots // chunk, step, init)
+    carry = (jnp.float32(ROW_MAX_INIT), jnp.float32(0), jnp.zeros((1, head_dim), jnp.float32))
+    for start in range(0, slots, chunk):  # unrolled: the loads of every chunk can be issued up front
+        carry = step(start, carry)
+    _, row_sum, accumulator = carry
     out_ref[pl.ds(b, 1), pl.ds(head * head_dim, head_dim)] = (accumulator / row_sum).astype(out_ref.dtype)
 
     # Each (row, kv head) region of the cache is written by one program, after it has read it.

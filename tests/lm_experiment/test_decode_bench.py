@@ -5,6 +5,7 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from lm_experiment import decode_bench
@@ -57,3 +58,21 @@ def test_caches_after_a_prompt_hold_the_positions_a_prefill_leaves():
     for real, made in zip(prefilled, synthetic):
         np.testing.assert_array_equal(real.positions, made.positions)
         assert made.k.shape == real.k.shape and bool(jnp.all(jnp.isfinite(made.k)))
+
+
+def test_both_steps_are_timed_and_ratios_take_dense_at_its_fastest(tmp_path):
+    report = decode_bench.main(["--smoke", "--contexts", "64", "--batches", "1", "--steps", "2", "--runs", "1",
+                                "--warmup", "1", "--patterns", "dense;block(8)", "--impls", "xla,triton",
+                                "--interpret", "--out", str(tmp_path / "decode.json")])
+    rows = {(r["pattern"], r["impl"]): r for r in report["results"]}
+    assert sorted(rows) == [("block(8)", "triton"), ("block(8)", "xla"), ("dense", "triton"), ("dense", "xla")]
+    fastest_dense = min((rows["dense", impl] for impl in ("xla", "triton")), key=lambda r: r["ms_per_step"])
+    for ratio in report["ratios"]:
+        assert ratio["dense_impl"] == fastest_dense["impl"]
+        assert ratio["measured"] == fastest_dense["ms_per_step"] / rows["block(8)", ratio["impl"]]["ms_per_step"]
+
+
+def test_unknown_impls_are_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        decode_bench.main(["--smoke", "--impls", "xla,cuda"])
+    assert "--impls must be a comma-separated list of xla, triton; got 'xla,cuda'" in capsys.readouterr().err

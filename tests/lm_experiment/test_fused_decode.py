@@ -187,8 +187,11 @@ def test_compiled_step_equals_the_xla_step_on_gpu(pattern, batch):
                                                         jnp.int32(1500))
     expected, expected_caches = jax.jit(lambda m, t, c, p: m.decode(t, c, p))(model, token, caches, jnp.int32(1500))
     np.testing.assert_allclose(got, expected, atol=5e-2, rtol=5e-2)
+    # XLA on GPUs may skip a bfloat16 rounding between fused ops (excess precision), so keys may differ by one
+    # bfloat16 step where the projection is rounded before RoPE.
     for cache, expected_cache in zip(got_caches, expected_caches, strict=True):
         np.testing.assert_array_equal(cache.positions, expected_cache.positions)
-        np.testing.assert_array_equal(np.asarray(cache.k, np.float32), np.asarray(expected_cache.k, np.float32))
+        np.testing.assert_allclose(np.asarray(cache.k, np.float32), np.asarray(expected_cache.k, np.float32),
+                                   rtol=1e-2, atol=1e-2)
     tokens = generation.decoder(model, 40, impl="triton")(caches, logits, jnp.int32(1500), jax.random.key(0))
     assert tokens.shape == (batch, 40) and int(tokens.min()) >= 0 and int(tokens.max()) < model.model_config.vocab_size

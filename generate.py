@@ -26,7 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--decode-impl", default="xla", choices=fused_decode.IMPLS,
-                   help="the decoding step: XLA, or fused Triton kernels (GPU); auto picks (docs/generation.md)")
+                   help="the decoding step: XLA, or the fused Triton kernels (GPU; docs/generation.md)")
     return p
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import math
 import operator
 import warnings
@@ -42,8 +41,7 @@ from sparse_attention.kernels.common import ROW_MAX_INIT
 from sparse_attention.kernels.triton import TRITON_DEPRECATION
 from sparse_attention.patterns import Pattern
 
-log = logging.getLogger(__name__)
-IMPLS = ("auto", "xla", "triton")
+IMPLS = ("xla", "triton")
 
 ROW_MULTIPLE = 16  # Triton's smallest matrix-multiply tile: the batch is padded to it
 REDUCTION_CHUNK = 256  # columns of the contracted dimension per matrix multiply
@@ -329,22 +327,14 @@ def _xla_attention(qkv, position, cache, pattern, *, heads, head_dim, interpret)
     return ring_attention_reference(qkv, position, cache, pattern, heads=heads, head_dim=head_dim)
 
 
-def resolve_impl(impl: str, model: DecoderLM, *, interpret: bool = False) -> tuple[str, str]:
-    """(the decoding step that would run, why) for impl in IMPLS. Raises ValueError for an explicit "triton"
-    that cannot run here."""
+def check_impl(impl: str, model: DecoderLM, *, interpret: bool = False) -> None:
+    """ValueError naming the field where `impl` is not in IMPLS, or is "triton" and cannot run here."""
     if impl not in IMPLS:
         raise ValueError(f"decode impl must be one of {', '.join(IMPLS)}; got {impl!r}")
-    if impl == "xla":
-        return "xla", "requested"
-    config = model.model_config
-    problem = None
-    if not interpret and jax.default_backend() != "gpu":
-        problem = f"the Triton kernels need a GPU (backend is {jax.default_backend()}) or interpret=True"
-    elif not interpret and config.head_dim // 2 < ROW_MULTIPLE:
-        problem = (f"head_dim {config.head_dim} is below {2 * ROW_MULTIPLE}, the smallest the RoPE projection tiles "
-                   f"allow")
-    if problem is None:
-        return "triton", "requested" if impl == "triton" else "GPU"
-    if impl == "triton":
-        raise ValueError(f"decode impl: triton cannot run: {problem}")
-    return "xla", problem
+    if impl == "xla" or interpret:
+        return
+    if jax.default_backend() != "gpu":
+        raise ValueError(f"decode impl: triton needs a GPU (the backend is {jax.default_backend()}) or interpret=True")
+    if model.model_config.head_dim // 2 < ROW_MULTIPLE:
+        raise ValueError(f"decode impl: triton needs head_dim >= {2 * ROW_MULTIPLE} (its RoPE tiles), got "
+                         f"{model.model_config.head_dim}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +23,6 @@ from flax import nnx
 from lm_experiment import fused_decode
 from lm_experiment.model import DecoderLM
 from sparse_attention.decoding import KVCache
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,13 +100,6 @@ def _decode(graphdef, state, caches, first_logits, start, key, steps: int, sampl
     return tokens.T
 
 
-def decode_impl(model: DecoderLM, impl: str, interpret: bool = False) -> str:
-    """The decoding step `impl` ("auto", "xla" or "triton": `fused_decode.resolve_impl`) runs as, logged."""
-    chosen, why = fused_decode.resolve_impl(impl, model, interpret=interpret)
-    log.info("decoding step: %s (%s)", chosen, why)
-    return chosen
-
-
 def split_for_inference(model: DecoderLM):
     """(graphdef, state) with the floating parameters rounded to the compute dtype once. Every layer rounds
     its parameters to compute_dtype before using them (Linear kernels, norm scales, embedding rows), so the
@@ -136,11 +126,12 @@ def decoder(model: DecoderLM, steps: int, sampling: Sampling = Sampling(), *, im
     """The jitted decoding loop of `model` as a function (caches, logits, start, key) -> int32 [batch, steps]:
     the first token sampled from logits [batch, vocab] and placed at position `start` (int32), each then
     decoded through the caches to give the next one's logits, in one lax.scan. The model is split once, so
-    repeated calls (a benchmark's) cost no host work beyond the dispatch. `impl`: the decoding step's kernels
-    (`decode_impl`)."""
+    repeated calls (a benchmark's) cost no host work beyond the dispatch. `impl`: the decoding step, "xla"
+    (`DecoderLM.decode`) or "triton" (`fused_decode.decode_step`)."""
     graphdef, state = split_for_inference(model)
-    return functools.partial(_decode, graphdef, state, steps=steps, sampling=sampling,
-                             impl=decode_impl(model, impl, interpret), interpret=interpret)
+    fused_decode.check_impl(impl, model, interpret=interpret)
+    return functools.partial(_decode, graphdef, state, steps=steps, sampling=sampling, impl=impl,
+                             interpret=interpret)
 
 
 def generate(model: DecoderLM, prompt, max_new_tokens: int, *, sampling: Sampling = Sampling(), seed: int = 0,
@@ -151,7 +142,7 @@ def generate(model: DecoderLM, prompt, max_new_tokens: int, *, sampling: Samplin
     if prompt.ndim != 2:
         raise ValueError(f"prompt must be int tokens [batch, length], got shape {prompt.shape}")
     check_lengths(model, prompt.shape[1], max_new_tokens, trained_seq_len)
-    impl = decode_impl(model, impl, interpret)
+    fused_decode.check_impl(impl, model, interpret=interpret)
     graphdef, state = split_for_inference(model)  # once for both calls
     logits, caches = _prefill(graphdef, state, prompt, prompt.shape[1] + max_new_tokens)
     return _decode(graphdef, state, caches, logits, jnp.int32(prompt.shape[1]), jax.random.key(seed),

@@ -137,16 +137,14 @@ def test_generation_through_the_fused_step_equals_xla():
     np.testing.assert_array_equal(triton, xla)
 
 
-def test_the_step_is_chosen_or_refused_in_one_line():
+def test_an_impl_that_cannot_run_is_refused_in_one_line():
     model = model_for("block(8)")
-    with pytest.raises(ValueError, match="decode impl must be one of auto, xla, triton"):
-        fused_decode.resolve_impl("pallas", model)
-    assert fused_decode.resolve_impl("xla", model) == ("xla", "requested")
-    assert fused_decode.resolve_impl("triton", model, interpret=True)[0] == "triton"
+    with pytest.raises(ValueError, match="decode impl must be one of xla, triton; got 'pallas'"):
+        generation.decoder(model, 4, impl="pallas")
+    fused_decode.check_impl("triton", model, interpret=True)
     if not ON_GPU:
-        with pytest.raises(ValueError, match="decode impl: triton cannot run: the Triton kernels need a GPU"):
-            fused_decode.resolve_impl("triton", model)
-        assert fused_decode.resolve_impl("auto", model)[0] == "xla"
+        with pytest.raises(ValueError, match="decode impl: triton needs a GPU"):
+            generation.generate(model, jnp.zeros((1, 3), jnp.int32), 4, trained_seq_len=64, impl="triton")
 
 
 def small_preset(num_layers: int) -> ModelConfig:

@@ -3,7 +3,7 @@
 XLA runs a batch-1 step of the `small` preset as about 23.5 kernels per layer of 2-5 us each, so a local
 pattern's step is bound by kernel count, not by bytes (docs/benchmarks.md, "Decoding"). Here each layer is:
 
-  norm_project(x, norm, w_qkv, cos, sin, epilogue="rope")   RMSNorm, q|k|v = h @ w_qkv, RoPE on q and k
+  norm_project(x, norm, w_qkv, cos, sin, epilogue="rope")   RMSNorm, q|k|v = h @ w_qkv.T, RoPE on q and k
   ring_attention(qkv, cache, position, ...)                  the new k, v written to their slot, attention
                                                              over the cache's slots (bounded caches only)
   residual_project(attended, w_out, x)                       x + attended @ w_out
@@ -51,9 +51,9 @@ NUM_WARPS = 4
 NUM_STAGES = 2
 
 
-def _dot(a, b):
-    """a @ b accumulated in float32 (float32 inputs in full precision, not TF32)."""
-    return plgpu.dot(a, b, precision=jax.lax.Precision.HIGHEST)
+def _dot_transposed(a, b):
+    """a @ b.T accumulated in float32 (float32 inputs in full precision, not TF32)."""
+    return plgpu.dot(a, b, trans_b=True, precision=jax.lax.Precision.HIGHEST)
 
 
 def padded_rows(batch: int) -> int:
@@ -88,19 +88,20 @@ def norm_project_reference(x, scale, weights, rope=None, *, eps: float, epilogue
                            rope_heads: int):
     """x float32 [rows, d], scale [d] -> [rows, columns] in scale's dtype.
 
-    epilogue "rope": weights = (w_qkv [d, heads_total * head_dim],), rope = (cos, sin) float32 [1, head_dim // 2];
-    the first rope_heads heads of the output are rotated. "swiglu": weights = (w_gate, w_up) [d, hidden]."""
+    Weights are stored [out, in] (`LayerWeights`). epilogue "rope": weights = (w_qkv [heads_total * head_dim, d],),
+    rope = (cos, sin) float32 [1, head_dim // 2]; the first rope_heads heads of the output are rotated.
+    "swiglu": weights = (w_gate, w_up) [hidden, d]."""
     h = _rms_norm_reference(x, scale, eps)
     dtype = scale.dtype
     if epilogue == "rope":
         (w,) = weights
-        projected = jnp.dot(h, w, preferred_element_type=jnp.float32).astype(dtype)
+        projected = jnp.dot(h, w.T, preferred_element_type=jnp.float32).astype(dtype)
         rows = x.shape[0]
         heads = projected.reshape(rows, 1, -1, head_dim)
         cos, sin = rope
         rotated = apply_rope(heads[:, :, :rope_heads], cos, sin)
         return jnp.concatenate([rotated, heads[:, :, rope_heads:]], axis=2).reshape(rows, -1)
-    gate, up = (jnp.dot(h, w, preferred_element_type=jnp.float32).astype(dtype) for w in weights)
+    gate, up = (jnp.dot(h, w.T, preferred_element_type=jnp.float32).astype(dtype) for w in weights)
     return (jax.nn.silu(gate) * up).astype(dtype)
 
 
@@ -123,7 +124,8 @@ def _norm_project_kernel(*refs, eps, epilogue, head_dim, rope_heads, tile, chunk
               for part, start in zip(inputs, starts)]
 
     def project(w_ref, column):  # -> the projection's columns [column, column + tile), rounded to dtype
-        total = _sum(_dot(h, w_ref[pl.ds(start, chunk), pl.ds(column, tile)]) for h, start in zip(normed, starts))
+        total = _sum(_dot_transposed(h, w_ref[pl.ds(column, tile), pl.ds(start, chunk)])
+                     for h, start in zip(normed, starts))
         return total.astype(dtype).astype(jnp.float32)
 
     if epilogue == "rope":
@@ -149,7 +151,7 @@ def norm_project(x, scale, weights, rope=None, *, eps: float, epilogue: str, hea
     """norm_project_reference in one kernel: a program per PROJECTION_TILE output columns (for "rope", per
     PROJECTION_TILE columns of both halves of a head)."""
     d = x.shape[1]
-    columns = weights[0].shape[1]
+    columns = weights[0].shape[0]
     tile = _largest_power_of_two_dividing(head_dim // 2 if epilogue == "rope" else columns, PROJECTION_TILE)
     chunk = _largest_power_of_two_dividing(d, REDUCTION_CHUNK)
     kernel = functools.partial(_norm_project_kernel, eps=eps, epilogue=epilogue, head_dim=head_dim,
@@ -164,13 +166,13 @@ def norm_project(x, scale, weights, rope=None, *, eps: float, epilogue: str, hea
 
 
 def residual_project_reference(a, w, x):
-    """x float32 [rows, d] + (a [rows, n] @ w [n, d]) rounded to a's dtype, as the XLA path adds it."""
-    return x + jnp.dot(a, w, preferred_element_type=jnp.float32).astype(a.dtype).astype(jnp.float32)
+    """x float32 [rows, d] + (a [rows, n] @ w.T, w [d, n]) rounded to a's dtype, as the XLA path adds it."""
+    return x + jnp.dot(a, w.T, preferred_element_type=jnp.float32).astype(a.dtype).astype(jnp.float32)
 
 
 def _residual_project_kernel(a_ref, w_ref, x_ref, out_ref, *, tile, chunk):
     column = pl.ds(pl.program_id(0) * tile, tile)
-    total = _sum(_dot(a_ref[:, pl.ds(start, chunk)], w_ref[pl.ds(start, chunk), column])
+    total = _sum(_dot_transposed(a_ref[:, pl.ds(start, chunk)], w_ref[column, pl.ds(start, chunk)])
                  for start in range(0, a_ref.shape[1], chunk))  # unrolled, as in norm_project
     out_ref[:, column] = x_ref[:, column] + total.astype(a_ref.dtype).astype(jnp.float32)
 
@@ -269,8 +271,10 @@ def ring_attention(qkv, position, cache: KVCache, pattern: Pattern, *, heads: in
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LayerWeights:
-    """One block's parameters in the compute dtype: norm scales [d]; qkv [d, (heads + 2 kv_heads) * head_dim]
-    (q_proj | k_proj | v_proj); out [heads * head_dim, d]; gate, up [d, hidden]; down [hidden, d]."""
+    """One block's parameters in the compute dtype, the projections stored [out, in] so that a program's output
+    columns are contiguous rows (on the H200 the [in, out] layout, 32-byte pieces of 16 columns a row apart,
+    made each projection kernel 11-13 us): norm scales [d]; qkv [(heads + 2 kv_heads) * head_dim, d]
+    (q_proj | k_proj | v_proj); out [d, heads * head_dim]; gate, up [hidden, d]; down [d, hidden]."""
 
     attention_norm: jax.Array
     qkv: jax.Array
@@ -287,12 +291,14 @@ class LayerWeights:
         def weight(param):
             return param[...].astype(dtype)
 
+        def transposed(linear):
+            return weight(linear.kernel).T
+
         return [cls(attention_norm=weight(block.attention_norm.scale),
-                    qkv=jnp.concatenate([weight(block.attention.q_proj.kernel), weight(block.attention.k_proj.kernel),
-                                         weight(block.attention.v_proj.kernel)], axis=1),
-                    out=weight(block.attention.out_proj.kernel), mlp_norm=weight(block.mlp_norm.scale),
-                    gate=weight(block.mlp.gate.kernel), up=weight(block.mlp.up.kernel),
-                    down=weight(block.mlp.down.kernel))
+                    qkv=jnp.concatenate([transposed(block.attention.q_proj), transposed(block.attention.k_proj),
+                                         transposed(block.attention.v_proj)]),
+                    out=transposed(block.attention.out_proj), mlp_norm=weight(block.mlp_norm.scale),
+                    gate=transposed(block.mlp.gate), up=transposed(block.mlp.up), down=transposed(block.mlp.down))
                 for block in model.blocks]
 
 

@@ -46,11 +46,11 @@ def test_norm_project_matches_its_reference(epilogue, dtype):
     x = random(keys[0], (rows, d), jnp.float32, 3.0)
     scale = random(keys[1], (d,), dtype) + 1
     if epilogue == "rope":
-        weights = (random(keys[2], (d, 6 * head_dim), dtype, d**-0.5),)  # 3 q heads, 1 kv head: k and v
+        weights = (random(keys[2], (6 * head_dim, d), dtype, d**-0.5),)  # 3 q heads, 1 kv head: k and v
         rope = rope_angles_at(jnp.array([1234]), head_dim, 10000.0)
         static = dict(eps=1e-6, epilogue="rope", head_dim=head_dim, rope_heads=4)
     else:
-        weights = (random(keys[2], (d, 96), dtype, d**-0.5), random(keys[3], (d, 96), dtype, d**-0.5))
+        weights = (random(keys[2], (96, d), dtype, d**-0.5), random(keys[3], (96, d), dtype, d**-0.5))
         rope = None
         static = dict(eps=1e-6, epilogue="swiglu", head_dim=head_dim, rope_heads=0)
     got = fused_decode.norm_project(x, scale, weights, rope, interpret=True, **static)
@@ -68,7 +68,7 @@ def test_norm_project_matches_its_reference(epilogue, dtype):
 def test_residual_project_matches_its_reference(n_in, d, dtype):
     keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3)
     a = random(keys[0], (16, n_in), dtype)
-    w = random(keys[1], (n_in, d), dtype, n_in**-0.5)
+    w = random(keys[1], (d, n_in), dtype, n_in**-0.5)
     x = random(keys[2], (16, d), jnp.float32)
     got = fused_decode.residual_project(a, w, x, interpret=True)
     assert got.dtype == jnp.float32
@@ -185,11 +185,11 @@ def test_compiled_step_equals_the_xla_step_on_gpu(pattern, batch):
                                                         jnp.int32(1500))
     expected, expected_caches = jax.jit(lambda m, t, c, p: m.decode(t, c, p))(model, token, caches, jnp.int32(1500))
     np.testing.assert_allclose(got, expected, atol=5e-2, rtol=5e-2)
-    # XLA on GPUs may skip a bfloat16 rounding between fused ops (excess precision), so keys may differ by one
-    # bfloat16 step where the projection is rounded before RoPE.
+    # XLA on GPUs may skip a bfloat16 rounding between fused ops (excess precision) and sums in another order, so
+    # a written key may differ by a bfloat16 step of its projection (up to 1/64 below 4), mixed by RoPE.
     for cache, expected_cache in zip(got_caches, expected_caches, strict=True):
         np.testing.assert_array_equal(cache.positions, expected_cache.positions)
         np.testing.assert_allclose(np.asarray(cache.k, np.float32), np.asarray(expected_cache.k, np.float32),
-                                   rtol=1e-2, atol=1e-2)
+                                   rtol=2e-2, atol=4e-2)
     tokens = generation.decoder(model, 40, impl="triton")(caches, logits, jnp.int32(1500), jax.random.key(0))
     assert tokens.shape == (batch, 40) and int(tokens.min()) >= 0 and int(tokens.max()) < model.model_config.vocab_size

@@ -1,10 +1,9 @@
 """Decoding speed and cache memory by pattern, batch and context: `python -m lm_experiment.decode_bench`.
 
 For every pattern, decoding step (`--impls`: XLA, or the fused Triton kernels of `fused_decode`), batch and
-context C: a DecoderLM of the preset's shape (random weights: the time does not
-depend on them), its caches as a C-token prefill leaves them (random keys and values in the slots
-`CacheLayout.kept(C)` names), and `--steps` tokens decoded greedily in one jitted scan (`generation.decoder`),
-timed by `timing.median_ms`.
+context C: a DecoderLM of the preset's shape (random weights: the time does not depend on them), its caches as
+a C-token prefill leaves them (random keys and values in the slots `CacheLayout.kept(C)` names), and `--steps`
+tokens decoded greedily in one jitted scan (`generation.decoder`), timed by `timing.median_ms`.
 
   ms_per_step   time of one decoding step of the whole batch
   tokens_per_s  batch / ms_per_step

@@ -6,9 +6,9 @@ pattern's step is bound by kernel count, not by bytes (docs/benchmarks.md, "Deco
   norm_project(x, norm, w_qkv, cos, sin, epilogue="rope")   RMSNorm, q|k|v = h @ w_qkv.T, RoPE on q and k
   ring_attention(qkv, cache, position, ...)                  the new k, v written to their slot, attention
                                                              over the cache's slots (bounded caches only)
-  residual_project(attended, w_out, x)                       x + attended @ w_out
-  norm_project(x, norm, w_gate, w_up, epilogue="swiglu")     RMSNorm, silu(h @ w_gate) * (h @ w_up)
-  residual_project(hidden, w_down, x)                        x + hidden @ w_down
+  residual_project(attended, w_out, x)                       x + attended @ w_out.T
+  norm_project(x, norm, w_gate, w_up, epilogue="swiglu")     RMSNorm, silu(h @ w_gate.T) * (h @ w_up.T)
+  residual_project(hidden, w_down, x)                        x + hidden @ w_down.T
 
 Layers whose cache keeps every position (dense, strided, random_blocks) write and attend through XLA
 (`decoding.KVCache.write`, `decoding.decode_attention`), which reads a long cache near the copy rate; the one
@@ -36,14 +36,13 @@ from jax.experimental.pallas import triton as plgpu
 
 from lm_experiment.model import DecoderLM, apply_rope, rope_angles_at
 from sparse_attention import decoding
-from sparse_attention.decoding import CacheLayout, KVCache
-from sparse_attention.kernels.common import ROW_MAX_INIT
-from sparse_attention.kernels.triton import TRITON_DEPRECATION
+from sparse_attention.decoding import KVCache
+from sparse_attention.kernels.common import ROW_MAX_INIT, padded_length
+from sparse_attention.kernels.triton import MIN_BLOCK, TRITON_DEPRECATION
 from sparse_attention.patterns import Pattern
 
 IMPLS = ("xla", "triton")
 
-ROW_MULTIPLE = 16  # Triton's smallest matrix-multiply tile: the batch is padded to it
 REDUCTION_CHUNK = 256  # columns of the contracted dimension per matrix multiply
 PROJECTION_TILE = 16  # output columns per program of the projections: 40-128 programs at the small preset
 SLOT_CHUNK = 128  # cache slots per step of ring_attention
@@ -54,10 +53,6 @@ NUM_STAGES = 2
 def _dot_transposed(a, b):
     """a @ b.T accumulated in float32 (float32 inputs in full precision, not TF32)."""
     return plgpu.dot(a, b, trans_b=True, precision=jax.lax.Precision.HIGHEST)
-
-
-def padded_rows(batch: int) -> int:
-    return -(-batch // ROW_MULTIPLE) * ROW_MULTIPLE
 
 
 def _largest_power_of_two_dividing(n: int, at_most: int) -> int:
@@ -310,27 +305,26 @@ def decode_step(model: DecoderLM, weights: list[LayerWeights], tokens, caches: l
     config = model.model_config
     batch = tokens.shape[0]
     heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-    x = model.embed_tokens(jnp.pad(tokens[:, 0], (0, padded_rows(batch) - batch)))  # [rows, d_model]
+    # The batch padded to Triton's smallest matrix-multiply tile: [rows, d_model]
+    x = model.embed_tokens(jnp.pad(tokens[:, 0], (0, padded_length(batch, MIN_BLOCK) - batch)))
     position = jnp.reshape(jnp.asarray(position, jnp.int32), (1,))
     rope = rope_angles_at(position, head_dim, config.rope_base)  # float32 [1, head_dim // 2] each
     updated = []
     for block, layer, cache in zip(model.blocks, weights, caches, strict=True):
         qkv = norm_project(x, layer.attention_norm, (layer.qkv,), rope, eps=block.attention_norm.epsilon,
                            epilogue="rope", head_dim=head_dim, rope_heads=heads + kv_heads, interpret=interpret)
-        attend = ring_attention if cache.layout.bounded else _xla_attention
-        attended, cache = attend(qkv, position, cache, block.attention.pattern, heads=heads, head_dim=head_dim,
-                                 interpret=interpret)
+        pattern = block.attention.pattern
+        if cache.layout.bounded:
+            attended, cache = ring_attention(qkv, position, cache, pattern, heads=heads, head_dim=head_dim,
+                                             interpret=interpret)
+        else:  # XLA reads a cache as long as the sequence near the copy rate
+            attended, cache = ring_attention_reference(qkv, position, cache, pattern, heads=heads, head_dim=head_dim)
         updated.append(cache)
         x = residual_project(attended, layer.out, x, interpret=interpret)
         hidden = norm_project(x, layer.mlp_norm, (layer.gate, layer.up), eps=block.mlp_norm.epsilon,
                               epilogue="swiglu", head_dim=head_dim, rope_heads=0, interpret=interpret)
         x = residual_project(hidden, layer.down, x, interpret=interpret)
     return model._head(x[:batch, None]), updated
-
-
-def _xla_attention(qkv, position, cache, pattern, *, heads, head_dim, interpret):
-    del interpret  # XLA: a cache as long as the sequence is read near the copy rate
-    return ring_attention_reference(qkv, position, cache, pattern, heads=heads, head_dim=head_dim)
 
 
 def check_impl(impl: str, model: DecoderLM, *, interpret: bool = False) -> None:
@@ -341,6 +335,6 @@ def check_impl(impl: str, model: DecoderLM, *, interpret: bool = False) -> None:
         return
     if jax.default_backend() != "gpu":
         raise ValueError(f"decode impl: triton needs a GPU (the backend is {jax.default_backend()}) or interpret=True")
-    if model.model_config.head_dim // 2 < ROW_MULTIPLE:
-        raise ValueError(f"decode impl: triton needs head_dim >= {2 * ROW_MULTIPLE} (its RoPE tiles), got "
+    if model.model_config.head_dim // 2 < MIN_BLOCK:
+        raise ValueError(f"decode impl: triton needs head_dim >= {2 * MIN_BLOCK} (its RoPE tiles), got "
                          f"{model.model_config.head_dim}")

@@ -41,9 +41,9 @@ def assert_close(got, expected, dtype):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("epilogue", ["rope", "swiglu"])
 def test_norm_project_matches_its_reference(epilogue, dtype):
-    rows, d, head_dim = 16, 512, 32  # two reduction chunks
+    batch, d, head_dim = 3, 512, 32  # two reduction chunks
     keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 5)
-    x = random(keys[0], (rows, d), jnp.float32, 3.0)
+    x = random(keys[0], (batch, d), jnp.float32, 3.0)
     scale = random(keys[1], (d,), dtype) + 1
     if epilogue == "rope":
         weights = (random(keys[2], (6 * head_dim, d), dtype, d**-0.5),)  # 3 q heads, 1 kv head: k and v
@@ -67,20 +67,38 @@ def test_norm_project_matches_its_reference(epilogue, dtype):
 @pytest.mark.parametrize("n_in, d", [(768, 96), (96, 64)])
 def test_residual_project_matches_its_reference(n_in, d, dtype):
     keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 3)
-    a = random(keys[0], (16, n_in), dtype)
+    a = random(keys[0], (2, n_in), dtype)
     w = random(keys[1], (d, n_in), dtype, n_in**-0.5)
-    x = random(keys[2], (16, d), jnp.float32)
+    x = random(keys[2], (2, d), jnp.float32)
     got = fused_decode.residual_project(a, w, x, interpret=True)
     assert got.dtype == jnp.float32
     assert_close(got, fused_decode.residual_project_reference(a, w, x), dtype)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("spans, heads, head_dim", [(1, 4, 32), (5, 12, 64)])
+def test_attend_project_matches_its_reference(spans, heads, head_dim, dtype):
+    """Spans combined by their log-sum-exps, one of them empty (-inf: no visible key) for a head, projected."""
+    batch, d = 2, 96
+    keys = jax.random.split(jax.random.key(np.random.randint(1 << 30)), 4)
+    partial = random(keys[0], (batch, spans, heads, head_dim), jnp.float32)
+    lse = random(keys[1], (batch, spans, heads), jnp.float32, 3.0)
+    if spans > 1:
+        lse = lse.at[0, 1, 2].set(-jnp.inf)
+    w = random(keys[2], (d, heads * head_dim), dtype, (heads * head_dim)**-0.5)
+    x = random(keys[3], (batch, d), jnp.float32)
+    got = fused_decode.attend_project(partial, lse, w, x, interpret=True)
+    assert got.dtype == jnp.float32
+    assert_close(got, fused_decode.attend_project_reference(partial, lse, w, x), dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("spec, position", [("block(16)", 37), ("repaired(16, 4, prefix)", 70),
-                                            ("sinks(2) | window(8)", 45), ("window(128)", 300)])
+                                            ("sinks(2) | window(8)", 45), ("window(128)", 300), ("block(256)", 600)])
 def test_ring_attention_matches_its_reference(spec, position, dtype):
     """A cache as a prefill of `position` tokens leaves it (the ring wrapped), the new position written and
-    attended: the output and the updated k, v and positions equal the XLA path's."""
+    attended in spans (four for block(256), two of them with no visible key): the combined output and the
+    updated k, v and positions equal the XLA path's."""
     batch, heads, kv_heads, head_dim = 2, 4, 2, 32
     pattern = parse(spec)
     layout = CacheLayout.for_pattern(pattern, 4096)
@@ -91,13 +109,16 @@ def test_ring_attention_matches_its_reference(spec, position, dtype):
     cache = dataclasses.replace(cache, k=cache.k.at[:, layout.slot(kept)].set(random(keys[0], shape, dtype)),
                                 v=cache.v.at[:, layout.slot(kept)].set(random(keys[1], shape, dtype)),
                                 positions=cache.positions.at[layout.slot(kept)].set(jnp.asarray(kept, jnp.int32)))
-    qkv = random(keys[2], (16, (heads + 2 * kv_heads) * head_dim), dtype)
+    qkv = random(keys[2], (batch, (heads + 2 * kv_heads) * head_dim), dtype)
     at = jnp.array([position], jnp.int32)
     static = dict(heads=heads, head_dim=head_dim)
-    got, got_cache = jax.jit(lambda qkv, cache: fused_decode.ring_attention(qkv, at, cache, pattern, interpret=True,
-                                                                            **static))(qkv, cache)
-    expected, expected_cache = fused_decode.ring_attention_reference(qkv, at, cache, pattern, **static)
-    assert_close(got[:batch], expected[:batch], dtype)
+    *got, got_cache = jax.jit(lambda qkv, cache: fused_decode.ring_attention(qkv, at, cache, pattern, interpret=True,
+                                                                             **static))(qkv, cache)
+    *expected, expected_cache = fused_decode.ring_attention_reference(qkv, at, cache, pattern, **static)
+    spans = got[0].shape[1]
+    assert got[0].shape == (batch, spans, heads, head_dim) and layout.slots % spans == 0
+    assert spans == 4 or spec != "block(256)"
+    assert_close(fused_decode.combine_spans(*got, dtype), fused_decode.combine_spans(*expected, dtype), dtype)
     np.testing.assert_array_equal(got_cache.positions, expected_cache.positions)
     np.testing.assert_array_equal(np.asarray(got_cache.k, np.float32), np.asarray(expected_cache.k, np.float32))
     np.testing.assert_array_equal(np.asarray(got_cache.v, np.float32), np.asarray(expected_cache.v, np.float32))

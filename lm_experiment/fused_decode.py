@@ -55,7 +55,8 @@ REDUCTION_CHUNK = 256  # elements of the contracted dimension per load
 PROJECTION_ROWS = 4  # weight rows (output columns) per program: 160-512 programs a projection at the small preset
 ATTENTION_SPAN = 64  # cache slots per ring_attention program
 ATTENDED_CHUNK = 256  # elements of the attention's output combined and projected at a time by attend_project
-NUM_WARPS = 4
+PROJECTION_WARPS = 4
+ATTENTION_WARPS = 4
 
 
 def _largest_power_of_two_dividing(n: int, at_most: int) -> int:
@@ -74,18 +75,19 @@ def _rounded(values, dtype):
     return values.astype(dtype).astype(jnp.float32)
 
 
-def _call(kernel, *, grid, out_shape, interpret, name, input_output_aliases=None):
+def _call(kernel, *, grid, out_shape, interpret, name, num_warps=PROJECTION_WARPS, input_output_aliases=None):
     return pl.pallas_call(
         kernel, grid=grid, out_shape=out_shape, input_output_aliases=input_output_aliases or {},
-        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS), interpret=interpret, name=name)
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps), interpret=interpret, name=name)
 
 
 def _matvec(w_ref, first, rows, pieces, chunk):
-    """w[first:first + rows] @ the vector held as float32 [chunk] `pieces` -> float32 [rows]. Unrolled: every
-    load is issued up front, none waits on a loop."""
-    return _sum(jnp.sum(w_ref[pl.ds(first, rows), pl.ds(i * chunk, chunk)].astype(jnp.float32) * piece[None, :],
-                        axis=1)
-                for i, piece in enumerate(pieces))
+    """w[first:first + rows] @ the vector held as float32 [chunk] `pieces` -> float32 [rows]. Unrolled, so every
+    load is issued up front; the products are summed elementwise first, so the threads reduce across each
+    other once."""
+    products = _sum(w_ref[pl.ds(first, rows), pl.ds(i * chunk, chunk)].astype(jnp.float32) * piece[None, :]
+                    for i, piece in enumerate(pieces))
+    return jnp.sum(products, axis=1)
 
 
 # --- RMSNorm, then a projection --------------------------------------------------------------------------------
@@ -128,7 +130,7 @@ def _norm_project_kernel(*refs, eps, epilogue, head_dim, rope_heads, rows, chunk
     dtype = out_ref.dtype
     starts = range(0, x_ref.shape[1], chunk)
     inputs = [_rounded(x_ref[b, pl.ds(start, chunk)], dtype) for start in starts]
-    inverse = jax.lax.rsqrt(_sum(jnp.sum(part * part) for part in inputs) / x_ref.shape[1] + eps)
+    inverse = jax.lax.rsqrt(jnp.sum(_sum(part * part for part in inputs)) / x_ref.shape[1] + eps)
     normed = [_rounded(part * (inverse * scale_ref[pl.ds(start, chunk)].astype(jnp.float32)), dtype)
               for part, start in zip(inputs, starts)]
 
@@ -272,7 +274,8 @@ def ring_attention(qkv, position, cache: KVCache, pattern: Pattern, *, heads: in
                  jax.ShapeDtypeStruct(cache.positions.shape, jnp.int32))
     partial, lse, k, v, positions = _call(
         kernel, grid=(batch, kv_heads, spans), out_shape=out_shape, interpret=interpret, name="decode_ring_attention",
-        input_output_aliases={2: 2, 3: 3, 4: 4})(qkv, position, cache.k, cache.v, cache.positions)
+        num_warps=ATTENTION_WARPS, input_output_aliases={2: 2, 3: 3, 4: 4})(
+            qkv, position, cache.k, cache.v, cache.positions)
     return partial, lse, dataclasses.replace(cache, k=k, v=v, positions=positions)
 
 
@@ -289,7 +292,7 @@ def _attend_project_kernel(partial_ref, lse_ref, w_ref, x_ref, out_ref, *, rows,
     b, first = pl.program_id(0), pl.program_id(1) * rows
     spans, heads = lse_ref.shape[1], lse_ref.shape[2]
     dtype = w_ref.dtype
-    projected = 0.0
+    products = []  # [rows, head_chunk, head_dim] each, summed elementwise before the threads reduce once
     for head in range(0, heads, head_chunk):  # every program combines the spans of all heads itself
         lse = [lse_ref[b, s, pl.ds(head, head_chunk)] for s in range(spans)]  # [head_chunk] each
         top = functools.reduce(jnp.maximum, lse)
@@ -297,7 +300,8 @@ def _attend_project_kernel(partial_ref, lse_ref, w_ref, x_ref, out_ref, *, rows,
         attended = _sum(weight[:, None] * partial_ref[b, s, pl.ds(head, head_chunk), :]
                         for s, weight in enumerate(weights)) / _sum(weights)[:, None]  # [head_chunk, head_dim]
         w = w_ref[pl.ds(first, rows), pl.ds(head, head_chunk), :].astype(jnp.float32)  # [rows, head_chunk, head_dim]
-        projected += jnp.sum(jnp.sum(w * _rounded(attended, dtype)[None], axis=2), axis=1)
+        products.append(w * _rounded(attended, dtype)[None])
+    projected = jnp.sum(jnp.sum(_sum(products), axis=2), axis=1)
     out_ref[b, pl.ds(first, rows)] = x_ref[b, pl.ds(first, rows)] + _rounded(projected, dtype)
 
 

@@ -25,8 +25,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    p.add_argument("--decode-impl", default="xla", choices=fused_decode.IMPLS,
-                   help="the decoding step: XLA, or the fused Triton kernels (GPU; docs/generation.md)")
+    p.add_argument("--decode-impl", default="auto", choices=fused_decode.IMPLS,
+                   help="the decoding step: XLA, the fused Triton kernels (GPU), or auto: the fused ones on a GPU "
+                        "at batch 1 (docs/generation.md)")
     return p
 
 

@@ -206,7 +206,7 @@ def parse_args(argv):
     parser.add_argument("--contexts", default=",".join(map(str, DEFAULT_CONTEXTS)))
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--impls", default="xla",
-                        help=f"comma-separated decoding steps to time, each in {fused_decode.IMPLS}")
+                        help=f"comma-separated decoding steps to time, each in {fused_decode.STEPS}")
     parser.add_argument("--steps", type=int, default=64, help="tokens decoded per timed call")
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
@@ -227,8 +227,8 @@ def parse_args(argv):
     if min(contexts + batches) < 1 or args.steps < 1:
         parser.error("--contexts, --batches and --steps must be positive")
     impls = [impl.strip() for impl in args.impls.split(",") if impl.strip()]
-    if not impls or any(impl not in fused_decode.IMPLS for impl in impls):
-        parser.error(f"--impls must be a comma-separated list of {', '.join(fused_decode.IMPLS)}; got "
+    if not impls or any(impl not in fused_decode.STEPS for impl in impls):
+        parser.error(f"--impls must be a comma-separated list of {', '.join(fused_decode.STEPS)}; got "
                      f"{args.impls!r}")
     patterns = [p.strip() for p in args.patterns.split(";") if p.strip()]
     for pattern in patterns:

@@ -83,7 +83,7 @@ def _prefill(graphdef, state, prompt, max_len: int):
 def _decode(graphdef, state, caches, first_logits, start, key, steps: int, sampling: Sampling, impl: str,
             interpret: bool):
     model = nnx.merge(graphdef, state)
-    if impl == "triton":
+    if fused_decode.choose_impl(impl, model, caches[0].k.shape[0], interpret=interpret) == "triton":
         decode_one = functools.partial(fused_decode.decode_step, model, fused_decode.LayerWeights.of(model),
                                        interpret=interpret)
     else:
@@ -121,13 +121,13 @@ def prefill(model: DecoderLM, prompt, max_len: int) -> tuple[jax.Array, list[KVC
     return _prefill(graphdef, state, prompt, max_len)
 
 
-def decoder(model: DecoderLM, steps: int, sampling: Sampling = Sampling(), *, impl: str = "xla",
+def decoder(model: DecoderLM, steps: int, sampling: Sampling = Sampling(), *, impl: str = "auto",
             interpret: bool = False):
     """The jitted decoding loop of `model` as a function (caches, logits, start, key) -> int32 [batch, steps]:
     the first token sampled from logits [batch, vocab] and placed at position `start` (int32), each then
     decoded through the caches to give the next one's logits, in one lax.scan. The model is split once, so
     repeated calls (a benchmark's) cost no host work beyond the dispatch. `impl`: the decoding step, "xla"
-    (`DecoderLM.decode`) or "triton" (`fused_decode.decode_step`)."""
+    (`DecoderLM.decode`), "triton" (`fused_decode.decode_step`) or "auto" (`fused_decode.choose_impl`)."""
     graphdef, state = split_for_inference(model)
     fused_decode.check_impl(impl, model, interpret=interpret)
     return functools.partial(_decode, graphdef, state, steps=steps, sampling=sampling, impl=impl,
@@ -135,7 +135,7 @@ def decoder(model: DecoderLM, steps: int, sampling: Sampling = Sampling(), *, im
 
 
 def generate(model: DecoderLM, prompt, max_new_tokens: int, *, sampling: Sampling = Sampling(), seed: int = 0,
-             trained_seq_len: int, impl: str = "xla", interpret: bool = False) -> jax.Array:
+             trained_seq_len: int, impl: str = "auto", interpret: bool = False) -> jax.Array:
     """prompt int32 [batch, prompt_len] (every row the same length) -> int32 [batch, max_new_tokens], the
     tokens that follow it."""
     prompt = jnp.asarray(prompt, jnp.int32)

@@ -17,7 +17,8 @@ The projections are matrix-vector products summed in registers rather than `pl.d
 rows: a program per batch row and PROJECTION_ROWS rows of a weight, whose loads are all issued at once, so a
 projection is 160-512 programs of 6-16 KB at the `small` preset instead of 40-128 programs walking their
 weights in a chain of loads. The batch is a grid axis, so each batch row reads the weights again (from L2 after
-the first): the step is meant for small batches.
+the first): the step is meant for batch 1, where it took 0.43-0.78x the XLA step's time on the H200; at batch 16
+it was slower (docs/benchmarks.md), and `choose_impl` runs XLA's there.
 
 Layers whose cache keeps every position (dense, strided, random_blocks) write and attend through XLA
 (`decoding.KVCache.write`, `decoding.decode_attention`), which reads a long cache near the copy rate; their
@@ -409,8 +410,8 @@ def check_impl(impl: str, model: DecoderLM, *, interpret: bool = False) -> None:
 
 def choose_impl(impl: str, model: DecoderLM, batch: int, *, interpret: bool = False) -> str:
     """The step that runs, "xla" or "triton": `impl` itself where explicit (check_impl refuses one that cannot
-    run), and for "auto" the fused step where it was measured faster, on a GPU at batch 1 (0.47-0.79x the XLA
-    step's time at 128k on the H200; at batch 16 it took 1.04-1.84x; docs/benchmarks.md), else XLA's. Logged."""
+    run), and for "auto" the fused step where it was measured faster, on a GPU at batch 1 (0.43-0.78x the XLA
+    step's time at 128k on the H200; at batch 16 it took 1.03-1.75x; docs/benchmarks.md), else XLA's. Logged."""
     check_impl(impl, model, interpret=interpret)
     if impl != "auto":
         return impl

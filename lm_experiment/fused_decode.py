@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 STEPS = ("xla", "triton")  # the decoding steps; "auto" chooses one (choose_impl)
 IMPLS = ("auto", *STEPS)
 
+# On the H200 (results/decode_bench/fused_step/variants_1e70b68.log) 2 or 8 rows, 1 or 2 warps a projection
+# program and spans of 32 or 128 slots were each as fast as these or slower (1 warp: 1.4x the step time).
 REDUCTION_CHUNK = 256  # elements of the contracted dimension per load
 PROJECTION_ROWS = 4  # weight rows (output columns) per program: 160-512 programs a projection at the small preset
 ATTENTION_SPAN = 64  # cache slots per ring_attention program

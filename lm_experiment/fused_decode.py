@@ -64,6 +64,7 @@ ATTENTION_SPAN = 64  # cache slots per ring_attention program
 ATTENDED_CHUNK = 256  # elements of the attention's output combined and projected at a time by attend_project
 PROJECTION_WARPS = 4
 ATTENTION_WARPS = 4
+LAYER_WARPS = 4
 
 
 def _largest_power_of_two_dividing(n: int, at_most: int) -> int:
@@ -128,12 +129,16 @@ def norm_project_reference(x, scale, weights, rope=None, *, eps: float, epilogue
     return (jax.nn.silu(gate) * up).astype(dtype)
 
 
-def _norm_project_kernel(*refs, eps, epilogue, head_dim, rope_heads, rows, chunk):
+def _norm_project_kernel(*refs, **static):
+    _norm_project_item(pl.program_id(0), pl.program_id(1), *refs, **static)
+
+
+def _norm_project_item(b, program, *refs, eps, epilogue, head_dim, rope_heads, rows, chunk):
+    """Batch row b's output columns of `program` (norm_project's grid, or an item of fused_layer's phase)."""
     if epilogue == "rope":
         x_ref, scale_ref, w_ref, cos_ref, sin_ref, out_ref = refs
     else:
         x_ref, scale_ref, gate_ref, up_ref, out_ref = refs
-    b, program = pl.program_id(0), pl.program_id(1)
     dtype = out_ref.dtype
     starts = range(0, x_ref.shape[1], chunk)
     inputs = [_rounded(x_ref[b, pl.ds(start, chunk)], dtype) for start in starts]
@@ -186,8 +191,12 @@ def residual_project_reference(a, w, x):
     return x + jnp.dot(a, w.T, preferred_element_type=jnp.float32).astype(a.dtype).astype(jnp.float32)
 
 
-def _residual_project_kernel(a_ref, w_ref, x_ref, out_ref, *, rows, chunk):
-    b, first = pl.program_id(0), pl.program_id(1) * rows
+def _residual_project_kernel(*refs, **static):
+    _residual_project_item(pl.program_id(0), pl.program_id(1), *refs, **static)
+
+
+def _residual_project_item(b, program, a_ref, w_ref, x_ref, out_ref, *, rows, chunk):
+    first = program * rows
     pieces = [a_ref[b, pl.ds(start, chunk)].astype(jnp.float32) for start in range(0, a_ref.shape[1], chunk)]
     projected = _rounded(_matvec(w_ref, first, rows, pieces, chunk), a_ref.dtype)
     out_ref[b, pl.ds(first, rows)] = x_ref[b, pl.ds(first, rows)] + projected
@@ -228,9 +237,13 @@ def combine_spans(partial, lse, dtype):
     return out.reshape(out.shape[0], -1).astype(dtype)
 
 
-def _ring_attention_kernel(qkv_ref, position_ref, k_ref, v_ref, positions_ref, partial_ref, lse_ref, k_out_ref,
-                           v_out_ref, positions_out_ref, *, pattern, layout, heads, head_dim, group, span, scale):
-    b, kv_head, part = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _ring_attention_kernel(*refs, **static):
+    _ring_attention_item(pl.program_id(0), pl.program_id(1), pl.program_id(2), *refs, **static)
+
+
+def _ring_attention_item(b, kv_head, part, qkv_ref, position_ref, k_ref, v_ref, positions_ref, partial_ref, lse_ref,
+                         k_out_ref, v_out_ref, positions_out_ref, *, pattern, layout, heads, head_dim, group, span,
+                         scale):
     position = position_ref[0]
     slot = layout.slot(position)
     start = part * span
@@ -295,8 +308,12 @@ def attend_project_reference(partial, lse, w, x):
     return residual_project_reference(combine_spans(partial, lse, w.dtype), w, x)
 
 
-def _attend_project_kernel(partial_ref, lse_ref, w_ref, x_ref, out_ref, *, rows, head_chunk):
-    b, first = pl.program_id(0), pl.program_id(1) * rows
+def _attend_project_kernel(*refs, **static):
+    _attend_project_item(pl.program_id(0), pl.program_id(1), *refs, **static)
+
+
+def _attend_project_item(b, program, partial_ref, lse_ref, w_ref, x_ref, out_ref, *, rows, head_chunk):
+    first = program * rows
     spans, heads = lse_ref.shape[1], lse_ref.shape[2]
     dtype = w_ref.dtype
     products = []  # [rows, head_chunk, head_dim] each, summed elementwise before the threads reduce once
@@ -360,27 +377,197 @@ class LayerWeights:
                 for block in model.blocks]
 
 
-def decode_step(model: DecoderLM, weights: list[LayerWeights], tokens, caches: list[KVCache], position, *,
+# --- A whole layer in one kernel -----------------------------------------------------------------------------------
+
+
+def fused_layer_reference(x, layer: LayerWeights, rope, position, cache: KVCache, pattern: Pattern, *,
+                          eps: tuple[float, float], heads: int, head_dim: int):
+    """One block of DecoderLM.decode: x float32 [batch, d] at `position` -> (x after the block, the cache with the
+    position written). The five kernels' references in turn; eps: the attention norm's and the MLP norm's."""
+    kv_heads = cache.k.shape[2]
+    qkv = norm_project_reference(x, layer.attention_norm, (layer.qkv,), rope, eps=eps[0], epilogue="rope",
+                                 head_dim=head_dim, rope_heads=heads + kv_heads)
+    partial, lse, cache = ring_attention_reference(qkv, position, cache, pattern, heads=heads, head_dim=head_dim)
+    x = attend_project_reference(partial, lse, layer.out, x)
+    hidden = norm_project_reference(x, layer.mlp_norm, (layer.gate, layer.up), eps=eps[1], epilogue="swiglu",
+                                    head_dim=head_dim, rope_heads=0)
+    return residual_project_reference(hidden, layer.down, x), cache
+
+
+BARRIERS_PER_LAYER = 4  # between fused_layer's five phases
+
+
+def _grid_barrier(counter_ref, index, programs, interpret):
+    """Returns once all `programs` programs have reached barrier `index` (counter_ref int32, zero before). The
+    programs must all be resident at once; fused_layer launches no more than the GPU has multiprocessors."""
+    if not interpret:  # every thread's stores issued before the one thread's release; no interpret rule
+        plgpu.debug_barrier()
+    plgpu.atomic_add(counter_ref, pl.ds(index, 1), jnp.ones((1,), jnp.int32))  # acquire-release, GPU scope
+    jax.lax.while_loop(lambda arrived: arrived < programs,
+                       lambda _: plgpu.atomic_add(counter_ref, pl.ds(index, 1), jnp.zeros((1,), jnp.int32))[0],
+                       jnp.int32(0))
+    if not interpret:
+        plgpu.debug_barrier()
+
+
+def _for_each_item(count, programs, body):
+    """body(item) for this program's share of items 0..count-1: pid, pid + programs, ..."""
+    pid = pl.program_id(0)
+
+    def run(i, carry):
+        body(pid + i * programs)
+        return carry
+
+    jax.lax.fori_loop(0, (count - pid + programs - 1) // programs, run, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerPlan:
+    """fused_layer's static work split: each phase's items per batch row and its kernel body's constants."""
+
+    qkv_items: int
+    qkv: dict
+    spans: int
+    attention: dict
+    out_items: int
+    out: dict
+    mlp_items: int
+    mlp: dict
+    down_items: int
+    down: dict
+
+
+def _rows_per_item(divides: int, items_of, batch: int, programs: int) -> int:
+    """The fewest rows (a power of two dividing `divides`, at least PROJECTION_ROWS where that divides) that
+    leave no more items than programs, so that a program's loads are issued at once rather than in turn."""
+    rows = _largest_power_of_two_dividing(divides, PROJECTION_ROWS)
+    while batch * items_of(rows) > programs and divides % (2 * rows) == 0:
+        rows *= 2
+    return rows
+
+
+def _layer_plan(x_shape, layer: LayerWeights, cache: KVCache, pattern: Pattern, *, eps, heads, head_dim, programs):
+    batch, d = x_shape
+    kv_heads, slots = cache.k.shape[2], cache.k.shape[1]
+    columns, hidden = layer.qkv.shape[0], layer.gate.shape[0]
+    qkv_rows = _rows_per_item(head_dim // 2, lambda rows: columns // rows // 2, batch, programs)
+    out_rows = _rows_per_item(d, lambda rows: d // rows, batch, programs)
+    mlp_rows = _rows_per_item(hidden, lambda rows: hidden // rows, batch, programs)
+    span = _largest_power_of_two_dividing(slots, ATTENTION_SPAN)
+    return _LayerPlan(
+        qkv_items=columns // qkv_rows // 2,
+        qkv=dict(eps=eps[0], epilogue="rope", head_dim=head_dim, rope_heads=heads + kv_heads, rows=qkv_rows,
+                 chunk=_largest_power_of_two_dividing(d, REDUCTION_CHUNK)),
+        spans=slots // span,
+        attention=dict(pattern=pattern, layout=cache.layout, heads=heads, head_dim=head_dim,
+                       group=heads // kv_heads, span=span, scale=1.0 / math.sqrt(head_dim)),
+        out_items=d // out_rows,
+        out=dict(rows=out_rows, head_chunk=_largest_power_of_two_dividing(heads, max(1, ATTENDED_CHUNK // head_dim))),
+        mlp_items=hidden // mlp_rows,
+        mlp=dict(eps=eps[1], epilogue="swiglu", head_dim=head_dim, rope_heads=0, rows=mlp_rows,
+                 chunk=_largest_power_of_two_dividing(d, REDUCTION_CHUNK)),
+        down_items=d // out_rows,
+        down=dict(rows=out_rows, chunk=_largest_power_of_two_dividing(hidden, REDUCTION_CHUNK)))
+
+
+def _fused_layer_kernel(x_ref, position_ref, cos_ref, sin_ref, attention_norm_ref, qkv_w_ref, out_w_ref, mlp_norm_ref,
+                        gate_ref, up_ref, down_ref, k_ref, v_ref, positions_ref, _counter_in_ref,
+                        x_out_ref, k_out_ref, v_out_ref, positions_out_ref, counter_ref, qkv_ref, partial_ref, lse_ref,
+                        mid_ref, hidden_ref, *, plan: _LayerPlan, programs, first_barrier, interpret):
+    batch, kv_heads = x_ref.shape[0], k_ref.shape[2]
+
+    def phase(items_per_row, body):  # body(batch row, item of the row)
+        _for_each_item(batch * items_per_row, programs, lambda item: body(item // items_per_row, item % items_per_row))
+
+    def barrier(i):
+        _grid_barrier(counter_ref, first_barrier + i, programs, interpret)
+
+    phase(plan.qkv_items, lambda b, j: _norm_project_item(
+        b, j, x_ref, attention_norm_ref, qkv_w_ref, cos_ref, sin_ref, qkv_ref, **plan.qkv))
+    barrier(0)
+    phase(kv_heads * plan.spans, lambda b, j: _ring_attention_item(
+        b, j // plan.spans, j % plan.spans, qkv_ref, position_ref, k_ref, v_ref, positions_ref, partial_ref, lse_ref,
+        k_out_ref, v_out_ref, positions_out_ref, **plan.attention))
+    barrier(1)
+    phase(plan.out_items, lambda b, j: _attend_project_item(b, j, partial_ref, lse_ref, out_w_ref, x_ref, mid_ref,
+                                                            **plan.out))
+    barrier(2)
+    phase(plan.mlp_items, lambda b, j: _norm_project_item(b, j, mid_ref, mlp_norm_ref, gate_ref, up_ref, hidden_ref,
+                                                          **plan.mlp))
+    barrier(3)
+    phase(plan.down_items, lambda b, j: _residual_project_item(b, j, hidden_ref, down_ref, mid_ref, x_out_ref,
+                                                               **plan.down))
+
+
+def fused_layer(x, layer: LayerWeights, rope, position, cache: KVCache, pattern: Pattern, counter, *,
+                first_barrier: int, eps: tuple[float, float], heads: int, head_dim: int, programs: int,
                 interpret: bool = False):
+    """fused_layer_reference for a bounded cache in one kernel of `programs` programs, which run the five phases
+    in turn with a grid-wide barrier between them, each program taking its share of every phase's items; so a
+    layer is one launch, not five. counter: int32 [n] of zeros at BARRIERS_PER_LAYER entries from first_barrier,
+    which the barriers count on (one array for a whole step: one memset); returned with them used.
+
+    `programs` must not exceed what the device runs at once (its multiprocessors: one program fits on each), or
+    the barriers wait forever; in interpret mode programs run one after another, so there it must be 1."""
+    if interpret and programs != 1:
+        raise ValueError(f"fused_layer programs must be 1 in interpret mode (programs run in turn); got {programs}")
+    batch, d = x.shape
+    _, slots, kv_heads, _ = cache.k.shape
+    plan = _layer_plan(x.shape, layer, cache, pattern, eps=eps, heads=heads, head_dim=head_dim, programs=programs)
+    kernel = functools.partial(_fused_layer_kernel, plan=plan, programs=programs, first_barrier=first_barrier,
+                               interpret=interpret)
+    dtype = layer.qkv.dtype
+    out_shape = (jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                 jax.ShapeDtypeStruct(cache.k.shape, cache.k.dtype), jax.ShapeDtypeStruct(cache.v.shape, cache.v.dtype),
+                 jax.ShapeDtypeStruct(cache.positions.shape, jnp.int32), jax.ShapeDtypeStruct(counter.shape, jnp.int32),
+                 # scratch, each written in one phase and read in the next
+                 jax.ShapeDtypeStruct((batch, layer.qkv.shape[0]), dtype),
+                 jax.ShapeDtypeStruct((batch, plan.spans, heads, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, plan.spans, heads), jnp.float32),
+                 jax.ShapeDtypeStruct(x.shape, jnp.float32),
+                 jax.ShapeDtypeStruct((batch, layer.gate.shape[0]), dtype))
+    cos, sin = rope
+    x, k, v, positions, counter, *_ = _call(
+        kernel, grid=(programs,), out_shape=out_shape, interpret=interpret, name="decode_fused_layer",
+        num_warps=LAYER_WARPS, input_output_aliases={11: 1, 12: 2, 13: 3, 14: 4})(
+            x, position, cos, sin, layer.attention_norm, layer.qkv, layer.out.reshape(d, heads, head_dim),
+            layer.mlp_norm, layer.gate, layer.up, layer.down, cache.k, cache.v, cache.positions, counter)
+    return x, dataclasses.replace(cache, k=k, v=v, positions=positions), counter
+
+
+def resident_programs(interpret: bool) -> int:
+    """fused_layer's programs: one per multiprocessor of the GPU (all resident at once), 1 in interpret mode."""
+    return 1 if interpret else jax.devices()[0].core_count
+
+
+def decode_step(model: DecoderLM, weights: list[LayerWeights], tokens, caches: list[KVCache], position, *,
+                interpret: bool = False, programs: int | None = None):
     """DecoderLM.decode through the fused kernels: tokens int32 [batch, 1] at `position` (traced int) ->
-    (logits float32 [batch, 1, vocab], the caches updated). `weights`: LayerWeights.of(model)."""
+    (logits float32 [batch, 1, vocab], the caches updated). `weights`: LayerWeights.of(model). A layer with a
+    bounded cache is one fused_layer kernel of `programs` programs (resident_programs where None); one whose
+    cache keeps every position, four kernels around XLA's attention."""
     warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
     config = model.model_config
     heads, kv_heads, head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+    programs = resident_programs(interpret) if programs is None else programs
     x = model.embed_tokens(tokens)[:, 0]  # float32 [batch, d_model]
     position = jnp.reshape(jnp.asarray(position, jnp.int32), (1,))
     rope = rope_angles_at(position, head_dim, config.rope_base)  # float32 [1, head_dim // 2] each
+    counter = jnp.zeros((BARRIERS_PER_LAYER * len(caches),), jnp.int32)
     updated = []
-    for block, layer, cache in zip(model.blocks, weights, caches, strict=True):
-        qkv = norm_project(x, layer.attention_norm, (layer.qkv,), rope, eps=block.attention_norm.epsilon,
-                           epilogue="rope", head_dim=head_dim, rope_heads=heads + kv_heads, interpret=interpret)
+    for index, (block, layer, cache) in enumerate(zip(model.blocks, weights, caches, strict=True)):
         pattern = block.attention.pattern
         if cache.layout.bounded:
-            partial, lse, cache = ring_attention(qkv, position, cache, pattern, heads=heads, head_dim=head_dim,
-                                                 interpret=interpret)
-        else:  # XLA reads a cache as long as the sequence near the copy rate
-            partial, lse, cache = ring_attention_reference(qkv, position, cache, pattern, heads=heads,
-                                                           head_dim=head_dim)
+            x, cache, counter = fused_layer(
+                x, layer, rope, position, cache, pattern, counter, first_barrier=BARRIERS_PER_LAYER * index,
+                eps=(block.attention_norm.epsilon, block.mlp_norm.epsilon), heads=heads, head_dim=head_dim,
+                programs=programs, interpret=interpret)
+            updated.append(cache)
+            continue
+        qkv = norm_project(x, layer.attention_norm, (layer.qkv,), rope, eps=block.attention_norm.epsilon,
+                           epilogue="rope", head_dim=head_dim, rope_heads=heads + kv_heads, interpret=interpret)
+        # XLA reads a cache as long as the sequence near the copy rate
+        partial, lse, cache = ring_attention_reference(qkv, position, cache, pattern, heads=heads, head_dim=head_dim)
         updated.append(cache)
         x = attend_project(partial, lse, layer.out, x, interpret=interpret)
         hidden = norm_project(x, layer.mlp_norm, (layer.gate, layer.up), eps=block.mlp_norm.epsilon,

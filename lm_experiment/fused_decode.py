@@ -65,6 +65,7 @@ ATTENDED_CHUNK = 256  # elements of the attention's output combined and projecte
 PROJECTION_WARPS = 4
 ATTENTION_WARPS = 4
 LAYER_WARPS = 4
+PREFETCH_WEIGHTS = True  # fused_layer loads a phase's weights before the barrier ahead of it
 
 
 def _largest_power_of_two_dividing(n: int, at_most: int) -> int:
@@ -89,13 +90,17 @@ def _call(kernel, *, grid, out_shape, interpret, name, num_warps=PROJECTION_WARP
         compiler_params=plgpu.CompilerParams(num_warps=num_warps), interpret=interpret, name=name)
 
 
-def _matvec(w_ref, first, rows, pieces, chunk):
-    """w[first:first + rows] @ the vector held as float32 [chunk] `pieces` -> float32 [rows]. Unrolled, so every
-    load is issued up front; the products are summed elementwise first, so the threads reduce across each
-    other once."""
-    products = _sum(w_ref[pl.ds(first, rows), pl.ds(i * chunk, chunk)].astype(jnp.float32) * piece[None, :]
-                    for i, piece in enumerate(pieces))
-    return jnp.sum(products, axis=1)
+def _weight_tiles(w_ref, first, rows, chunk):
+    """w[first:first + rows] as stored, in [rows, chunk] tiles along the contracted dimension; loaded together,
+    so all of them are in flight at once."""
+    return [w_ref[pl.ds(first, rows), pl.ds(start, chunk)] for start in range(0, w_ref.shape[1], chunk)]
+
+
+def _matvec(tiles, pieces):
+    """The weight rows held as `tiles` @ the vector held as float32 [chunk] `pieces` -> float32 [rows]. The
+    products are summed elementwise first, so the threads reduce across each other once."""
+    return jnp.sum(_sum(tile.astype(jnp.float32) * piece[None, :] for tile, piece in zip(tiles, pieces, strict=True)),
+                   axis=1)
 
 
 # --- RMSNorm, then a projection --------------------------------------------------------------------------------
@@ -129,42 +134,63 @@ def norm_project_reference(x, scale, weights, rope=None, *, eps: float, epilogue
     return (jax.nn.silu(gate) * up).astype(dtype)
 
 
-def _norm_project_kernel(*refs, **static):
-    _norm_project_item(pl.program_id(0), pl.program_id(1), *refs, **static)
+@dataclasses.dataclass(frozen=True)
+class _NormProjection:
+    """norm_project's work for one program: `rows` output columns (for "rope", `rows` of both halves of a head),
+    as the weight rows it reads (`tiles`) and what it computes from them (`item`), split so that fused_layer can
+    load a phase's weights before the barrier that precedes it."""
 
+    eps: float
+    epilogue: str
+    head_dim: int
+    rope_heads: int
+    rows: int
+    chunk: int
 
-def _norm_project_item(b, program, *refs, eps, epilogue, head_dim, rope_heads, rows, chunk):
-    """Batch row b's output columns of `program` (norm_project's grid, or an item of fused_layer's phase)."""
-    if epilogue == "rope":
-        x_ref, scale_ref, w_ref, cos_ref, sin_ref, out_ref = refs
-    else:
-        x_ref, scale_ref, gate_ref, up_ref, out_ref = refs
-    dtype = out_ref.dtype
-    starts = range(0, x_ref.shape[1], chunk)
-    inputs = [_rounded(x_ref[b, pl.ds(start, chunk)], dtype) for start in starts]
-    inverse = jax.lax.rsqrt(jnp.sum(_sum(part * part for part in inputs)) / x_ref.shape[1] + eps)
-    normed = [_rounded(part * (inverse * scale_ref[pl.ds(start, chunk)].astype(jnp.float32)), dtype)
-              for part, start in zip(inputs, starts)]
-
-    def project(w_ref, first):  # -> the projection's columns [first, first + rows), rounded to dtype
-        return _rounded(_matvec(w_ref, first, rows, normed, chunk), dtype)
-
-    if epilogue == "rope":
-        # A program's columns: `rows` of one head's first half and the matching `rows` of its second half.
-        half = head_dim // 2
-        per_head = half // rows
+    def _rope_columns(self, program):  # -> (first column, head, the head's part)
+        per_head = self.head_dim // 2 // self.rows
         head, part = program // per_head, program % per_head
-        first = head * head_dim + part * rows
-        lo, hi = project(w_ref, first), project(w_ref, first + half)
-        cos, sin = cos_ref[0, pl.ds(part * rows, rows)], sin_ref[0, pl.ds(part * rows, rows)]
-        rotate = head < rope_heads
-        out_ref[b, pl.ds(first, rows)] = jnp.where(rotate, lo * cos - hi * sin, lo).astype(dtype)
-        out_ref[b, pl.ds(first + half, rows)] = jnp.where(rotate, hi * cos + lo * sin, hi).astype(dtype)
-        return
-    first = program * rows
-    gate = project(gate_ref, first)
-    silu = _rounded(gate * jax.nn.sigmoid(gate), dtype)
-    out_ref[b, pl.ds(first, rows)] = (silu * project(up_ref, first)).astype(dtype)
+        return head * self.head_dim + part * self.rows, head, part
+
+    def tiles(self, program, w_refs):
+        """rope: (w_qkv's rows of the first half, of the second half); swiglu: (w_gate's rows, w_up's rows)."""
+        if self.epilogue == "rope":
+            (w_ref,) = w_refs
+            first, _, _ = self._rope_columns(program)
+            return tuple(_weight_tiles(w_ref, start, self.rows, self.chunk) for start in (first, first + self.head_dim // 2))
+        return tuple(_weight_tiles(w_ref, program * self.rows, self.rows, self.chunk) for w_ref in w_refs)
+
+    def item(self, b, program, tiles, x_ref, scale_ref, rope_refs, out_ref):
+        """Batch row b's output columns of `program`."""
+        dtype = out_ref.dtype
+        starts = range(0, x_ref.shape[1], self.chunk)
+        inputs = [_rounded(x_ref[b, pl.ds(start, self.chunk)], dtype) for start in starts]
+        inverse = jax.lax.rsqrt(jnp.sum(_sum(part * part for part in inputs)) / x_ref.shape[1] + self.eps)
+        normed = [_rounded(part * (inverse * scale_ref[pl.ds(start, self.chunk)].astype(jnp.float32)), dtype)
+                  for part, start in zip(inputs, starts)]
+        first_tiles, second_tiles = tiles
+        lo, hi = (_rounded(_matvec(part, normed), dtype) for part in (first_tiles, second_tiles))
+        if self.epilogue == "rope":
+            first, head, part = self._rope_columns(program)
+            cos_ref, sin_ref = rope_refs
+            cos, sin = (ref[0, pl.ds(part * self.rows, self.rows)] for ref in (cos_ref, sin_ref))
+            rotate = head < self.rope_heads
+            out_ref[b, pl.ds(first, self.rows)] = jnp.where(rotate, lo * cos - hi * sin, lo).astype(dtype)
+            out_ref[b, pl.ds(first + self.head_dim // 2, self.rows)] = jnp.where(
+                rotate, hi * cos + lo * sin, hi).astype(dtype)
+            return
+        silu = _rounded(lo * jax.nn.sigmoid(lo), dtype)  # lo: the gate's columns, hi: the up projection's
+        out_ref[b, pl.ds(program * self.rows, self.rows)] = (silu * hi).astype(dtype)
+
+
+def _norm_project_kernel(*refs, projection: _NormProjection):
+    x_ref, scale_ref, *w_refs, out_ref = refs
+    rope_refs = ()
+    if projection.epilogue == "rope":
+        w_refs, rope_refs = w_refs[:1], w_refs[1:]
+    program = pl.program_id(1)
+    projection.item(pl.program_id(0), program, projection.tiles(program, w_refs), x_ref, scale_ref, rope_refs,
+                    out_ref)
 
 
 def norm_project(x, scale, weights, rope=None, *, eps: float, epilogue: str, head_dim: int, rope_heads: int,
@@ -174,9 +200,9 @@ def norm_project(x, scale, weights, rope=None, *, eps: float, epilogue: str, hea
     batch, d = x.shape
     columns = weights[0].shape[0]
     rows = _largest_power_of_two_dividing(head_dim // 2 if epilogue == "rope" else columns, PROJECTION_ROWS)
-    chunk = _largest_power_of_two_dividing(d, REDUCTION_CHUNK)
-    kernel = functools.partial(_norm_project_kernel, eps=eps, epilogue=epilogue, head_dim=head_dim,
-                               rope_heads=rope_heads, rows=rows, chunk=chunk)
+    projection = _NormProjection(eps=eps, epilogue=epilogue, head_dim=head_dim, rope_heads=rope_heads, rows=rows,
+                                 chunk=_largest_power_of_two_dividing(d, REDUCTION_CHUNK))
+    kernel = functools.partial(_norm_project_kernel, projection=projection)
     programs = columns // rows // (2 if epilogue == "rope" else 1)
     operands = (x, scale, *weights, *(rope or ()))
     return _call(kernel, grid=(batch, programs), out_shape=jax.ShapeDtypeStruct((batch, columns), scale.dtype),
@@ -191,23 +217,35 @@ def residual_project_reference(a, w, x):
     return x + jnp.dot(a, w.T, preferred_element_type=jnp.float32).astype(a.dtype).astype(jnp.float32)
 
 
-def _residual_project_kernel(*refs, **static):
-    _residual_project_item(pl.program_id(0), pl.program_id(1), *refs, **static)
+@dataclasses.dataclass(frozen=True)
+class _ResidualProjection:
+    """residual_project's work for one program, `rows` output columns: its weight rows and what it computes."""
+
+    rows: int
+    chunk: int
+
+    def tiles(self, program, w_ref):
+        return _weight_tiles(w_ref, program * self.rows, self.rows, self.chunk)
+
+    def item(self, b, program, tiles, a_ref, x_ref, out_ref):
+        first = program * self.rows
+        pieces = [a_ref[b, pl.ds(start, self.chunk)].astype(jnp.float32)
+                  for start in range(0, a_ref.shape[1], self.chunk)]
+        projected = _rounded(_matvec(tiles, pieces), a_ref.dtype)
+        out_ref[b, pl.ds(first, self.rows)] = x_ref[b, pl.ds(first, self.rows)] + projected
 
 
-def _residual_project_item(b, program, a_ref, w_ref, x_ref, out_ref, *, rows, chunk):
-    first = program * rows
-    pieces = [a_ref[b, pl.ds(start, chunk)].astype(jnp.float32) for start in range(0, a_ref.shape[1], chunk)]
-    projected = _rounded(_matvec(w_ref, first, rows, pieces, chunk), a_ref.dtype)
-    out_ref[b, pl.ds(first, rows)] = x_ref[b, pl.ds(first, rows)] + projected
+def _residual_project_kernel(a_ref, w_ref, x_ref, out_ref, *, projection: _ResidualProjection):
+    program = pl.program_id(1)
+    projection.item(pl.program_id(0), program, projection.tiles(program, w_ref), a_ref, x_ref, out_ref)
 
 
 def residual_project(a, w, x, *, interpret: bool = False):
     """residual_project_reference in one kernel, a program per batch row and PROJECTION_ROWS output columns."""
     batch, d = x.shape
     rows = _largest_power_of_two_dividing(d, PROJECTION_ROWS)
-    kernel = functools.partial(_residual_project_kernel, rows=rows,
-                               chunk=_largest_power_of_two_dividing(a.shape[1], REDUCTION_CHUNK))
+    projection = _ResidualProjection(rows=rows, chunk=_largest_power_of_two_dividing(a.shape[1], REDUCTION_CHUNK))
+    kernel = functools.partial(_residual_project_kernel, projection=projection)
     return _call(kernel, grid=(batch, d // rows), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
                  interpret=interpret, name="decode_residual_project")(a, w, x)
 
@@ -308,25 +346,38 @@ def attend_project_reference(partial, lse, w, x):
     return residual_project_reference(combine_spans(partial, lse, w.dtype), w, x)
 
 
-def _attend_project_kernel(*refs, **static):
-    _attend_project_item(pl.program_id(0), pl.program_id(1), *refs, **static)
+@dataclasses.dataclass(frozen=True)
+class _AttendProjection:
+    """attend_project's work for one program, `rows` output columns: its rows of w_out [d, heads, head_dim], by
+    chunks of head_chunk heads, and what it computes from them."""
+
+    rows: int
+    head_chunk: int
+
+    def tiles(self, program, w_ref):
+        return [w_ref[pl.ds(program * self.rows, self.rows), pl.ds(head, self.head_chunk), :]
+                for head in range(0, w_ref.shape[1], self.head_chunk)]
+
+    def item(self, b, program, tiles, partial_ref, lse_ref, x_ref, out_ref):
+        first = program * self.rows
+        spans = lse_ref.shape[1]
+        dtype = tiles[0].dtype
+        products = []  # [rows, head_chunk, head_dim] each, summed elementwise before the threads reduce once
+        for tile, head in zip(tiles, range(0, lse_ref.shape[2], self.head_chunk), strict=True):
+            # every program combines the spans of all heads itself
+            lse = [lse_ref[b, s, pl.ds(head, self.head_chunk)] for s in range(spans)]  # [head_chunk] each
+            top = functools.reduce(jnp.maximum, lse)
+            weights = [jnp.exp(part - top) for part in lse]
+            attended = _sum(weight[:, None] * partial_ref[b, s, pl.ds(head, self.head_chunk), :]
+                            for s, weight in enumerate(weights)) / _sum(weights)[:, None]  # [head_chunk, head_dim]
+            products.append(tile.astype(jnp.float32) * _rounded(attended, dtype)[None])
+        projected = jnp.sum(jnp.sum(_sum(products), axis=2), axis=1)
+        out_ref[b, pl.ds(first, self.rows)] = x_ref[b, pl.ds(first, self.rows)] + _rounded(projected, dtype)
 
 
-def _attend_project_item(b, program, partial_ref, lse_ref, w_ref, x_ref, out_ref, *, rows, head_chunk):
-    first = program * rows
-    spans, heads = lse_ref.shape[1], lse_ref.shape[2]
-    dtype = w_ref.dtype
-    products = []  # [rows, head_chunk, head_dim] each, summed elementwise before the threads reduce once
-    for head in range(0, heads, head_chunk):  # every program combines the spans of all heads itself
-        lse = [lse_ref[b, s, pl.ds(head, head_chunk)] for s in range(spans)]  # [head_chunk] each
-        top = functools.reduce(jnp.maximum, lse)
-        weights = [jnp.exp(part - top) for part in lse]
-        attended = _sum(weight[:, None] * partial_ref[b, s, pl.ds(head, head_chunk), :]
-                        for s, weight in enumerate(weights)) / _sum(weights)[:, None]  # [head_chunk, head_dim]
-        w = w_ref[pl.ds(first, rows), pl.ds(head, head_chunk), :].astype(jnp.float32)  # [rows, head_chunk, head_dim]
-        products.append(w * _rounded(attended, dtype)[None])
-    projected = jnp.sum(jnp.sum(_sum(products), axis=2), axis=1)
-    out_ref[b, pl.ds(first, rows)] = x_ref[b, pl.ds(first, rows)] + _rounded(projected, dtype)
+def _attend_project_kernel(partial_ref, lse_ref, w_ref, x_ref, out_ref, *, projection: _AttendProjection):
+    program = pl.program_id(1)
+    projection.item(pl.program_id(0), program, projection.tiles(program, w_ref), partial_ref, lse_ref, x_ref, out_ref)
 
 
 def attend_project(partial, lse, w, x, *, interpret: bool = False):
@@ -335,7 +386,8 @@ def attend_project(partial, lse, w, x, *, interpret: bool = False):
     d = x.shape[1]
     rows = _largest_power_of_two_dividing(d, PROJECTION_ROWS)
     head_chunk = _largest_power_of_two_dividing(heads, max(1, ATTENDED_CHUNK // head_dim))
-    kernel = functools.partial(_attend_project_kernel, rows=rows, head_chunk=head_chunk)
+    kernel = functools.partial(_attend_project_kernel,
+                               projection=_AttendProjection(rows=rows, head_chunk=head_chunk))
     return _call(kernel, grid=(batch, d // rows), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
                  interpret=interpret, name="decode_attend_project")(partial, lse, w.reshape(d, heads, head_dim), x)
 
@@ -423,18 +475,23 @@ def _for_each_item(count, programs, body):
 
 @dataclasses.dataclass(frozen=True)
 class _LayerPlan:
-    """fused_layer's static work split: each phase's items per batch row and its kernel body's constants."""
+    """fused_layer's static work split: each phase's items per batch row and how an item is computed."""
 
     qkv_items: int
-    qkv: dict
+    qkv: _NormProjection
     spans: int
-    attention: dict
+    attention: dict  # _ring_attention_item's constants
     out_items: int
-    out: dict
+    out: _AttendProjection
     mlp_items: int
-    mlp: dict
+    mlp: _NormProjection
     down_items: int
-    down: dict
+    down: _ResidualProjection
+
+    def one_item_each(self, batch: int, programs: int) -> bool:
+        """Whether every projection phase has at most one item per program, so that a program can load its next
+        phase's weights before the barrier in between."""
+        return batch == 1 and max(self.qkv_items, self.out_items, self.mlp_items, self.down_items) <= programs
 
 
 def _rows_per_item(divides: int, items_of, batch: int, programs: int) -> int:
@@ -456,18 +513,19 @@ def _layer_plan(x_shape, layer: LayerWeights, cache: KVCache, pattern: Pattern, 
     span = _largest_power_of_two_dividing(slots, ATTENTION_SPAN)
     return _LayerPlan(
         qkv_items=columns // qkv_rows // 2,
-        qkv=dict(eps=eps[0], epilogue="rope", head_dim=head_dim, rope_heads=heads + kv_heads, rows=qkv_rows,
-                 chunk=_largest_power_of_two_dividing(d, REDUCTION_CHUNK)),
+        qkv=_NormProjection(eps=eps[0], epilogue="rope", head_dim=head_dim, rope_heads=heads + kv_heads,
+                            rows=qkv_rows, chunk=_largest_power_of_two_dividing(d, REDUCTION_CHUNK)),
         spans=slots // span,
         attention=dict(pattern=pattern, layout=cache.layout, heads=heads, head_dim=head_dim,
                        group=heads // kv_heads, span=span, scale=1.0 / math.sqrt(head_dim)),
         out_items=d // out_rows,
-        out=dict(rows=out_rows, head_chunk=_largest_power_of_two_dividing(heads, max(1, ATTENDED_CHUNK // head_dim))),
+        out=_AttendProjection(rows=out_rows,
+                              head_chunk=_largest_power_of_two_dividing(heads, max(1, ATTENDED_CHUNK // head_dim))),
         mlp_items=hidden // mlp_rows,
-        mlp=dict(eps=eps[1], epilogue="swiglu", head_dim=head_dim, rope_heads=0, rows=mlp_rows,
-                 chunk=_largest_power_of_two_dividing(d, REDUCTION_CHUNK)),
+        mlp=_NormProjection(eps=eps[1], epilogue="swiglu", head_dim=head_dim, rope_heads=0, rows=mlp_rows,
+                            chunk=_largest_power_of_two_dividing(d, REDUCTION_CHUNK)),
         down_items=d // out_rows,
-        down=dict(rows=out_rows, chunk=_largest_power_of_two_dividing(hidden, REDUCTION_CHUNK)))
+        down=_ResidualProjection(rows=out_rows, chunk=_largest_power_of_two_dividing(hidden, REDUCTION_CHUNK)))
 
 
 def _fused_layer_kernel(x_ref, position_ref, cos_ref, sin_ref, attention_norm_ref, qkv_w_ref, out_w_ref, mlp_norm_ref,
@@ -475,28 +533,68 @@ def _fused_layer_kernel(x_ref, position_ref, cos_ref, sin_ref, attention_norm_re
                         x_out_ref, k_out_ref, v_out_ref, positions_out_ref, counter_ref, qkv_ref, partial_ref, lse_ref,
                         mid_ref, hidden_ref, *, plan: _LayerPlan, programs, first_barrier, interpret):
     batch, kv_heads = x_ref.shape[0], k_ref.shape[2]
-
-    def phase(items_per_row, body):  # body(batch row, item of the row)
-        _for_each_item(batch * items_per_row, programs, lambda item: body(item // items_per_row, item % items_per_row))
+    pid = pl.program_id(0)
 
     def barrier(i):
         _grid_barrier(counter_ref, first_barrier + i, programs, interpret)
 
-    phase(plan.qkv_items, lambda b, j: _norm_project_item(
-        b, j, x_ref, attention_norm_ref, qkv_w_ref, cos_ref, sin_ref, qkv_ref, **plan.qkv))
+    def phase(items_per_row, body):  # body(batch row, item of the row), for this program's share of the items
+        _for_each_item(batch * items_per_row, programs, lambda item: body(item // items_per_row, item % items_per_row))
+
+    # Each projection phase as (items per row, its weight rows for an item, what an item computes from them).
+    projections = [
+        (plan.qkv_items, lambda j: plan.qkv.tiles(j, (qkv_w_ref,)), lambda b, j, tiles: plan.qkv.item(
+            b, j, tiles, x_ref, attention_norm_ref, (cos_ref, sin_ref), qkv_ref)),
+        (plan.out_items, lambda j: plan.out.tiles(j, out_w_ref), lambda b, j, tiles: plan.out.item(
+            b, j, tiles, partial_ref, lse_ref, x_ref, mid_ref)),
+        (plan.mlp_items, lambda j: plan.mlp.tiles(j, (gate_ref, up_ref)), lambda b, j, tiles: plan.mlp.item(
+            b, j, tiles, mid_ref, mlp_norm_ref, (), hidden_ref)),
+        (plan.down_items, lambda j: plan.down.tiles(j, down_ref), lambda b, j, tiles: plan.down.item(
+            b, j, tiles, hidden_ref, mid_ref, x_out_ref))]
+
+    def attention():
+        phase(kv_heads * plan.spans, lambda b, j: _ring_attention_item(
+            b, j // plan.spans, j % plan.spans, qkv_ref, position_ref, k_ref, v_ref, positions_ref, partial_ref,
+            lse_ref, k_out_ref, v_out_ref, positions_out_ref, **plan.attention))
+
+    if PREFETCH_WEIGHTS and plan.one_item_each(batch, programs):
+        # A program's next weights are loaded before the barrier, so their latency overlaps the wait. Programs
+        # past a phase's items load the last item's rows (cached) and store nothing.
+        def load(index):
+            items, tiles, _ = projections[index]
+            return tiles(jnp.minimum(pid, items - 1))
+
+        def compute(index, tiles):
+            items, _, body = projections[index]
+            pl.when(pid < items)(lambda: body(0, pid, tiles))
+
+        compute(0, load(0))
+        barrier(0)
+        attention()
+        tiles = load(1)
+        barrier(1)
+        compute(1, tiles)
+        tiles = load(2)
+        barrier(2)
+        compute(2, tiles)
+        tiles = load(3)
+        barrier(3)
+        compute(3, tiles)
+        return
+
+    def projection_phase(index):
+        items, tiles, body = projections[index]
+        phase(items, lambda b, j: body(b, j, tiles(j)))
+
+    projection_phase(0)
     barrier(0)
-    phase(kv_heads * plan.spans, lambda b, j: _ring_attention_item(
-        b, j // plan.spans, j % plan.spans, qkv_ref, position_ref, k_ref, v_ref, positions_ref, partial_ref, lse_ref,
-        k_out_ref, v_out_ref, positions_out_ref, **plan.attention))
+    attention()
     barrier(1)
-    phase(plan.out_items, lambda b, j: _attend_project_item(b, j, partial_ref, lse_ref, out_w_ref, x_ref, mid_ref,
-                                                            **plan.out))
+    projection_phase(1)
     barrier(2)
-    phase(plan.mlp_items, lambda b, j: _norm_project_item(b, j, mid_ref, mlp_norm_ref, gate_ref, up_ref, hidden_ref,
-                                                          **plan.mlp))
+    projection_phase(2)
     barrier(3)
-    phase(plan.down_items, lambda b, j: _residual_project_item(b, j, hidden_ref, down_ref, mid_ref, x_out_ref,
-                                                               **plan.down))
+    projection_phase(3)
 
 
 def fused_layer(x, layer: LayerWeights, rope, position, cache: KVCache, pattern: Pattern, counter, *,

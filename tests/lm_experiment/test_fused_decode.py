@@ -195,8 +195,8 @@ def test_a_layers_items_fit_its_programs_where_they_can(programs, batch):
     plan = fused_decode._layer_plan((batch, config.d_model), layer, cache, pattern, eps=(1e-6, 1e-6),
                                     heads=config.num_heads, head_dim=config.head_dim, programs=programs)
     # the most rows of an item: the largest power of two dividing a head's half (rope pairs), 768 and 2048
-    projections = [(plan.qkv_items, plan.qkv["rows"], 32), (plan.out_items, plan.out["rows"], 256),
-                   (plan.mlp_items, plan.mlp["rows"], 2048), (plan.down_items, plan.down["rows"], 256)]
+    projections = [(plan.qkv_items, plan.qkv.rows, 32), (plan.out_items, plan.out.rows, 256),
+                   (plan.mlp_items, plan.mlp.rows, 2048), (plan.down_items, plan.down.rows, 256)]
     for items, rows, most_rows in projections:
         assert rows >= fused_decode.PROJECTION_ROWS
         assert batch * items <= programs or rows == most_rows

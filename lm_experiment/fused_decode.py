@@ -1,8 +1,8 @@
-"""One decoding step of DecoderLM in five Pallas (Triton) kernels per layer, for batch-1 decoding on GPUs.
+"""One decoding step of DecoderLM in Pallas (Triton) kernels, for batch-1 decoding on GPUs.
 
 XLA runs a batch-1 step of the `small` preset as about 23.5 kernels per layer of 2-5 us each, so a local
-pattern's step is bound by kernel count and latency, not by bytes (docs/benchmarks.md, "Decoding"). Here each
-layer is:
+pattern's step is bound by kernel count and latency, not by bytes (docs/benchmarks.md, "Decoding"). A layer's
+work is five phases, each a kernel of its own here:
 
   norm_project(x, norm, (w_qkv,), rope, epilogue="rope")    RMSNorm, q|k|v = h @ w_qkv.T, RoPE on q and k
   ring_attention(qkv, position, cache, ...)                  the new k, v written to their slot; a program per
@@ -13,12 +13,17 @@ layer is:
   norm_project(x, norm, (w_gate, w_up), epilogue="swiglu")   RMSNorm, silu(h @ w_gate.T) * (h @ w_up.T)
   residual_project(hidden, w_down, x)                        x + hidden @ w_down.T
 
+A layer with a bounded cache runs all five as one kernel, `fused_layer`: a program per multiprocessor (all
+resident at once), each taking its share of every phase's items, with a grid-wide barrier (an atomic counter)
+between phases; where every program has at most one item of a phase, it loads that phase's weights before the
+barrier, so their latency overlaps the wait. The five separate kernels remain for layers whose cache keeps every
+position, around XLA's attention.
+
 The projections are matrix-vector products summed in registers rather than `pl.dot`, whose smallest tile is 16
-rows: a program per batch row and PROJECTION_ROWS rows of a weight, whose loads are all issued at once, so a
-projection is 160-512 programs of 6-16 KB at the `small` preset instead of 40-128 programs walking their
-weights in a chain of loads. The batch is a grid axis, so each batch row reads the weights again (from L2 after
-the first): the step is meant for batch 1, where it took 0.43-0.78x the XLA step's time on the H200; at batch 16
-it was slower (docs/benchmarks.md), and `choose_impl` runs XLA's there.
+rows: a program (or item) per batch row and a few rows of a weight, whose loads are all issued at once. The
+batch rows are separate programs or items, so each reads the weights again (from L2 after the first): the step
+is meant for batch 1; at batch 16 it was slower than XLA's (docs/benchmarks.md), and `choose_impl` runs XLA's
+there.
 
 Layers whose cache keeps every position (dense, strided, random_blocks) write and attend through XLA
 (`decoding.KVCache.write`, `decoding.decode_attention`), which reads a long cache near the copy rate; their
@@ -65,6 +70,7 @@ ATTENDED_CHUNK = 256  # elements of the attention's output combined and projecte
 PROJECTION_WARPS = 4
 ATTENTION_WARPS = 4
 LAYER_WARPS = 4
+MOST_ITEM_ROWS = 16  # a fused_layer item's weight rows: 48 KB of w_gate and w_up at the small preset
 PREFETCH_WEIGHTS = True  # fused_layer loads a phase's weights before the barrier ahead of it
 
 
@@ -455,9 +461,9 @@ def _grid_barrier(counter_ref, index, programs, interpret):
     if not interpret:  # every thread's stores issued before the one thread's release; no interpret rule
         plgpu.debug_barrier()
     plgpu.atomic_add(counter_ref, pl.ds(index, 1), jnp.ones((1,), jnp.int32))  # acquire-release, GPU scope
+    # Polled by every thread with volatile loads: a one-element atomic's result reaches only the thread that ran it.
     jax.lax.while_loop(lambda arrived: arrived < programs,
-                       lambda _: plgpu.atomic_add(counter_ref, pl.ds(index, 1), jnp.zeros((1,), jnp.int32))[0],
-                       jnp.int32(0))
+                       lambda _: plgpu.load(counter_ref.at[pl.ds(index, 1)], volatile=True)[0], jnp.int32(0))
     if not interpret:
         plgpu.debug_barrier()
 
@@ -495,10 +501,11 @@ class _LayerPlan:
 
 
 def _rows_per_item(divides: int, items_of, batch: int, programs: int) -> int:
-    """The fewest rows (a power of two dividing `divides`, at least PROJECTION_ROWS where that divides) that
-    leave no more items than programs, so that a program's loads are issued at once rather than in turn."""
+    """The fewest rows (a power of two dividing `divides`, at least PROJECTION_ROWS where that divides, at most
+    MOST_ITEM_ROWS, which a program holds in registers) that leave no more items than programs, so that a
+    program's loads are issued at once rather than in turn."""
     rows = _largest_power_of_two_dividing(divides, PROJECTION_ROWS)
-    while batch * items_of(rows) > programs and divides % (2 * rows) == 0:
+    while batch * items_of(rows) > programs and divides % (2 * rows) == 0 and rows < MOST_ITEM_ROWS:
         rows *= 2
     return rows
 

@@ -185,7 +185,7 @@ def test_fused_layer_in_interpret_mode_needs_one_program():
 @pytest.mark.parametrize("programs, batch", [(132, 1), (64, 1), (132, 4), (1, 1)])
 def test_a_layers_items_fit_its_programs_where_they_can(programs, batch):
     """At the small preset's shapes each phase of fused_layer has at most one item per program where its rows
-    can grow that far (its loads then issue at once), never fewer than PROJECTION_ROWS rows otherwise."""
+    can grow that far (its loads then issue at once) within MOST_ITEM_ROWS, never fewer than PROJECTION_ROWS."""
     config = small_preset(1)
     layer = random_layer(jax.random.key(0), config.d_model, config.num_heads, config.num_kv_heads, config.head_dim,
                          config.mlp_hidden, jnp.bfloat16)
@@ -194,9 +194,9 @@ def test_a_layers_items_fit_its_programs_where_they_can(programs, batch):
                           jnp.bfloat16)
     plan = fused_decode._layer_plan((batch, config.d_model), layer, cache, pattern, eps=(1e-6, 1e-6),
                                     heads=config.num_heads, head_dim=config.head_dim, programs=programs)
-    # the most rows of an item: the largest power of two dividing a head's half (rope pairs), 768 and 2048
-    projections = [(plan.qkv_items, plan.qkv.rows, 32), (plan.out_items, plan.out.rows, 256),
-                   (plan.mlp_items, plan.mlp.rows, 2048), (plan.down_items, plan.down.rows, 256)]
+    most = fused_decode.MOST_ITEM_ROWS
+    projections = [(plan.qkv_items, plan.qkv.rows, most), (plan.out_items, plan.out.rows, most),
+                   (plan.mlp_items, plan.mlp.rows, most), (plan.down_items, plan.down.rows, most)]
     for items, rows, most_rows in projections:
         assert rows >= fused_decode.PROJECTION_ROWS
         assert batch * items <= programs or rows == most_rows

@@ -163,7 +163,8 @@ class _NormProjection:
         if self.epilogue == "rope":
             (w_ref,) = w_refs
             first, _, _ = self._rope_columns(program)
-            return tuple(_weight_tiles(w_ref, start, self.rows, self.chunk) for start in (first, first + self.head_dim // 2))
+            return tuple(_weight_tiles(w_ref, start, self.rows, self.chunk)
+                         for start in (first, first + self.head_dim // 2))
         return tuple(_weight_tiles(w_ref, program * self.rows, self.rows, self.chunk) for w_ref in w_refs)
 
     def item(self, b, program, tiles, x_ref, scale_ref, rope_refs, out_ref):
@@ -453,17 +454,22 @@ def fused_layer_reference(x, layer: LayerWeights, rope, position, cache: KVCache
 
 
 BARRIERS_PER_LAYER = 4  # between fused_layer's five phases
+BARRIER_LANES = 32 * LAYER_WARPS  # a counter per thread of a program
 
 
 def _grid_barrier(counter_ref, index, programs, interpret):
-    """Returns once all `programs` programs have reached barrier `index` (counter_ref int32, zero before). The
-    programs must all be resident at once; fused_layer launches no more than the GPU has multiprocessors."""
-    if not interpret:  # every thread's stores issued before the one thread's release; no interpret rule
+    """Returns once all `programs` programs have reached barrier `index` of counter_ref (int32 [barriers,
+    BARRIER_LANES], zero before). Each thread counts on its own lane, so each gets its own atomics' results (a
+    one-element atomic's result reaches only the thread that ran it) and releases its own stores; the loop runs
+    until every lane has counted every program, and its atomics keep it from being removed as dead code. The
+    programs must all be resident at once: fused_layer launches no more than the GPU has multiprocessors."""
+    lanes = pl.ds(index, 1), pl.ds(0, counter_ref.shape[1])
+    if not interpret:  # no interpret rule; the stores of the program's threads issued before the arrival
         plgpu.debug_barrier()
-    plgpu.atomic_add(counter_ref, pl.ds(index, 1), jnp.ones((1,), jnp.int32))  # acquire-release, GPU scope
-    # Polled by every thread with volatile loads: a one-element atomic's result reaches only the thread that ran it.
-    jax.lax.while_loop(lambda arrived: arrived < programs,
-                       lambda _: plgpu.load(counter_ref.at[pl.ds(index, 1)], volatile=True)[0], jnp.int32(0))
+    arrived = plgpu.atomic_add(counter_ref, lanes, jnp.ones((1, counter_ref.shape[1]), jnp.int32)) + 1
+    jax.lax.while_loop(lambda arrived: jnp.min(arrived) < programs,
+                       lambda _: plgpu.atomic_add(counter_ref, lanes, jnp.zeros((1, counter_ref.shape[1]), jnp.int32)),
+                       arrived)
     if not interpret:
         plgpu.debug_barrier()
 
@@ -609,8 +615,8 @@ def fused_layer(x, layer: LayerWeights, rope, position, cache: KVCache, pattern:
                 interpret: bool = False):
     """fused_layer_reference for a bounded cache in one kernel of `programs` programs, which run the five phases
     in turn with a grid-wide barrier between them, each program taking its share of every phase's items; so a
-    layer is one launch, not five. counter: int32 [n] of zeros at BARRIERS_PER_LAYER entries from first_barrier,
-    which the barriers count on (one array for a whole step: one memset); returned with them used.
+    layer is one launch, not five. counter: int32 [n, BARRIER_LANES] of zeros at BARRIERS_PER_LAYER rows from
+    first_barrier, which the barriers count on (one array for a whole step: one memset); returned with them used.
 
     `programs` must not exceed what the device runs at once (its multiprocessors: one program fits on each), or
     the barriers wait forever; in interpret mode programs run one after another, so there it must be 1."""
@@ -658,7 +664,7 @@ def decode_step(model: DecoderLM, weights: list[LayerWeights], tokens, caches: l
     x = model.embed_tokens(tokens)[:, 0]  # float32 [batch, d_model]
     position = jnp.reshape(jnp.asarray(position, jnp.int32), (1,))
     rope = rope_angles_at(position, head_dim, config.rope_base)  # float32 [1, head_dim // 2] each
-    counter = jnp.zeros((BARRIERS_PER_LAYER * len(caches),), jnp.int32)
+    counter = jnp.zeros((BARRIERS_PER_LAYER * len(caches), BARRIER_LANES), jnp.int32)
     updated = []
     for index, (block, layer, cache) in enumerate(zip(model.blocks, weights, caches, strict=True)):
         pattern = block.attention.pattern

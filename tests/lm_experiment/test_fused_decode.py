@@ -161,7 +161,7 @@ def test_fused_layer_matches_its_reference(spec, position, dtype):
     """The five phases in one kernel: the block's output and the updated cache equal the five references'
     composition; the barriers count one arrival each, at this layer's entries of the counter only."""
     args, static = fused_layer_case(spec, position, dtype)
-    counter = jnp.zeros((3 * fused_decode.BARRIERS_PER_LAYER,), jnp.int32)
+    counter = jnp.zeros((3 * fused_decode.BARRIERS_PER_LAYER, fused_decode.BARRIER_LANES), jnp.int32)
     got, got_cache, counter = jax.jit(lambda *args: fused_decode.fused_layer(
         *args, counter=counter, first_barrier=fused_decode.BARRIERS_PER_LAYER, programs=1, interpret=True,
         **static))(*args)
@@ -172,13 +172,13 @@ def test_fused_layer_matches_its_reference(spec, position, dtype):
     assert_close(got_cache.k, expected_cache.k, dtype)  # the new key and value are projected here, not given
     assert_close(got_cache.v, expected_cache.v, dtype)
     barriers = fused_decode.BARRIERS_PER_LAYER
-    np.testing.assert_array_equal(counter, np.repeat([0, 1, 0], barriers))
+    np.testing.assert_array_equal(counter, np.repeat([0, 1, 0], barriers)[:, None] * np.ones(counter.shape[1]))
 
 
 def test_fused_layer_in_interpret_mode_needs_one_program():
     args, static = fused_layer_case("block(16)", 37, jnp.float32)
     with pytest.raises(ValueError, match="fused_layer programs must be 1 in interpret mode .* got 4"):
-        fused_decode.fused_layer(*args, counter=jnp.zeros((4,), jnp.int32), first_barrier=0, programs=4,
+        fused_decode.fused_layer(*args, counter=jnp.zeros((4, 1), jnp.int32), first_barrier=0, programs=4,
                                  interpret=True, **static)
 
 
@@ -328,12 +328,12 @@ def test_compiled_fused_layer_matches_its_reference_on_gpu(spec, position, progr
     args, static = fused_layer_case(spec, position, jnp.bfloat16, batch=1, d=config.d_model, heads=config.num_heads,
                                     kv_heads=config.num_kv_heads, head_dim=config.head_dim, hidden=config.mlp_hidden)
     programs = programs or fused_decode.resident_programs(interpret=False)
-    counter = jnp.zeros((fused_decode.BARRIERS_PER_LAYER,), jnp.int32)
+    counter = jnp.zeros((fused_decode.BARRIERS_PER_LAYER, fused_decode.BARRIER_LANES), jnp.int32)
     got, got_cache, counter = jax.jit(lambda *args: fused_decode.fused_layer(
         *args, counter=counter, first_barrier=0, programs=programs, **static))(*args)
     expected, expected_cache = jax.jit(lambda *args: fused_decode.fused_layer_reference(*args, **static))(*args)
     np.testing.assert_allclose(got, expected, atol=5e-2, rtol=5e-2)
-    np.testing.assert_array_equal(counter, np.full(fused_decode.BARRIERS_PER_LAYER, programs))
+    np.testing.assert_array_equal(counter, np.full(counter.shape, programs))  # every lane counted every program
     np.testing.assert_array_equal(got_cache.positions, expected_cache.positions)
     np.testing.assert_allclose(np.asarray(got_cache.k, np.float32), np.asarray(expected_cache.k, np.float32),
                                rtol=2e-2, atol=4e-2)

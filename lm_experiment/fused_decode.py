@@ -466,10 +466,11 @@ def _grid_barrier(counter_ref, index, programs, interpret):
     lanes = pl.ds(index, 1), pl.ds(0, counter_ref.shape[1])
     if not interpret:  # no interpret rule; the stores of the program's threads issued before the arrival
         plgpu.debug_barrier()
-    arrived = plgpu.atomic_add(counter_ref, lanes, jnp.ones((1, counter_ref.shape[1]), jnp.int32)) + 1
-    jax.lax.while_loop(lambda arrived: jnp.min(arrived) < programs,
-                       lambda _: plgpu.atomic_add(counter_ref, lanes, jnp.zeros((1, counter_ref.shape[1]), jnp.int32)),
-                       arrived)
+    arrived = jnp.min(plgpu.atomic_add(counter_ref, lanes, jnp.ones((1, counter_ref.shape[1]), jnp.int32))) + 1
+    jax.lax.while_loop(
+        lambda arrived: arrived < programs,  # the reduction stays in the body, out of the loop's condition
+        lambda _: jnp.min(plgpu.atomic_add(counter_ref, lanes, jnp.zeros((1, counter_ref.shape[1]), jnp.int32))),
+        arrived)
     if not interpret:
         plgpu.debug_barrier()
 

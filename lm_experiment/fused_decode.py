@@ -60,7 +60,6 @@ IMPLS = ("auto", *STEPS)
 # program and spans of 32 or 128 slots were each as fast as these or slower (1 warp: 1.4x the step time).
 REDUCTION_CHUNK = 256  # elements of the contracted dimension per load
 PROJECTION_ROWS = 4  # weight rows (output columns) per program: 160-512 programs a projection at the small preset
-BATCH_ROWS = 4  # at most this many batch rows per projection program, which loads its weight rows once for them
 ATTENTION_SPAN = 64  # cache slots per ring_attention program
 ATTENDED_CHUNK = 256  # elements of the attention's output combined and projected at a time by attend_project
 PROJECTION_WARPS = 4
@@ -72,11 +71,6 @@ def _largest_power_of_two_dividing(n: int, at_most: int) -> int:
     while size * 2 <= at_most and n % (size * 2) == 0:
         size *= 2
     return size
-
-
-def _batch_rows(batch: int) -> int:
-    """Batch rows per projection program: the largest divisor of `batch` up to BATCH_ROWS."""
-    return max(rows for rows in range(1, min(batch, BATCH_ROWS) + 1) if batch % rows == 0)
 
 
 def _sum(terms):
@@ -95,7 +89,8 @@ def _call(kernel, *, grid, out_shape, interpret, name, num_warps=PROJECTION_WARP
 
 
 def _weight_rows(w_ref, first, rows, chunk):
-    """w[first:first + rows] as float32 [rows, chunk] pieces, every load issued up front (unrolled)."""
+    """w[first:first + rows] as float32 [rows, chunk] pieces, every load issued up front (unrolled). Kernels load
+    their weights before they compute on their inputs, so the loads overlap that work."""
     return [w_ref[pl.ds(first, rows), pl.ds(start, chunk)].astype(jnp.float32)
             for start in range(0, w_ref.shape[1], chunk)]
 
@@ -137,20 +132,20 @@ def norm_project_reference(x, scale, weights, rope=None, *, eps: float, epilogue
     return (jax.nn.silu(gate) * up).astype(dtype)
 
 
-def _norm_project_kernel(*refs, eps, epilogue, head_dim, rope_heads, rows, chunk, batch_rows):
+def _norm_project_kernel(*refs, eps, epilogue, head_dim, rope_heads, rows, chunk):
     if epilogue == "rope":
         x_ref, scale_ref, w_ref, cos_ref, sin_ref, out_ref = refs
     else:
         x_ref, scale_ref, gate_ref, up_ref, out_ref = refs
-    first_row, program = pl.program_id(0) * batch_rows, pl.program_id(1)
+    b, program = pl.program_id(0), pl.program_id(1)
     dtype = out_ref.dtype
     starts = range(0, x_ref.shape[1], chunk)
-    scale = [scale_ref[pl.ds(start, chunk)].astype(jnp.float32) for start in starts]
 
-    def normed(b):  # the RMSNorm of batch row b as float32 [chunk] pieces, rounded to dtype
+    def normed():  # the RMSNorm of batch row b as float32 [chunk] pieces, rounded to dtype
         inputs = [_rounded(x_ref[b, pl.ds(start, chunk)], dtype) for start in starts]
         inverse = jax.lax.rsqrt(jnp.sum(_sum(part * part for part in inputs)) / x_ref.shape[1] + eps)
-        return [_rounded(part * (inverse * part_scale), dtype) for part, part_scale in zip(inputs, scale)]
+        return [_rounded(part * (inverse * scale_ref[pl.ds(start, chunk)].astype(jnp.float32)), dtype)
+                for part, start in zip(inputs, starts)]
 
     def project(w_pieces, h):  # -> the projection's columns held by w_pieces, rounded to dtype
         return _rounded(_matvec(w_pieces, h), dtype)
@@ -164,35 +159,32 @@ def _norm_project_kernel(*refs, eps, epilogue, head_dim, rope_heads, rows, chunk
         w_lo, w_hi = _weight_rows(w_ref, first, rows, chunk), _weight_rows(w_ref, first + half, rows, chunk)
         cos, sin = cos_ref[0, pl.ds(part * rows, rows)], sin_ref[0, pl.ds(part * rows, rows)]
         rotate = head < rope_heads
-        for b in (first_row + j for j in range(batch_rows)):
-            h = normed(b)
-            lo, hi = project(w_lo, h), project(w_hi, h)
-            out_ref[b, pl.ds(first, rows)] = jnp.where(rotate, lo * cos - hi * sin, lo).astype(dtype)
-            out_ref[b, pl.ds(first + half, rows)] = jnp.where(rotate, hi * cos + lo * sin, hi).astype(dtype)
+        h = normed()
+        lo, hi = project(w_lo, h), project(w_hi, h)
+        out_ref[b, pl.ds(first, rows)] = jnp.where(rotate, lo * cos - hi * sin, lo).astype(dtype)
+        out_ref[b, pl.ds(first + half, rows)] = jnp.where(rotate, hi * cos + lo * sin, hi).astype(dtype)
         return
     first = program * rows
     w_gate, w_up = _weight_rows(gate_ref, first, rows, chunk), _weight_rows(up_ref, first, rows, chunk)
-    for b in (first_row + j for j in range(batch_rows)):
-        h = normed(b)
-        gate = project(w_gate, h)
-        silu = _rounded(gate * jax.nn.sigmoid(gate), dtype)
-        out_ref[b, pl.ds(first, rows)] = (silu * project(w_up, h)).astype(dtype)
+    h = normed()
+    gate = project(w_gate, h)
+    silu = _rounded(gate * jax.nn.sigmoid(gate), dtype)
+    out_ref[b, pl.ds(first, rows)] = (silu * project(w_up, h)).astype(dtype)
 
 
 def norm_project(x, scale, weights, rope=None, *, eps: float, epilogue: str, head_dim: int, rope_heads: int,
                  interpret: bool = False):
-    """norm_project_reference in one kernel: a program per _batch_rows(batch) batch rows and PROJECTION_ROWS output
-    columns (for "rope", PROJECTION_ROWS columns of both halves of a head)."""
+    """norm_project_reference in one kernel: a program per batch row and PROJECTION_ROWS output columns (for
+    "rope", PROJECTION_ROWS columns of both halves of a head)."""
     batch, d = x.shape
     columns = weights[0].shape[0]
     rows = _largest_power_of_two_dividing(head_dim // 2 if epilogue == "rope" else columns, PROJECTION_ROWS)
     chunk = _largest_power_of_two_dividing(d, REDUCTION_CHUNK)
-    batch_rows = _batch_rows(batch)
     kernel = functools.partial(_norm_project_kernel, eps=eps, epilogue=epilogue, head_dim=head_dim,
-                               rope_heads=rope_heads, rows=rows, chunk=chunk, batch_rows=batch_rows)
+                               rope_heads=rope_heads, rows=rows, chunk=chunk)
     programs = columns // rows // (2 if epilogue == "rope" else 1)
     operands = (x, scale, *weights, *(rope or ()))
-    return _call(kernel, grid=(batch // batch_rows, programs), out_shape=jax.ShapeDtypeStruct((batch, columns), scale.dtype),
+    return _call(kernel, grid=(batch, programs), out_shape=jax.ShapeDtypeStruct((batch, columns), scale.dtype),
                  interpret=interpret, name=f"decode_norm_project_{epilogue}")(*operands)
 
 
@@ -204,24 +196,21 @@ def residual_project_reference(a, w, x):
     return x + jnp.dot(a, w.T, preferred_element_type=jnp.float32).astype(a.dtype).astype(jnp.float32)
 
 
-def _residual_project_kernel(a_ref, w_ref, x_ref, out_ref, *, rows, chunk, batch_rows):
-    first_row, first = pl.program_id(0) * batch_rows, pl.program_id(1) * rows
+def _residual_project_kernel(a_ref, w_ref, x_ref, out_ref, *, rows, chunk):
+    b, first = pl.program_id(0), pl.program_id(1) * rows
     w_pieces = _weight_rows(w_ref, first, rows, chunk)
-    for b in (first_row + j for j in range(batch_rows)):
-        pieces = [a_ref[b, pl.ds(start, chunk)].astype(jnp.float32) for start in range(0, a_ref.shape[1], chunk)]
-        projected = _rounded(_matvec(w_pieces, pieces), a_ref.dtype)
-        out_ref[b, pl.ds(first, rows)] = x_ref[b, pl.ds(first, rows)] + projected
+    pieces = [a_ref[b, pl.ds(start, chunk)].astype(jnp.float32) for start in range(0, a_ref.shape[1], chunk)]
+    projected = _rounded(_matvec(w_pieces, pieces), a_ref.dtype)
+    out_ref[b, pl.ds(first, rows)] = x_ref[b, pl.ds(first, rows)] + projected
 
 
 def residual_project(a, w, x, *, interpret: bool = False):
-    """residual_project_reference in one kernel, a program per _batch_rows(batch) batch rows and PROJECTION_ROWS
-    output columns."""
+    """residual_project_reference in one kernel, a program per batch row and PROJECTION_ROWS output columns."""
     batch, d = x.shape
     rows = _largest_power_of_two_dividing(d, PROJECTION_ROWS)
-    batch_rows = _batch_rows(batch)
-    kernel = functools.partial(_residual_project_kernel, rows=rows, batch_rows=batch_rows,
+    kernel = functools.partial(_residual_project_kernel, rows=rows,
                                chunk=_largest_power_of_two_dividing(a.shape[1], REDUCTION_CHUNK))
-    return _call(kernel, grid=(batch // batch_rows, d // rows), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
+    return _call(kernel, grid=(batch, d // rows), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
                  interpret=interpret, name="decode_residual_project")(a, w, x)
 
 
@@ -317,36 +306,33 @@ def attend_project_reference(partial, lse, w, x):
     return residual_project_reference(combine_spans(partial, lse, w.dtype), w, x)
 
 
-def _attend_project_kernel(partial_ref, lse_ref, w_ref, x_ref, out_ref, *, rows, head_chunk, batch_rows):
-    first_row, first = pl.program_id(0) * batch_rows, pl.program_id(1) * rows
+def _attend_project_kernel(partial_ref, lse_ref, w_ref, x_ref, out_ref, *, rows, head_chunk):
+    b, first = pl.program_id(0), pl.program_id(1) * rows
     spans, heads = lse_ref.shape[1], lse_ref.shape[2]
     dtype = w_ref.dtype
     head_starts = range(0, heads, head_chunk)
     w_pieces = [w_ref[pl.ds(first, rows), pl.ds(head, head_chunk), :].astype(jnp.float32)
                 for head in head_starts]  # [rows, head_chunk, head_dim] each
-    for b in (first_row + j for j in range(batch_rows)):
-        products = []  # [rows, head_chunk, head_dim] each, summed elementwise before the threads reduce once
-        for head, w in zip(head_starts, w_pieces):  # every program combines the spans of all heads itself
-            lse = [lse_ref[b, s, pl.ds(head, head_chunk)] for s in range(spans)]  # [head_chunk] each
-            top = functools.reduce(jnp.maximum, lse)
-            weights = [jnp.exp(part - top) for part in lse]
-            attended = _sum(weight[:, None] * partial_ref[b, s, pl.ds(head, head_chunk), :]
-                            for s, weight in enumerate(weights)) / _sum(weights)[:, None]  # [head_chunk, head_dim]
-            products.append(w * _rounded(attended, dtype)[None])
-        projected = jnp.sum(jnp.sum(_sum(products), axis=2), axis=1)
-        out_ref[b, pl.ds(first, rows)] = x_ref[b, pl.ds(first, rows)] + _rounded(projected, dtype)
+    products = []  # [rows, head_chunk, head_dim] each, summed elementwise before the threads reduce once
+    for head, w in zip(head_starts, w_pieces):  # every program combines the spans of all heads itself
+        lse = [lse_ref[b, s, pl.ds(head, head_chunk)] for s in range(spans)]  # [head_chunk] each
+        top = functools.reduce(jnp.maximum, lse)
+        weights = [jnp.exp(part - top) for part in lse]
+        attended = _sum(weight[:, None] * partial_ref[b, s, pl.ds(head, head_chunk), :]
+                        for s, weight in enumerate(weights)) / _sum(weights)[:, None]  # [head_chunk, head_dim]
+        products.append(w * _rounded(attended, dtype)[None])
+    projected = jnp.sum(jnp.sum(_sum(products), axis=2), axis=1)
+    out_ref[b, pl.ds(first, rows)] = x_ref[b, pl.ds(first, rows)] + _rounded(projected, dtype)
 
 
 def attend_project(partial, lse, w, x, *, interpret: bool = False):
-    """attend_project_reference in one kernel, a program per _batch_rows(batch) batch rows and PROJECTION_ROWS
-    output columns."""
+    """attend_project_reference in one kernel, a program per batch row and PROJECTION_ROWS output columns."""
     batch, _, heads, head_dim = partial.shape
     d = x.shape[1]
     rows = _largest_power_of_two_dividing(d, PROJECTION_ROWS)
     head_chunk = _largest_power_of_two_dividing(heads, max(1, ATTENDED_CHUNK // head_dim))
-    batch_rows = _batch_rows(batch)
-    kernel = functools.partial(_attend_project_kernel, rows=rows, head_chunk=head_chunk, batch_rows=batch_rows)
-    return _call(kernel, grid=(batch // batch_rows, d // rows), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
+    kernel = functools.partial(_attend_project_kernel, rows=rows, head_chunk=head_chunk)
+    return _call(kernel, grid=(batch, d // rows), out_shape=jax.ShapeDtypeStruct(x.shape, jnp.float32),
                  interpret=interpret, name="decode_attend_project")(partial, lse, w.reshape(d, heads, head_dim), x)
 
 

@@ -1,4 +1,4 @@
-"""One decoding step of DecoderLM in five Pallas (Triton) kernels per layer, for batch-1 decoding on GPUs.
+"""One decoding step of DecoderLM in five Pallas (Triton) kernels per layer, for small-batch decoding on GPUs.
 
 XLA runs a batch-1 step of the `small` preset as about 23.5 kernels per layer of 2-5 us each, so a local
 pattern's step is bound by kernel count and latency, not by bytes (docs/benchmarks.md, "Decoding"). Here each
@@ -17,8 +17,10 @@ The projections are matrix-vector products summed in registers rather than `pl.d
 rows: a program per batch row and PROJECTION_ROWS rows of a weight, whose loads are all issued at once, so a
 projection is 160-512 programs of 6-16 KB at the `small` preset instead of 40-128 programs walking their
 weights in a chain of loads. The batch is a grid axis, so each batch row reads the weights again (from L2 after
-the first): the step is meant for batch 1, where it took 0.43-0.78x the XLA step's time on the H200; at batch 16
-it was slower (docs/benchmarks.md), and `choose_impl` runs XLA's there.
+the first): the step is meant for small batches. On the H200 it took 0.40-0.77x the XLA step's time at batch 1 and
+0.55-0.98x at batches 2 and 4, and was slower at 8 and 16 (docs/benchmarks.md), so `choose_impl` runs it up to
+FUSED_MAX_BATCH rows. Programs that each took 2-16 batch rows, loading their weights once for them, were slower
+than one row a program at every batch from 2 to 16.
 
 Layers whose cache keeps every position (dense, strided, random_blocks) write and attend through XLA
 (`decoding.KVCache.write`, `decoding.decode_attention`), which reads a long cache near the copy rate; their
@@ -64,6 +66,7 @@ ATTENTION_SPAN = 64  # cache slots per ring_attention program
 ATTENDED_CHUNK = 256  # elements of the attention's output combined and projected at a time by attend_project
 PROJECTION_WARPS = 4
 ATTENTION_WARPS = 4
+FUSED_MAX_BATCH = 4  # "auto" runs the fused step up to this batch: at 8 and 16 XLA's step was faster on the H200
 
 
 def _largest_power_of_two_dividing(n: int, at_most: int) -> int:
@@ -425,12 +428,14 @@ def check_impl(impl: str, model: DecoderLM, *, interpret: bool = False) -> None:
 
 def choose_impl(impl: str, model: DecoderLM, batch: int, *, interpret: bool = False) -> str:
     """The step that runs, "xla" or "triton": `impl` itself where explicit (check_impl refuses one that cannot
-    run), and for "auto" the fused step where it was measured faster, on a GPU at batch 1 (0.43-0.78x the XLA
-    step's time at 128k on the H200; at batch 16 it took 1.03-1.75x; docs/benchmarks.md), else XLA's. Logged."""
+    run), and for "auto" the fused step where it was measured faster, on a GPU up to FUSED_MAX_BATCH rows (at
+    128k on the H200: 0.40-0.77x the XLA step's time at batch 1, 0.55-0.98x at 2 and 4, 1.02-1.74x at 8 and 16;
+    docs/benchmarks.md), else XLA's. Logged."""
     check_impl(impl, model, interpret=interpret)
     if impl != "auto":
         return impl
-    refusal = _triton_refusal(model, interpret=False) or (None if batch == 1 else f"batch {batch} > 1")
+    too_large = f"batch {batch} > {FUSED_MAX_BATCH}"
+    refusal = _triton_refusal(model, interpret=False) or (None if batch <= FUSED_MAX_BATCH else too_large)
     chosen = "xla" if refusal else "triton"
-    log.info("decode impl=auto ran %s (%s)", chosen, refusal or "a GPU at batch 1")
+    log.info("decode impl=auto ran %s (%s)", chosen, refusal or f"a GPU at batch {batch} <= {FUSED_MAX_BATCH}")
     return chosen

@@ -168,7 +168,7 @@ def test_an_impl_that_cannot_run_is_refused_in_one_line():
             generation.generate(model, jnp.zeros((1, 3), jnp.int32), 4, trained_seq_len=64, impl="triton")
 
 
-def test_auto_runs_the_fused_step_on_a_gpu_at_batch_1_only(monkeypatch, caplog):
+def test_auto_runs_the_fused_step_on_a_gpu_at_small_batches_only(monkeypatch, caplog):
     model = model_for("block(8)")
     caplog.set_level("INFO", logger=fused_decode.__name__)
     if not ON_GPU:
@@ -178,8 +178,10 @@ def test_auto_runs_the_fused_step_on_a_gpu_at_batch_1_only(monkeypatch, caplog):
     assert fused_decode.choose_impl("xla", model, 1) == "xla"
     monkeypatch.setattr(fused_decode.jax, "default_backend", lambda: "gpu")
     assert fused_decode.choose_impl("auto", model, 1) == "triton"
-    assert fused_decode.choose_impl("auto", model, 2) == "xla"
-    assert "decode impl=auto ran xla (batch 2 > 1)" in caplog.text
+    assert fused_decode.choose_impl("auto", model, 4) == "triton"
+    assert "decode impl=auto ran triton (a GPU at batch 4 <= 4)" in caplog.text
+    assert fused_decode.choose_impl("auto", model, 5) == "xla"
+    assert "decode impl=auto ran xla (batch 5 > 4)" in caplog.text
     odd = model_for("block(8)", config=dataclasses.replace(MODEL, d_model=48, num_heads=4))  # head_dim 12
     assert fused_decode.choose_impl("auto", odd, 1) == "xla"
     with pytest.raises(ValueError, match="decode impl: triton needs a power-of-two head_dim"):

@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     p.add_argument("--decode-impl", default="auto", choices=fused_decode.IMPLS,
                    help="the decoding step: XLA, the fused Triton kernels (GPU), or auto: the fused ones on a GPU "
-                        "at batch 1 (docs/generation.md)")
+                        "up to batch 4 (docs/generation.md)")
     return p
 
 

@@ -144,7 +144,7 @@ def _norm_project_kernel(*refs, eps, epilogue, head_dim, rope_heads, rows, chunk
     dtype = out_ref.dtype
     starts = range(0, x_ref.shape[1], chunk)
 
-    def normed():  # the RMSNorm of batch row b as float32 [chunk] pieces, rounded to dtype
+    def normed():  # row b's RMSNorm as float32 [chunk] pieces in dtype; called once the weights' loads are issued
         inputs = [_rounded(x_ref[b, pl.ds(start, chunk)], dtype) for start in starts]
         inverse = jax.lax.rsqrt(jnp.sum(_sum(part * part for part in inputs)) / x_ref.shape[1] + eps)
         return [_rounded(part * (inverse * scale_ref[pl.ds(start, chunk)].astype(jnp.float32)), dtype)
